@@ -1,0 +1,34 @@
+"""Entry point: `python -m servefleet.discovery --listen HOST:PORT --etcd HOST:PORT`."""
+
+from __future__ import annotations
+
+import argparse
+
+from servefleet.api import discovery_pb2, discovery_pb2_grpc
+from servefleet.common.entry import Service, run_service, service_parser
+from servefleet.common.server import GrpcServer
+
+
+async def build(args: argparse.Namespace) -> Service:
+    servicer = discovery_pb2_grpc.DiscoveryServicer()
+    server = GrpcServer(
+        "discovery",
+        args.listen,
+        [lambda s: discovery_pb2_grpc.add_DiscoveryServicer_to_server(servicer, s)],
+        [discovery_pb2.DESCRIPTOR.services_by_name["Discovery"].full_name],
+    )
+    return Service(server)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = service_parser("discovery", "servefleet discovery service")
+    p.add_argument("--etcd", required=True, help="etcd address host:port")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_service("discovery", parser(), build, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class AppRef(_message.Message):
+    __slots__ = ("namespace", "name")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    name: str
+    def __init__(self, namespace: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class TensorSpec(_message.Message):
+    __slots__ = ("name", "datatype", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DATATYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    datatype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Resources(_message.Message):
+    __slots__ = ("num_cpus", "num_gpus", "memory", "custom")
+    class CustomEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    NUM_CPUS_FIELD_NUMBER: _ClassVar[int]
+    NUM_GPUS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    CUSTOM_FIELD_NUMBER: _ClassVar[int]
+    num_cpus: float
+    num_gpus: float
+    memory: int
+    custom: _containers.ScalarMap[str, float]
+    def __init__(self, num_cpus: _Optional[float] = ..., num_gpus: _Optional[float] = ..., memory: _Optional[int] = ..., custom: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class RuntimeEnv(_message.Message):
+    __slots__ = ("pip", "env_vars")
+    class EnvVarsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    PIP_FIELD_NUMBER: _ClassVar[int]
+    ENV_VARS_FIELD_NUMBER: _ClassVar[int]
+    pip: _containers.RepeatedScalarFieldContainer[str]
+    env_vars: _containers.ScalarMap[str, str]
+    def __init__(self, pip: _Optional[_Iterable[str]] = ..., env_vars: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ReplicaRange(_message.Message):
+    __slots__ = ("min", "max", "initial")
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_FIELD_NUMBER: _ClassVar[int]
+    min: int
+    max: int
+    initial: int
+    def __init__(self, min: _Optional[int] = ..., max: _Optional[int] = ..., initial: _Optional[int] = ...) -> None: ...
+
+class BatchingConfig(_message.Message):
+    __slots__ = ("max_batch_size", "batch_wait_timeout_ms")
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_WAIT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    max_batch_size: int
+    batch_wait_timeout_ms: float
+    def __init__(self, max_batch_size: _Optional[int] = ..., batch_wait_timeout_ms: _Optional[float] = ...) -> None: ...
+
+class AsyncConfig(_message.Message):
+    __slots__ = ("enabled", "max_stream_length", "max_deliveries", "result_ttl_s")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAM_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_DELIVERIES_FIELD_NUMBER: _ClassVar[int]
+    RESULT_TTL_S_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    max_stream_length: int
+    max_deliveries: int
+    result_ttl_s: int
+    def __init__(self, enabled: _Optional[bool] = ..., max_stream_length: _Optional[int] = ..., max_deliveries: _Optional[int] = ..., result_ttl_s: _Optional[int] = ...) -> None: ...
+
+class PlacementConstraints(_message.Message):
+    __slots__ = ("cluster_labels", "spread")
+    class ClusterLabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CLUSTER_LABELS_FIELD_NUMBER: _ClassVar[int]
+    SPREAD_FIELD_NUMBER: _ClassVar[int]
+    cluster_labels: _containers.ScalarMap[str, str]
+    spread: int
+    def __init__(self, cluster_labels: _Optional[_Mapping[str, str]] = ..., spread: _Optional[int] = ...) -> None: ...
+
+class ApplicationSpec(_message.Message):
+    __slots__ = ("name", "namespace", "version", "import_path", "init_args", "working_dir", "runtime_env", "inputs", "outputs", "resources", "replicas", "max_concurrency", "max_queued", "proxies", "kind", "batching", "async_mode", "placement", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    IMPORT_PATH_FIELD_NUMBER: _ClassVar[int]
+    INIT_ARGS_FIELD_NUMBER: _ClassVar[int]
+    WORKING_DIR_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_ENV_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUED_FIELD_NUMBER: _ClassVar[int]
+    PROXIES_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_FIELD_NUMBER: _ClassVar[int]
+    ASYNC_MODE_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    namespace: str
+    version: str
+    import_path: str
+    init_args: _struct_pb2.Struct
+    working_dir: str
+    runtime_env: RuntimeEnv
+    inputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    outputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    resources: Resources
+    replicas: ReplicaRange
+    max_concurrency: int
+    max_queued: int
+    proxies: int
+    kind: str
+    batching: BatchingConfig
+    async_mode: AsyncConfig
+    placement: PlacementConstraints
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., version: _Optional[str] = ..., import_path: _Optional[str] = ..., init_args: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., working_dir: _Optional[str] = ..., runtime_env: _Optional[_Union[RuntimeEnv, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., replicas: _Optional[_Union[ReplicaRange, _Mapping]] = ..., max_concurrency: _Optional[int] = ..., max_queued: _Optional[int] = ..., proxies: _Optional[int] = ..., kind: _Optional[str] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., async_mode: _Optional[_Union[AsyncConfig, _Mapping]] = ..., placement: _Optional[_Union[PlacementConstraints, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...

@@ -1,0 +1,264 @@
+from servefleet.api import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class AppState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    APP_STATE_UNSPECIFIED: _ClassVar[AppState]
+    PENDING: _ClassVar[AppState]
+    DEPLOYING: _ClassVar[AppState]
+    RUNNING: _ClassVar[AppState]
+    UPDATING: _ClassVar[AppState]
+    DEGRADED: _ClassVar[AppState]
+    FAILED: _ClassVar[AppState]
+    DELETING: _ClassVar[AppState]
+    DELETED: _ClassVar[AppState]
+APP_STATE_UNSPECIFIED: AppState
+PENDING: AppState
+DEPLOYING: AppState
+RUNNING: AppState
+UPDATING: AppState
+DEGRADED: AppState
+FAILED: AppState
+DELETING: AppState
+DELETED: AppState
+
+class ClusterPlacement(_message.Message):
+    __slots__ = ("cluster", "replicas", "ready_replicas", "version")
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    READY_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    cluster: str
+    replicas: int
+    ready_replicas: int
+    version: str
+    def __init__(self, cluster: _Optional[str] = ..., replicas: _Optional[int] = ..., ready_replicas: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+
+class ApplicationStatus(_message.Message):
+    __slots__ = ("app", "state", "reason", "spec", "revision", "replicas", "placements", "updated_at")
+    APP_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    app: _common_pb2.AppRef
+    state: AppState
+    reason: str
+    spec: _common_pb2.ApplicationSpec
+    revision: int
+    replicas: int
+    placements: _containers.RepeatedCompositeFieldContainer[ClusterPlacement]
+    updated_at: float
+    def __init__(self, app: _Optional[_Union[_common_pb2.AppRef, _Mapping]] = ..., state: _Optional[_Union[AppState, str]] = ..., reason: _Optional[str] = ..., spec: _Optional[_Union[_common_pb2.ApplicationSpec, _Mapping]] = ..., revision: _Optional[int] = ..., replicas: _Optional[int] = ..., placements: _Optional[_Iterable[_Union[ClusterPlacement, _Mapping]]] = ..., updated_at: _Optional[float] = ...) -> None: ...
+
+class StatusEvent(_message.Message):
+    __slots__ = ("app", "state", "reason", "revision", "at")
+    APP_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    app: _common_pb2.AppRef
+    state: AppState
+    reason: str
+    revision: int
+    at: float
+    def __init__(self, app: _Optional[_Union[_common_pb2.AppRef, _Mapping]] = ..., state: _Optional[_Union[AppState, str]] = ..., reason: _Optional[str] = ..., revision: _Optional[int] = ..., at: _Optional[float] = ...) -> None: ...
+
+class SubmitApplicationRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: _common_pb2.ApplicationSpec
+    def __init__(self, spec: _Optional[_Union[_common_pb2.ApplicationSpec, _Mapping]] = ...) -> None: ...
+
+class GetApplicationRequest(_message.Message):
+    __slots__ = ("app",)
+    APP_FIELD_NUMBER: _ClassVar[int]
+    app: _common_pb2.AppRef
+    def __init__(self, app: _Optional[_Union[_common_pb2.AppRef, _Mapping]] = ...) -> None: ...
+
+class ListApplicationsRequest(_message.Message):
+    __slots__ = ("namespace", "label_selector", "state", "page_size", "page_token")
+    class LabelSelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    label_selector: _containers.ScalarMap[str, str]
+    state: AppState
+    page_size: int
+    page_token: str
+    def __init__(self, namespace: _Optional[str] = ..., label_selector: _Optional[_Mapping[str, str]] = ..., state: _Optional[_Union[AppState, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListApplicationsResponse(_message.Message):
+    __slots__ = ("applications", "next_page_token")
+    APPLICATIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    applications: _containers.RepeatedCompositeFieldContainer[ApplicationStatus]
+    next_page_token: str
+    def __init__(self, applications: _Optional[_Iterable[_Union[ApplicationStatus, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class UpdateApplicationRequest(_message.Message):
+    __slots__ = ("spec", "expected_revision")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_REVISION_FIELD_NUMBER: _ClassVar[int]
+    spec: _common_pb2.ApplicationSpec
+    expected_revision: int
+    def __init__(self, spec: _Optional[_Union[_common_pb2.ApplicationSpec, _Mapping]] = ..., expected_revision: _Optional[int] = ...) -> None: ...
+
+class ScaleApplicationRequest(_message.Message):
+    __slots__ = ("app", "replicas", "expected_revision")
+    APP_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_REVISION_FIELD_NUMBER: _ClassVar[int]
+    app: _common_pb2.AppRef
+    replicas: int
+    expected_revision: int
+    def __init__(self, app: _Optional[_Union[_common_pb2.AppRef, _Mapping]] = ..., replicas: _Optional[int] = ..., expected_revision: _Optional[int] = ...) -> None: ...
+
+class DeleteApplicationRequest(_message.Message):
+    __slots__ = ("app",)
+    APP_FIELD_NUMBER: _ClassVar[int]
+    app: _common_pb2.AppRef
+    def __init__(self, app: _Optional[_Union[_common_pb2.AppRef, _Mapping]] = ...) -> None: ...
+
+class WatchApplicationRequest(_message.Message):
+    __slots__ = ("app",)
+    APP_FIELD_NUMBER: _ClassVar[int]
+    app: _common_pb2.AppRef
+    def __init__(self, app: _Optional[_Union[_common_pb2.AppRef, _Mapping]] = ...) -> None: ...
+
+class ClusterInfo(_message.Message):
+    __slots__ = ("name", "agent_address", "ray_address", "labels", "capacity", "free", "heartbeat_at", "alive")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class CapacityEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class FreeEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    RAY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    FREE_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_AT_FIELD_NUMBER: _ClassVar[int]
+    ALIVE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    agent_address: str
+    ray_address: str
+    labels: _containers.ScalarMap[str, str]
+    capacity: _containers.ScalarMap[str, float]
+    free: _containers.ScalarMap[str, float]
+    heartbeat_at: float
+    alive: bool
+    def __init__(self, name: _Optional[str] = ..., agent_address: _Optional[str] = ..., ray_address: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., capacity: _Optional[_Mapping[str, float]] = ..., free: _Optional[_Mapping[str, float]] = ..., heartbeat_at: _Optional[float] = ..., alive: _Optional[bool] = ...) -> None: ...
+
+class RegisterClusterRequest(_message.Message):
+    __slots__ = ("cluster",)
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    cluster: ClusterInfo
+    def __init__(self, cluster: _Optional[_Union[ClusterInfo, _Mapping]] = ...) -> None: ...
+
+class RegisterClusterResponse(_message.Message):
+    __slots__ = ("heartbeat_interval_s",)
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    heartbeat_interval_s: int
+    def __init__(self, heartbeat_interval_s: _Optional[int] = ...) -> None: ...
+
+class ListClustersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListClustersResponse(_message.Message):
+    __slots__ = ("clusters",)
+    CLUSTERS_FIELD_NUMBER: _ClassVar[int]
+    clusters: _containers.RepeatedCompositeFieldContainer[ClusterInfo]
+    def __init__(self, clusters: _Optional[_Iterable[_Union[ClusterInfo, _Mapping]]] = ...) -> None: ...
+
+class Quota(_message.Message):
+    __slots__ = ("max_applications", "max_replicas", "max_cpus", "max_gpus")
+    MAX_APPLICATIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CPUS_FIELD_NUMBER: _ClassVar[int]
+    MAX_GPUS_FIELD_NUMBER: _ClassVar[int]
+    max_applications: int
+    max_replicas: int
+    max_cpus: float
+    max_gpus: float
+    def __init__(self, max_applications: _Optional[int] = ..., max_replicas: _Optional[int] = ..., max_cpus: _Optional[float] = ..., max_gpus: _Optional[float] = ...) -> None: ...
+
+class CreateTenantRequest(_message.Message):
+    __slots__ = ("tenant", "namespaces", "quota")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACES_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    namespaces: _containers.RepeatedScalarFieldContainer[str]
+    quota: Quota
+    def __init__(self, tenant: _Optional[str] = ..., namespaces: _Optional[_Iterable[str]] = ..., quota: _Optional[_Union[Quota, _Mapping]] = ...) -> None: ...
+
+class TenantInfo(_message.Message):
+    __slots__ = ("tenant", "namespaces", "quota")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACES_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    namespaces: _containers.RepeatedScalarFieldContainer[str]
+    quota: Quota
+    def __init__(self, tenant: _Optional[str] = ..., namespaces: _Optional[_Iterable[str]] = ..., quota: _Optional[_Union[Quota, _Mapping]] = ...) -> None: ...
+
+class IssueTokenRequest(_message.Message):
+    __slots__ = ("tenant", "role")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    role: str
+    def __init__(self, tenant: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
+
+class IssueTokenResponse(_message.Message):
+    __slots__ = ("token",)
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    def __init__(self, token: _Optional[str] = ...) -> None: ...
+
+class SetQuotaRequest(_message.Message):
+    __slots__ = ("tenant", "quota")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    quota: Quota
+    def __init__(self, tenant: _Optional[str] = ..., quota: _Optional[_Union[Quota, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,1 @@
+"""Plumbing shared by every servefleet service: errors, config, logging, telemetry, gRPC server."""

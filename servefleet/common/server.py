@@ -1,0 +1,164 @@
+"""The gRPC server every servefleet service runs: grpc.aio with health, reflection, explicit
+keepalive and message limits, one interceptor mapping domain errors to status codes, tracing,
+and a graceful stop on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from servefleet.common import telemetry
+from servefleet.common.config import grpc_options, settings
+from servefleet.common.errors import ServefleetError
+
+log = logging.getLogger(__name__)
+
+Registrar = Callable[[grpc.aio.Server], None]
+
+
+def _wrap_behavior(method: str, behavior: Callable[..., Any], streaming_response: bool) -> Callable[..., Any]:
+    """One place that turns domain errors into statuses and opens the server span."""
+
+    async def fail(context: grpc.aio.ServicerContext, span: Any, exc: BaseException) -> None:
+        if isinstance(exc, ServefleetError):
+            code, message = exc.code, str(exc)
+        else:
+            log.exception("unhandled error in %s", method)
+            code, message = grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+        telemetry.record_status(span, code, message)
+        await context.abort(code, message)
+
+    if streaming_response:
+
+        async def stream_behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            with telemetry.server_span(method, context.invocation_metadata()) as span:
+                try:
+                    async for item in behavior(request, context):
+                        yield item
+                except (asyncio.CancelledError, GeneratorExit):
+                    raise
+                except Exception as exc:
+                    if context.code() is not None:  # already aborted by the behavior
+                        raise
+                    await fail(context, span, exc)
+
+        return stream_behavior
+
+    async def unary_behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        with telemetry.server_span(method, context.invocation_metadata()) as span:
+            try:
+                result = behavior(request, context)
+                if inspect.isawaitable(result):
+                    result = await result
+                return result
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if context.code() is not None:
+                    raise
+                await fail(context, span, exc)
+
+    return unary_behavior
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Maps ServefleetError to its status code and traces every RPC; health/reflection pass through."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method = details.method
+        if handler is None or method.startswith(("/grpc.health", "/grpc.reflection")):
+            return handler
+        kinds = {
+            (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+            (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+            (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+            (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+        }
+        attr, factory = kinds[(handler.request_streaming, handler.response_streaming)]
+        wrapped = _wrap_behavior(method, getattr(handler, attr), handler.response_streaming)
+        return factory(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+class GrpcServer:
+    """A started-once gRPC server: ``start()`` binds and reports the port, ``stop(grace)`` drains."""
+
+    def __init__(
+        self,
+        name: str,
+        listen: str,
+        registrars: Sequence[Registrar],
+        service_names: Sequence[str],
+    ) -> None:
+        self.name = name
+        self.listen = listen
+        self.port = 0
+        self._service_names = list(service_names)
+        self._server = grpc.aio.server(interceptors=[ServiceInterceptor()], options=grpc_options())
+        for register in registrars:
+            register(self._server)
+        self.health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            [
+                *self._service_names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            self._server,
+        )
+
+    @property
+    def address(self) -> str:
+        host = self.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def start(self) -> int:
+        self.port = self._server.add_insecure_port(self.listen)
+        if self.port == 0:
+            raise OSError(f"{self.name}: cannot listen on {self.listen}")
+        await self._server.start()
+        for service in ("", *self._service_names):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("server started", extra={"service": self.name, "address": self.address})
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(settings.shutdown_grace_s if grace is None else grace)
+        log.info("server stopped", extra={"service": self.name})
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()
+
+
+async def serve_until_signal(
+    server: GrpcServer, *, on_stop: Callable[[], Awaitable[None]] | None = None
+) -> None:
+    """Run ``server`` until SIGTERM or SIGINT, then stop it gracefully and run ``on_stop``."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    await stop.wait()
+    await server.stop()
+    if on_stop is not None:
+        await on_stop()

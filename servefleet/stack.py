@@ -1,0 +1,493 @@
+"""The embedded local stack behind ``servefleet up``: etcd, Redis and a Ray head from their normal
+binaries, then every platform service as a child process, each in its own process group so that
+``down`` (or Ctrl-C) leaves nothing behind. ``stack.json`` in the state dir is how every other
+command finds the stack."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from servefleet.common import health
+from servefleet.common.net import port_in_use
+
+STACK_FILE = "stack.json"
+#: Marks every process the stack starts (inherited by Ray's workers) so that none can hide.
+STACK_ENV = "SERVEFLEET_STACK"
+
+Probe = Callable[[str], tuple[bool, str]]
+PROBES: dict[str, Probe] = {
+    "etcd": health.etcd_health,
+    "redis": health.redis_health,
+    "ray": health.ray_health,
+}
+
+
+class StackError(Exception):
+    """A problem a person can fix, reported as one line."""
+
+
+@dataclass
+class Part:
+    name: str
+    address: str
+    argv: list[str] = field(default_factory=list)  # empty: external, not started by us
+    pid: int = 0
+
+    @property
+    def external(self) -> bool:
+        return not self.argv
+
+    def probe(self) -> tuple[bool, str]:
+        return PROBES.get(self.name, health.grpc_health)(self.address)
+
+
+@dataclass
+class StackConfig:
+    state_dir: Path
+    base_port: int = 7400
+    host: str = "127.0.0.1"
+    ray_num_cpus: int = 2
+    etcd: str | None = None  # external addresses: start nothing for these
+    redis: str | None = None
+    ray: str | None = None
+    redis_appendfsync: str = "everysec"
+    cluster_name: str = "local"
+
+
+# Offsets from --base-port; Ray's own helper ports follow so two stacks never collide.
+PORTS = {
+    "etcd": 0,
+    "etcd_peer": 1,
+    "redis": 2,
+    "ray": 3,
+    "discovery": 4,
+    "keeper": 5,
+    "broker": 6,
+    "agent": 7,
+    "ray_client": 8,
+    "ray_dashboard_agent": 9,
+    "ray_dashboard_grpc": 10,
+    "ray_node_manager": 11,
+    "ray_object_manager": 12,
+    "ray_metrics": 13,
+    "ray_runtime_env": 14,
+}
+RAY_WORKER_PORTS = (100, 599)
+
+
+def ray_temp_dir(state_dir: Path) -> Path:
+    """Ray's sockets must fit in 107 bytes, so its temp dir is short and derived from the state dir."""
+    digest = hashlib.sha1(str(state_dir.resolve()).encode()).hexdigest()[:10]
+    return Path("/tmp/servefleet-ray") / digest
+
+
+def ray_head_argv(
+    *,
+    port: int,
+    ports: dict[str, int],
+    worker_ports: tuple[int, int],
+    num_cpus: int,
+    temp_dir: Path,
+    host: str = "127.0.0.1",
+    resources: dict[str, float] | None = None,
+) -> list[str]:
+    """``ray start --head --block`` with every port explicit, so several heads can share a machine."""
+    argv = [
+        str(Path(sys.executable).with_name("ray")),
+        "start",
+        "--head",
+        "--block",
+        f"--port={port}",
+        f"--node-ip-address={host}",
+        f"--num-cpus={num_cpus}",
+        "--num-gpus=0",
+        f"--temp-dir={temp_dir}",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+        f"--ray-client-server-port={ports['ray_client']}",
+        f"--dashboard-agent-listen-port={ports['ray_dashboard_agent']}",
+        f"--dashboard-agent-grpc-port={ports['ray_dashboard_grpc']}",
+        f"--node-manager-port={ports['ray_node_manager']}",
+        f"--object-manager-port={ports['ray_object_manager']}",
+        f"--metrics-export-port={ports['ray_metrics']}",
+        f"--runtime-env-agent-port={ports['ray_runtime_env']}",
+        f"--min-worker-port={worker_ports[0]}",
+        f"--max-worker-port={worker_ports[1]}",
+    ]
+    if resources:
+        argv.append(f"--resources={json.dumps(resources)}")
+    return argv
+
+
+def plan(config: StackConfig) -> list[Part]:
+    """Every part of the stack, in start order, with the command that starts it."""
+    host, base, state = config.host, config.base_port, config.state_dir.resolve()
+    ports = {name: base + offset for name, offset in PORTS.items()}
+    addr = {name: f"{host}:{port}" for name, port in ports.items()}
+    python = sys.executable
+    parts: list[Part] = []
+    etcd_bin, redis_bin = shutil.which("etcd"), shutil.which("redis-server")
+    if config.etcd:
+        parts.append(Part("etcd", config.etcd))
+    else:
+        if etcd_bin is None:
+            raise StackError(
+                "etcd not found on PATH: install it (apt-get install etcd-server) or pass --etcd HOST:PORT"
+            )
+        parts.append(
+            Part(
+                "etcd",
+                addr["etcd"],
+                [
+                    etcd_bin,
+                    "--name",
+                    "servefleet",
+                    "--data-dir",
+                    str(state / "etcd"),
+                    "--listen-client-urls",
+                    f"http://{addr['etcd']}",
+                    "--advertise-client-urls",
+                    f"http://{addr['etcd']}",
+                    "--listen-peer-urls",
+                    f"http://{addr['etcd_peer']}",
+                    "--initial-advertise-peer-urls",
+                    f"http://{addr['etcd_peer']}",
+                    "--initial-cluster",
+                    f"servefleet=http://{addr['etcd_peer']}",
+                ],
+            )
+        )
+    if config.redis:
+        parts.append(Part("redis", config.redis))
+    else:
+        if redis_bin is None:
+            raise StackError(
+                "redis-server not found on PATH: install it (apt-get install redis-server) "
+                "or pass --redis HOST:PORT"
+            )
+        parts.append(
+            Part(
+                "redis",
+                addr["redis"],
+                [
+                    redis_bin,
+                    "--bind",
+                    host,
+                    "--port",
+                    str(ports["redis"]),
+                    "--dir",
+                    str(state / "redis"),
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    config.redis_appendfsync,
+                    "--save",
+                    "",
+                    "--daemonize",
+                    "no",
+                    "--protected-mode",
+                    "no",
+                ],
+            )
+        )
+    if config.ray:
+        parts.append(Part("ray", config.ray))
+    else:
+        parts.append(
+            Part(
+                "ray",
+                addr["ray"],
+                ray_head_argv(
+                    port=ports["ray"],
+                    ports=ports,
+                    num_cpus=config.ray_num_cpus,
+                    temp_dir=ray_temp_dir(state),
+                    worker_ports=(base + RAY_WORKER_PORTS[0], base + RAY_WORKER_PORTS[1]),
+                    host=host,
+                ),
+            )
+        )
+    etcd, redis, ray = parts[0].address, parts[1].address, parts[2].address
+    parts += [
+        Part(
+            "discovery",
+            addr["discovery"],
+            [python, "-m", "servefleet.discovery", "--listen", addr["discovery"], "--etcd", etcd],
+        ),
+        Part(
+            "broker",
+            addr["broker"],
+            [python, "-m", "servefleet.broker", "--listen", addr["broker"], "--redis", redis],
+        ),
+        Part(
+            "keeper",
+            addr["keeper"],
+            [
+                python,
+                "-m",
+                "servefleet.keeper",
+                "--listen",
+                addr["keeper"],
+                "--etcd",
+                etcd,
+                "--admin-token-file",
+                str(state / "admin.token"),
+            ],
+        ),
+        Part(
+            "agent",
+            addr["agent"],
+            [
+                python,
+                "-m",
+                "servefleet.services.agent",
+                "--listen",
+                addr["agent"],
+                "--ray",
+                ray,
+                "--keeper",
+                addr["keeper"],
+                "--discovery",
+                addr["discovery"],
+                "--redis",
+                redis,
+                "--cluster",
+                config.cluster_name,
+                "--admin-token-file",
+                str(state / "admin.token"),
+            ],
+        ),
+    ]
+    return parts
+
+
+def stack_file(state_dir: Path) -> Path:
+    return state_dir / STACK_FILE
+
+
+def load(state_dir: Path) -> list[Part]:
+    path = stack_file(state_dir)
+    if not path.exists():
+        raise StackError(f"no stack in {state_dir}: start one with `servefleet up --state-dir {state_dir}`")
+    data = json.loads(path.read_text())
+    return [Part(**p) for p in data["parts"]]
+
+
+def addresses(state_dir: Path) -> dict[str, str]:
+    """name -> address for every part, as written by ``up`` (what other commands connect to)."""
+    data = json.loads(stack_file(state_dir).read_text())
+    return {k: v for k, v in data.items() if k != "parts"}
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still answers kill(0); look at its state.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def running(state_dir: Path) -> bool:
+    try:
+        parts = load(state_dir)
+    except StackError:
+        return False
+    return any(p.pid and pid_alive(p.pid) for p in parts)
+
+
+def _write(state_dir: Path, parts: list[Part]) -> None:
+    data: dict[str, object] = {p.name: p.address for p in parts}
+    data["parts"] = [asdict(p) for p in parts]
+    tmp = stack_file(state_dir).with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(stack_file(state_dir))
+
+
+def preflight(config: StackConfig) -> list[Part]:
+    """The plan, once every check a person can fix before anything starts has passed."""
+    if running(config.state_dir):
+        raise StackError(
+            f"a stack is already running in {config.state_dir}: `servefleet status` shows it, "
+            "`servefleet down` stops it"
+        )
+    parts = plan(config)
+    for part in parts:
+        if not part.external:
+            port = int(part.address.rsplit(":", 1)[1])
+            if port_in_use(port, config.host):
+                raise StackError(f"port {port} ({part.name}) is already in use: free it or pass --base-port")
+    return parts
+
+
+def up(
+    config: StackConfig, parts: list[Part], *, progress: Callable[[str], None], timeout: float = 90.0
+) -> list[Part]:
+    """Start every part of ``preflight``'s plan not given as external, wait until each is healthy,
+    write stack.json. On any failure everything already started is stopped again."""
+    state = config.state_dir
+    for sub in ("etcd", "redis", "logs"):
+        (state / sub).mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        STACK_ENV: str(state.resolve()),
+        "RAY_ADDRESS": parts[2].address,
+        "PYTHONUNBUFFERED": "1",
+    }
+    started: list[Part] = []
+    try:
+        # Dependencies first (etcd, redis, ray), then services (discovery, broker, keeper), then the agent.
+        for wave in (parts[:3], parts[3:6], parts[6:]):
+            for part in wave:
+                if part.external:
+                    continue
+                log = open(state / "logs" / f"{part.name}.log", "ab")
+                proc = subprocess.Popen(
+                    part.argv,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                    cwd=state,
+                )
+                log.close()
+                part.pid = proc.pid
+                started.append(part)
+                progress(f"starting {part.name} on {part.address}")
+            _write(state, parts)
+            _await_healthy(wave, state, progress, deadline=time.monotonic() + timeout)
+    except BaseException:
+        stop_parts(started, progress=progress)
+        stack_file(state).unlink(missing_ok=True)
+        raise
+    return parts
+
+
+def _await_healthy(
+    wave: list[Part], state: Path, progress: Callable[[str], None], *, deadline: float
+) -> None:
+    pending = list(wave)
+    while pending:
+        for part in list(pending):
+            if part.pid and not pid_alive(part.pid):
+                tail = _log_tail(state / "logs" / f"{part.name}.log")
+                raise StackError(f"{part.name} exited during start-up; last log line: {tail}")
+            ok, _ = part.probe()
+            if ok:
+                pending.remove(part)
+                progress(f"{part.name} healthy")
+        if pending and time.monotonic() > deadline:
+            names = ", ".join(p.name for p in pending)
+            raise StackError(f"timed out waiting for {names} to become healthy (logs in {state / 'logs'})")
+        time.sleep(0.1)
+
+
+def _log_tail(path: Path) -> str:
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "(no log)"
+    return lines[-1][:300] if lines else "(empty log)"
+
+
+def status(state_dir: Path) -> list[dict[str, object]]:
+    """One row per part: name, address, pid, process alive, healthy, detail."""
+    rows: list[dict[str, object]] = []
+    for part in load(state_dir):
+        alive = pid_alive(part.pid) if part.pid else None
+        healthy, detail = part.probe() if alive is not False else (False, "process not running")
+        rows.append(
+            {
+                "name": part.name,
+                "address": part.address,
+                "pid": part.pid or None,
+                "alive": alive,
+                "healthy": healthy,
+                "detail": detail,
+            }
+        )
+    return rows
+
+
+#: Seconds a part gets after SIGTERM before SIGKILL. `ray start --block` kills its GCS on SIGTERM but
+#: leaves the raylet and workers running for a long while, so Ray gets little grace (like `ray stop --force`).
+STOP_GRACE = {"ray": 2.0}
+
+
+def stop_parts(parts: list[Part], *, progress: Callable[[str], None], grace: float = 10.0) -> None:
+    """SIGTERM each started part's process group, newest first; SIGKILL what outlives its grace."""
+    for part in reversed(parts):
+        if not (part.pid and pid_alive(part.pid)):
+            continue
+        progress(f"stopping {part.name}")
+        _signal_group(part.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE.get(part.name, grace)
+        while _group_alive(part.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _group_alive(part.pid):
+            _signal_group(part.pid, signal.SIGKILL)
+        try:  # reap it when it is our own child
+            os.waitpid(part.pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+    return False
+
+
+def marked_processes(state_dir: Path) -> list[int]:
+    """Live processes carrying this stack's marker in their environment (should be none after down)."""
+    marker = f"{STACK_ENV}={state_dir.resolve()}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0") and pid_alive(int(entry.name)):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def down(state_dir: Path, *, progress: Callable[[str], None]) -> None:
+    parts = load(state_dir)
+    stop_parts(parts, progress=progress)
+    leftovers = marked_processes(state_dir)
+    for pid in leftovers:
+        _signal_group(pid, signal.SIGKILL)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    stack_file(state_dir).unlink(missing_ok=True)

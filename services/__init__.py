@@ -1,0 +1,1 @@
+"""Ray-side services: cluster agent, application master, deployment actors, proxy."""

@@ -1,0 +1,1 @@
+"""Cluster agent: one per Ray cluster, drives application masters there."""

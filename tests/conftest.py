@@ -1,0 +1,31 @@
+"""Session fixtures that own real etcd, Redis and Ray processes on free loopback ports."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from servefleet.testing import EtcdProcess, RayCluster, RedisProcess
+
+
+@pytest.fixture(scope="session")
+def etcd() -> Iterator[EtcdProcess]:
+    proc = EtcdProcess().start()
+    yield proc
+    proc.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisProcess]:
+    proc = RedisProcess().start()
+    yield proc
+    proc.cleanup()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[RayCluster]:
+    """One small Ray cluster shared by the session; tests connect with ray.init(address=...)."""
+    cluster = RayCluster(num_cpus=2).start()
+    yield cluster
+    cluster.cleanup()
