@@ -1,0 +1,305 @@
+"""Application specs: YAML / mappings <-> ``common_pb2.ApplicationSpec``, checked field by field.
+
+One module for the keeper (validates submissions), the cluster agent and the data plane, so a spec
+means the same everywhere. ``validate`` fills every default, so code downstream never guesses what
+an unset field means. Errors are ``InvalidArgument`` naming the field, e.g.
+``spec.inputs[0].datatype: 'FP8' is not a KServe v2 datatype``.
+
+The YAML keys are the proto field names (``replicas`` may also be a plain integer, ``memory`` a
+size such as ``512Mi``, and ``max_batch_size`` / ``batch_wait_timeout_ms`` may sit at top level
+instead of under ``batching``). Unknown keys are refused, so a typo never silently means a default.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from google.protobuf import json_format
+
+from servefleet.api import common_pb2
+from servefleet.common.errors import InvalidArgument
+from servefleet.common.tensors import DTYPES
+
+DEFAULT_NAMESPACE = "default"
+DEFAULT_VERSION = "1"
+DEFAULT_KIND = "python"
+#: Kinds the platform knows; only "python" is served by the data plane today.
+KINDS = ("python", "direct", "triton", "sharded")
+DEFAULT_MAX_CONCURRENCY = 8
+DEFAULT_MAX_QUEUED = 32
+DEFAULT_PROXIES = 1
+#: CPU share a replica asks Ray for when the spec names none (small: models here are light).
+DEFAULT_NUM_CPUS = 0.1
+DEFAULT_BATCH_WAIT_MS = 5.0
+
+_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_IMPORT_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?)?B?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
+
+ApplicationSpec = common_pb2.ApplicationSpec
+
+
+def load_spec(source: str | Path | Mapping[str, Any] | ApplicationSpec) -> ApplicationSpec:
+    """A validated spec from a YAML file path, a mapping, or a message (copied, then validated)."""
+    if isinstance(source, ApplicationSpec):
+        spec = ApplicationSpec()
+        spec.CopyFrom(source)
+        return validate(spec)
+    if isinstance(source, str | Path):
+        path = Path(source)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise InvalidArgument(f"spec file {str(path)!r}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            raise InvalidArgument(f"spec file {str(path)!r} is not valid YAML: {exc}") from None
+        source = data
+    if not isinstance(source, Mapping):
+        raise InvalidArgument(f"spec: expected a mapping, got {type(source).__name__}")
+    return validate(from_dict(source))
+
+
+def from_dict(data: Mapping[str, Any]) -> ApplicationSpec:
+    """Parse a mapping into a spec (no defaults filled; call ``validate`` for that)."""
+    data = dict(data)
+    batching = dict(_mapping(data.pop("batching", None) or {}, "spec.batching"))
+    for key in ("max_batch_size", "batch_wait_timeout_ms"):
+        if key in data:
+            batching[key] = data.pop(key)
+    if batching:
+        data["batching"] = batching
+    if "replicas" in data and isinstance(data["replicas"], int) and not isinstance(data["replicas"], bool):
+        data["replicas"] = {"initial": data["replicas"]}
+    if "async" in data and "async_mode" not in data:
+        data["async_mode"] = data.pop("async")
+    resources = data.get("resources")
+    if isinstance(resources, Mapping) and "memory" in resources:
+        data["resources"] = {**resources, "memory": parse_size(resources["memory"], "spec.resources.memory")}
+    runtime_env = data.get("runtime_env")
+    if isinstance(runtime_env, Mapping) and isinstance(runtime_env.get("env_vars"), Mapping):
+        env = {str(k): _scalar_str(v) for k, v in runtime_env["env_vars"].items()}
+        data["runtime_env"] = {**runtime_env, "env_vars": env}
+    if isinstance(data.get("labels"), Mapping):
+        data["labels"] = {str(k): _scalar_str(v) for k, v in data["labels"].items()}
+    _check_keys(data, ApplicationSpec.DESCRIPTOR, "spec")
+    spec = ApplicationSpec()
+    try:
+        json_format.ParseDict(data, spec, ignore_unknown_fields=False)
+    except json_format.ParseError as exc:
+        raise InvalidArgument(_parse_error(str(exc))) from None
+    return spec
+
+
+def validate(spec: ApplicationSpec) -> ApplicationSpec:
+    """Check every field and fill defaults in place; returns ``spec``. Raises InvalidArgument."""
+    if not spec.name:
+        raise InvalidArgument("spec.name: required")
+    _check_name(spec.name, "spec.name")
+    spec.namespace = spec.namespace or DEFAULT_NAMESPACE
+    _check_name(spec.namespace, "spec.namespace")
+    spec.version = spec.version or DEFAULT_VERSION
+    spec.kind = spec.kind or DEFAULT_KIND
+    if spec.kind not in KINDS:
+        raise InvalidArgument(f"spec.kind: {spec.kind!r} is not one of {', '.join(KINDS)}")
+    if spec.kind == "python" and not spec.import_path:
+        raise InvalidArgument("spec.import_path: required for kind 'python' (module:Class)")
+    if spec.import_path and not _IMPORT_RE.match(spec.import_path):
+        raise InvalidArgument(f"spec.import_path: {spec.import_path!r} is not 'module:Class'")
+    for field, tensors in (("inputs", spec.inputs), ("outputs", spec.outputs)):
+        _check_tensors(tensors, f"spec.{field}")
+    _check_resources(spec.resources)
+    _check_replicas(spec.replicas)
+    for field, default in (("max_concurrency", DEFAULT_MAX_CONCURRENCY), ("proxies", DEFAULT_PROXIES)):
+        value = getattr(spec, field)
+        if value < 0:
+            raise InvalidArgument(f"spec.{field}: must be positive, got {value}")
+        setattr(spec, field, value or default)
+    if spec.max_queued < 0:
+        raise InvalidArgument(f"spec.max_queued: must be >= 0, got {spec.max_queued}")
+    spec.max_queued = spec.max_queued or DEFAULT_MAX_QUEUED  # proto3 cannot tell 0 from unset
+    _check_batching(spec.batching)
+    _check_async(spec.async_mode)
+    if spec.placement.spread < 0:
+        raise InvalidArgument(f"spec.placement.spread: must be >= 0, got {spec.placement.spread}")
+    for i, pkg in enumerate(spec.runtime_env.pip):
+        if not pkg.strip():
+            raise InvalidArgument(f"spec.runtime_env.pip[{i}]: empty package name")
+    return spec
+
+
+def spec_to_dict(spec: ApplicationSpec) -> dict[str, Any]:
+    """The spec as a YAML-friendly mapping (proto field names, unset fields left out)."""
+    data = json_format.MessageToDict(spec, preserving_proto_field_name=True)
+    if "init_args" in data:
+        data["init_args"] = struct_to_python(spec.init_args)
+    if "memory" in data.get("resources", {}):
+        data["resources"]["memory"] = int(data["resources"]["memory"])
+    for tensors in (data.get("inputs", []), data.get("outputs", [])):
+        for tensor in tensors:
+            tensor["shape"] = [int(d) for d in tensor.get("shape", [])]
+    return data
+
+
+def struct_to_python(struct: Any) -> dict[str, Any]:
+    """init_args as Python values; Struct numbers are doubles, so whole numbers come back as int."""
+    return {k: _unfloat(v) for k, v in json_format.MessageToDict(struct).items()}
+
+
+def app_ref(spec: ApplicationSpec) -> common_pb2.AppRef:
+    return common_pb2.AppRef(namespace=spec.namespace or DEFAULT_NAMESPACE, name=spec.name)
+
+
+def model_name(app: common_pb2.AppRef) -> str:
+    """The KServe ``model_name`` of an app: ``name`` in namespace default, else ``namespace/name``."""
+    namespace = app.namespace or DEFAULT_NAMESPACE
+    return app.name if namespace == DEFAULT_NAMESPACE else f"{namespace}/{app.name}"
+
+
+def parse_model_name(name: str) -> common_pb2.AppRef:
+    """Inverse of :func:`model_name`."""
+    namespace, _, short = name.rpartition("/")
+    return common_pb2.AppRef(namespace=namespace or DEFAULT_NAMESPACE, name=short)
+
+
+def parse_size(value: Any, field: str) -> int:
+    """Bytes from an int or a size string (``512Mi``, ``2G``, ``1024``)."""
+    if isinstance(value, bool):
+        raise InvalidArgument(f"{field}: expected a size, got {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise InvalidArgument(f"{field}: must be >= 0, got {value}")
+        return int(value)
+    match = _SIZE_RE.match(str(value))
+    if not match:
+        raise InvalidArgument(f"{field}: {value!r} is not a size such as 512Mi, 2G or 1048576")
+    return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()])
+
+
+def _unfloat(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_unfloat(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _unfloat(v) for k, v in value.items()}
+    return value
+
+
+def _scalar_str(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _mapping(value: Any, field: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise InvalidArgument(f"{field}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _check_keys(data: Mapping[str, Any], descriptor: Any, path: str) -> None:
+    """Refuse keys the message has no field for, naming the full path (typos must not pass)."""
+    fields = descriptor.fields_by_name
+    for key, value in data.items():
+        field = fields.get(key)
+        if field is None:
+            known = ", ".join(sorted(fields))
+            raise InvalidArgument(f"{path}: unknown key {key!r} (known: {known})")
+        sub = field.message_type
+        if sub is None or sub.GetOptions().map_entry or sub.full_name.startswith("google.protobuf"):
+            continue
+        if field.is_repeated:
+            if not isinstance(value, list):
+                raise InvalidArgument(f"{path}.{key}: expected a list, got {type(value).__name__}")
+            for i, item in enumerate(value):
+                _check_keys(_mapping(item, f"{path}.{key}[{i}]"), sub, f"{path}.{key}[{i}]")
+        else:
+            _check_keys(_mapping(value, f"{path}.{key}"), sub, f"{path}.{key}")
+
+
+def _parse_error(message: str) -> str:
+    """json_format's "Failed to parse X field: why" as "spec.X: why" (X is the innermost field)."""
+    match = re.match(r"Failed to parse (\S+) field: (.*)", message, re.DOTALL)
+    return f"spec.{match.group(1)}: {match.group(2)}" if match else f"spec: {message}"
+
+
+def _check_name(value: str, field: str) -> None:
+    if not _NAME_RE.match(value):
+        raise InvalidArgument(
+            f"{field}: {value!r} must be 1-63 lowercase letters, digits or '-', "
+            "starting and ending with a letter or digit"
+        )
+
+
+def _check_tensors(tensors: Any, path: str) -> None:
+    seen: set[str] = set()
+    for i, tensor in enumerate(tensors):
+        where = f"{path}[{i}]"
+        if not tensor.name:
+            raise InvalidArgument(f"{where}.name: required")
+        if tensor.name in seen:
+            raise InvalidArgument(f"{where}.name: {tensor.name!r} appears twice")
+        seen.add(tensor.name)
+        if tensor.datatype not in DTYPES:
+            raise InvalidArgument(f"{where}.datatype: {tensor.datatype!r} is not a KServe v2 datatype")
+        for j, dim in enumerate(tensor.shape):
+            if dim < -1:
+                raise InvalidArgument(f"{where}.shape[{j}]: {dim} (use -1 for a variable dimension)")
+
+
+def _check_resources(resources: common_pb2.Resources) -> None:
+    for field in ("num_cpus", "num_gpus", "memory"):
+        if getattr(resources, field) < 0:
+            raise InvalidArgument(f"spec.resources.{field}: must be >= 0, got {getattr(resources, field)}")
+    for name, amount in resources.custom.items():
+        if amount < 0:
+            raise InvalidArgument(f"spec.resources.custom.{name}: must be >= 0, got {amount}")
+    if resources.num_cpus == 0:
+        resources.num_cpus = DEFAULT_NUM_CPUS
+
+
+def _check_replicas(replicas: common_pb2.ReplicaRange) -> None:
+    for field in ("min", "max", "initial"):
+        if getattr(replicas, field) < 0:
+            raise InvalidArgument(f"spec.replicas.{field}: must be >= 0, got {getattr(replicas, field)}")
+    if replicas.max and replicas.min > replicas.max:
+        raise InvalidArgument(f"spec.replicas: min {replicas.min} is above max {replicas.max}")
+    replicas.initial = replicas.initial or max(replicas.min, 1)
+    replicas.min = replicas.min or min(1, replicas.initial)
+    replicas.max = replicas.max or max(replicas.initial, replicas.min)
+    if not replicas.min <= replicas.initial <= replicas.max:
+        raise InvalidArgument(
+            f"spec.replicas.initial: {replicas.initial} is outside [{replicas.min}, {replicas.max}]"
+        )
+
+
+def _check_batching(batching: common_pb2.BatchingConfig) -> None:
+    if batching.max_batch_size < 0:
+        raise InvalidArgument(f"spec.batching.max_batch_size: must be >= 0, got {batching.max_batch_size}")
+    if batching.batch_wait_timeout_ms < 0:
+        raise InvalidArgument(
+            f"spec.batching.batch_wait_timeout_ms: must be >= 0, got {batching.batch_wait_timeout_ms}"
+        )
+    if batching.max_batch_size > 1 and batching.batch_wait_timeout_ms == 0:
+        batching.batch_wait_timeout_ms = DEFAULT_BATCH_WAIT_MS
+
+
+def _check_async(config: common_pb2.AsyncConfig) -> None:
+    for field in ("max_stream_length", "max_deliveries", "result_ttl_s"):
+        if getattr(config, field) < 0:
+            raise InvalidArgument(f"spec.async_mode.{field}: must be >= 0, got {getattr(config, field)}")
