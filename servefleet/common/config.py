@@ -29,6 +29,25 @@ class Settings:
     discovery_max_ttl_s: int = 300
     #: Root etcd key prefix for all servefleet state.
     etcd_prefix: str = "/servefleet"
+    #: Broker: largest serialized ModelInferRequest Submit accepts (bytes).
+    broker_max_payload_bytes: int = 4 * 1024 * 1024
+    #: Broker defaults for an app registered without its own AsyncConfig values.
+    broker_max_stream_length: int = 10_000
+    broker_max_deliveries: int = 3
+    broker_result_ttl_s: int = 3600
+    #: Longest result lifetime a Submit may ask for.
+    broker_max_result_ttl_s: int = 7 * 24 * 3600
+    #: A finished ticket's small status record outlives its result by this long, so a late
+    #: reader hears EXPIRED rather than NOT_FOUND.
+    broker_tombstone_s: int = 3600
+    #: A ticket (and its idempotency key) never queued longer than this.
+    broker_ticket_max_age_s: int = 7 * 24 * 3600
+    #: Longest single GetResult wait; longer waits return the current status (poll again).
+    broker_max_wait_s: float = 60.0
+    #: Workers reclaim entries another consumer left pending this long (XAUTOCLAIM min-idle).
+    broker_reclaim_idle_s: float = 30.0
+    #: Blocking XREADGROUP timeout of a worker (ms); bounds how fast stop() returns.
+    broker_block_ms: int = 1000
     #: Log format: "json" (structured) or "text".
     log_format: str = "json"
     log_level: str = "INFO"
