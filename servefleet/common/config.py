@@ -48,6 +48,19 @@ class Settings:
     broker_reclaim_idle_s: float = 30.0
     #: Blocking XREADGROUP timeout of a worker (ms); bounds how fast stop() returns.
     broker_block_ms: int = 1000
+    #: Keeper: seconds between cluster agent heartbeats; a cluster silent for ``dead_after`` is not alive.
+    keeper_heartbeat_interval_s: int = 2
+    keeper_cluster_dead_after_s: float = 6.0
+    #: Keeper: leader lease TTL (a dead leader is replaced within about this long).
+    keeper_leader_ttl_s: int = 5
+    #: Keeper: seconds between reconcile passes when nothing changes (changes wake it at once).
+    keeper_reconcile_interval_s: float = 1.0
+    #: Keeper: seconds a verified token is trusted without asking etcd again.
+    keeper_token_cache_s: float = 5.0
+    #: Keeper: where working_dir may point (os.pathsep-separated; empty: the keeper's working dir).
+    keeper_allowed_roots: str = ""
+    #: Keeper: 1 lets specs name URLs (pip from git/http, remote working_dir); 0 refuses them.
+    keeper_allow_urls: int = 0
     #: Log format: "json" (structured) or "text".
     log_format: str = "json"
     log_level: str = "INFO"
