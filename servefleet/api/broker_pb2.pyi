@@ -86,17 +86,21 @@ class QueueStatsRequest(_message.Message):
     def __init__(self, app: _Optional[_Union[_common_pb2.AppRef, _Mapping]] = ...) -> None: ...
 
 class QueueStatsResponse(_message.Message):
-    __slots__ = ("depth", "in_flight", "oldest_age_s", "submit_rate", "complete_rate", "dead_letters")
+    __slots__ = ("depth", "in_flight", "oldest_age_s", "submit_rate", "complete_rate", "dead_letters", "duplicate_executions", "workers")
     DEPTH_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     OLDEST_AGE_S_FIELD_NUMBER: _ClassVar[int]
     SUBMIT_RATE_FIELD_NUMBER: _ClassVar[int]
     COMPLETE_RATE_FIELD_NUMBER: _ClassVar[int]
     DEAD_LETTERS_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_EXECUTIONS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
     depth: int
     in_flight: int
     oldest_age_s: float
     submit_rate: float
     complete_rate: float
     dead_letters: int
-    def __init__(self, depth: _Optional[int] = ..., in_flight: _Optional[int] = ..., oldest_age_s: _Optional[float] = ..., submit_rate: _Optional[float] = ..., complete_rate: _Optional[float] = ..., dead_letters: _Optional[int] = ...) -> None: ...
+    duplicate_executions: int
+    workers: int
+    def __init__(self, depth: _Optional[int] = ..., in_flight: _Optional[int] = ..., oldest_age_s: _Optional[float] = ..., submit_rate: _Optional[float] = ..., complete_rate: _Optional[float] = ..., dead_letters: _Optional[int] = ..., duplicate_executions: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
