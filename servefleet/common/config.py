@@ -27,6 +27,8 @@ class Settings:
     discovery_ttl_s: int = 5
     discovery_min_ttl_s: int = 1
     discovery_max_ttl_s: int = 300
+    #: Seconds ``registration(...)`` keeps retrying its first Register while discovery is unreachable.
+    discovery_register_timeout_s: float = 30.0
     #: Root etcd key prefix for all servefleet state.
     etcd_prefix: str = "/servefleet"
     #: Broker: largest serialized ModelInferRequest Submit accepts (bytes).
