@@ -63,6 +63,20 @@ class Settings:
     keeper_allowed_roots: str = ""
     #: Keeper: 1 lets specs name URLs (pip from git/http, remote working_dir); 0 refuses them.
     keeper_allow_urls: int = 0
+    #: Data plane: seconds between an application master's reconcile passes (health checks too).
+    master_reconcile_interval_s: float = 0.5
+    #: Data plane: a replica whose stats call takes longer than this counts as unhealthy.
+    replica_health_timeout_s: float = 5.0
+    #: Data plane: consecutive failed health checks before a live-but-stuck replica is replaced.
+    replica_unhealthy_checks: int = 3
+    #: Data plane: longest a new replica may take to load (runtime_env setup included).
+    replica_start_timeout_s: float = 300.0
+    #: Data plane: longest an old replica drains in-flight requests before it is killed.
+    replica_drain_timeout_s: float = 30.0
+    #: Data plane: attempts per request on distinct replicas when a replica dies or drains.
+    proxy_attempts: int = 3
+    #: Data plane: CPU share a proxy actor asks Ray for.
+    proxy_num_cpus: float = 0.0
     #: Log format: "json" (structured) or "text".
     log_format: str = "json"
     log_level: str = "INFO"
