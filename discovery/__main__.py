@@ -7,17 +7,20 @@ import argparse
 from servefleet.api import discovery_pb2, discovery_pb2_grpc
 from servefleet.common.entry import Service, run_service, service_parser
 from servefleet.common.server import GrpcServer
+from servefleet.discovery.core import DiscoveryCore, connect_etcd
+from servefleet.discovery.servicer import DiscoveryServicer
 
 
 async def build(args: argparse.Namespace) -> Service:
-    servicer = discovery_pb2_grpc.DiscoveryServicer()
+    etcd = connect_etcd(args.etcd)
+    servicer = DiscoveryServicer(DiscoveryCore(etcd))
     server = GrpcServer(
         "discovery",
         args.listen,
         [lambda s: discovery_pb2_grpc.add_DiscoveryServicer_to_server(servicer, s)],
         [discovery_pb2.DESCRIPTOR.services_by_name["Discovery"].full_name],
     )
-    return Service(server)
+    return Service(server, on_stop=etcd.close)
 
 
 def parser() -> argparse.ArgumentParser:
