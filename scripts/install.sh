@@ -8,6 +8,14 @@ need=()
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v make >/dev/null || need+=(make)
+# The C++ direct ingress (setup.py) compiles against Debian's gRPC C++ and protobuf.
+command -v g++ >/dev/null || need+=(g++)
+command -v pkg-config >/dev/null || need+=(pkg-config)
+command -v protoc >/dev/null || need+=(protobuf-compiler)
+command -v grpc_cpp_plugin >/dev/null || need+=(protobuf-compiler-grpc)
+pkg-config --exists grpc++ 2>/dev/null || need+=(libgrpc++-dev)
+pkg-config --exists protobuf 2>/dev/null || need+=(libprotobuf-dev)
+[ -f /usr/include/python3.11/Python.h ] || need+=(python3-dev)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
   echo "installing Debian packages: ${need[*]}"
