@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from servefleet.api import broker_pb2, broker_pb2_grpc
+from servefleet.broker.core import BrokerCore
+from servefleet.broker.queue import RedisStreamQueue
+from servefleet.broker.servicer import broker_server
 from servefleet.common.entry import Service, run_service, service_parser
-from servefleet.common.server import GrpcServer
 
 
 async def build(args: argparse.Namespace) -> Service:
-    servicer = broker_pb2_grpc.BrokerServicer()
-    server = GrpcServer(
-        "broker",
-        args.listen,
-        [lambda s: broker_pb2_grpc.add_BrokerServicer_to_server(servicer, s)],
-        [broker_pb2.DESCRIPTOR.services_by_name["Broker"].full_name],
-    )
-    return Service(server)
+    core = BrokerCore(RedisStreamQueue(args.redis))
+    return Service(broker_server(core, args.listen), on_stop=core.close)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,0 +1,163 @@
+"""Broker core: asynchronous inference requests queued per application, pulled by its replicas.
+
+Contract (what a client may rely on):
+
+- ``submit`` answers with a ticket as soon as the request is queued. The same idempotency key
+  for the same app answers the same ticket (``duplicate=True``) for as long as the ticket lives.
+- An app is *known* when its workers (``PullWorker.start``) or the platform registered it with
+  the broker; Submit to any other app is NOT_FOUND. Each app's unfinished work (queued plus
+  running) is bounded: over the bound Submit answers RESOURCE_EXHAUSTED; queued work is never
+  trimmed.
+- Priority: three bands (priority > 0, == 0, < 0), each its own Redis stream; a worker always
+  takes from the highest non-empty band. Within a band, first in, first out.
+- Every queued request runs to a final state: DONE, FAILED (its handler failed, or it was
+  delivered ``max_deliveries`` times, for instance because each worker running it died; it is
+  then in the app's dead-letter stream with the reason) or CANCELLED. A request may *execute*
+  more than once (a worker that died, or stalled past the reclaim threshold, is taken over),
+  but its result is stored once: the first to finish wins and later runs are counted as
+  ``duplicate_executions``.
+- Results live ``ttl_s`` (default: the app's ``result_ttl_s``); then the ticket reads EXPIRED
+  for ``broker_tombstone_s`` more, then NOT_FOUND.
+
+Durability across a Redis restart (Redis runs with ``appendonly yes``): Redis appends each
+write to its AOF with write(2) before it answers, so
+
+- if the Redis *process* dies (crash, SIGKILL, OOM kill) and restarts from its AOF, every
+  acknowledged Submit, result and ack survives: nothing is lost;
+- if the *machine* dies (power, kernel), with ``appendfsync everysec`` (default) the writes of
+  the last second before the crash may be lost (Redis documents up to 2 s when the disk
+  stalls): every Submit acknowledged before the last completed fsync survives and completes;
+  with ``appendfsync always`` every acknowledged Submit survives.
+
+While Redis is down, Submit/GetResult answer UNAVAILABLE and workers keep their finished
+results in memory, storing them when Redis is back.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from google.protobuf.message import DecodeError
+from tritonclient.grpc import service_pb2
+
+from servefleet.api import broker_pb2, common_pb2
+from servefleet.broker.queue import AppConfig, RequestQueue, State, band_of
+from servefleet.common.config import settings
+from servefleet.common.errors import InvalidArgument, NotFound
+
+FINAL = frozenset({State.DONE, State.FAILED, State.EXPIRED, State.CANCELLED})
+_TICKET = re.compile(r"^[0-9a-f]{32}$")
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,126}[a-z0-9])?$")
+#: Waiters re-read the ticket at least this often, in case a change event was lost.
+_REPOLL_S = 1.0
+
+
+def app_name(app: common_pb2.AppRef | str) -> str:
+    """Canonical ``namespace/name`` of an app; InvalidArgument naming what is wrong."""
+    namespace, name = (
+        (app.namespace, app.name)
+        if isinstance(app, common_pb2.AppRef)
+        else (app.split("/", 1) if "/" in app else ("", app))
+    )
+    for what, value in (("namespace", namespace), ("name", name)):
+        if not _NAME.match(value):
+            raise InvalidArgument(
+                f"app {what} {value!r} must be 1-128 lowercase letters, digits, '.', '_' or '-', "
+                "starting and ending with a letter or digit"
+            )
+    return f"{namespace}/{name}"
+
+
+def check_ticket(ticket: str) -> str:
+    if not _TICKET.match(ticket):
+        raise InvalidArgument(f"ticket {ticket!r} is malformed: tickets are 32 lowercase hex digits")
+    return ticket
+
+
+class BrokerCore:
+    """Validation and waiting over a RequestQueue; no gRPC here."""
+
+    def __init__(self, queue: RequestQueue) -> None:
+        self.queue = queue
+
+    async def register_app(self, app: common_pb2.AppRef | str, config: AppConfig | None = None) -> None:
+        """Enable an app for async requests (its workers do this on start)."""
+        await self.queue.register_app(app_name(app), config or AppConfig())
+
+    async def submit(self, request: broker_pb2.SubmitRequest) -> broker_pb2.SubmitResponse:
+        app = app_name(request.app)
+        payload = request.infer_request
+        if not payload:
+            raise InvalidArgument("infer_request is empty: send a serialized inference.ModelInferRequest")
+        if len(payload) > settings.broker_max_payload_bytes:
+            raise InvalidArgument(
+                f"infer_request is {len(payload)} bytes, over the broker's limit of "
+                f"{settings.broker_max_payload_bytes} (SERVEFLEET_BROKER_MAX_PAYLOAD_BYTES)"
+            )
+        try:
+            service_pb2.ModelInferRequest.FromString(payload)
+        except DecodeError as exc:
+            raise InvalidArgument(f"infer_request is not a serialized ModelInferRequest: {exc}") from None
+        if not 0 <= request.ttl_s <= settings.broker_max_result_ttl_s:
+            raise InvalidArgument(
+                f"ttl_s {request.ttl_s} out of range [0, {settings.broker_max_result_ttl_s}] (0: app default)"
+            )
+        if len(request.idempotency_key) > 256:
+            raise InvalidArgument("idempotency_key is longer than 256 characters")
+        ticket, duplicate = await self.queue.submit(
+            app,
+            band_of(request.priority),
+            uuid.uuid4().hex,
+            payload,
+            request.ttl_s,
+            request.idempotency_key,
+        )
+        return broker_pb2.SubmitResponse(ticket=ticket, duplicate=duplicate)
+
+    async def status(self, ticket: str) -> broker_pb2.TicketStatus:
+        status = await self.queue.status(check_ticket(ticket))
+        if status is None:
+            raise NotFound(f"ticket {ticket} is unknown (never issued, or expired long ago)")
+        return status
+
+    async def get_result(self, ticket: str, wait_timeout_s: float) -> broker_pb2.TicketStatus:
+        """The ticket's status once final, or its current status after ``wait_timeout_s``."""
+        if math.isnan(wait_timeout_s) or wait_timeout_s < 0:
+            raise InvalidArgument(f"wait_timeout_s must be >= 0, got {wait_timeout_s}")
+        status = await self.status(ticket)
+        deadline = time.monotonic() + min(wait_timeout_s, settings.broker_max_wait_s)
+        while status.state not in FINAL and (left := deadline - time.monotonic()) > 0:
+            await self.queue.wait_change(ticket, min(left, _REPOLL_S))
+            status = await self.status(ticket)
+        return status
+
+    async def watch(self, ticket: str) -> AsyncIterator[broker_pb2.TicketStatus]:
+        """Every state the ticket passes through, ending with the final one (with its result)."""
+        last = None
+        while True:
+            status = await self.status(ticket)
+            if status.state != last:
+                yield status
+                last = status.state
+            if status.state in FINAL:
+                return
+            await self.queue.wait_change(ticket, _REPOLL_S)
+
+    async def cancel(self, ticket: str) -> broker_pb2.TicketStatus:
+        """Cancel a queued or running request; a final ticket is returned unchanged.
+
+        A running request is not interrupted: its result is discarded when it finishes."""
+        status = await self.queue.cancel(check_ticket(ticket))
+        if status is None:
+            raise NotFound(f"ticket {ticket} is unknown (never issued, or expired long ago)")
+        return status
+
+    async def stats(self, app: common_pb2.AppRef | str) -> broker_pb2.QueueStatsResponse:
+        return await self.queue.stats(app_name(app))
+
+    async def close(self) -> None:
+        await self.queue.close()

@@ -1,0 +1,57 @@
+"""Thin gRPC layer over BrokerCore: unpack, call, pack. Errors are mapped by the server interceptor."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from servefleet.api import broker_pb2, broker_pb2_grpc
+from servefleet.broker.core import BrokerCore
+from servefleet.common.server import GrpcServer
+
+
+class BrokerServicer(broker_pb2_grpc.BrokerServicer):
+    def __init__(self, core: BrokerCore) -> None:
+        self.core = core
+
+    async def Submit(
+        self, request: broker_pb2.SubmitRequest, context: grpc.aio.ServicerContext
+    ) -> broker_pb2.SubmitResponse:
+        return await self.core.submit(request)
+
+    async def GetResult(
+        self, request: broker_pb2.GetResultRequest, context: grpc.aio.ServicerContext
+    ) -> broker_pb2.TicketStatus:
+        wait = request.wait_timeout_s
+        remaining = context.time_remaining()
+        if remaining is not None:  # answer before the caller's deadline, with the current status
+            wait = min(wait, max(0.0, remaining - 0.05))
+        return await self.core.get_result(request.ticket, wait)
+
+    async def WatchResult(
+        self, request: broker_pb2.WatchResultRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[broker_pb2.TicketStatus]:
+        async for status in self.core.watch(request.ticket):
+            yield status
+
+    async def Cancel(
+        self, request: broker_pb2.CancelRequest, context: grpc.aio.ServicerContext
+    ) -> broker_pb2.TicketStatus:
+        return await self.core.cancel(request.ticket)
+
+    async def QueueStats(
+        self, request: broker_pb2.QueueStatsRequest, context: grpc.aio.ServicerContext
+    ) -> broker_pb2.QueueStatsResponse:
+        return await self.core.stats(request.app)
+
+
+def broker_server(core: BrokerCore, listen: str) -> GrpcServer:
+    """A GrpcServer (health, reflection, error mapping) serving the broker over ``core``."""
+    servicer = BrokerServicer(core)
+    return GrpcServer(
+        "broker",
+        listen,
+        [lambda server: broker_pb2_grpc.add_BrokerServicer_to_server(servicer, server)],
+        [broker_pb2.DESCRIPTOR.services_by_name["Broker"].full_name],
+    )

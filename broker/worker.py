@@ -1,0 +1,231 @@
+"""PullWorker: the loop a deployment actor runs to serve an app's async requests from the broker.
+
+Usage inside a (Ray) deployment actor, on the actor's event loop::
+
+    worker = PullWorker("127.0.0.1:6379", spec.app, consumer=f"{replica_id}", slots=4, handler=infer)
+    await worker.start()          # registers the app with the broker, starts pulling
+    ...
+    await worker.stop(drain=True)  # finish what is running, then leave
+
+``handler`` is ``async (ModelInferRequest) -> ModelInferResponse``: the same call the replica
+serves synchronously, so one app serves both. The request carries its ticket in
+``parameters["servefleet.ticket"]``. Nothing else is needed: the broker service only talks to
+Redis, and this worker handles reclaiming, retries, dead letters and Redis restarts itself.
+
+Guarantees: the worker holds at most ``slots`` requests (it reads COUNT = free slots); a result
+is stored and the entry acked in one atomic step; if this worker dies, its requests are taken
+over by the app's other workers once idle for ``reclaim_idle_s``; a handler exception or a run
+past ``exec_timeout_s`` counts as a failed delivery and the request is re-queued, until the
+app's ``max_deliveries``, after which it is dead-lettered and its ticket FAILED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from redis.exceptions import ResponseError
+from tritonclient.grpc import service_pb2
+
+from servefleet.api import common_pb2
+from servefleet.broker.core import app_name
+from servefleet.broker.queue import TRANSIENT_ERRORS, AppConfig, Entry, RedisStreamQueue, RequestQueue
+from servefleet.common.config import settings
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[service_pb2.ModelInferRequest], Awaitable[service_pb2.ModelInferResponse]]
+TICKET_PARAMETER = "servefleet.ticket"
+T = TypeVar("T")
+
+
+class PullWorker:
+    """Pulls an app's queued requests when it has a free slot and runs them with ``handler``.
+
+    Args:
+        redis_address: the broker's Redis, ``host:port``.
+        app: the application (``AppRef`` or ``"namespace/name"``).
+        consumer: this worker's name in the app's consumer group; unique per replica.
+        slots: how many requests it runs at once.
+        handler: ``async (ModelInferRequest) -> ModelInferResponse``.
+        config: the app's ``ApplicationSpec.async_mode``; its non-zero limits are registered.
+        reclaim_idle_s: take over other workers' requests pending this long.
+        exec_timeout_s: a run longer than this counts as failed (None: no limit).
+    """
+
+    def __init__(
+        self,
+        redis_address: str,
+        app: common_pb2.AppRef | str,
+        consumer: str,
+        slots: int,
+        handler: Handler,
+        *,
+        config: common_pb2.AsyncConfig | None = None,
+        reclaim_idle_s: float = settings.broker_reclaim_idle_s,
+        exec_timeout_s: float | None = None,
+        block_ms: int = settings.broker_block_ms,
+        queue: RequestQueue | None = None,
+    ) -> None:
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        self.app = app_name(app)
+        self.consumer = consumer
+        self.slots = slots
+        self._handler = handler
+        self._config = AppConfig.from_proto(config)
+        self._reclaim_idle_s = reclaim_idle_s
+        self._exec_timeout_s = exec_timeout_s
+        self._block_ms = block_ms
+        self._queue = queue or RedisStreamQueue(redis_address)
+        self._running: dict[str, tuple[Entry, asyncio.Task[None]]] = {}
+        self._backlog: list[Entry] = []
+        self._slot_free = asyncio.Event()
+        self._stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+        #: Requests this worker ran to a stored result / whose result was a duplicate.
+        self.completed = 0
+        self.duplicates = 0
+
+    async def start(self) -> None:
+        await self._queue.register_app(self.app, self._config)
+        await self._queue.ensure_groups(self.app)
+        await self._queue.heartbeat(self.app, self.consumer, [])
+        self._slot_free.set()
+        self._tasks = [asyncio.create_task(self._pull_loop()), asyncio.create_task(self._heartbeat_loop())]
+
+    async def stop(self, drain: bool = True) -> None:
+        """Stop pulling. ``drain``: let running requests finish and store their results first
+        (the pull loop ends after its current blocking read, at most ``block_ms``); otherwise
+        cancel them, leaving them pending for other workers to reclaim."""
+        self._stopping = True
+        self._slot_free.set()
+        pull, beat = self._tasks or (None, None)
+        if pull is not None:
+            if not drain:
+                pull.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pull
+        running = [task for _, task in self._running.values()]
+        if not drain:
+            for task in running:
+                task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        if beat is not None:
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat
+        with contextlib.suppress(*TRANSIENT_ERRORS):
+            await self._queue.leave(self.app, self.consumer)
+        await self._queue.close()
+
+    @property
+    def busy(self) -> int:
+        return len(self._running)
+
+    async def _pull_loop(self) -> None:
+        next_reclaim = 0.0
+        backoff = 0.1
+        while not self._stopping:
+            try:
+                await self._slot_free.wait()
+                free = self.slots - len(self._running)
+                while self._backlog and free > 0:
+                    self._spawn(self._backlog.pop(0))
+                    free -= 1
+                if free <= 0 or self._stopping:
+                    self._slot_free.clear()
+                    continue
+                entries: list[Entry] = []
+                if time.monotonic() >= next_reclaim:
+                    next_reclaim = time.monotonic() + self._reclaim_idle_s / 2
+                    idle_ms = int(self._reclaim_idle_s * 1000)
+                    entries = await self._queue.reclaim(self.app, self.consumer, free, idle_ms)
+                if not entries:
+                    entries = await self._queue.read(self.app, self.consumer, free, self._block_ms)
+                # Only more than `free` if several bands woke one blocking read: run them next.
+                for entry in entries:
+                    if len(self._running) < self.slots:
+                        self._spawn(entry)
+                    else:
+                        self._backlog.append(entry)
+                backoff = 0.1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await self._recover(exc, backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def _recover(self, exc: Exception, backoff: float) -> None:
+        """Redis unreachable or restarted: wait, and recreate the consumer groups if they are gone."""
+        log.warning("pull worker %s/%s: %s; retrying", self.app, self.consumer, exc)
+        await asyncio.sleep(backoff)
+        if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+            with contextlib.suppress(Exception):
+                await self._queue.register_app(self.app, self._config)
+                await self._queue.ensure_groups(self.app)
+
+    async def _heartbeat_loop(self) -> None:
+        """Keep running entries fresh (no one reclaims them) and the app registered."""
+        while True:
+            await asyncio.sleep(self._reclaim_idle_s / 3)
+            try:
+                await self._queue.register_app(self.app, self._config)
+                await self._queue.heartbeat(
+                    self.app, self.consumer, [entry for entry, _ in self._running.values()]
+                )
+            except Exception as exc:
+                await self._recover(exc, 0.0)
+
+    def _spawn(self, entry: Entry) -> None:
+        task = asyncio.create_task(self._run(entry))
+        self._running[entry.entry_id] = (entry, task)
+        if len(self._running) >= self.slots:
+            self._slot_free.clear()
+
+        def done(_: asyncio.Task[None]) -> None:
+            self._running.pop(entry.entry_id, None)
+            self._slot_free.set()
+
+        task.add_done_callback(done)
+
+    async def _persist(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Run a queue call until Redis answers: a result computed is never dropped for a blip."""
+        backoff = 0.1
+        while True:
+            try:
+                return await call()
+            except TRANSIENT_ERRORS as exc:
+                log.warning("pull worker %s/%s: redis: %s; retrying", self.app, self.consumer, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def _run(self, entry: Entry) -> None:
+        try:
+            verdict = await self._persist(lambda: self._queue.begin(self.app, entry, self.consumer))
+            if verdict != "run":
+                return
+            try:
+                request = service_pb2.ModelInferRequest.FromString(entry.payload)
+                request.parameters[TICKET_PARAMETER].string_param = entry.ticket
+                response = await asyncio.wait_for(self._handler(request), self._exec_timeout_s)
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                log.warning("request %s failed on %s: %s", entry.ticket, self.consumer, reason)
+                await self._persist(lambda: self._queue.fail(self.app, entry, reason))
+                return
+            payload = response.SerializeToString()
+            stored = await self._persist(lambda: self._queue.finish(self.app, entry, payload))
+            if stored:
+                self.completed += 1
+            else:
+                self.duplicates += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Left pending: another worker reclaims it after reclaim_idle_s.
+            log.exception("request %s: unexpected error on %s", entry.ticket, self.consumer)
