@@ -3,21 +3,43 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 
-from servefleet.api import keeper_pb2, keeper_pb2_grpc
+from servefleet.api import keeper_pb2
 from servefleet.common.entry import Service, run_service, service_parser
 from servefleet.common.server import GrpcServer
+from servefleet.keeper.auth import Authenticator
+from servefleet.keeper.core import Keeper
+from servefleet.keeper.election import Election
+from servefleet.keeper.reconciler import Agents, Reconciler
+from servefleet.keeper.servicer import KeeperServicer, register
+from servefleet.keeper.store import KeeperStore
 
 
 async def build(args: argparse.Namespace) -> Service:
-    servicer = keeper_pb2_grpc.KeeperServicer()
+    store = KeeperStore.connect(args.etcd)
+    keeper = Keeper(store)
+    await keeper.bootstrap_admin(args.admin_token_file)
     server = GrpcServer(
         "keeper",
         args.listen,
-        [lambda s: keeper_pb2_grpc.add_KeeperServicer_to_server(servicer, s)],
+        [register(KeeperServicer(keeper), Authenticator(store))],
         [keeper_pb2.DESCRIPTOR.services_by_name["Keeper"].full_name],
     )
-    return Service(server)
+    agents = Agents()
+    election = Election(store)
+    leading = asyncio.create_task(election.run(Reconciler(store, agents).run))
+
+    async def stop() -> None:
+        leading.cancel()
+        with contextlib.suppress(BaseException):
+            await leading
+        await election.resign()
+        await agents.close()
+        await store.close()
+
+    return Service(server, on_stop=stop)
 
 
 def parser() -> argparse.ArgumentParser:

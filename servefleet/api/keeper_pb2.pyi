@@ -262,3 +262,27 @@ class SetQuotaRequest(_message.Message):
     tenant: str
     quota: Quota
     def __init__(self, tenant: _Optional[str] = ..., quota: _Optional[_Union[Quota, _Mapping]] = ...) -> None: ...
+
+class DesiredState(_message.Message):
+    __slots__ = ("spec", "replicas", "deleting", "tenant", "created_at")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    DELETING_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    spec: _common_pb2.ApplicationSpec
+    replicas: int
+    deleting: bool
+    tenant: str
+    created_at: float
+    def __init__(self, spec: _Optional[_Union[_common_pb2.ApplicationSpec, _Mapping]] = ..., replicas: _Optional[int] = ..., deleting: _Optional[bool] = ..., tenant: _Optional[str] = ..., created_at: _Optional[float] = ...) -> None: ...
+
+class TokenRecord(_message.Message):
+    __slots__ = ("tenant", "role", "created_at")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    role: str
+    created_at: float
+    def __init__(self, tenant: _Optional[str] = ..., role: _Optional[str] = ..., created_at: _Optional[float] = ...) -> None: ...

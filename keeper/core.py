@@ -1,0 +1,336 @@
+"""The keeper's API, without gRPC: submissions, reads, changes, watches, clusters, tenants.
+
+Every method takes the authenticated caller first. Writes go to etcd through compare-and-swap
+transactions (``KeeperStore``); the reconciler (``reconciler.py``) acts on what is stored, so an
+API call returns as soon as the desired state is durable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from servefleet import spec as specs
+from servefleet.api import common_pb2, keeper_pb2
+from servefleet.common.config import settings
+from servefleet.common.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
+from servefleet.keeper import placement, policy
+from servefleet.keeper.auth import ADMIN, ROLES, TENANT, Principal, hash_token, new_token
+from servefleet.keeper.store import AppRecord, KeeperStore, app_key, cancel_watch
+
+log = logging.getLogger(__name__)
+
+AppState = keeper_pb2.AppState
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+def event_of(status: keeper_pb2.ApplicationStatus, ref: common_pb2.AppRef) -> keeper_pb2.StatusEvent:
+    return keeper_pb2.StatusEvent(
+        app=ref, state=status.state, reason=status.reason, revision=status.revision, at=status.updated_at
+    )
+
+
+class Keeper:
+    """Application lifecycle requests, checked for identity, policy and quota, stored in etcd."""
+
+    def __init__(self, store: KeeperStore, *, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.clock = clock
+
+    # -- applications --------------------------------------------------------------------------
+
+    async def submit(self, who: Principal, spec: common_pb2.ApplicationSpec) -> keeper_pb2.ApplicationStatus:
+        spec = self._checked(who, spec)
+        replicas = spec.replicas.initial
+        await self._check_quota(who, policy.usage_of(spec, replicas))
+        now = self.clock()
+        desired = keeper_pb2.DesiredState(spec=spec, replicas=replicas, tenant=who.tenant, created_at=now)
+        status = keeper_pb2.ApplicationStatus(
+            state=AppState.PENDING, reason="submitted; waiting for placement", updated_at=now
+        )
+        revision = await self.store.create_app(desired, status)
+        status.revision = revision
+        log.info("application submitted", extra={"app": app_key(specs.app_ref(spec)), "revision": revision})
+        return AppRecord(desired, revision, status).view()
+
+    async def get(self, who: Principal, ref: common_pb2.AppRef) -> keeper_pb2.ApplicationStatus:
+        return (await self._record(who, ref)).view()
+
+    async def list_apps(
+        self, who: Principal, request: keeper_pb2.ListApplicationsRequest
+    ) -> keeper_pb2.ListApplicationsResponse:
+        """A page of applications the caller may see, filtered by namespace, labels and state."""
+        if request.page_size < 0:
+            raise InvalidArgument(f"page_size: must be >= 0, got {request.page_size}")
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        namespaces = who.visible(request.namespace)
+        out = keeper_pb2.ListApplicationsResponse()
+        after = request.page_token
+        while len(out.applications) < size:
+            page = await self.store.list_apps(namespaces, start_after=after, limit=size)
+            for record in page.apps:
+                if self._matches(record, request) and len(out.applications) < size:
+                    out.applications.append(record.view())
+                    out.next_page_token = app_key(record.ref)
+            if not page.next_key:
+                if len(out.applications) < size or not page.apps:
+                    out.next_page_token = ""
+                break
+            after = page.next_key
+        return out
+
+    @staticmethod
+    def _matches(record: AppRecord, request: keeper_pb2.ListApplicationsRequest) -> bool:
+        labels = record.desired.spec.labels
+        if any(labels.get(k) != v for k, v in request.label_selector.items()):
+            return False
+        return request.state in (AppState.APP_STATE_UNSPECIFIED, record.status.state)
+
+    async def update(
+        self, who: Principal, spec: common_pb2.ApplicationSpec, expected_revision: int
+    ) -> keeper_pb2.ApplicationStatus:
+        """New version or resources: CAS on the revision; the reconciler rolls it out."""
+        spec = self._checked(who, spec, existing=True)
+        record = await self._record(who, specs.app_ref(spec))
+        if expected_revision <= 0:
+            raise FailedPrecondition(
+                f"expected_revision is required to update {app_key(record.ref)} "
+                f"(current revision {record.revision})"
+            )
+        self._not_deleting(record)
+        replicas = min(max(record.desired.replicas, spec.replicas.min), spec.replicas.max)
+        desired = keeper_pb2.DesiredState()
+        desired.CopyFrom(record.desired)
+        desired.spec.CopyFrom(spec)
+        desired.replicas = replicas
+        await self._check_quota(
+            who,
+            policy.usage_of(spec, replicas) - policy.usage_of(record.desired.spec, record.desired.replicas),
+        )
+        record.revision = await self.store.replace_desired(desired, expected_revision)
+        record.desired = desired
+        return record.view()
+
+    async def scale(
+        self, who: Principal, ref: common_pb2.AppRef, replicas: int, expected_revision: int = 0
+    ) -> keeper_pb2.ApplicationStatus:
+        """Set replicas per cluster within the spec's range; 0 as revision means unconditional."""
+        while True:
+            record = await self._record(who, ref)
+            self._not_deleting(record)
+            rng = record.desired.spec.replicas
+            if not rng.min <= replicas <= rng.max:
+                raise InvalidArgument(
+                    f"replicas: {replicas} is outside the range [{rng.min}, {rng.max}] of "
+                    f"{app_key(record.ref)}; update the spec's replicas to widen it"
+                )
+            desired = keeper_pb2.DesiredState()
+            desired.CopyFrom(record.desired)
+            desired.replicas = replicas
+            spec = record.desired.spec
+            await self._check_quota(
+                who, policy.usage_of(spec, replicas) - policy.usage_of(spec, record.desired.replicas)
+            )
+            try:
+                record.revision = await self.store.replace_desired(
+                    desired, expected_revision or record.revision
+                )
+            except Conflict:
+                if expected_revision:
+                    raise
+                continue  # unconditional: someone else changed it; apply ours on top
+            record.desired = desired
+            return record.view()
+
+    async def delete(self, who: Principal, ref: common_pb2.AppRef) -> keeper_pb2.ApplicationStatus:
+        """Mark for deletion; the reconciler removes it from every cluster, then forgets it."""
+        while True:
+            record = await self._record(who, ref)
+            if record.desired.deleting:
+                return record.view()
+            desired = keeper_pb2.DesiredState()
+            desired.CopyFrom(record.desired)
+            desired.deleting = True
+            with contextlib.suppress(Conflict):  # changed meanwhile: look again
+                record.revision = await self.store.replace_desired(desired, record.revision)
+                record.desired = desired
+                record.status.state = AppState.DELETING
+                record.status.reason = "deletion requested"
+                return record.view()
+
+    async def watch(self, who: Principal, ref: common_pb2.AppRef) -> AsyncIterator[keeper_pb2.StatusEvent]:
+        """The current status, then every change of state or reason, until DELETED."""
+        record = await self._record(who, ref)
+        ref = record.ref
+        last = event_of(record.status, ref)
+        yield last
+        if last.state == AppState.DELETED:
+            return
+        # The status read and the watch start meet at the status key's revision: nothing is missed.
+        watch = await self.store.watch_status(ref, record.status_revision)
+        try:
+            async for event in watch:
+                if event.kind == "DELETE":
+                    yield keeper_pb2.StatusEvent(
+                        app=ref, state=AppState.DELETED, reason="deleted", at=self.clock()
+                    )
+                    return
+                status = keeper_pb2.ApplicationStatus.FromString(event.kv.value)
+                current = event_of(status, ref)
+                if (current.state, current.reason) != (last.state, last.reason):
+                    yield current
+                    last = current
+                if current.state == AppState.DELETED:
+                    return
+        finally:
+            await cancel_watch(watch)
+
+    # -- clusters ------------------------------------------------------------------------------
+
+    async def register_cluster(self, who: Principal, info: keeper_pb2.ClusterInfo) -> int:
+        who.require_admin("registering a cluster")
+        if not info.name:
+            raise InvalidArgument("cluster.name: required")
+        if not info.agent_address:
+            raise InvalidArgument("cluster.agent_address: required (where the keeper reaches the agent)")
+        stored = keeper_pb2.ClusterInfo()
+        stored.CopyFrom(info)
+        stored.heartbeat_at = self.clock()
+        stored.alive = True
+        await self.store.put_cluster(stored)
+        return settings.keeper_heartbeat_interval_s
+
+    async def clusters(self, who: Principal) -> list[keeper_pb2.ClusterInfo]:
+        """Every registered cluster; ``alive`` says whether it heartbeated recently."""
+        now = self.clock()
+        found = await self.store.clusters()
+        for c in found:
+            c.alive = placement.alive(c, now, settings.keeper_cluster_dead_after_s)
+        return found
+
+    # -- tenants -------------------------------------------------------------------------------
+
+    async def create_tenant(
+        self, who: Principal, request: keeper_pb2.CreateTenantRequest
+    ) -> keeper_pb2.TenantInfo:
+        who.require_admin("creating a tenant")
+        specs_check_name(request.tenant, "tenant")
+        if not request.namespaces:
+            raise InvalidArgument("namespaces: a tenant needs at least one namespace")
+        for ns in request.namespaces:
+            specs_check_name(ns, "namespaces")
+        info = keeper_pb2.TenantInfo(
+            tenant=request.tenant, namespaces=request.namespaces, quota=request.quota
+        )
+        await self.store.create_tenant(info)
+        return info
+
+    async def issue_token(self, who: Principal, tenant: str, role: str) -> str:
+        who.require_admin("issuing a token")
+        role = role or TENANT
+        if role not in ROLES:
+            raise InvalidArgument(f"role: {role!r} is not one of {', '.join(ROLES)}")
+        if role == TENANT and await self.store.tenant(tenant) is None:
+            raise NotFound(f"tenant {tenant!r} not found: create it first (servefleet tenant create)")
+        token = new_token()
+        record = keeper_pb2.TokenRecord(tenant=tenant or ADMIN, role=role, created_at=self.clock())
+        await self.store.put_token(hash_token(token), record)
+        return token
+
+    async def set_quota(self, who: Principal, tenant: str, quota: keeper_pb2.Quota) -> keeper_pb2.TenantInfo:
+        who.require_admin("setting a quota")
+        info = await self.store.tenant(tenant)
+        if info is None:
+            raise NotFound(f"tenant {tenant!r} not found")
+        info.quota.CopyFrom(quota)
+        await self.store.put_tenant(info)
+        return info
+
+    async def bootstrap_admin(self, token_file: str = "") -> str:
+        """Make the first admin token once per etcd; write it to ``token_file`` (0600) when given.
+
+        A token file that already holds a valid admin token is kept as is; otherwise a fresh admin
+        token is issued and written, so a new state dir over old etcd data still gets a token."""
+        path = Path(token_file) if token_file else None
+        if path is not None and path.exists():
+            existing = path.read_text().strip()
+            record = await self.store.token(hash_token(existing)) if existing else None
+            if record is not None and record.role == ADMIN:
+                return existing
+        token = new_token()
+        record = keeper_pb2.TokenRecord(tenant=ADMIN, role=ADMIN, created_at=self.clock())
+        first = await self.store.claim_bootstrap(hash_token(token), record)
+        if not first:
+            if path is None:
+                return ""
+            await self.store.put_token(hash_token(token), record)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(token + "\n")
+            os.chmod(path, 0o600)
+            log.info("admin token written", extra={"path": str(path)})
+        else:
+            log.warning("admin token created; pass --admin-token-file to keep it: %s", token)
+        return token
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _checked(
+        self, who: Principal, spec: common_pb2.ApplicationSpec, *, existing: bool = False
+    ) -> common_pb2.ApplicationSpec:
+        """Validated spec; the namespace must be the caller's (an existing app of another tenant
+        is NOT_FOUND, a new one in a foreign namespace PERMISSION_DENIED)."""
+        spec = specs.load_spec(spec)
+        if existing:
+            who.require_visible(spec.namespace, spec.name)
+        if not who.is_admin and spec.namespace == specs.DEFAULT_NAMESPACE and who.namespaces:
+            if specs.DEFAULT_NAMESPACE not in who.namespaces:
+                spec.namespace = who.namespaces[0]  # a tenant's apps default to its first namespace
+        who.require_namespace(spec.namespace)
+        policy.check_sources(spec)
+        return spec
+
+    async def _record(self, who: Principal, ref: common_pb2.AppRef) -> AppRecord:
+        if not ref.name:
+            raise InvalidArgument("app.name: required")
+        ref = common_pb2.AppRef(namespace=ref.namespace or specs.DEFAULT_NAMESPACE, name=ref.name)
+        who.require_visible(ref.namespace, ref.name)
+        record = await self.store.get_app(ref)
+        if record is None:
+            raise NotFound(f"application {app_key(ref)} not found")
+        return record
+
+    @staticmethod
+    def _not_deleting(record: AppRecord) -> None:
+        if record.desired.deleting:
+            raise FailedPrecondition(f"application {app_key(record.ref)} is being deleted")
+
+    async def _check_quota(self, who: Principal, change: policy.Usage) -> None:
+        if who.is_admin:
+            return
+        tenant = await self.store.tenant(who.tenant)
+        if tenant is None:
+            raise NotFound(f"tenant {who.tenant!r} not found")
+        limits = tenant.quota
+        if not (limits.max_applications or limits.max_replicas or limits.max_cpus or limits.max_gpus):
+            return
+        page = await self.store.list_apps(list(tenant.namespaces))
+        current = policy.usage_total(r.desired for r in page.apps)
+        policy.check_quota(who.tenant, limits, current, change)
+
+
+def specs_check_name(value: str, field: str) -> None:
+    """Tenant and namespace names follow the same rule as application names."""
+    if not value:
+        raise InvalidArgument(f"{field}: required")
+    try:
+        specs.validate(common_pb2.ApplicationSpec(name=value, import_path="m:C"))
+    except InvalidArgument as exc:
+        raise InvalidArgument(str(exc).replace("spec.name", field)) from None

@@ -1,0 +1,298 @@
+"""The leader's reconcile loop: make every cluster run what etcd says, and say how it went.
+
+Each pass reads the desired state of every application and, per application, takes the next
+idempotent step: place it (sticky: the chosen clusters are stored in its status), ask each
+placed cluster's agent to apply the desired revision unless the master there already reports
+it, summarise what the masters report into one state, and, for deletions, remove it everywhere
+before forgetting it. Nothing is kept only in memory, so a keeper killed between any two steps
+is replaced by one that simply takes the next step again; applying a revision twice is a no-op
+on the agent side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+
+import grpc
+
+from servefleet.api import agent_pb2, agent_pb2_grpc, common_pb2, keeper_pb2
+from servefleet.common.config import grpc_options, settings
+from servefleet.keeper import placement
+from servefleet.keeper.store import AppRecord, KeeperStore, app_key, cancel_watch
+
+log = logging.getLogger(__name__)
+
+AppState = keeper_pb2.AppState
+#: States in which the app has served before: missing readiness now means an update, not a deploy.
+_SERVED = (AppState.RUNNING, AppState.UPDATING, AppState.DEGRADED)
+
+
+class Agents:
+    """One gRPC channel per cluster agent address, reused across passes."""
+
+    def __init__(self, timeout_s: float = 60.0) -> None:
+        self.timeout_s = timeout_s
+        self._stubs: dict[str, tuple[grpc.aio.Channel, agent_pb2_grpc.ClusterAgentStub]] = {}
+
+    def stub(self, address: str) -> agent_pb2_grpc.ClusterAgentStub:
+        if address not in self._stubs:
+            channel = grpc.aio.insecure_channel(address, options=grpc_options())
+            self._stubs[address] = (channel, agent_pb2_grpc.ClusterAgentStub(channel))
+        return self._stubs[address][1]
+
+    async def state(self, address: str, ref: common_pb2.AppRef) -> agent_pb2.MasterStatus | None:
+        try:
+            return await self.stub(address).GetApplicationState(
+                agent_pb2.GetApplicationStateRequest(app=ref), timeout=self.timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+
+    async def apply(
+        self, address: str, spec: common_pb2.ApplicationSpec, replicas: int, revision: int
+    ) -> agent_pb2.MasterStatus:
+        request = agent_pb2.ApplyApplicationRequest(spec=spec, replicas=replicas, revision=revision)
+        return await self.stub(address).ApplyApplication(request, timeout=self.timeout_s)
+
+    async def remove(self, address: str, ref: common_pb2.AppRef) -> None:
+        await self.stub(address).RemoveApplication(
+            agent_pb2.RemoveApplicationRequest(app=ref), timeout=self.timeout_s
+        )
+
+    async def close(self) -> None:
+        for channel, _ in self._stubs.values():
+            await channel.close()
+        self._stubs.clear()
+
+
+def summarize(
+    record: AppRecord, observed: Mapping[str, agent_pb2.MasterStatus | str]
+) -> tuple[int, str, list[keeper_pb2.ClusterPlacement]]:
+    """One state and reason from what each placed cluster reports (a string: why it can't)."""
+    spec, want, revision = record.desired.spec, record.desired.replicas, record.revision
+    placements: list[keeper_pb2.ClusterPlacement] = []
+    unreachable, failed, behind = [], [], []
+    for cluster, seen in sorted(observed.items()):
+        if isinstance(seen, str):
+            unreachable.append(f"cluster {cluster}: {seen}")
+            placements.append(keeper_pb2.ClusterPlacement(cluster=cluster))
+            continue
+        placements.append(
+            keeper_pb2.ClusterPlacement(
+                cluster=cluster,
+                replicas=seen.replicas,
+                ready_replicas=seen.ready_replicas,
+                version=seen.version,
+            )
+        )
+        if seen.error and seen.ready_replicas == 0:
+            failed.append(f"cluster {cluster}: {seen.error}")
+        elif (
+            seen.revision != revision
+            or seen.updating
+            or seen.version != spec.version
+            or seen.ready_replicas < want
+        ):
+            behind.append(
+                f"cluster {cluster}: {seen.ready_replicas}/{want} ready at version {seen.version or '-'}"
+            )
+    previous = record.status.state
+    if failed:
+        return AppState.FAILED, "; ".join(failed + unreachable), placements
+    if unreachable:
+        state = AppState.DEGRADED if previous in _SERVED else previous
+        return state, "; ".join(unreachable + behind), placements
+    if behind:
+        state = AppState.UPDATING if previous in _SERVED else AppState.DEPLOYING
+        return state, "; ".join(behind), placements
+    return AppState.RUNNING, f"{want} replica(s) ready on {len(observed)} cluster(s)", placements
+
+
+class Reconciler:
+    """Runs while this keeper leads; every write is fenced on the leader key."""
+
+    def __init__(
+        self,
+        store: KeeperStore,
+        agents: Agents,
+        *,
+        interval_s: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.agents = agents
+        self.interval_s = settings.keeper_reconcile_interval_s if interval_s is None else interval_s
+        self.clock = clock
+        self._wake = asyncio.Event()
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+
+    async def run(self, fence: bytes) -> None:
+        """Reconcile until cancelled: at once on any desired-state change, else every interval."""
+        watch = await self.store.app_keys_changed()
+        waker = asyncio.create_task(self._wake_on_changes(watch))
+        try:
+            while True:
+                self._wake.clear()
+                await self.run_once(fence)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.interval_s)
+        finally:
+            waker.cancel()
+            await cancel_watch(watch)
+            for task in self._inflight.values():
+                task.cancel()
+            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+            self._inflight.clear()
+
+    async def _wake_on_changes(self, watch: object) -> None:
+        async for event in watch:  # type: ignore[attr-defined]
+            if event.kv.key.endswith(b"/desired"):
+                self._wake.set()
+
+    async def run_once(self, fence: bytes) -> None:
+        """Start one step for every application that has no step in flight."""
+        now = self.clock()
+        clusters = {c.name: c for c in await self.store.clusters()}
+        for c in clusters.values():
+            c.alive = placement.alive(c, now, settings.keeper_cluster_dead_after_s)
+        free: dict[str, dict[str, float]] = {}
+        page = await self.store.list_apps(None)
+        for record in page.apps:
+            key = app_key(record.ref)
+            task = self._inflight.get(key)
+            if task is not None and not task.done():
+                continue
+            self._inflight[key] = asyncio.create_task(self._step(record, clusters, free, fence))
+        for key in [k for k, t in self._inflight.items() if t.done()]:
+            del self._inflight[key]
+
+    async def settle(self, fence: bytes) -> None:
+        """One pass and wait for its steps (tests and benchmarks)."""
+        await self.run_once(fence)
+        await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+
+    async def _step(
+        self,
+        record: AppRecord,
+        clusters: Mapping[str, keeper_pb2.ClusterInfo],
+        free: dict[str, dict[str, float]],
+        fence: bytes,
+    ) -> None:
+        try:
+            if record.desired.deleting:
+                await self._delete(record, clusters, fence)
+            else:
+                await self._converge(record, clusters, free, fence)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("reconcile step failed", extra={"app": app_key(record.ref)})
+
+    async def _converge(
+        self,
+        record: AppRecord,
+        clusters: Mapping[str, keeper_pb2.ClusterInfo],
+        free: dict[str, dict[str, float]],
+        fence: bytes,
+    ) -> None:
+        placed = [p.cluster for p in record.status.placements]
+        if not placed:
+            decision = placement.place(record.desired.spec, record.desired.replicas, clusters.values(), free)
+            if not decision.clusters:
+                await self._write(record, AppState.PENDING, f"unplaceable: {decision.reason}", [], fence)
+                return
+            placed = decision.clusters
+            # Store the choice before acting on it, so a restarted keeper applies to the same clusters.
+            chosen = [keeper_pb2.ClusterPlacement(cluster=c) for c in placed]
+            reason = f"placed on {', '.join(placed)}"
+            if not await self._write(record, AppState.DEPLOYING, reason, chosen, fence):
+                return
+        observed: dict[str, agent_pb2.MasterStatus | str] = dict(
+            zip(
+                placed,
+                await asyncio.gather(*(self._drive(record, clusters.get(c)) for c in placed)),
+                strict=True,
+            )
+        )
+        state, reason, placements = summarize(record, observed)
+        await self._write(record, state, reason, placements, fence)
+
+    async def _drive(
+        self, record: AppRecord, cluster: keeper_pb2.ClusterInfo | None
+    ) -> agent_pb2.MasterStatus | str:
+        """Bring one cluster to the desired revision: apply only when its master reports another."""
+        if cluster is None:
+            return "not registered"
+        if not cluster.alive:
+            return "agent not heartbeating"
+        try:
+            seen = await self.agents.state(cluster.agent_address, record.ref)
+            if seen is None or seen.revision != record.revision:
+                seen = await self.agents.apply(
+                    cluster.agent_address, record.desired.spec, record.desired.replicas, record.revision
+                )
+            return seen
+        except grpc.aio.AioRpcError as exc:
+            return f"{exc.code().name}: {exc.details()}"
+
+    async def _delete(
+        self, record: AppRecord, clusters: Mapping[str, keeper_pb2.ClusterInfo], fence: bytes
+    ) -> None:
+        waiting: list[str] = []
+        for p in record.status.placements:
+            cluster = clusters.get(p.cluster)
+            if cluster is None:
+                continue  # never registered again: nothing there to remove
+            try:
+                await self.agents.remove(cluster.agent_address, record.ref)
+            except grpc.aio.AioRpcError as exc:
+                waiting.append(f"cluster {p.cluster}: {exc.code().name}: {exc.details()}")
+        placements = list(record.status.placements)
+        if waiting:
+            await self._write(
+                record, AppState.DELETING, "waiting to remove: " + "; ".join(waiting), placements, fence
+            )
+            return
+        if await self._write(record, AppState.DELETED, "removed from every cluster", [], fence):
+            await self.store.remove_app(record.ref, revision=record.revision, fence=fence)
+            log.info("application deleted", extra={"app": app_key(record.ref)})
+
+    async def _write(
+        self,
+        record: AppRecord,
+        state: int,
+        reason: str,
+        placements: list[keeper_pb2.ClusterPlacement],
+        fence: bytes,
+    ) -> bool:
+        """Store the status when anything in it changed; False when the fence or revision moved."""
+        old = record.status
+        if (
+            old.state == state
+            and old.reason == reason
+            and old.revision == record.revision
+            and list(old.placements) == placements
+        ):
+            return True
+        status = keeper_pb2.ApplicationStatus(
+            state=state,  # type: ignore[arg-type]
+            reason=reason,
+            revision=record.revision,
+            placements=placements,
+            updated_at=self.clock(),
+        )
+        if not await self.store.write_status(record.ref, status, revision=record.revision, fence=fence):
+            return False
+        record.status = status
+        if state != old.state:
+            log.info(
+                "application state",
+                extra={"app": app_key(record.ref), "state": AppState.Name(state), "reason": reason},
+            )
+        return True
