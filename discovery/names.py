@@ -13,8 +13,7 @@ from servefleet.api import common_pb2, discovery_pb2
 from servefleet.common.config import settings
 from servefleet.common.errors import InvalidArgument
 from servefleet.common.net import split_address
-
-DEFAULT_NAMESPACE = "default"
+from servefleet.spec import DEFAULT_NAMESPACE
 
 # DNS-label-like, plus dots and underscores; never "/" so a name is exactly one key segment.
 _NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
@@ -43,13 +42,6 @@ def parse_app(app: str | common_pb2.AppRef) -> common_pb2.AppRef:
         namespace=check_name("application namespace", namespace),
         name=check_name("application name", name),
     )
-
-
-def app_label(app: common_pb2.AppRef) -> str:
-    """The application as a person (and KServe ``model_name``) writes it: ``name`` in the default
-    namespace, ``namespace/name`` elsewhere."""
-    namespace = app.namespace or DEFAULT_NAMESPACE
-    return app.name if namespace == DEFAULT_NAMESPACE else f"{namespace}/{app.name}"
 
 
 def root() -> bytes:

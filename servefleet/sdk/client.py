@@ -1,0 +1,301 @@
+"""``AsyncClient`` and ``Client``: numpy in, numpy out, over KServe v2 to an endpoint discovery chose.
+
+Per application the client holds one Watch stream (never polls) and its live endpoint set; each
+request picks an endpoint (power of two choices, see ``picker.py``) and, when the endpoint is
+unreachable, retries on another one within the caller's deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import threading
+from collections.abc import Awaitable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import tritonclient.grpc
+import tritonclient.grpc.aio
+from opentelemetry import context as otel_context
+from opentelemetry.trace import SpanKind
+
+from servefleet.api import common_pb2, discovery_pb2, discovery_pb2_grpc
+from servefleet.common import tensors
+from servefleet.common.config import grpc_options
+from servefleet.common.errors import DeadlineExceeded, Unavailable, from_rpc_error
+from servefleet.common.telemetry import tracer
+from servefleet.discovery.names import parse_app
+from servefleet.sdk.picker import Picker
+from servefleet.sdk.pool import ChannelPool
+from servefleet.sdk.watch import AppWatch
+from servefleet.spec import model_name
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded, jittered retries of a request on another endpoint (idempotent inference only)."""
+
+    attempts: int = 3  # tries in all, the first included
+    backoff_s: float = 0.005
+    max_backoff_s: float = 0.2
+    codes: frozenset[grpc.StatusCode] = field(default=frozenset({grpc.StatusCode.UNAVAILABLE}))
+
+    def delay(self, attempt: int) -> float:
+        """Pause before try number ``attempt + 1`` (full jitter keeps clients from syncing up)."""
+        return random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2**attempt))
+
+
+NO_RETRY = RetryPolicy(attempts=1)
+
+
+class AsyncClient:
+    """asyncio client of the serving fleet. Create it inside a running loop; ``await close()``.
+
+    ``discovery``: host:port of any discovery instance. ``zone``: prefer endpoints labelled with
+    this zone. ``retry``: False turns retries off; a RetryPolicy tunes them. ``timeout``: default
+    deadline of a request in seconds. ``broker``: host:port of the async broker, for
+    ``submit``/``result``.
+    """
+
+    def __init__(
+        self,
+        discovery: str,
+        *,
+        zone: str = "",
+        retry: bool | RetryPolicy = True,
+        timeout: float = 30.0,
+        broker: str | None = None,
+    ) -> None:
+        self._discovery = grpc.aio.insecure_channel(discovery, options=grpc_options())
+        self._stub = discovery_pb2_grpc.DiscoveryStub(self._discovery)
+        self._retry = retry if isinstance(retry, RetryPolicy) else (RetryPolicy() if retry else NO_RETRY)
+        self._timeout = timeout
+        self.picker = Picker(zone=zone)
+        self._pool = ChannelPool()
+        self._watches: dict[tuple[str, str], AppWatch] = {}
+        self._broker_address = broker
+        self._broker: Any = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _watch(self, app: common_pb2.AppRef) -> AppWatch:
+        key = (app.namespace, app.name)
+        watch = self._watches.get(key)
+        if watch is None:
+            watch = self._watches[key] = AppWatch(self._stub, app, on_removed=self._removed)
+        return watch
+
+    def _removed(self, endpoints: list[discovery_pb2.Endpoint]) -> None:
+        live = {e.address for w in self._watches.values() for e in w.state.endpoints.values()}
+        gone = {e.address for e in endpoints} - live
+        self._pool.discard(gone)
+        self.picker.forget(gone)
+
+    async def _synced(self, app: str, timeout: float) -> AppWatch:
+        watch = self._watch(parse_app(app))
+        if not await watch.wait_synced(timeout):
+            if watch.error is not None:
+                raise watch.error
+            raise Unavailable(f"no endpoint set for {app!r} from discovery within {timeout:.1f}s")
+        return watch
+
+    async def endpoints(self, app: str, *, timeout: float = 10.0) -> list[discovery_pb2.Endpoint]:
+        """The live endpoints of ``app`` ("namespace/name" or "name"), as this client sees them."""
+        return (await self._synced(app, timeout)).endpoints
+
+    async def _pick(self, app: str, watch: AppWatch, exclude: set[str], deadline: float) -> Any:
+        """An endpoint not yet tried, waiting (within the deadline) while the set is empty."""
+        loop = asyncio.get_running_loop()
+        while True:
+            endpoint = self.picker.pick(watch.endpoints, exclude=exclude)
+            if endpoint is not None or exclude:
+                return endpoint
+            left = deadline - loop.time()
+            if left <= 0 or not await watch.wait_changed(left):
+                raise Unavailable(f"application {app!r} has no live endpoints")
+
+    async def infer(
+        self,
+        app: str,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        outputs: Sequence[str] | None = None,
+        model_version: str = "",
+        request_id: str = "",
+        timeout: float | None = None,
+        retry: bool | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> dict[str, np.ndarray]:
+        """Run ``app`` on ``inputs``; raises the domain error (InvalidArgument, Unavailable, ...)
+        the endpoint answered. Unreachable endpoints are retried on others unless retry is off."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self._timeout if timeout is None else timeout)
+        policy = self._retry if retry is None else (self._retry if retry else NO_RETRY)
+        ref = parse_app(app)
+        request = tensors.encode_request(
+            model_name(ref),
+            inputs,
+            model_version=model_version,
+            request_id=request_id,
+            outputs=list(outputs) if outputs else None,
+        )
+        with tracer.start_as_current_span("servefleet.infer", kind=SpanKind.INTERNAL) as span:
+            span.set_attribute("servefleet.app", model_name(ref))
+            watch = await self._synced(app, max(0.0, deadline - loop.time()))
+            tried: set[str] = set()
+            for attempt in range(policy.attempts):
+                endpoint = await self._pick(app, watch, tried, deadline)
+                if endpoint is None:
+                    break
+                tried.add(endpoint.address)
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise DeadlineExceeded(f"deadline passed before trying {endpoint.address}")
+                self.picker.started(endpoint.address)
+                start = loop.time()
+                try:
+                    reply = await self._pool.stub(endpoint.address).ModelInfer(
+                        request, timeout=left, metadata=tuple(metadata)
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    retryable = exc.code() in policy.codes
+                    self.picker.failed(endpoint.address, unavailable=retryable)
+                    last: grpc.aio.AioRpcError = exc
+                    if not retryable or attempt + 1 >= policy.attempts:
+                        raise from_rpc_error(exc) from None
+                    span.add_event("retry", {"endpoint": endpoint.address, "code": exc.code().name})
+                    await asyncio.sleep(min(policy.delay(attempt), max(0.0, deadline - loop.time())))
+                    continue
+                self.picker.succeeded(endpoint.address, loop.time() - start)
+                span.set_attribute("servefleet.endpoint", endpoint.address)
+                return tensors.decode_response(reply)
+            raise from_rpc_error(last)
+
+    async def triton_client(
+        self, app: str, *, timeout: float = 10.0
+    ) -> tritonclient.grpc.aio.InferenceServerClient:
+        """A ready tritonclient (asyncio) for the endpoint the picker chooses now; caller closes it.
+        Send ``model_name=servefleet.spec.model_name(app)``."""
+        return tritonclient.grpc.aio.InferenceServerClient(await self._address(app, timeout))
+
+    async def _address(self, app: str, timeout: float) -> str:
+        loop = asyncio.get_running_loop()
+        watch = await self._synced(app, timeout)
+        endpoint = await self._pick(app, watch, set(), loop.time() + timeout)
+        return str(endpoint.address)
+
+    def _broker_client(self) -> Any:
+        if self._broker_address is None:
+            raise Unavailable("this client was created without broker=host:port")
+        if self._broker is None:
+            from servefleet.sdk.broker_client import AsyncBrokerClient
+
+            self._broker = AsyncBrokerClient(self._broker_address)
+        return self._broker
+
+    async def submit(
+        self,
+        app: str,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        priority: int = 0,
+        idempotency_key: str = "",
+        ttl_s: int = 0,
+    ) -> str:
+        """Queue a long request on the async broker; returns its ticket at once."""
+        ticket: str = await self._broker_client().submit(
+            app, inputs, priority=priority, idempotency_key=idempotency_key, ttl_s=ttl_s
+        )
+        return ticket
+
+    async def result(self, ticket: str, *, timeout: float | None = None) -> dict[str, np.ndarray]:
+        """Wait for the outputs of a submitted request."""
+        outputs: dict[str, np.ndarray] = await self._broker_client().result(
+            ticket, timeout=self._timeout if timeout is None else timeout
+        )
+        return outputs
+
+    async def close(self) -> None:
+        watches = list(self._watches.values())
+        self._watches.clear()
+        await asyncio.gather(*(w.close() for w in watches))
+        await self._pool.close()
+        if self._broker is not None:
+            await self._broker.close()
+        await self._discovery.close()
+
+
+async def _in_context(ctx: otel_context.Context, work: Awaitable[T]) -> T:
+    """Run ``work`` under the caller thread's trace context (it does not cross threads by itself)."""
+    token = otel_context.attach(ctx)
+    try:
+        return await work
+    finally:
+        otel_context.detach(token)
+
+
+class Client:
+    """Blocking twin of :class:`AsyncClient`; runs one asyncio loop in a daemon thread."""
+
+    def __init__(
+        self,
+        discovery: str,
+        *,
+        zone: str = "",
+        retry: bool | RetryPolicy = True,
+        timeout: float = 30.0,
+        broker: str | None = None,
+    ) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="servefleet-client", daemon=True)
+        self._thread.start()
+
+        async def make() -> AsyncClient:
+            return AsyncClient(discovery, zone=zone, retry=retry, timeout=timeout, broker=broker)
+
+        self.aio = self._run(make())
+
+    def _run(self, work: Coroutine[Any, Any, T]) -> T:
+        future = asyncio.run_coroutine_threadsafe(_in_context(otel_context.get_current(), work), self._loop)
+        return future.result()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def endpoints(self, app: str, *, timeout: float = 10.0) -> list[discovery_pb2.Endpoint]:
+        return self._run(self.aio.endpoints(app, timeout=timeout))
+
+    def infer(self, app: str, inputs: Mapping[str, np.ndarray], **kwargs: Any) -> dict[str, np.ndarray]:
+        """See :meth:`AsyncClient.infer` (same keyword arguments)."""
+        return self._run(self.aio.infer(app, inputs, **kwargs))
+
+    def triton_client(self, app: str, *, timeout: float = 10.0) -> tritonclient.grpc.InferenceServerClient:
+        """A ready, blocking tritonclient for the endpoint the picker chooses now."""
+        return tritonclient.grpc.InferenceServerClient(self._run(self.aio._address(app, timeout)))
+
+    def submit(self, app: str, inputs: Mapping[str, np.ndarray], **kwargs: Any) -> str:
+        return self._run(self.aio.submit(app, inputs, **kwargs))
+
+    def result(self, ticket: str, *, timeout: float | None = None) -> dict[str, np.ndarray]:
+        return self._run(self.aio.result(ticket, timeout=timeout))
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):
+            self._run(self.aio.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()
