@@ -1,0 +1,1 @@
+"""Example models for servefleet (import paths such as ``examples.iris:IrisClassifier``)."""

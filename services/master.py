@@ -1,0 +1,419 @@
+"""Application master: one detached, named Ray actor per application per cluster.
+
+It reconciles the desired state (spec, replica count; written to Ray's GCS key-value store before
+it acts) with the actual one (the live named actors ``replica:{app}:{generation}:{id}`` and
+``proxy:{app}:{i}``), so a master that Ray restarts rebuilds its view from what is alive, not from
+memory, and resumes where the last one stopped.
+
+Rollout is surge-then-drain: replicas of the new generation start beside the old ones; while they
+come up both serve; once enough are ready, every proxy gets a table with only the new ones (and
+acknowledges it) before the old ones drain their in-flight requests and are killed. A generation is
+the spec minus what only scales it (replicas, proxies), so scaling never restarts a replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.experimental import internal_kv
+
+from servefleet.api import agent_pb2, common_pb2
+from servefleet.common.config import settings
+from servefleet.services.names import (
+    RAY_NAMESPACE,
+    ReplicaInfo,
+    Routing,
+    app_key,
+    master_name,
+    passed_env,
+    proxy_prefix,
+    replica_prefix,
+)
+from servefleet.services.proxy import Proxy
+from servefleet.services.replica import Replica
+
+log = logging.getLogger(__name__)
+
+ReplicaActor = ray.remote(Replica)
+ProxyActor = ray.remote(Proxy)
+_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+def generation(spec: common_pb2.ApplicationSpec) -> str:
+    """Identity of what a replica runs: version plus a hash of every field that changes it."""
+    serving = common_pb2.ApplicationSpec()
+    serving.CopyFrom(spec)
+    for name in ("replicas", "proxies", "placement", "labels"):
+        serving.ClearField(name)
+    digest = hashlib.sha1(serving.SerializeToString(deterministic=True)).hexdigest()[:8]
+    return f"{spec.version}-{digest}"
+
+
+def runtime_env(spec: common_pb2.ApplicationSpec) -> dict[str, Any]:
+    env: dict[str, Any] = {}
+    env_vars = {**passed_env(), **spec.runtime_env.env_vars}
+    if env_vars:
+        env["env_vars"] = env_vars
+    if spec.runtime_env.pip:
+        env["pip"] = list(spec.runtime_env.pip)
+    if spec.working_dir:
+        env["working_dir"] = spec.working_dir
+    return env
+
+
+def actor_options(spec: common_pb2.ApplicationSpec) -> dict[str, Any]:
+    """Ray options of a replica: the spec's resources and runtime_env."""
+    resources = spec.resources
+    options: dict[str, Any] = {
+        "namespace": RAY_NAMESPACE,
+        "lifetime": "detached",
+        "max_restarts": 0,  # the master replaces dead replicas itself (and knows it did)
+        "num_cpus": resources.num_cpus,
+        "num_gpus": resources.num_gpus,
+    }
+    if resources.memory:
+        options["memory"] = resources.memory
+    if resources.custom:
+        options["resources"] = dict(resources.custom)
+    env = runtime_env(spec)
+    if env:
+        options["runtime_env"] = env
+    return options
+
+
+@dataclass
+class ReplicaState:
+    name: str
+    handle: Any
+    generation: str
+    ready: bool = False
+    info: ReplicaInfo | None = None
+    failed_checks: int = 0
+    starting: asyncio.Task[None] | None = None
+    error: str = ""
+
+
+@dataclass
+class ProxyState:
+    name: str
+    handle: Any
+    address: str = ""
+    starting: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class ApplicationMaster:
+    """Reconciles one application's replicas and proxies (runs as a detached Ray actor)."""
+
+    def __init__(self, app: bytes, *, cluster: str, discovery: str, redis: str = "") -> None:
+        self.app = common_pb2.AppRef.FromString(app)
+        self.cluster = cluster
+        self.discovery = discovery
+        self.redis = redis
+        self._kv_key = f"desired:{app_key(self.app)}".encode()
+        self.spec: common_pb2.ApplicationSpec | None = None
+        self.replica_count = 0
+        self.revision = -1
+        self._load_desired()
+        self._replicas: dict[str, ReplicaState] = {}
+        self._proxies: dict[str, ProxyState] = {}
+        self._routed: tuple[bytes, frozenset[str]] | None = None
+        self._routing: Routing | None = None
+        self._start_failures = 0
+        self._next_start = 0.0
+        self.error = ""
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._adopt_live_actors()
+        self._loop = asyncio.get_running_loop().create_task(self._run())
+
+    # ---- API (called through masters.py) ---------------------------------------------------
+
+    async def apply(self, spec: bytes, replicas: int, revision: int) -> bytes:
+        """Adopt a desired state unless it is older than the one held; returns MasterStatus bytes."""
+        if revision >= self.revision:
+            self.spec = common_pb2.ApplicationSpec.FromString(spec)
+            self.replica_count = replicas
+            self.revision = revision
+            request = agent_pb2.ApplyApplicationRequest(spec=self.spec, replicas=replicas, revision=revision)
+            internal_kv._internal_kv_put(
+                self._kv_key, request.SerializeToString(), overwrite=True, namespace=RAY_NAMESPACE
+            )
+            self._wake.set()
+        return await self.status()
+
+    async def status(self) -> bytes:
+        spec = self.spec or common_pb2.ApplicationSpec()
+        current = generation(spec) if self.spec else ""
+        ready = [r for r in self._replicas.values() if r.ready and r.info is not None]
+        versions = {r.info.version for r in ready if r.info is not None}
+        new_ready = sum(r.generation == current for r in ready)
+        status = agent_pb2.MasterStatus(
+            app=self.app,
+            version=versions.pop() if len(versions) == 1 else "",
+            replicas=self.replica_count,
+            ready_replicas=new_ready,
+            updating=new_ready < self.replica_count
+            or any(r.generation != current for r in self._replicas.values()),
+            revision=max(self.revision, 0),
+            error=self.error,
+            proxy_addresses=sorted(p.address for p in self._proxies.values() if p.address),
+        )
+        return status.SerializeToString()
+
+    async def routing(self) -> Routing | None:
+        """The table proxies serve from (a starting proxy pulls it; later ones are pushed)."""
+        return self._routing
+
+    async def replica_stats(self) -> dict[str, dict[str, Any]]:
+        """Each ready replica's load (in-flight, latency EWMA): what an autoscaler reads."""
+        ready = [r for r in self._replicas.values() if r.ready]
+        answers = await asyncio.gather(*(r.handle.stats.remote() for r in ready), return_exceptions=True)
+        return {r.name: a for r, a in zip(ready, answers, strict=True) if isinstance(a, dict)}
+
+    async def shutdown(self) -> int:
+        """Stop reconciling and kill every actor of the app; returns how many were killed."""
+        self._stopping = True
+        self._loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._loop
+        stops = [p.handle.stop.remote() for p in self._proxies.values()]
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*stops, return_exceptions=True), settings.shutdown_grace_s)
+        handles = [p.handle for p in self._proxies.values()] + [r.handle for r in self._replicas.values()]
+        for handle in handles:
+            with contextlib.suppress(Exception):
+                ray.kill(handle, no_restart=True)
+        internal_kv._internal_kv_del(self._kv_key, namespace=RAY_NAMESPACE)
+        self._proxies.clear()
+        self._replicas.clear()
+        return len(handles)
+
+    # ---- reconciliation ----------------------------------------------------------------------
+
+    def _load_desired(self) -> None:
+        stored = internal_kv._internal_kv_get(self._kv_key, namespace=RAY_NAMESPACE)
+        if stored:
+            request = agent_pb2.ApplyApplicationRequest.FromString(stored)
+            self.spec, self.replica_count, self.revision = request.spec, request.replicas, request.revision
+
+    def _adopt_live_actors(self) -> None:
+        """Rebuild the actual state from the named actors alive in the cluster."""
+        replicas, proxies = replica_prefix(self.app), proxy_prefix(self.app)
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            name = entry["name"]
+            if entry["namespace"] != RAY_NAMESPACE or not name.startswith((replicas, proxies)):
+                continue
+            try:
+                handle = ray.get_actor(name, namespace=RAY_NAMESPACE)
+            except ValueError:
+                continue  # died between the listing and now
+            if name.startswith(replicas):
+                gen = name.removeprefix(replicas).rpartition(":")[0]
+                self._track_replica(ReplicaState(name, handle, gen))
+            else:
+                self._track_proxy(ProxyState(name, handle))
+        log.info(
+            "master %s adopted %d replicas, %d proxies", self.app, len(self._replicas), len(self._proxies)
+        )
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                await self._reconcile()
+                self.error = "" if not self._start_failures else self.error
+            except Exception as exc:
+                log.exception("reconcile of %s failed", app_key(self.app))
+                self.error = f"reconcile: {type(exc).__name__}: {exc}"
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), settings.master_reconcile_interval_s)
+
+    async def _reconcile(self) -> None:
+        if self.spec is None:
+            return
+        await self._health_check()
+        current = generation(self.spec)
+        wanted = self.replica_count
+        mine = [r for r in self._replicas.values() if r.generation == current]
+        if len(mine) < wanted and time.monotonic() >= self._next_start:
+            for _ in range(wanted - len(mine)):
+                self._start_replica(self.spec, current)
+        elif len(mine) > wanted:
+            surplus = sorted(mine, key=lambda r: r.ready)[: len(mine) - wanted]
+            await self._retire(surplus)
+        ready_mine = [r for r in self._replicas.values() if r.ready and r.generation == current]
+        old = [r for r in self._replicas.values() if r.generation != current]
+        if len(ready_mine) >= wanted:
+            await self._publish(ready_mine)  # every proxy moved to the new generation first ...
+            await self._retire(old)  # ... then the old one drains
+        else:  # rollout (or recovery) under way: whatever is ready serves
+            await self._publish([r for r in self._replicas.values() if r.ready])
+        await self._ensure_proxies(self.spec.proxies)
+
+    async def _health_check(self) -> None:
+        ready = [r for r in self._replicas.values() if r.ready]
+        timeout = settings.replica_health_timeout_s
+        answers = await asyncio.gather(
+            *(asyncio.wait_for(_await(r.handle.stats.remote()), timeout) for r in ready),
+            return_exceptions=True,
+        )
+        for replica, answer in zip(ready, answers, strict=True):
+            if isinstance(answer, _GONE):
+                log.warning("replica %s died: %s", replica.name, answer)
+                self._forget(replica)
+            elif isinstance(answer, BaseException):
+                replica.failed_checks += 1
+                if replica.failed_checks >= settings.replica_unhealthy_checks:
+                    log.warning("replica %s unhealthy (%s); replacing it", replica.name, answer)
+                    self._forget(replica)
+                    _kill(replica.handle)
+            else:
+                replica.failed_checks = 0
+
+    def _start_replica(self, spec: common_pb2.ApplicationSpec, gen: str) -> None:
+        name = f"{replica_prefix(self.app)}{gen}:{time.time_ns():x}"
+        handle = ReplicaActor.options(name=name, **actor_options(spec)).remote(
+            spec.SerializeToString(), name, redis=self.redis
+        )
+        self._track_replica(ReplicaState(name, handle, gen))
+
+    def _track_replica(self, replica: ReplicaState) -> None:
+        self._replicas[replica.name] = replica
+        replica.starting = self._spawn(self._await_ready(replica))
+
+    async def _await_ready(self, replica: ReplicaState) -> None:
+        try:
+            info = await asyncio.wait_for(
+                _await(replica.handle.ready.remote()), settings.replica_start_timeout_s
+            )
+        except Exception as exc:
+            self._start_failed(replica, exc)
+            return
+        replica.info = ReplicaInfo(
+            name=replica.name,
+            handle=replica.handle,
+            node_id=info["node_id"],
+            version=info["version"],
+            capacity=info["capacity"],
+        )
+        replica.ready = True
+        self._start_failures = 0
+        self._next_start = 0.0
+        self._wake.set()
+
+    def _start_failed(self, replica: ReplicaState, exc: BaseException) -> None:
+        cause = getattr(exc, "cause", None) or exc
+        self.error = f"replica failed to start: {type(cause).__name__}: {cause}"
+        log.warning("replica %s of %s: %s", replica.name, app_key(self.app), self.error)
+        self._forget(replica)
+        _kill(replica.handle)
+        self._start_failures += 1
+        self._next_start = time.monotonic() + min(2.0**self._start_failures, 30.0)
+        self._wake.set()
+
+    def _forget(self, replica: ReplicaState) -> None:
+        self._replicas.pop(replica.name, None)
+        self._wake.set()
+
+    async def _publish(self, replicas: list[ReplicaState]) -> None:
+        """Push a new table to every proxy (when it changed) and wait until each has it."""
+        assert self.spec is not None
+        spec = self.spec.SerializeToString()
+        names = frozenset(r.name for r in replicas)
+        if self._routed == (spec, names) and self._routing is not None:
+            return
+        infos = tuple(r.info for r in replicas if r.info is not None)
+        self._routing = Routing(epoch=time.time_ns(), spec=spec, replicas=infos)
+        await self._push(list(self._proxies.values()))
+        self._routed = (spec, names)
+
+    async def _push(self, proxies: list[ProxyState]) -> None:
+        if self._routing is None or not proxies:
+            return
+        pushes = [_await(p.handle.update.remote(self._routing)) for p in proxies]
+        # A proxy that is restarting pulls the table itself when it comes back.
+        await asyncio.wait_for(asyncio.gather(*pushes, return_exceptions=True), settings.shutdown_grace_s)
+
+    async def _retire(self, replicas: list[ReplicaState]) -> None:
+        """Take replicas out of the tables first, then drain and kill them in the background."""
+        if not replicas:
+            return
+        for replica in replicas:
+            self._replicas.pop(replica.name, None)
+        if self._routing is not None and any(
+            r.name in {i.name for i in self._routing.replicas} for r in replicas
+        ):
+            await self._publish([r for r in self._replicas.values() if r.ready])
+        for replica in replicas:
+            self._spawn(self._drain(replica))
+
+    async def _drain(self, replica: ReplicaState) -> None:
+        if replica.ready:
+            with contextlib.suppress(Exception):
+                timeout = settings.replica_drain_timeout_s
+                await asyncio.wait_for(_await(replica.handle.drain.remote(timeout)), timeout + 5)
+        _kill(replica.handle)
+
+    async def _ensure_proxies(self, count: int) -> None:
+        prefix = proxy_prefix(self.app)
+        wanted = {f"{prefix}{i}" for i in range(count)}
+        for name in sorted(set(self._proxies) - wanted):
+            proxy = self._proxies.pop(name)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(_await(proxy.handle.stop.remote()), settings.shutdown_grace_s)
+            _kill(proxy.handle)
+        for name in sorted(wanted - set(self._proxies)):
+            handle = ProxyActor.options(
+                name=name,
+                namespace=RAY_NAMESPACE,
+                lifetime="detached",
+                get_if_exists=True,
+                max_restarts=-1,
+                num_cpus=settings.proxy_num_cpus,
+                runtime_env={"env_vars": passed_env()} if passed_env() else None,
+            ).remote(
+                self.app.SerializeToString(),
+                master_name(self.app),
+                cluster=self.cluster,
+                discovery=self.discovery,
+            )
+            self._track_proxy(ProxyState(name, handle))
+
+    def _track_proxy(self, proxy: ProxyState) -> None:
+        self._proxies[proxy.name] = proxy
+        proxy.starting = self._spawn(self._await_proxy(proxy))
+
+    async def _await_proxy(self, proxy: ProxyState) -> None:
+        try:
+            proxy.address = await asyncio.wait_for(
+                _await(proxy.handle.address.remote()), settings.replica_start_timeout_s
+            )
+        except Exception as exc:
+            self.error = f"proxy {proxy.name} failed to start: {exc}"
+            log.warning("%s", self.error)
+            return
+        await self._push([proxy])
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+
+async def _await(ref: Any) -> Any:
+    """Await an ObjectRef inside a coroutine (so ``asyncio.wait_for`` can wrap it)."""
+    return await ref
+
+
+def _kill(handle: Any) -> None:
+    with contextlib.suppress(Exception):
+        ray.kill(handle, no_restart=True)

@@ -1,0 +1,449 @@
+"""The KServe v2 gRPC proxy of one application: ``inference.GRPCInferenceService`` in a Ray actor.
+
+``ProxyCore`` (plain, unit-tested with a fake transport) checks each request against the spec,
+picks a replica with :class:`Router` and forwards the request *bytes* as received: ModelInfer is
+registered with identity (de)serializers, so the proxy parses a request once (upb, to route and
+check it) and never re-encodes a tensor; the replica's response bytes go back to the client as is.
+
+Failures: a replica that dies or refuses (full, draining) costs a retry on another replica while the
+caller's deadline lasts; none left -> UNAVAILABLE (dead) or RESOURCE_EXHAUSTED (full). The caller's
+deadline becomes the replica's timeout; a cancelled call cancels the Ray task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2
+
+import servefleet
+from servefleet.api import common_pb2, discovery_pb2
+from servefleet.common import telemetry
+from servefleet.common.config import settings
+from servefleet.common.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServefleetError,
+    Unavailable,
+)
+from servefleet.common.server import GrpcServer
+from servefleet.common.tensors import DTYPES
+from servefleet.services.names import OK, ReplicaInfo, Routing, code, error_for
+from servefleet.services.router import Router, Slot
+from servefleet.spec import model_name
+
+log = logging.getLogger(__name__)
+
+SERVICE = "inference.GRPCInferenceService"
+Answer = tuple[int, bytes | str]
+_RETRY = {code(grpc.StatusCode.RESOURCE_EXHAUSTED), code(grpc.StatusCode.UNAVAILABLE)}
+_FULL = code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+class ReplicaGone(Exception):
+    """The replica's actor died or cannot be reached; the request may go to another replica."""
+
+
+class ReplicaTransport(Protocol):
+    """How a proxy reaches a replica (Ray actor calls in production, a fake in unit tests)."""
+
+    async def infer(
+        self, replica: ReplicaInfo, request: bytes, carrier: dict[str, str], timeout_s: float | None
+    ) -> Answer: ...
+
+    def stream(
+        self, replica: ReplicaInfo, request: bytes, carrier: dict[str, str], timeout_s: float | None
+    ) -> AsyncIterator[Answer]: ...
+
+
+class RayTransport:
+    """Replica calls as Ray actor tasks; cancelling the awaiting coroutine cancels the task."""
+
+    def __init__(self) -> None:
+        import ray
+
+        self._ray = ray
+        self._gone = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+    async def infer(
+        self, replica: ReplicaInfo, request: bytes, carrier: dict[str, str], timeout_s: float | None
+    ) -> Answer:
+        ref = replica.handle.infer.remote(request, carrier, timeout_s)
+        try:
+            answer: Answer = await ref
+            return answer
+        except self._gone as exc:
+            raise ReplicaGone(str(exc)) from exc
+        except asyncio.CancelledError:
+            self._ray.cancel(ref)
+            raise
+
+    async def stream(
+        self, replica: ReplicaInfo, request: bytes, carrier: dict[str, str], timeout_s: float | None
+    ) -> AsyncIterator[Answer]:
+        refs = replica.handle.stream.options(num_returns="streaming").remote(request, carrier, timeout_s)
+        try:
+            async for ref in refs:
+                yield await ref
+        except self._gone as exc:
+            raise ReplicaGone(str(exc)) from exc
+        except (asyncio.CancelledError, GeneratorExit):
+            self._ray.cancel(refs)
+            raise
+
+
+def check_request(request: service_pb2.ModelInferRequest, spec: common_pb2.ApplicationSpec) -> None:
+    """INVALID_ARGUMENT naming the tensor when inputs disagree with the spec's (when it has any)."""
+    if not spec.inputs:
+        return
+    expected = {t.name: t for t in spec.inputs}
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgument(f"{len(request.inputs)} inputs but {len(raw)} raw_input_contents entries")
+    given: set[str] = set()
+    for i, tensor in enumerate(request.inputs):
+        want = expected.get(tensor.name)
+        if want is None:
+            raise InvalidArgument(
+                f"tensor {tensor.name!r}: not an input of the model (inputs: {list(expected)})"
+            )
+        given.add(tensor.name)
+        if tensor.datatype != want.datatype:
+            raise InvalidArgument(
+                f"tensor {tensor.name!r}: datatype {tensor.datatype} where the model takes {want.datatype}"
+            )
+        shape = list(tensor.shape)
+        if len(shape) != len(want.shape) or any(
+            w not in (-1, s) for w, s in zip(want.shape, shape, strict=True)
+        ):
+            raise InvalidArgument(
+                f"tensor {tensor.name!r}: shape {shape} does not match the model's {list(want.shape)}"
+            )
+        if raw and tensor.datatype != "BYTES":
+            size = int(np.prod(shape, dtype=np.int64)) * DTYPES[tensor.datatype].itemsize
+            if len(raw[i]) != size:
+                raise InvalidArgument(
+                    f"tensor {tensor.name!r}: {len(raw[i])} bytes for {tensor.datatype} {shape}, "
+                    f"expected {size}"
+                )
+    missing = [name for name in expected if name not in given]
+    if missing:
+        raise InvalidArgument(f"missing input tensor(s) {missing}")
+
+
+def model_metadata(spec: common_pb2.ApplicationSpec) -> service_pb2.ModelMetadataResponse:
+    def tensors(specs: Any) -> list[service_pb2.ModelMetadataResponse.TensorMetadata]:
+        return [
+            service_pb2.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape)
+            for t in specs
+        ]
+
+    return service_pb2.ModelMetadataResponse(
+        name=model_name(common_pb2.AppRef(namespace=spec.namespace, name=spec.name)),
+        versions=[spec.version],
+        platform=f"servefleet_{spec.kind}",
+        inputs=tensors(spec.inputs),
+        outputs=tensors(spec.outputs),
+    )
+
+
+def _stream_response(infer_response: bytes) -> bytes:
+    """ModelStreamInferResponse{infer_response} built around response bytes without parsing them."""
+    size, prefix = len(infer_response), bytearray(b"\x12")
+    while size > 0x7F:
+        prefix.append(0x80 | (size & 0x7F))
+        size >>= 7
+    prefix.append(size)
+    return bytes(prefix) + infer_response
+
+
+class ProxyCore:
+    """Request path of one application's proxy: check, route, forward, retry."""
+
+    def __init__(self, node_id: str, transport: ReplicaTransport, *, attempts: int | None = None) -> None:
+        self.router = Router(node_id)
+        self.transport = transport
+        self.attempts = attempts or settings.proxy_attempts
+        self.routing: Routing | None = None
+        self.spec = common_pb2.ApplicationSpec()
+        self.model_name = ""
+
+    def set_routing(self, routing: Routing) -> bool:
+        """Adopt a newer routing table (older epochs are ignored); True when adopted."""
+        if self.routing is not None and routing.epoch <= self.routing.epoch:
+            return False
+        self.routing = routing
+        self.spec = common_pb2.ApplicationSpec.FromString(routing.spec)
+        self.model_name = routing.model_name
+        self.router.update(routing.replicas)
+        return True
+
+    @property
+    def ready(self) -> bool:
+        return len(self.router) > 0
+
+    def check_model(self, name: str, version: str = "") -> None:
+        if not self.model_name or name != self.model_name:
+            raise NotFound(f"model {name!r} is not served here (this proxy serves {self.model_name!r})")
+        if version and version != self.spec.version:
+            raise NotFound(
+                f"model {name!r} version {version!r} is not served (serving {self.spec.version!r})"
+            )
+
+    def parse(self, raw: bytes) -> service_pb2.ModelInferRequest:
+        try:
+            request = service_pb2.ModelInferRequest.FromString(raw)
+        except Exception as exc:
+            raise InvalidArgument(f"malformed ModelInferRequest: {exc}") from None
+        self.check_model(request.model_name, request.model_version)
+        check_request(request, self.spec)
+        return request
+
+    async def infer(self, raw: bytes, timeout_s: float | None) -> bytes:
+        """Serialized ModelInferResponse for a serialized request, or a domain error."""
+        self.parse(raw)
+        carrier = _carrier()
+        return await self._with_replica(lambda slot: self.transport.infer(slot.info, raw, carrier, timeout_s))
+
+    async def stream(self, raw: bytes, timeout_s: float | None) -> AsyncIterator[bytes]:
+        """Serialized ModelStreamInferResponse messages for one request of a stream; errors travel
+        in ``error_message`` (the stream itself stays open for the next request)."""
+        try:
+            self.parse(raw)
+            async for payload in self._stream(raw, timeout_s):
+                yield _stream_response(payload)
+        except ServefleetError as exc:
+            yield service_pb2.ModelStreamInferResponse(error_message=str(exc)).SerializeToString()
+
+    async def _stream(self, raw: bytes, timeout_s: float | None) -> AsyncIterator[bytes]:
+        carrier = _carrier()
+        tried: set[str] = set()
+        gone, last = 0, ""
+        for _ in range(self.attempts):
+            slot = self.router.choose(tried)
+            if slot is None:
+                break
+            tried.add(slot.info.name)
+            sent = False
+            slot.in_flight += 1
+            try:
+                async for status, payload in self.transport.stream(slot.info, raw, carrier, timeout_s):
+                    if status != OK and (sent or status not in _RETRY):
+                        raise error_for(status, str(payload))
+                    if status != OK:
+                        gone, last = gone + (status != _FULL), str(payload)
+                        break
+                    sent = True
+                    yield payload  # type: ignore[misc]
+                else:
+                    return
+            except ReplicaGone as exc:
+                self.router.forget(slot.info.name)
+                if sent:
+                    raise Unavailable(f"model {self.model_name}: replica died mid-stream: {exc}") from exc
+                gone, last = gone + 1, f"replica {slot.info.name} is gone ({exc})"
+            finally:
+                slot.in_flight -= 1
+        raise self._no_replica(gone, last)
+
+    async def _with_replica(self, call: Callable[[Slot], Any]) -> bytes:
+        tried: set[str] = set()
+        gone, last = 0, ""
+        for _ in range(self.attempts):
+            slot = self.router.choose(tried)
+            if slot is None:
+                break
+            tried.add(slot.info.name)
+            slot.in_flight += 1
+            try:
+                status, payload = await call(slot)
+            except ReplicaGone as exc:
+                self.router.forget(slot.info.name)
+                gone, last = gone + 1, f"replica {slot.info.name} is gone ({exc})"
+                continue
+            finally:
+                slot.in_flight -= 1
+            if status == OK:
+                return payload
+            if status not in _RETRY:
+                raise error_for(status, str(payload))
+            gone, last = gone + (status != _FULL), str(payload)
+        raise self._no_replica(gone, last)
+
+    def _no_replica(self, gone: int, last: str) -> ServefleetError:
+        """RESOURCE_EXHAUSTED when every replica was full, UNAVAILABLE when some were gone."""
+        if not len(self.router):
+            return Unavailable(f"model {self.model_name}: no replica is ready")
+        if gone == 0:
+            return ResourceExhausted(
+                f"model {self.model_name}: every replica is full ({len(self.router)} replicas x "
+                f"{self.spec.max_concurrency} running + {self.spec.max_queued} queued); retry later"
+            )
+        return Unavailable(f"model {self.model_name}: no replica could take the request: {last}")
+
+
+def _carrier() -> dict[str, str]:
+    """The current trace context as a dict, handed to the replica with the Ray call."""
+    return {k: str(v) for k, v in telemetry.inject_metadata(None)}
+
+
+def _timeout(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise DeadlineExceeded("deadline passed before the request reached a replica")
+    return remaining
+
+
+class InferenceServicer:
+    """Thin gRPC layer over :class:`ProxyCore` (domain errors become statuses in the interceptor)."""
+
+    def __init__(self, core: ProxyCore) -> None:
+        self.core = core
+
+    async def ServerLive(self, request: Any, context: Any) -> service_pb2.ServerLiveResponse:
+        return service_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> service_pb2.ServerReadyResponse:
+        return service_pb2.ServerReadyResponse(ready=self.core.ready)
+
+    async def ServerMetadata(self, request: Any, context: Any) -> service_pb2.ServerMetadataResponse:
+        return service_pb2.ServerMetadataResponse(name="servefleet", version=servefleet.__version__)
+
+    async def ModelReady(
+        self, request: service_pb2.ModelReadyRequest, context: Any
+    ) -> service_pb2.ModelReadyResponse:
+        self.core.check_model(request.name, request.version)
+        return service_pb2.ModelReadyResponse(ready=self.core.ready)
+
+    async def ModelMetadata(
+        self, request: service_pb2.ModelMetadataRequest, context: Any
+    ) -> service_pb2.ModelMetadataResponse:
+        self.core.check_model(request.name, request.version)
+        return model_metadata(self.core.spec)
+
+    async def ModelInfer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return await self.core.infer(request, _timeout(context))
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        async for raw in requests:
+            async for response in self.core.stream(raw, context.time_remaining()):
+                yield response
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def registrar(servicer: InferenceServicer) -> Callable[[grpc.aio.Server], None]:
+    """Handlers for the methods the proxy serves; ModelInfer/ModelStreamInfer keep raw bytes."""
+
+    def typed(method: Callable[..., Any], request_type: Any, response_type: Any) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(
+            method,
+            request_deserializer=request_type.FromString,
+            response_serializer=response_type.SerializeToString,
+        )
+
+    handlers = {
+        "ServerLive": typed(
+            servicer.ServerLive, service_pb2.ServerLiveRequest, service_pb2.ServerLiveResponse
+        ),
+        "ServerReady": typed(
+            servicer.ServerReady, service_pb2.ServerReadyRequest, service_pb2.ServerReadyResponse
+        ),
+        "ServerMetadata": typed(
+            servicer.ServerMetadata, service_pb2.ServerMetadataRequest, service_pb2.ServerMetadataResponse
+        ),
+        "ModelReady": typed(
+            servicer.ModelReady, service_pb2.ModelReadyRequest, service_pb2.ModelReadyResponse
+        ),
+        "ModelMetadata": typed(
+            servicer.ModelMetadata, service_pb2.ModelMetadataRequest, service_pb2.ModelMetadataResponse
+        ),
+        "ModelInfer": grpc.unary_unary_rpc_method_handler(
+            servicer.ModelInfer, request_deserializer=_identity, response_serializer=_identity
+        ),
+        "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
+            servicer.ModelStreamInfer, request_deserializer=_identity, response_serializer=_identity
+        ),
+    }
+
+    def register(server: grpc.aio.Server) -> None:
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+    return register
+
+
+class Proxy:
+    """The proxy actor: serves gRPC on a free loopback port, learns its routing table from the
+    application master (pushed on every change, pulled at start so a restarted proxy catches up)
+    and stays registered in discovery as kind ``proxy`` while it lives."""
+
+    def __init__(
+        self, app: bytes, master: str, *, cluster: str, discovery: str, host: str = "127.0.0.1"
+    ) -> None:
+        import ray
+
+        telemetry.setup_tracing("servefleet-proxy")
+        self.app = common_pb2.AppRef.FromString(app)
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.core = ProxyCore(self.node_id, RayTransport())
+        self._master = master
+        self._cluster = cluster
+        self._discovery = discovery
+        self._server = GrpcServer("proxy", f"{host}:0", [registrar(InferenceServicer(self.core))], [SERVICE])
+        self._registered: asyncio.Task[None] | None = None
+        self._started = asyncio.get_running_loop().create_task(self._start())
+
+    async def _start(self) -> None:
+        import ray
+
+        from servefleet.services.names import RAY_NAMESPACE
+
+        await self._server.start()
+        with contextlib.suppress(ValueError):  # master gone: it pushes a table when it is back
+            master = ray.get_actor(self._master, namespace=RAY_NAMESPACE)
+            routing = await master.routing.remote()
+            if routing is not None:
+                self.core.set_routing(routing)
+        if self._discovery:
+            self._registered = asyncio.create_task(self._stay_registered())
+
+    async def _stay_registered(self) -> None:
+        from servefleet.discovery.registration import registration
+
+        endpoint = discovery_pb2.Endpoint(
+            app=self.app,
+            version=self.core.spec.version,
+            kind="proxy",
+            address=self._server.address,
+            labels={"cluster": self._cluster, "node": self.node_id},
+        )
+        async with registration(self._discovery, endpoint, ttl_s=settings.discovery_ttl_s):
+            await asyncio.Event().wait()
+
+    async def address(self) -> str:
+        await self._started
+        return self._server.address
+
+    async def update(self, routing: Routing) -> bool:
+        await self._started
+        return self.core.set_routing(routing)
+
+    async def stop(self) -> None:
+        """Deregister first (clients move away), then let in-flight calls finish."""
+        if self._registered is not None:
+            self._registered.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._registered
+        await self._server.stop()

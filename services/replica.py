@@ -1,0 +1,305 @@
+"""Deployment actor: hosts one replica of a user's model class inside a Ray actor.
+
+The proxy forwards a ModelInferRequest as serialized bytes; the replica decodes it, runs the model
+(sync ``__call__`` on a thread pool so the event loop keeps answering stats and drains; async
+``__call__`` on the loop; batched when the spec asks), and answers ``(status code, payload)``:
+payload is the serialized ModelInferResponse on OK and the error message otherwise. Plain tuples,
+not exceptions, so an error costs no traceback pickling and a model failure never kills the actor.
+
+Admission: at most ``max_concurrency`` requests run and ``max_queued`` wait; anything beyond gets
+RESOURCE_EXHAUSTED at once, so memory stays bounded whatever the offered load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from typing import Any
+
+import grpc
+import numpy as np
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from tritonclient.grpc import service_pb2
+
+from servefleet.api import common_pb2
+from servefleet.common import telemetry
+from servefleet.common.errors import InvalidArgument, ServefleetError
+from servefleet.common.tensors import decode_request, encode_response
+from servefleet.services.batching import Batcher
+from servefleet.services.names import CODES, OK, code
+from servefleet.spec import app_ref, model_name, struct_to_python
+
+log = logging.getLogger(__name__)
+
+Tensors = dict[str, np.ndarray]
+Answer = tuple[int, bytes | str]
+
+_EWMA_ALPHA = 0.2
+_DONE = object()
+
+
+def import_object(path: str) -> Any:
+    """``module:Qualified.Name`` -> the object (InvalidArgument naming what is missing)."""
+    module_name, _, qualname = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InvalidArgument(f"import_path {path!r}: cannot import {module_name!r}: {exc}") from exc
+    for part in qualname.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise InvalidArgument(f"import_path {path!r}: {module_name!r} has no {qualname!r}") from None
+    return obj
+
+
+class Replica:
+    """One model replica (run as a Ray actor by the application master; plain class for tests)."""
+
+    def __init__(self, spec_bytes: bytes, name: str, *, redis: str = "") -> None:
+        spec = common_pb2.ApplicationSpec.FromString(spec_bytes)
+        telemetry.setup_tracing("servefleet-replica")
+        self.name = name
+        self.version = spec.version
+        self.model_name = model_name(app_ref(spec))
+        self.capacity = spec.max_concurrency + spec.max_queued
+        self._model = import_object(spec.import_path)(**struct_to_python(spec.init_args))
+        call = type(self._model).__call__
+        self.streaming = inspect.isgeneratorfunction(call) or inspect.isasyncgenfunction(call)
+        self._executor = ThreadPoolExecutor(max_workers=spec.max_concurrency, thread_name_prefix="model")
+        self._slots = asyncio.Semaphore(spec.max_concurrency)
+        self._batcher: Batcher | None = None
+        if spec.batching.max_batch_size > 1 and not self.streaming:
+            self._batcher = Batcher(
+                self._run_model,
+                max_batch_size=spec.batching.max_batch_size,
+                wait_s=spec.batching.batch_wait_timeout_ms / 1000,
+            )
+        self.in_flight = 0
+        self.served = 0
+        self.failed = 0
+        self.rejected = 0
+        self.latency_ms = 0.0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._worker: Any = None
+        if spec.async_mode.enabled and redis:
+            self._worker = self._pull_worker(spec, redis)
+            self._worker_started = asyncio.get_running_loop().create_task(self._worker.start())
+
+    # ---- control calls (master) -------------------------------------------------------------
+
+    async def ready(self) -> dict[str, Any]:
+        """Identity and placement; the master awaits this before routing to the replica."""
+        import ray
+
+        return {
+            "name": self.name,
+            "version": self.version,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "capacity": self.capacity,
+            "streaming": self.streaming,
+        }
+
+    async def stats(self) -> dict[str, Any]:
+        """Load as the master's health check and the autoscaler see it."""
+        return {
+            "in_flight": self.in_flight,
+            "capacity": self.capacity,
+            "latency_ms": self.latency_ms,
+            "served": self.served,
+            "failed": self.failed,
+            "rejected": self.rejected,
+            "draining": self.draining,
+            "version": self.version,
+        }
+
+    async def drain(self, timeout_s: float) -> int:
+        """Stop pulling async work, wait up to ``timeout_s`` for in-flight requests; returns those left.
+
+        A draining replica still serves what reaches it: proxies stopped routing to it before the
+        drain began, so only requests already on their way arrive, and failing them would fail a
+        client during a rollout.
+        """
+        self.draining = True
+        if self._worker is not None:
+            await self._worker_started
+            await self._worker.stop(drain=True)
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            log.warning("replica %s drained with %d requests in flight", self.name, self.in_flight)
+        return self.in_flight
+
+    # ---- request path (proxy) ---------------------------------------------------------------
+
+    async def infer(self, request: bytes, carrier: dict[str, str], timeout_s: float | None) -> Answer:
+        """Run one serialized ModelInferRequest; ``(OK, response bytes)`` or ``(code, message)``."""
+        with self._admit("infer", carrier) as span:
+            if isinstance(span, tuple):
+                return span
+            try:
+                async with asyncio.timeout(timeout_s):
+                    async with self._slots:
+                        parsed = service_pb2.ModelInferRequest.FromString(request)
+                        outputs = await self._infer(decode_request(parsed))
+                        response = encode_response(
+                            self.model_name, outputs, model_version=self.version, request_id=parsed.id
+                        )
+                return self._answer(span, OK, response.SerializeToString())
+            except Exception as exc:
+                return self._failure(span, exc)
+
+    async def stream(
+        self, request: bytes, carrier: dict[str, str], timeout_s: float | None
+    ) -> AsyncIterator[Answer]:
+        """ModelStreamInfer: every chunk a streaming model yields (one answer for other models)."""
+        with self._admit("stream", carrier) as span:
+            if isinstance(span, tuple):
+                yield span
+                return
+            try:
+                async with asyncio.timeout(timeout_s), self._slots:
+                    parsed = service_pb2.ModelInferRequest.FromString(request)
+                    inputs = decode_request(parsed)
+                    chunks = self._chunks(inputs) if self.streaming else self._single(inputs)
+                    async for outputs in chunks:
+                        response = encode_response(
+                            self.model_name, outputs, model_version=self.version, request_id=parsed.id
+                        )
+                        yield OK, response.SerializeToString()
+                self._answer(span, OK, b"")
+            except Exception as exc:
+                yield self._failure(span, exc)
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _admit(self, kind: str, carrier: dict[str, str]) -> AbstractContextManager[Span | Answer]:
+        """Count the request in (or refuse it when full) and open the model-call span."""
+        return _Admission(self, kind, carrier)
+
+    def _answer(self, span: Span, status: int, payload: bytes | str) -> Answer:
+        span.set_attribute("servefleet.status", CODES[status].name)
+        span.set_attribute("rpc.grpc.status_code", status)
+        if status != OK:
+            span.set_status(Status(StatusCode.ERROR, str(payload)))
+        return status, payload
+
+    def _failure(self, span: Span, exc: BaseException) -> Answer:
+        self.failed += 1
+        if isinstance(exc, ServefleetError):
+            return self._answer(span, code(exc.code), str(exc))
+        if isinstance(exc, TimeoutError):
+            return self._answer(span, code(grpc.StatusCode.DEADLINE_EXCEEDED), "deadline exceeded in replica")
+        log.warning("model %s raised %s: %s", self.model_name, type(exc).__name__, exc)
+        return self._answer(
+            span, code(grpc.StatusCode.INTERNAL), f"model {self.model_name}: {type(exc).__name__}: {exc}"
+        )
+
+    async def _infer(self, inputs: Tensors) -> Tensors:
+        if self._batcher is not None:
+            return await self._batcher.submit(inputs)
+        return await self._run_model(inputs)
+
+    async def _run_model(self, inputs: Tensors) -> Tensors:
+        if inspect.iscoroutinefunction(type(self._model).__call__):
+            result = await self._model(inputs)
+        else:
+            result = await asyncio.get_running_loop().run_in_executor(self._executor, self._model, inputs)
+            if inspect.isawaitable(result):
+                result = await result
+        return _as_outputs(result, self.model_name)
+
+    async def _single(self, inputs: Tensors) -> AsyncIterator[Tensors]:
+        yield await self._infer(inputs)
+
+    async def _chunks(self, inputs: Tensors) -> AsyncIterator[Tensors]:
+        produced = self._model(inputs)
+        if inspect.isasyncgen(produced):
+            async for chunk in produced:
+                yield _as_outputs(chunk, self.model_name)
+            return
+        loop = asyncio.get_running_loop()
+        iterator: Iterator[Tensors] = iter(produced)
+        while (chunk := await loop.run_in_executor(self._executor, next, iterator, _DONE)) is not _DONE:
+            yield _as_outputs(chunk, self.model_name)
+
+    def _pull_worker(self, spec: common_pb2.ApplicationSpec, redis: str) -> Any:
+        """The broker's pull loop for an async app: it takes requests only when this replica has
+        a free slot, and shares ``max_concurrency`` with the synchronous path."""
+        from servefleet.broker.worker import PullWorker  # async apps only
+
+        return PullWorker(
+            redis,
+            app_ref(spec),
+            consumer=self.name,
+            slots=spec.max_concurrency,
+            handler=self._broker_request,
+            config=spec.async_mode,
+        )
+
+    async def _broker_request(self, request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
+        async with self._slots:
+            outputs = await self._infer(decode_request(request))
+        return encode_response(self.model_name, outputs, model_version=self.version, request_id=request.id)
+
+
+class _Admission(AbstractContextManager["Span | Answer"]):
+    """Admission control, in-flight accounting and latency EWMA around one request."""
+
+    def __init__(self, replica: Replica, kind: str, carrier: dict[str, str]) -> None:
+        self._replica = replica
+        self._kind = kind
+        self._carrier = carrier
+        self._span_cm: Any = None
+        self._start = 0.0
+
+    def __enter__(self) -> Span | Answer:
+        replica = self._replica
+        if replica.in_flight >= replica.capacity:
+            replica.rejected += 1
+            return code(grpc.StatusCode.RESOURCE_EXHAUSTED), (
+                f"model {replica.model_name}: replica {replica.name} is full "
+                f"({replica.in_flight} requests in flight or queued, limit {replica.capacity})"
+            )
+        replica.in_flight += 1
+        replica._idle.clear()
+        self._start = time.perf_counter()
+        self._span_cm = telemetry.tracer.start_as_current_span(
+            "model.call",
+            context=telemetry.extract_context(list(self._carrier.items())),
+            kind=SpanKind.INTERNAL,
+            attributes={
+                "servefleet.model": replica.model_name,
+                "servefleet.model_version": replica.version,
+                "servefleet.replica": replica.name,
+                "servefleet.call": self._kind,
+            },
+        )
+        span: Span = self._span_cm.__enter__()
+        return span
+
+    def __exit__(self, *exc: object) -> None:
+        if self._span_cm is None:
+            return
+        self._span_cm.__exit__(*exc)
+        replica = self._replica
+        replica.in_flight -= 1
+        replica.served += 1
+        elapsed_ms = (time.perf_counter() - self._start) * 1000
+        replica.latency_ms += _EWMA_ALPHA * (elapsed_ms - replica.latency_ms)
+        if replica.in_flight == 0:
+            replica._idle.set()
+
+
+def _as_outputs(result: Any, name: str) -> Tensors:
+    if not isinstance(result, dict):
+        raise TypeError(f"model {name} returned {type(result).__name__}; expected dict[str, ndarray]")
+    return {str(k): np.asarray(v) for k, v in result.items()}
