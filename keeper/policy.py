@@ -35,7 +35,7 @@ def check_sources(
     roots = allowed_roots() if roots is None else list(roots)
     allow_urls = bool(settings.keeper_allow_urls) if allow_urls is None else allow_urls
     module = spec.import_path.partition(":")[0]
-    if any(not part for part in module.split(".")):
+    if spec.import_path and any(not part for part in module.split(".")):
         raise InvalidArgument(f"spec.import_path: {spec.import_path!r} has an empty module name part")
     if spec.working_dir:
         if _URL_RE.search(spec.working_dir):

@@ -3,21 +3,74 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import logging
+import os
 
 from servefleet.api import agent_pb2, agent_pb2_grpc
 from servefleet.common.entry import Service, run_service, service_parser
+from servefleet.common.net import async_wait_for
 from servefleet.common.server import GrpcServer
+from servefleet.services.agent.core import ClusterAgent, Heartbeat, parse_labels, read_token
+from servefleet.services.agent.servicer import ClusterAgentServicer
+
+
+async def ray_resources() -> tuple[dict[str, float], dict[str, float]]:
+    """Totals and what is free now, as Ray reports them (its calls block, so off the loop)."""
+    import ray
+
+    def read() -> tuple[dict[str, float], dict[str, float]]:
+        return dict(ray.cluster_resources()), dict(ray.available_resources())
+
+    return await asyncio.to_thread(read)
 
 
 async def build(args: argparse.Namespace) -> Service:
-    servicer = agent_pb2_grpc.ClusterAgentServicer()
+    import ray
+
+    from servefleet.services import masters
+
+    labels = parse_labels(args.labels)
+    await asyncio.to_thread(ray.init, address=args.ray, logging_level=logging.WARNING, log_to_driver=False)
+    agent = ClusterAgent(
+        masters, ray_resources, cluster=args.cluster, discovery=args.discovery, redis=args.redis
+    )
+    servicer = ClusterAgentServicer(agent)
     server = GrpcServer(
         "agent",
         args.listen,
         [lambda s: agent_pb2_grpc.add_ClusterAgentServicer_to_server(servicer, s)],
         [agent_pb2.DESCRIPTOR.services_by_name["ClusterAgent"].full_name],
     )
-    return Service(server)
+    heartbeat = Heartbeat(
+        agent,
+        keeper=args.keeper,
+        agent_address=lambda: server.address,
+        ray_address=args.ray,
+        labels=labels,
+        token=lambda: (
+            args.token or os.environ.get("SERVEFLEET_TOKEN", "") or read_token(args.admin_token_file)
+        ),
+    )
+
+    async def bound() -> bool:
+        return bool(server.port)
+
+    async def beat_when_serving() -> None:
+        # The server binds its port when serving starts, after build() returns.
+        await async_wait_for(bound, timeout=3600, what="the agent's server to bind")
+        await heartbeat.run()
+
+    beating = asyncio.create_task(beat_when_serving())
+
+    async def stop() -> None:
+        beating.cancel()
+        with contextlib.suppress(BaseException):
+            await beating
+        await asyncio.to_thread(ray.shutdown)
+
+    return Service(server, on_stop=stop)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -28,6 +81,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--redis", default="", help="Redis address for async apps")
     p.add_argument("--cluster", default="local", help="this cluster's name")
     p.add_argument("--admin-token-file", default="", help="token the agent registers with")
+    p.add_argument(
+        "--token", default="", help="token to register with (else SERVEFLEET_TOKEN, else the file)"
+    )
+    p.add_argument("--labels", default="", help="cluster labels for placement, k=v,k2=v2")
     return p
 
 
