@@ -13,7 +13,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from servefleet.api import discovery_pb2
 from servefleet.common import tensors
-from servefleet.common.errors import NotFound
+from servefleet.common.errors import InvalidArgument, NotFound
 from servefleet.common.server import GrpcServer
 from servefleet.discovery.names import parse_app
 from servefleet.discovery.registration import registration
@@ -43,6 +43,8 @@ class Echo(service_pb2_grpc.GRPCInferenceServiceServicer):
         if request.model_name != self.model:
             raise NotFound(f"model {request.model_name!r} is not served here ({self.model!r} is)")
         inputs = tensors.decode_request(request)
+        if "x" not in inputs:
+            raise InvalidArgument(f"{self.model} needs input 'x'; got {sorted(inputs)}")
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         outputs = {"y": inputs["x"] * 2, "server": np.array([self.endpoint_id.encode()], dtype=object)}

@@ -1,0 +1,176 @@
+"""The SDK against real discovery, etcd and endpoint processes: failover, restarts, pick quality."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+
+from servefleet import AsyncClient, Client
+from servefleet.common.errors import InvalidArgument, Unavailable
+from servefleet.common.net import async_wait_for, wait_for
+from servefleet.discovery.testing import DiscoveryProcess
+from servefleet.testing import EtcdProcess
+
+from .conftest import TTL_S, EndpointProcess
+
+X = {"x": np.arange(4, dtype=np.float32)}
+
+
+def start(
+    endpoints: list[EndpointProcess], discovery: str, app: str, endpoint_id: str, **kwargs: object
+) -> EndpointProcess:
+    proc = EndpointProcess(discovery, app, endpoint_id, **kwargs)  # type: ignore[arg-type]
+    endpoints.append(proc)
+    return proc.start()  # type: ignore[return-value]
+
+
+async def ids(client: AsyncClient, app: str) -> set[str]:
+    return {e.id for e in await client.endpoints(app)}
+
+
+async def wait_ids(client: AsyncClient, app: str, expected: set[str], timeout: float = 20.0) -> None:
+    async def check() -> bool:
+        return await ids(client, app) == expected
+
+    await async_wait_for(check, timeout=timeout, what=f"{app} endpoints == {sorted(expected)}")
+
+
+@pytest.fixture
+async def client(discovery: DiscoveryProcess) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(discovery.address, timeout=10.0) as c:
+        yield c
+
+
+async def served_by(client: AsyncClient, app: str, **kwargs: object) -> str:
+    out = await client.infer(app, X, **kwargs)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(out["y"], X["x"] * 2)
+    return bytes(out["server"][0]).decode()
+
+
+async def test_infer_roundtrip_errors_and_namespaced_names(
+    client: AsyncClient, discovery: DiscoveryProcess, endpoints: list[EndpointProcess]
+) -> None:
+    start(endpoints, discovery.address, "s1", "s1-a")
+    start(endpoints, discovery.address, "team/s1", "team-a")
+    await wait_ids(client, "s1", {"s1-a"})
+    assert await ids(client, "default/s1") == {"s1-a"}
+    await wait_ids(client, "team/s1", {"team-a"})
+    assert await served_by(client, "s1") == "s1-a"
+    assert await served_by(client, "team/s1") == "team-a"  # model_name "team/s1" on the wire
+    # An application nobody serves: an empty set, and a request fails within its deadline.
+    assert await client.endpoints("nobody") == []
+    with pytest.raises(Unavailable, match="no live endpoints"):
+        await client.infer("nobody", X, timeout=0.5)
+    # An error the endpoint answers is the caller's own error, with its message.
+    with pytest.raises(InvalidArgument, match="needs input 'x'"):
+        await client.infer("s1", {"z": X["x"]})
+
+
+async def test_sigkill_leaves_the_set_within_ttl_and_sigstop_re_registers(
+    client: AsyncClient, discovery: DiscoveryProcess, endpoints: list[EndpointProcess]
+) -> None:
+    a = start(endpoints, discovery.address, "s2", "s2-a")
+    b = start(endpoints, discovery.address, "s2", "s2-b")
+    await wait_ids(client, "s2", {"s2-a", "s2-b"})
+
+    killed_at = time.monotonic()
+    a.kill()
+    await wait_ids(client, "s2", {"s2-b"}, timeout=TTL_S + 1)
+    print(f"\nSIGKILL -> gone from the SDK's set after {time.monotonic() - killed_at:.2f}s (TTL {TTL_S}s)")
+
+    b.pause()
+    await wait_ids(client, "s2", set(), timeout=TTL_S + 1)
+    b.resume()
+    await wait_ids(client, "s2", {"s2-b"}, timeout=10)
+    assert await served_by(client, "s2") == "s2-b"
+
+
+async def test_sync_client_and_tritonclient(
+    discovery: DiscoveryProcess, endpoints: list[EndpointProcess]
+) -> None:
+    start(endpoints, discovery.address, "s3", "s3-a")
+    with Client(discovery.address) as client:
+        await asyncio.to_thread(
+            wait_for, lambda: [e.id for e in client.endpoints("s3")] == ["s3-a"], timeout=20, what="s3-a"
+        )
+        out = await asyncio.to_thread(client.infer, "s3", X)
+        assert bytes(out["server"][0]) == b"s3-a"
+        triton = await asyncio.to_thread(client.triton_client, "s3")
+        assert await asyncio.to_thread(triton.is_model_ready, "s3")
+        triton.close()
+
+
+async def load(client: AsyncClient, app: str, requests: int, concurrency: int) -> collections.Counter[str]:
+    """Send ``requests`` requests over ``concurrency`` tasks; every one must succeed."""
+    counts: collections.Counter[str] = collections.Counter()
+    remaining = iter(range(requests))
+
+    async def worker() -> None:
+        for _ in remaining:
+            counts[await served_by(client, app)] += 1
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return counts
+
+
+async def test_restart_etcd_and_discovery_while_sdk_holds_a_set(endpoints: list[EndpointProcess]) -> None:
+    etcd = EtcdProcess().start()
+    watched = DiscoveryProcess(etcd.address).start()  # the SDK's discovery
+    other = DiscoveryProcess(etcd.address).start()  # where endpoints register
+    try:
+        start(endpoints, other.address, "s4", "s4-a")
+        b = start(endpoints, other.address, "s4", "s4-b")
+        async with AsyncClient(watched.address, timeout=10.0) as client:
+            await wait_ids(client, "s4", {"s4-a", "s4-b"})
+
+            etcd.kill()
+            assert len(await load(client, "s4", 20, 2)) >= 1  # routing on the last known set
+            etcd.start()  # same data dir: leases and records survive
+            watched.kill()
+            # Changes while the SDK's discovery is down: one endpoint leaves, one joins.
+            await asyncio.to_thread(b.stop)
+            await asyncio.to_thread(start, endpoints, other.address, "s4", "s4-c")
+            assert set(await load(client, "s4", 20, 2)) <= {"s4-a", "s4-c"}  # s4-b retried away
+            watched.start()
+            await wait_ids(client, "s4", {"s4-a", "s4-c"})
+            assert set(await load(client, "s4", 40, 2)) == {"s4-a", "s4-c"}
+    finally:
+        watched.cleanup()
+        other.cleanup()
+        etcd.cleanup()
+
+
+@pytest.mark.slow
+async def test_sigkill_under_steady_load_loses_no_request_and_evens_out(
+    client: AsyncClient, discovery: DiscoveryProcess, endpoints: list[EndpointProcess]
+) -> None:
+    procs = [start(endpoints, discovery.address, "s5", f"s5-{i}", delay_ms=5) for i in range(3)]
+    await wait_ids(client, "s5", {"s5-0", "s5-1", "s5-2"})
+    before = await load(client, "s5", 150, 6)
+    killer = asyncio.get_running_loop().call_later(0.3, procs[0].kill)
+    during = await load(client, "s5", 300, 6)  # the kill lands mid-run: every request still succeeds
+    killer.cancel()
+    await wait_ids(client, "s5", {"s5-1", "s5-2"})
+    after = await load(client, "s5", 300, 6)
+    print(f"\nbefore kill {dict(before)}; around kill {dict(during)}; after {dict(after)}")
+    assert set(before) == {"s5-0", "s5-1", "s5-2"}
+    assert set(after) == {"s5-1", "s5-2"}
+    assert 0.5 <= after["s5-1"] / after["s5-2"] <= 2.0
+
+
+@pytest.mark.slow
+async def test_a_ten_times_slower_endpoint_gets_clearly_less_traffic(
+    client: AsyncClient, discovery: DiscoveryProcess, endpoints: list[EndpointProcess]
+) -> None:
+    for i, delay in enumerate((3, 3, 30)):
+        start(endpoints, discovery.address, "s6", f"s6-{i}", delay_ms=delay)
+    await wait_ids(client, "s6", {"s6-0", "s6-1", "s6-2"})
+    counts = await load(client, "s6", 600, 4)
+    share = {k: round(v / 600, 3) for k, v in sorted(counts.items())}
+    print(f"\nsplit with s6-2 10x slower: {share}")
+    assert counts["s6-2"] < 600 / 3 / 2  # under half its fair share
