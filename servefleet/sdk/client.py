@@ -25,9 +25,10 @@ from opentelemetry.trace import SpanKind
 from servefleet.api import common_pb2, discovery_pb2, discovery_pb2_grpc
 from servefleet.common import tensors
 from servefleet.common.config import grpc_options
-from servefleet.common.errors import DeadlineExceeded, Unavailable, from_rpc_error
+from servefleet.common.errors import DeadlineExceeded, FailedPrecondition, Unavailable, from_rpc_error
 from servefleet.common.telemetry import tracer
 from servefleet.discovery.names import parse_app
+from servefleet.sdk.broker_client import AsyncBrokerClient
 from servefleet.sdk.picker import Picker
 from servefleet.sdk.pool import ChannelPool
 from servefleet.sdk.watch import AppWatch
@@ -79,7 +80,7 @@ class AsyncClient:
         self._pool = ChannelPool()
         self._watches: dict[tuple[str, str], AppWatch] = {}
         self._broker_address = broker
-        self._broker: Any = None
+        self._broker: AsyncBrokerClient | None = None
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -193,12 +194,10 @@ class AsyncClient:
         endpoint = await self._pick(app, watch, set(), loop.time() + timeout)
         return str(endpoint.address)
 
-    def _broker_client(self) -> Any:
+    def _broker_client(self) -> AsyncBrokerClient:
         if self._broker_address is None:
-            raise Unavailable("this client was created without broker=host:port")
+            raise FailedPrecondition("this client was created without broker='host:port'")
         if self._broker is None:
-            from servefleet.sdk.broker_client import AsyncBrokerClient
-
             self._broker = AsyncBrokerClient(self._broker_address)
         return self._broker
 
@@ -212,17 +211,15 @@ class AsyncClient:
         ttl_s: int = 0,
     ) -> str:
         """Queue a long request on the async broker; returns its ticket at once."""
-        ticket: str = await self._broker_client().submit(
-            app, inputs, priority=priority, idempotency_key=idempotency_key, ttl_s=ttl_s
+        return await self._broker_client().submit(
+            parse_app(app), inputs, priority=priority, idempotency_key=idempotency_key, ttl_s=ttl_s
         )
-        return ticket
 
     async def result(self, ticket: str, *, timeout: float | None = None) -> dict[str, np.ndarray]:
         """Wait for the outputs of a submitted request."""
-        outputs: dict[str, np.ndarray] = await self._broker_client().result(
+        return await self._broker_client().result(
             ticket, timeout=self._timeout if timeout is None else timeout
         )
-        return outputs
 
     async def close(self) -> None:
         watches = list(self._watches.values())
