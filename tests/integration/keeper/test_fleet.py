@@ -1,0 +1,234 @@
+"""The control plane end to end: real etcd, discovery, a keeper and two real Ray clusters (one CPU
+each), each with its cluster agent, all as processes; the data plane from ``services.masters``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+
+from servefleet.api import discovery_pb2, discovery_pb2_grpc, keeper_pb2, keeper_pb2_grpc
+from servefleet.common import health
+from servefleet.common.net import free_port, wait_for
+from servefleet.spec import load_spec
+from servefleet.testing import EtcdProcess, RayCluster
+from tests.integration.keeper.conftest import ChildProcess, Procs, bearer
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+AppState = keeper_pb2.AppState
+IRIS = Path(__file__).resolve().parents[3] / "examples" / "iris.yaml"
+
+
+@dataclass
+class Fleet:
+    procs: Procs
+    clusters: dict[str, RayCluster]
+    keeper_port: int
+    keeper_proc: ChildProcess
+    discovery: str
+
+    @property
+    def keeper(self) -> str:
+        return f"127.0.0.1:{self.keeper_port}"
+
+    def stub(self) -> keeper_pb2_grpc.KeeperStub:
+        return keeper_pb2_grpc.KeeperStub(grpc.insecure_channel(self.keeper))
+
+    def md(self) -> list[tuple[str, str]]:
+        return bearer(self.procs.admin_token())
+
+    def restart_keeper(self) -> None:
+        self.keeper_proc, _ = self.procs.keeper(self.keeper_port)
+
+    def status(self, name: str) -> keeper_pb2.ApplicationStatus:
+        ref = keeper_pb2.GetApplicationRequest(app={"namespace": "default", "name": name})
+        return self.stub().GetApplication(ref, metadata=self.md(), timeout=10)
+
+    def wait_state(
+        self, name: str, state: int, version: str, timeout: float = 240
+    ) -> keeper_pb2.ApplicationStatus:
+        def reached() -> keeper_pb2.ApplicationStatus | None:
+            try:
+                got = self.status(name)
+            except grpc.RpcError:
+                return None  # the keeper may be restarting
+            placed = got.placements and all(p.version == version for p in got.placements)
+            return got if got.state == state and placed else None
+
+        try:
+            return wait_for(
+                reached, timeout=timeout, interval=0.5, what=f"{name} {AppState.Name(state)} v{version}"
+            )  # type: ignore[return-value]
+        except TimeoutError:
+            last = self.status(name)
+            raise AssertionError(
+                f"{name}: {AppState.Name(last.state)} {last.reason}\n{self.keeper_proc.tail()}"
+            ) from None
+
+    def gone(self, name: str) -> bool:
+        try:
+            self.status(name)
+        except grpc.RpcError as exc:
+            return exc.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined,no-any-return]
+        return False
+
+
+def named_actors(ray_address: str) -> list[str]:
+    """Names of every data-plane actor on a Ray cluster, asked from a fresh driver."""
+    code = (
+        f"import json, ray; ray.init(address={ray_address!r}, logging_level='ERROR', log_to_driver=False);"
+        "print(json.dumps(sorted(a['name'] for a in ray.util.list_named_actors(all_namespaces=True)"
+        " if a['namespace'] == 'servefleet')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def actors_of(names: list[str], app: str) -> dict[str, int]:
+    counts = {"master": 0, "replica": 0, "proxy": 0}
+    for name in names:
+        kind, _, rest = name.partition(":")
+        if rest.startswith(f"default/{app}"):
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+@pytest.fixture(scope="module")
+def fleet(etcd: EtcdProcess) -> Iterator[Fleet]:
+    procs = Procs(etcd)
+    clusters = {name: RayCluster(num_cpus=1).start() for name in ("east", "west")}
+    try:
+        discovery_address = f"127.0.0.1:{free_port()}"
+        argv = [
+            sys.executable,
+            "-m",
+            "servefleet.discovery",
+            "--listen",
+            discovery_address,
+            "--etcd",
+            etcd.address,
+        ]
+        procs.started.append(ChildProcess(argv, procs.env(), procs.workdir / "discovery.log").start())
+        wait_for(lambda: health.grpc_health(discovery_address)[0], timeout=60, what="discovery")
+        port = free_port()
+        keeper_proc, _ = procs.keeper(port)
+        for name, cluster in clusters.items():
+            procs.agent(
+                ray=cluster.address, keeper=f"127.0.0.1:{port}", discovery=discovery_address, cluster=name
+            )
+        fleet = Fleet(procs, clusters, port, keeper_proc, discovery_address)
+
+        def both_alive() -> bool:
+            found = fleet.stub().ListClusters(
+                keeper_pb2.ListClustersRequest(), metadata=fleet.md(), timeout=10
+            )
+            return sorted(c.name for c in found.clusters if c.alive) == ["east", "west"]
+
+        wait_for(both_alive, timeout=60, interval=0.5, what="both clusters registered")
+        yield fleet
+    finally:
+        procs.stop()
+        for cluster in clusters.values():
+            cluster.cleanup()
+
+
+def iris(name: str, version: str = "1", spread: int = 2):  # type: ignore[no-untyped-def]
+    spec = load_spec(IRIS)
+    spec.name, spec.version = name, version
+    spec.replicas.initial = spec.replicas.min = 1
+    spec.placement.spread = spread
+    return spec
+
+
+def infer(address: str, model: str) -> np.ndarray:
+    client = tc.InferenceServerClient(url=address)
+    features = tc.InferInput("features", [2, 4], "FP32")
+    features.set_data_from_numpy(np.array([[5.0, 3.4, 1.5, 0.2], [6.7, 3.0, 5.6, 2.1]], dtype=np.float32))
+    return client.infer(model, [features], client_timeout=30).as_numpy("label")  # type: ignore[no-any-return]
+
+
+def test_spread_app_answers_through_both_clusters_and_delete_removes_everything(fleet: Fleet) -> None:
+    stub = fleet.stub()
+    stub.SubmitApplication(
+        keeper_pb2.SubmitApplicationRequest(spec=iris("spread")), metadata=fleet.md(), timeout=10
+    )
+    running = fleet.wait_state("spread", AppState.RUNNING, "1")
+    assert sorted(p.cluster for p in running.placements) == ["east", "west"]
+    resolver = discovery_pb2_grpc.DiscoveryStub(grpc.insecure_channel(fleet.discovery))
+
+    def proxies() -> list[discovery_pb2.Endpoint] | None:
+        found = resolver.Resolve(
+            discovery_pb2.ResolveRequest(app={"namespace": "default", "name": "spread"}, kind="proxy"),
+            timeout=10,
+        ).endpoints
+        return list(found) if {e.labels["cluster"] for e in found} == {"east", "west"} else None
+
+    endpoints = wait_for(proxies, timeout=60, interval=0.5, what="proxies of both clusters in discovery")
+    for endpoint in endpoints:  # type: ignore[attr-defined]
+        assert infer(endpoint.address, "spread").tolist() == [0, 2], endpoint.labels["cluster"]
+
+    stub.DeleteApplication(
+        keeper_pb2.DeleteApplicationRequest(app=running.app), metadata=fleet.md(), timeout=10
+    )
+    wait_for(lambda: fleet.gone("spread"), timeout=120, interval=0.5, what="spread deleted")
+    for name, cluster in fleet.clusters.items():
+        assert actors_of(named_actors(cluster.address), "spread") == {
+            "master": 0,
+            "replica": 0,
+            "proxy": 0,
+        }, name
+
+
+def test_keeper_sigkill_mid_deploy_and_mid_update_converges_without_duplicates(fleet: Fleet) -> None:
+    stub = fleet.stub()
+    submitted = stub.SubmitApplication(
+        keeper_pb2.SubmitApplicationRequest(spec=iris("crashy")), metadata=fleet.md(), timeout=10
+    )
+    wait_for(
+        lambda: fleet.status("crashy").state == AppState.DEPLOYING,
+        timeout=60,
+        interval=0.05,
+        what="deploying",
+    )
+    fleet.keeper_proc.kill()  # mid-deploy: placed, masters being created
+    fleet.restart_keeper()
+    fleet.wait_state("crashy", AppState.RUNNING, "1")
+
+    current = fleet.status("crashy")
+    assert current.revision == submitted.revision
+    stub = fleet.stub()
+    update = keeper_pb2.UpdateApplicationRequest(
+        spec=iris("crashy", version="2"), expected_revision=current.revision
+    )
+    stub.UpdateApplication(update, metadata=fleet.md(), timeout=10)
+    wait_for(
+        lambda: fleet.status("crashy").state == AppState.UPDATING, timeout=60, interval=0.05, what="updating"
+    )
+    fleet.keeper_proc.kill()  # mid-update
+    fleet.restart_keeper()
+    final = fleet.wait_state("crashy", AppState.RUNNING, "2")
+    assert final.spec.version == "2" and final.replicas == 1
+
+    def settled(address: str) -> dict[str, int] | None:
+        counts = actors_of(named_actors(address), "crashy")
+        return counts if counts["replica"] == 1 else None
+
+    for name, cluster in fleet.clusters.items():
+        counts = wait_for(
+            lambda c=cluster: settled(c.address), timeout=90, interval=1, what=f"{name} drained"
+        )
+        assert counts == {"master": 1, "replica": 1, "proxy": 1}, (name, counts)
+    stub.DeleteApplication(
+        keeper_pb2.DeleteApplicationRequest(app=final.app), metadata=fleet.md(), timeout=10
+    )
+    wait_for(lambda: fleet.gone("crashy"), timeout=120, interval=0.5, what="crashy deleted")
