@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import uuid
 
 from servefleet.api import keeper_pb2
 from servefleet.common.entry import Service, run_service, service_parser
@@ -28,7 +29,7 @@ async def build(args: argparse.Namespace) -> Service:
         [keeper_pb2.DESCRIPTOR.services_by_name["Keeper"].full_name],
     )
     agents = Agents()
-    election = Election(store)
+    election = Election(store, ident=f"{args.listen}/{uuid.uuid4().hex[:8]}")
     leading = asyncio.create_task(election.run(Reconciler(store, agents).run))
 
     async def stop() -> None:
