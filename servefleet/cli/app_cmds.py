@@ -1,0 +1,225 @@
+"""`servefleet app deploy|list|status|update|scale|delete|watch|endpoints`."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import click
+import grpc
+
+from servefleet import spec as specs
+from servefleet.api import common_pb2, discovery_pb2, discovery_pb2_grpc, keeper_pb2
+from servefleet.cli.common import emit, one_line_errors
+from servefleet.cli.keeper_conn import KeeperConn, app_row, keeper_command, stack_address, to_dict
+from servefleet.common.config import grpc_options
+
+AppState = keeper_pb2.AppState
+#: Where deploy/update stop following: the app serves, or it cannot.
+SETTLED: set[int] = {AppState.RUNNING, AppState.FAILED, AppState.DELETED}
+
+namespace_option = click.option(
+    "--namespace", "-n", default="", help="Application namespace (default: 'default', or a tenant's own)."
+)
+
+
+@click.group()
+def app() -> None:
+    """Deploy and manage applications through the keeper."""
+
+
+def _ref(name: str, namespace: str) -> common_pb2.AppRef:
+    return common_pb2.AppRef(namespace=namespace or specs.DEFAULT_NAMESPACE, name=name)
+
+
+def _show(conn: KeeperConn, statuses: Iterable[keeper_pb2.ApplicationStatus]) -> None:
+    statuses = list(statuses)
+    if conn.output == "json":
+        emit([to_dict(s) for s in statuses], "json")
+    else:
+        emit([app_row(s) for s in statuses], "table")
+
+
+def _follow(conn: KeeperConn, ref: common_pb2.AppRef, timeout: float, until: set[int]) -> int:
+    """Print status events until one of ``until`` (or the timeout); returns the last state."""
+    state = AppState.APP_STATE_UNSPECIFIED
+    events = conn.stub.WatchApplication(
+        keeper_pb2.WatchApplicationRequest(app=ref), metadata=conn.md, timeout=timeout
+    )
+    try:
+        for event in events:
+            state = event.state
+            line = f"{time.strftime('%H:%M:%S')} {AppState.Name(event.state):<9} {event.reason}"
+            click.echo(
+                line if conn.output == "table" else json.dumps(to_dict(event)), err=conn.output == "table"
+            )
+            if event.state in until:
+                break
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise
+        raise click.ClickException(
+            f"{ref.namespace}/{ref.name} still {AppState.Name(state)} after {timeout:g}s "
+            "(it keeps going; `servefleet app watch` follows it)"
+        ) from None
+    finally:
+        events.cancel()
+    return state
+
+
+def _finish(conn: KeeperConn, ref: common_pb2.AppRef, wait: bool, timeout: float) -> None:
+    state = _follow(conn, ref, timeout, SETTLED) if wait else AppState.APP_STATE_UNSPECIFIED
+    if state != AppState.DELETED:
+        _show(conn, [conn.stub.GetApplication(keeper_pb2.GetApplicationRequest(app=ref), metadata=conn.md)])
+    if state == AppState.FAILED:
+        raise click.ClickException(f"{ref.namespace}/{ref.name} FAILED")
+
+
+wait_option = click.option("--wait/--no-wait", default=True, show_default=True, help="Follow until settled.")
+timeout_option = click.option("--timeout", default=600.0, show_default=True, help="Seconds to follow.")
+
+
+@app.command()
+@click.argument("spec_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@wait_option
+@timeout_option
+@keeper_command
+@one_line_errors
+def deploy(conn: KeeperConn, spec_file: Path, wait: bool, timeout: float) -> None:
+    """Submit SPEC_FILE (YAML) and show progress until RUNNING or FAILED."""
+    spec = specs.load_spec(spec_file)
+    submitted = conn.stub.SubmitApplication(keeper_pb2.SubmitApplicationRequest(spec=spec), metadata=conn.md)
+    click.echo(
+        f"submitted {submitted.app.namespace}/{submitted.app.name} revision {submitted.revision}", err=True
+    )
+    _finish(conn, submitted.app, wait, timeout)
+
+
+@app.command()
+@click.argument("spec_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--revision", type=int, default=0, help="Expected revision (default: the current one).")
+@wait_option
+@timeout_option
+@keeper_command
+@one_line_errors
+def update(conn: KeeperConn, spec_file: Path, revision: int, wait: bool, timeout: float) -> None:
+    """Roll out SPEC_FILE as the new desired state (compare-and-swap on the revision)."""
+    spec = specs.load_spec(spec_file)
+    if not revision:
+        current = conn.stub.GetApplication(
+            keeper_pb2.GetApplicationRequest(app=specs.app_ref(spec)), metadata=conn.md
+        )
+        revision = current.revision
+    updated = conn.stub.UpdateApplication(
+        keeper_pb2.UpdateApplicationRequest(spec=spec, expected_revision=revision), metadata=conn.md
+    )
+    click.echo(f"updated {updated.app.namespace}/{updated.app.name} to revision {updated.revision}", err=True)
+    _finish(conn, updated.app, wait, timeout)
+
+
+@app.command(name="list")
+@namespace_option
+@click.option("--label", "-l", multiple=True, help="Label filter key=value (repeatable).")
+@click.option("--state", type=click.Choice([s for s in AppState.keys() if s != "APP_STATE_UNSPECIFIED"]))
+@keeper_command
+@one_line_errors
+def list_(conn: KeeperConn, namespace: str, label: tuple[str, ...], state: str | None) -> None:
+    """Applications you may see, every page."""
+    selector = dict(item.partition("=")[::2] for item in label)
+    request = keeper_pb2.ListApplicationsRequest(namespace=namespace, label_selector=selector, state=state)
+    found: list[keeper_pb2.ApplicationStatus] = []
+    while True:
+        page = conn.stub.ListApplications(request, metadata=conn.md)
+        found += page.applications
+        if not page.next_page_token:
+            break
+        request.page_token = page.next_page_token
+    _show(conn, found)
+
+
+@app.command()
+@click.argument("name")
+@namespace_option
+@keeper_command
+@one_line_errors
+def status(conn: KeeperConn, name: str, namespace: str) -> None:
+    """One application's state, reason and placements."""
+    got = conn.stub.GetApplication(
+        keeper_pb2.GetApplicationRequest(app=_ref(name, namespace)), metadata=conn.md
+    )
+    if conn.output == "json":
+        emit([to_dict(got)], "json")
+        return
+    _show(conn, [got])
+    rows = [
+        {"cluster": p.cluster, "replicas": p.replicas, "ready": p.ready_replicas, "version": p.version}
+        for p in got.placements
+    ]
+    if rows:
+        click.echo("")
+        emit(rows, "table")
+
+
+@app.command()
+@click.argument("name")
+@click.argument("replicas", type=click.IntRange(0))
+@namespace_option
+@keeper_command
+@one_line_errors
+def scale(conn: KeeperConn, name: str, replicas: int, namespace: str) -> None:
+    """Set REPLICAS per cluster."""
+    request = keeper_pb2.ScaleApplicationRequest(app=_ref(name, namespace), replicas=replicas)
+    _show(conn, [conn.stub.ScaleApplication(request, metadata=conn.md)])
+
+
+@app.command()
+@click.argument("name")
+@namespace_option
+@click.option("--wait/--no-wait", default=False, show_default=True, help="Follow until DELETED.")
+@timeout_option
+@keeper_command
+@one_line_errors
+def delete(conn: KeeperConn, name: str, namespace: str, wait: bool, timeout: float) -> None:
+    """Remove the application from every cluster."""
+    ref = _ref(name, namespace)
+    deleting = conn.stub.DeleteApplication(keeper_pb2.DeleteApplicationRequest(app=ref), metadata=conn.md)
+    if wait:
+        _follow(conn, ref, timeout, {AppState.DELETED})
+    else:
+        _show(conn, [deleting])
+
+
+@app.command()
+@click.argument("name")
+@namespace_option
+@timeout_option
+@keeper_command
+@one_line_errors
+def watch(conn: KeeperConn, name: str, namespace: str, timeout: float) -> None:
+    """Print status events as they happen, until DELETED (Ctrl-C to stop)."""
+    _follow(conn, _ref(name, namespace), timeout, {AppState.DELETED})
+
+
+@app.command()
+@click.argument("name")
+@namespace_option
+@click.option("--discovery", metavar="HOST:PORT", envvar="SERVEFLEET_DISCOVERY", help="Discovery address.")
+@click.option("--kind", default="", help="Only endpoints of this kind (proxy, direct, triton).")
+@keeper_command
+@one_line_errors
+def endpoints(conn: KeeperConn, name: str, namespace: str, discovery: str | None, kind: str) -> None:
+    """Live endpoints of an application, as discovery knows them now."""
+    ref = _ref(name, namespace)
+    conn.stub.GetApplication(keeper_pb2.GetApplicationRequest(app=ref), metadata=conn.md)  # visibility check
+    address = discovery or stack_address(conn.state_dir, "discovery", "--discovery")
+    with grpc.insecure_channel(address, options=grpc_options()) as channel:
+        found = discovery_pb2_grpc.DiscoveryStub(channel).Resolve(
+            discovery_pb2.ResolveRequest(app=ref, kind=kind), timeout=10
+        )
+    rows = [
+        {"address": e.address, "kind": e.kind, "version": e.version, "labels": dict(e.labels)}
+        for e in found.endpoints
+    ]
+    emit(rows, conn.output)
