@@ -7,7 +7,7 @@ import sys
 import click
 
 from servefleet import __version__
-from servefleet.cli import stack_cmds
+from servefleet.cli import app_cmds, cluster_cmds, stack_cmds, tenant_cmds
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,6 +19,9 @@ def cli() -> None:
 cli.add_command(stack_cmds.up)
 cli.add_command(stack_cmds.down)
 cli.add_command(stack_cmds.status)
+cli.add_command(app_cmds.app)
+cli.add_command(cluster_cmds.cluster)
+cli.add_command(tenant_cmds.tenant)
 
 
 def main(argv: list[str] | None = None) -> None:
