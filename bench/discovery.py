@@ -72,7 +72,7 @@ async def sdk_propagation(
     """Seconds from sending Register to the new endpoint being in the SDK's set."""
     ref = names.parse_app(app)
     await client.endpoints(app, timeout=60)
-    watch = client._watch(ref)
+    watch = client.watch(ref)
     out = []
     for i in range(samples):
         endpoint = discovery_pb2.Endpoint(

@@ -88,7 +88,10 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _watch(self, app: common_pb2.AppRef) -> AppWatch:
+    def watch(self, app: str | common_pb2.AppRef) -> AppWatch:
+        """The live endpoint set of ``app`` (its Watch stream starts on first use): for callers
+        that want ``wait_changed`` or the revision, not just a list."""
+        app = parse_app(app)
         key = (app.namespace, app.name)
         watch = self._watches.get(key)
         if watch is None:
@@ -102,7 +105,7 @@ class AsyncClient:
         self.picker.forget(gone)
 
     async def _synced(self, app: str, timeout: float) -> AppWatch:
-        watch = self._watch(parse_app(app))
+        watch = self.watch(app)
         if not await watch.wait_synced(timeout):
             if watch.error is not None:
                 raise watch.error

@@ -31,6 +31,7 @@ class EndpointSet:
         self.endpoints: dict[str, discovery_pb2.Endpoint] = {}
         self.revision = 0
         self.synced = False
+        self.snapshots = 0  # more than one: the stream could not resume (history compacted)
 
     def apply(self, event: discovery_pb2.WatchEvent) -> list[discovery_pb2.Endpoint]:
         """Apply one event in stream order; returns the endpoints it removed."""
@@ -40,6 +41,7 @@ class EndpointSet:
             removed = [e for i, e in self.endpoints.items() if i not in fresh]
             self.endpoints = fresh
             self.synced = True
+            self.snapshots += 1
         elif event.type in (Event.ADDED, Event.UPDATED):
             for endpoint in event.endpoints:
                 self.endpoints[endpoint.id] = endpoint
