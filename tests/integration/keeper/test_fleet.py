@@ -14,8 +14,11 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+import yaml
+from click.testing import CliRunner, Result
 
 from servefleet.api import discovery_pb2, discovery_pb2_grpc, keeper_pb2, keeper_pb2_grpc
+from servefleet.cli.main import cli
 from servefleet.common import health
 from servefleet.common.net import free_port, wait_for
 from servefleet.spec import load_spec
@@ -232,3 +235,30 @@ def test_keeper_sigkill_mid_deploy_and_mid_update_converges_without_duplicates(f
         keeper_pb2.DeleteApplicationRequest(app=final.app), metadata=fleet.md(), timeout=10
     )
     wait_for(lambda: fleet.gone("crashy"), timeout=120, interval=0.5, what="crashy deleted")
+
+
+def test_cli_deploy_follows_to_running_and_lists_endpoints(fleet: Fleet, tmp_path: Path) -> None:
+    state = fleet.procs.workdir
+    (state / "stack.json").write_text(
+        json.dumps({"keeper": fleet.keeper, "discovery": fleet.discovery, "parts": []})
+    )
+    data = yaml.safe_load(IRIS.read_text())
+    data.update(name="viacli", replicas=1)
+    spec_file = tmp_path / "viacli.yaml"
+    spec_file.write_text(yaml.safe_dump(data))
+
+    def cli_run(*args: str) -> Result:
+        return CliRunner().invoke(cli, [*args, "--state-dir", str(state)], env={"SERVEFLEET_TOKEN": None})
+
+    deployed = cli_run("app", "deploy", str(spec_file), "--timeout", "240")
+    assert deployed.exit_code == 0, deployed.output
+    assert "DEPLOYING" in deployed.output and "RUNNING" in deployed.output
+
+    def listed() -> list[dict[str, object]]:
+        return json.loads(cli_run("app", "endpoints", "viacli", "-o", "json").output)  # type: ignore[no-any-return]
+
+    endpoints = wait_for(listed, timeout=60, interval=0.5, what="viacli endpoints")
+    assert [e["kind"] for e in endpoints] == ["proxy"]  # type: ignore[attr-defined,index]
+    assert endpoints[0]["labels"]["cluster"] in fleet.clusters  # type: ignore[index]
+    deleted = cli_run("app", "delete", "viacli", "--wait", "--timeout", "120")
+    assert deleted.exit_code == 0 and "DELETED" in deleted.output, deleted.output
