@@ -244,23 +244,16 @@ async def _in_context(ctx: otel_context.Context, work: Awaitable[T]) -> T:
 
 
 class Client:
-    """Blocking twin of :class:`AsyncClient`; runs one asyncio loop in a daemon thread."""
+    """Blocking twin of :class:`AsyncClient` (same arguments); runs one asyncio loop in a daemon
+    thread. Safe to share between threads."""
 
-    def __init__(
-        self,
-        discovery: str,
-        *,
-        zone: str = "",
-        retry: bool | RetryPolicy = True,
-        timeout: float = 30.0,
-        broker: str | None = None,
-    ) -> None:
+    def __init__(self, discovery: str, **options: Any) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="servefleet-client", daemon=True)
         self._thread.start()
 
         async def make() -> AsyncClient:
-            return AsyncClient(discovery, zone=zone, retry=retry, timeout=timeout, broker=broker)
+            return AsyncClient(discovery, **options)
 
         self.aio = self._run(make())
 
