@@ -1,0 +1,72 @@
+"""registration(): waits for discovery, rejects bad input at once, and heals a lost lease."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aetcd
+import grpc
+import pytest
+
+from servefleet.api import discovery_pb2, discovery_pb2_grpc
+from servefleet.common.errors import InvalidArgument
+from servefleet.common.net import async_wait_for
+from servefleet.discovery.names import parse_app
+from servefleet.discovery.registration import registration
+from servefleet.discovery.testing import DiscoveryProcess
+from servefleet.testing import EtcdProcess
+
+
+def endpoint(app: str, address: str = "127.0.0.1:7001") -> discovery_pb2.Endpoint:
+    return discovery_pb2.Endpoint(app=parse_app(app), kind="proxy", address=address)
+
+
+async def resolve_ids(address: str, app: str) -> list[str]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        reply = await discovery_pb2_grpc.DiscoveryStub(channel).Resolve(
+            discovery_pb2.ResolveRequest(app=parse_app(app))
+        )
+    return [e.id for e in reply.endpoints]
+
+
+async def test_bad_input_fails_at_once(discovery: DiscoveryProcess) -> None:
+    with pytest.raises(InvalidArgument, match="not host:port"):
+        async with registration(discovery.address, endpoint("r1", address="nowhere")):
+            pass
+    with pytest.raises(InvalidArgument, match="ttl_s"):
+        async with registration(discovery.address, endpoint("r1"), ttl_s=-3):
+            pass
+
+
+async def test_waits_for_discovery_that_starts_later(etcd: EtcdProcess) -> None:
+    late = DiscoveryProcess(etcd.address)
+    try:
+
+        async def enter() -> list[str]:
+            async with registration(late.address, endpoint("r2")) as reg:
+                return [reg.endpoint_id, *await resolve_ids(late.address, "r2")]
+
+        entering = asyncio.create_task(enter())
+        await asyncio.sleep(0.5)  # the helper is retrying against a closed port meanwhile
+        assert not entering.done()
+        await asyncio.to_thread(late.start)
+        endpoint_id, *listed = await asyncio.wait_for(entering, 30)
+        assert listed == [endpoint_id]
+        assert await resolve_ids(late.address, "r2") == []  # leaving deregistered it
+    finally:
+        late.cleanup()
+
+
+async def test_lost_lease_is_healed_with_the_same_id(discovery: DiscoveryProcess, etcd: EtcdProcess) -> None:
+    async with registration(discovery.address, endpoint("r3"), ttl_s=2) as reg:
+        first_lease = reg.lease_id
+        host, port = etcd.address.split(":")
+        async with aetcd.Client(host=host, port=int(port)) as client:
+            await client.revoke_lease(first_lease)  # as if the process had been paused past its TTL
+        assert await resolve_ids(discovery.address, "r3") == []
+
+        async def healed() -> bool:
+            return await resolve_ids(discovery.address, "r3") == [reg.endpoint_id]
+
+        await async_wait_for(healed, timeout=10, what="re-registration")
+        assert reg.lease_id != first_lease
