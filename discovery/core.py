@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 from uuid import uuid4
 
 import aetcd
@@ -97,6 +98,36 @@ def group_changes(events: Sequence[aetcd.rpc.Event]) -> list[discovery_pb2.Watch
     return out
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+M = TypeVar("M", discovery_pb2.ResolveResponse, discovery_pb2.WatchEvent)
+
+
+def with_endpoints(message: M, values: Sequence[bytes]) -> M:
+    """A copy of ``message`` with serialised records as its repeated ``endpoints`` field.
+
+    The records are spliced into one buffer and parsed by protobuf's C code in a single call,
+    several times faster for big sets than decoding each record into a Python object; a record
+    that does not parse is skipped on the slow path.
+    """
+    field = message.DESCRIPTOR.fields_by_name["endpoints"].number
+    tag = _varint(field << 3 | 2)  # wire type 2: length-delimited
+    records = b"".join(tag + _varint(len(v)) + v for v in values)
+    try:
+        # Concatenated serialisations merge: the header fields plus every record, in one parse.
+        return type(message).FromString(message.SerializeToString() + records)
+    except DecodeError:
+        message.endpoints.extend(e for e in map(_decode, values) if e is not None)
+        return message
+
+
 def matches(endpoint: discovery_pb2.Endpoint, kind: str, label_filter: Mapping[str, str]) -> bool:
     if kind and endpoint.kind != kind:
         return False
@@ -175,17 +206,20 @@ class DiscoveryCore:
             )
         return int(reply.header.revision)
 
-    async def _range(self, prefix: bytes) -> tuple[list[discovery_pb2.Endpoint], int]:
+    async def _range(self, prefix: bytes) -> tuple[list[bytes], int]:
+        """Serialised records under ``prefix`` and the revision they were read at."""
         with _etcd_errors():
             result = await self._etcd.get_prefix(prefix)
-        endpoints = [e for e in (_decode(kv.value) for kv in result) if e is not None]
-        return endpoints, int(result.header.revision)
+        return [kv.value for kv in result.kvs], int(result.header.revision)
 
     async def resolve(
         self, app: common_pb2.AppRef, *, kind: str = "", label_filter: Mapping[str, str] | None = None
     ) -> discovery_pb2.ResolveResponse:
-        endpoints, revision = await self._range(names.watch_prefix(names.parse_app(app)))
-        chosen = [e for e in endpoints if matches(e, kind, label_filter or {})]
+        values, revision = await self._range(names.watch_prefix(names.parse_app(app)))
+        reply = with_endpoints(discovery_pb2.ResolveResponse(revision=revision), values)
+        if not kind and not label_filter:
+            return reply
+        chosen = [e for e in reply.endpoints if matches(e, kind, label_filter or {})]
         return discovery_pb2.ResolveResponse(endpoints=chosen, revision=revision)
 
     async def watch(
@@ -205,8 +239,8 @@ class DiscoveryCore:
         stale = False
         while True:
             if resume == 0 or stale:
-                endpoints, revision = await self._range(prefix)
-                yield Event(type=Event.SNAPSHOT, endpoints=endpoints, revision=revision, compacted=stale)
+                values, revision = await self._range(prefix)
+                yield with_endpoints(Event(type=Event.SNAPSHOT, revision=revision, compacted=stale), values)
                 resume = revision
             stale = False
             async for event in self._deltas(prefix, resume):

@@ -8,7 +8,7 @@ from aetcd import rpc
 from servefleet.api import common_pb2, discovery_pb2
 from servefleet.common.errors import InvalidArgument
 from servefleet.discovery import names
-from servefleet.discovery.core import group_changes, matches
+from servefleet.discovery.core import group_changes, matches, with_endpoints
 
 Event = discovery_pb2.WatchEvent
 
@@ -105,3 +105,13 @@ def test_matches_kind_and_labels() -> None:
     assert matches(e, "proxy", {"zone": "a"})
     assert not matches(e, "direct", {})
     assert not matches(e, "", {"zone": "b"})
+
+
+def test_with_endpoints_splices_records_and_skips_broken_ones() -> None:
+    records = [discovery_pb2.Endpoint(id=f"e{i}", kind="proxy", labels={"zone": "a"}) for i in range(300)]
+    values = [r.SerializeToString() for r in records]
+    snapshot = with_endpoints(Event(type=Event.SNAPSHOT, revision=9, compacted=True), values)
+    assert list(snapshot.endpoints) == records
+    assert (snapshot.type, snapshot.revision, snapshot.compacted) == (Event.SNAPSHOT, 9, True)
+    broken = with_endpoints(discovery_pb2.ResolveResponse(revision=4), [values[0], b"\xff\xff", values[1]])
+    assert [e.id for e in broken.endpoints] == ["e0", "e1"] and broken.revision == 4
