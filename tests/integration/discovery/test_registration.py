@@ -70,3 +70,27 @@ async def test_lost_lease_is_healed_with_the_same_id(discovery: DiscoveryProcess
 
         await async_wait_for(healed, timeout=10, what="re-registration")
         assert reg.lease_id != first_lease
+
+
+async def test_discovery_down_past_the_ttl_then_back_re_registers(etcd: EtcdProcess) -> None:
+    own = DiscoveryProcess(etcd.address).start()
+    try:
+        async with registration(own.address, endpoint("r4"), ttl_s=1) as reg:
+            first_lease = reg.lease_id
+            own.kill()  # no keep-alive reaches etcd now: the lease lapses, the record goes
+            host, port = etcd.address.split(":")
+            async with aetcd.Client(host=host, port=int(port)) as client:
+
+                async def lapsed() -> bool:
+                    return (await client.get_lease_info(first_lease, keys=False)).TTL <= 0
+
+                await async_wait_for(lapsed, timeout=10, what="the lease to lapse")
+            await asyncio.to_thread(own.start)
+
+            async def back() -> bool:
+                return await resolve_ids(own.address, "r4") == [reg.endpoint_id]
+
+            await async_wait_for(back, timeout=15, what="re-registration after the restart")
+            assert reg.lease_id != first_lease
+    finally:
+        own.cleanup()

@@ -78,10 +78,12 @@ async def test_sigkill_leaves_the_set_within_ttl_and_sigstop_re_registers(
     b = start(endpoints, discovery.address, "s2", "s2-b")
     await wait_ids(client, "s2", {"s2-a", "s2-b"})
 
+    await load(client, "s2", 10, 2)  # both endpoints have pooled channels now
     killed_at = time.monotonic()
     a.kill()
     await wait_ids(client, "s2", {"s2-b"}, timeout=TTL_S + 1)
     print(f"\nSIGKILL -> gone from the SDK's set after {time.monotonic() - killed_at:.2f}s (TTL {TTL_S}s)")
+    assert a.address not in client._pool  # a removed endpoint's channel is closed
 
     b.pause()
     await wait_ids(client, "s2", set(), timeout=TTL_S + 1)
