@@ -1,0 +1,67 @@
+"""A small Ray actor hosting a PullWorker with a numpy handler: y = 2 * x after a sleep.
+
+Inputs: ``x`` (int64), ``sleep_ms`` (float64, optional). Any negative ``x`` is a poison request
+(the handler raises). Every execution is counted per ticket in a Redis hash on ``counter_address``
+before it runs, so executions on a worker that is SIGKILLed later are counted too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import ray
+import redis.asyncio as aioredis
+from tritonclient.grpc import service_pb2
+
+from servefleet.api import common_pb2
+from servefleet.broker.worker import TICKET_PARAMETER, PullWorker
+from servefleet.common.net import split_address
+from servefleet.common.tensors import decode_request, encode_response
+
+EXECUTIONS = "test:broker:executions"
+
+
+@ray.remote(num_cpus=0.1, max_restarts=0)
+class EchoActor:
+    def __init__(
+        self,
+        redis_address: str,
+        app: str,
+        consumer: str,
+        *,
+        slots: int = 2,
+        counter_address: str = "",
+        reclaim_idle_s: float = 2.0,
+        max_deliveries: int = 3,
+    ) -> None:
+        self.worker = PullWorker(
+            redis_address,
+            app,
+            consumer,
+            slots,
+            self.handle,
+            config=common_pb2.AsyncConfig(enabled=True, max_deliveries=max_deliveries),
+            reclaim_idle_s=reclaim_idle_s,
+            block_ms=200,
+        )
+        host, port = split_address(counter_address or redis_address)
+        self.counter = aioredis.Redis(host=host, port=port)
+
+    async def start(self) -> int:
+        await self.worker.start()
+        return os.getpid()
+
+    async def handle(self, request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
+        inputs = decode_request(request)
+        await self.counter.hincrby(EXECUTIONS, request.parameters[TICKET_PARAMETER].string_param, 1)
+        if (inputs["x"] < 0).any():
+            raise ValueError("poison input: negative x")
+        if "sleep_ms" in inputs:
+            await asyncio.sleep(float(inputs["sleep_ms"][0]) / 1000)
+        return encode_response(request.model_name, {"y": inputs["x"] * 2})
+
+    async def stop(self, drain: bool = True) -> tuple[int, int]:
+        await self.worker.stop(drain)
+        await self.counter.aclose()
+        return self.worker.completed, self.worker.duplicates
