@@ -5,7 +5,8 @@ means the same everywhere. ``validate`` fills every default, so code downstream 
 an unset field means. Errors are ``InvalidArgument`` naming the field, e.g.
 ``spec.inputs[0].datatype: 'FP8' is not a KServe v2 datatype``.
 
-The YAML keys are the proto field names (``replicas`` may also be a plain integer, ``memory`` a
+A relative ``working_dir`` in a YAML file is resolved against the file's folder. The YAML keys are
+the proto field names (``replicas`` may also be a plain integer, ``memory`` a
 size such as ``512Mi``, and ``max_batch_size`` / ``batch_wait_timeout_ms`` may sit at top level
 instead of under ``batching``). Unknown keys are refused, so a typo never silently means a default.
 """
@@ -68,6 +69,8 @@ def load_spec(source: str | Path | Mapping[str, Any] | ApplicationSpec) -> Appli
             raise InvalidArgument(f"spec file {str(path)!r}: {exc.strerror or exc}") from None
         except yaml.YAMLError as exc:
             raise InvalidArgument(f"spec file {str(path)!r} is not valid YAML: {exc}") from None
+        if isinstance(data, dict) and _is_local_relative(data.get("working_dir")):
+            data["working_dir"] = str((path.parent / data["working_dir"]).resolve())
         source = data
     if not isinstance(source, Mapping):
         raise InvalidArgument(f"spec: expected a mapping, got {type(source).__name__}")
@@ -188,6 +191,11 @@ def parse_size(value: Any, field: str) -> int:
     if not match:
         raise InvalidArgument(f"{field}: {value!r} is not a size such as 512Mi, 2G or 1048576")
     return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()])
+
+
+def _is_local_relative(path: Any) -> bool:
+    """A working_dir written relative to the spec file (not absolute, not a URL)."""
+    return isinstance(path, str) and bool(path) and "://" not in path and not Path(path).is_absolute()
 
 
 def _unfloat(value: Any) -> Any:

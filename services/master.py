@@ -152,7 +152,9 @@ class ApplicationMaster:
     async def status(self) -> bytes:
         spec = self.spec or common_pb2.ApplicationSpec()
         current = generation(spec) if self.spec else ""
-        ready = [r for r in self._replicas.values() if r.ready and r.info is not None]
+        # Ready means routed: in the table every proxy has acknowledged, not merely started.
+        routed = self._routed[1] if self._routed else frozenset()
+        ready = [r for r in self._replicas.values() if r.name in routed and r.info is not None]
         versions = {r.info.version for r in ready if r.info is not None}
         new_ready = sum(r.generation == current for r in ready)
         status = agent_pb2.MasterStatus(
@@ -225,6 +227,9 @@ class ApplicationMaster:
         )
 
     async def _run(self) -> None:
+        # Learn which adopted replicas are alive before publishing anything: a table built
+        # earlier would take live replicas away from the proxies.
+        await asyncio.gather(*(r.starting for r in self._replicas.values() if r.starting is not None))
         while not self._stopping:
             try:
                 await self._reconcile()

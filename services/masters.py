@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
 from typing import Any
 
 import ray
@@ -51,6 +52,7 @@ async def apply(
     spec = load_spec(spec)
     if spec.kind != "python":
         raise FailedPrecondition(f"spec.kind {spec.kind!r}: this cluster's data plane serves 'python' apps")
+    _upload_working_dir(spec)
     app = app_ref(spec)
     env = passed_env()
     master: Any = MasterActor.options(
@@ -116,6 +118,21 @@ async def replica_stats(app: common_pb2.AppRef) -> dict[str, dict[str, Any]]:
         return {}
     stats: dict[str, dict[str, Any]] = await master.replica_stats.remote()
     return stats
+
+
+def _upload_working_dir(spec: common_pb2.ApplicationSpec) -> None:
+    """A local working_dir becomes a content-addressed package in the cluster (a ``gcs://`` URI):
+    Ray accepts local paths only from the driver, and replicas are created by the master. Same
+    content, same URI, so an unchanged directory never triggers a rollout."""
+    if not spec.working_dir or "://" in spec.working_dir:
+        return
+    from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
+
+    with tempfile.TemporaryDirectory(prefix="sf-wd-") as scratch:
+        env = upload_working_dir_if_needed(
+            {"working_dir": spec.working_dir}, include_gitignore=True, scratch_dir=scratch
+        )
+    spec.working_dir = env["working_dir"]
 
 
 async def _status(master: Any) -> agent_pb2.MasterStatus:

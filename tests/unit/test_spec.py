@@ -135,3 +135,16 @@ def test_model_name_round_trip() -> None:
         assert model_name(ref) == wire
         assert parse_model_name(wire) == ref
     assert app_ref(load_spec(_minimal())) == common_pb2.AppRef(namespace="default", name="m")
+
+
+def test_relative_working_dir_resolves_against_the_spec_file(tmp_path: Path) -> None:
+    (tmp_path / "code").mkdir()
+    path = tmp_path / "app.yaml"
+    path.write_text("name: m\nimport_path: mod:M\nworking_dir: code\n")
+    assert load_spec(path).working_dir == str(tmp_path / "code")
+
+
+@pytest.mark.parametrize("name", ["iris", "latency", "greeter", "streaming"])
+def test_example_specs_load(name: str) -> None:
+    spec = load_spec(Path(__file__).parents[2] / "examples" / f"{name}.yaml")
+    assert spec.inputs and spec.outputs
