@@ -1,0 +1,213 @@
+// Python bindings: a KServe v2 gRPC server that runs on its own C++ threads, and a C++ load
+// generator for benchmarks. Every call that blocks releases the GIL; the request path never takes it.
+#include <grpcpp/grpcpp.h>
+#include <google/protobuf/stubs/logging.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "ctr_model.h"
+#include "inference_service.h"
+
+namespace py = pybind11;
+
+namespace servefleet::direct {
+namespace {
+
+constexpr int kMaxMessageBytes = 64 * 1024 * 1024;
+
+class DirectServer {
+ public:
+  DirectServer() : service_(&stats_) {}
+  ~DirectServer() { Stop(0.0); }
+
+  // Loads (or replaces) the model; safe while serving.
+  void LoadModel(const std::string& path, const std::string& name, const std::string& version) {
+    if (name.empty()) throw std::invalid_argument("model name must not be empty");
+    service_.SetModel(CtrModel::Load(path), name, version);
+  }
+
+  // Binds `address` (host:port, port 0 picks a free one) and returns the bound port.
+  int Start(const std::string& address, int workers) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (server_) throw std::runtime_error("server already started on port " + std::to_string(port_));
+    if (workers < 1 || workers > 256) throw std::invalid_argument("workers must be in [1, 256]");
+    grpc::EnableDefaultHealthCheckService(true);
+    grpc::ServerBuilder builder;
+    int port = 0;
+    builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &port);
+    builder.RegisterService(&service_);
+    builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
+    builder.SetMaxSendMessageSize(kMaxMessageBytes);
+    builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::NUM_CQS, workers);
+    builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MIN_POLLERS, 1);
+    builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MAX_POLLERS, workers);
+    auto server = builder.BuildAndStart();
+    if (!server || port == 0) throw std::runtime_error("could not listen on " + address);
+    server_ = std::move(server);
+    port_ = port;
+    return port;
+  }
+
+  // Stops accepting, lets in-flight RPCs finish for up to grace_s, then cancels the rest.
+  void Stop(double grace_s) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!server_) return;
+    const auto deadline = std::chrono::system_clock::now() +
+                          std::chrono::microseconds(static_cast<int64_t>(std::max(grace_s, 0.0) * 1e6));
+    server_->Shutdown(deadline);
+    server_->Wait();
+    server_.reset();
+    port_ = 0;
+  }
+
+  bool running() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return server_ != nullptr;
+  }
+  int port() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return port_;
+  }
+  std::string model_name() const { return service_.model_name(); }
+  StatsSnapshot stats() const { return stats_.Snapshot(); }
+
+ private:
+  Stats stats_;
+  InferenceService service_;
+  std::mutex mutex_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+};
+
+struct LoadResult {
+  uint64_t requests = 0;
+  uint64_t errors = 0;
+  double seconds = 0;
+  double p50_ms = 0;
+  double p99_ms = 0;
+  std::string first_error;
+};
+
+// `concurrency` threads, each with its own channel, send the same ModelInferRequest back to back
+// for `duration_s`. Measures the server, not a Python client's event loop.
+LoadResult RunLoad(const std::string& address, const std::string& request_bytes, int concurrency,
+                   double duration_s) {
+  inference::ModelInferRequest request;
+  if (!request.ParseFromString(request_bytes)) throw std::invalid_argument("request_bytes is not a ModelInferRequest");
+  if (concurrency < 1) throw std::invalid_argument("concurrency must be >= 1");
+  std::vector<std::vector<double>> latencies(concurrency);
+  std::vector<uint64_t> errors(concurrency, 0);
+  std::vector<std::string> first_errors(concurrency);
+  const auto start = std::chrono::steady_clock::now();
+  const auto until = start + std::chrono::microseconds(static_cast<int64_t>(duration_s * 1e6));
+  std::vector<std::thread> threads;
+  for (int t = 0; t < concurrency; ++t) {
+    threads.emplace_back([&, t] {
+      grpc::ChannelArguments args;
+      args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+      args.SetMaxReceiveMessageSize(kMaxMessageBytes);
+      auto stub = inference::GRPCInferenceService::NewStub(
+          grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args));
+      inference::ModelInferResponse response;
+      while (std::chrono::steady_clock::now() < until) {
+        grpc::ClientContext context;
+        context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+        const auto sent = std::chrono::steady_clock::now();
+        const grpc::Status status = stub->ModelInfer(&context, request, &response);
+        latencies[t].push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - sent).count());
+        if (!status.ok() && errors[t]++ == 0) first_errors[t] = status.error_message();
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  LoadResult result;
+  result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::vector<double> all;
+  for (int t = 0; t < concurrency; ++t) {
+    all.insert(all.end(), latencies[t].begin(), latencies[t].end());
+    result.errors += errors[t];
+    if (result.first_error.empty()) result.first_error = first_errors[t];
+  }
+  result.requests = all.size();
+  if (!all.empty()) {
+    std::sort(all.begin(), all.end());
+    result.p50_ms = all[static_cast<size_t>(0.50 * (all.size() - 1))];
+    result.p99_ms = all[static_cast<size_t>(0.99 * (all.size() - 1))];
+  }
+  return result;
+}
+
+py::dict ToDict(const StatsSnapshot& s) {
+  py::dict d;
+  d["requests"] = s.requests;
+  d["errors"] = s.errors;
+  d["infer_requests"] = s.infer_requests;
+  d["rows"] = s.rows;
+  d["mean_latency_us"] = s.mean_latency_us;
+  d["p50_latency_us"] = s.p50_latency_us;
+  d["p99_latency_us"] = s.p99_latency_us;
+  return d;
+}
+
+}  // namespace
+}  // namespace servefleet::direct
+
+PYBIND11_MODULE(_direct, m) {
+  // Malformed client input (e.g. invalid UTF-8 in a string field) is answered with a status; the
+  // library's per-message error log would only flood the actor's stderr.
+  google::protobuf::SetLogHandler(nullptr);
+  using servefleet::direct::DirectServer;
+  using servefleet::direct::LoadResult;
+  m.doc() = "C++ KServe v2 gRPC server for a factorization-machine CTR model (servefleet direct ingress).";
+  m.attr("INPUT_NAME") = servefleet::direct::kInputName;
+  m.attr("OUTPUT_NAME") = servefleet::direct::kOutputName;
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const std::invalid_argument& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    }
+  });
+  py::class_<DirectServer>(m, "DirectServer")
+      .def(py::init<>())
+      .def("load_model", &DirectServer::LoadModel, py::arg("path"), py::arg("name"), py::arg("version") = "1",
+           py::call_guard<py::gil_scoped_release>())
+      .def("start", &DirectServer::Start, py::arg("address"), py::arg("workers") = 2,
+           py::call_guard<py::gil_scoped_release>())
+      .def("stop", &DirectServer::Stop, py::arg("grace_s") = 5.0, py::call_guard<py::gil_scoped_release>())
+      .def("stats", [](const DirectServer& s) { return servefleet::direct::ToDict(s.stats()); })
+      .def_property_readonly("running", &DirectServer::running)
+      .def_property_readonly("port", &DirectServer::port)
+      .def_property_readonly("model_name", &DirectServer::model_name);
+  m.def(
+      "run_load",
+      [](const std::string& address, const py::bytes& request, int concurrency, double duration_s) {
+        std::string bytes = request;
+        LoadResult r;
+        {
+          py::gil_scoped_release release;
+          r = servefleet::direct::RunLoad(address, bytes, concurrency, duration_s);
+        }
+        py::dict d;
+        d["requests"] = r.requests;
+        d["errors"] = r.errors;
+        d["seconds"] = r.seconds;
+        d["rps"] = r.seconds > 0 ? static_cast<double>(r.requests) / r.seconds : 0.0;
+        d["p50_ms"] = r.p50_ms;
+        d["p99_ms"] = r.p99_ms;
+        d["first_error"] = r.first_error;
+        return d;
+      },
+      py::arg("address"), py::arg("request"), py::arg("concurrency"), py::arg("duration_s"));
+}

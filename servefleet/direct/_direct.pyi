@@ -1,0 +1,52 @@
+"""Type stubs for the compiled module built from cpp/module.cc."""
+
+from typing import TypedDict
+
+INPUT_NAME: str
+OUTPUT_NAME: str
+
+class ServerStats(TypedDict):
+    requests: int
+    errors: int
+    infer_requests: int
+    rows: int
+    mean_latency_us: float
+    p50_latency_us: float
+    p99_latency_us: float
+
+class LoadResult(TypedDict):
+    requests: int
+    errors: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    first_error: str
+
+class DirectServer:
+    """KServe v2 GRPCInferenceService over a factorization-machine CTR model.
+
+    Requests run on gRPC's C++ threads; no method here is called on the request path. Blocking
+    methods release the GIL.
+    """
+
+    def __init__(self) -> None: ...
+    def load_model(self, path: str, name: str, version: str = "1") -> None:
+        """Loads (or hot-swaps) the model file; ValueError when the file is not a valid model."""
+    def start(self, address: str, workers: int = 2) -> int:
+        """Listens on host:port (port 0: any free port) with up to `workers` polling threads.
+
+        Returns the bound port; RuntimeError when already started or the address cannot be bound.
+        """
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Stops listening, waits up to grace_s for in-flight RPCs, cancels the rest. Idempotent."""
+    def stats(self) -> ServerStats: ...
+    @property
+    def running(self) -> bool: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def model_name(self) -> str: ...
+
+def run_load(address: str, request: bytes, concurrency: int, duration_s: float) -> LoadResult:
+    """C++ load generator: `concurrency` threads send one serialized ModelInferRequest back to back."""
