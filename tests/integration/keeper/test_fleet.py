@@ -17,7 +17,14 @@ import tritonclient.grpc as tc
 import yaml
 from click.testing import CliRunner, Result
 
-from servefleet.api import discovery_pb2, discovery_pb2_grpc, keeper_pb2, keeper_pb2_grpc
+from servefleet.api import (
+    agent_pb2,
+    agent_pb2_grpc,
+    discovery_pb2,
+    discovery_pb2_grpc,
+    keeper_pb2,
+    keeper_pb2_grpc,
+)
 from servefleet.cli.main import cli
 from servefleet.common import health
 from servefleet.common.net import free_port, wait_for
@@ -37,6 +44,7 @@ class Fleet:
     keeper_port: int
     keeper_proc: ChildProcess
     discovery: str
+    agents: dict[str, ChildProcess]
 
     @property
     def keeper(self) -> str:
@@ -47,6 +55,13 @@ class Fleet:
 
     def md(self) -> list[tuple[str, str]]:
         return bearer(self.procs.admin_token())
+
+    def restart_agent(self, name: str) -> str:
+        self.agents[name].kill()
+        self.agents[name], address = self.procs.agent(
+            ray=self.clusters[name].address, keeper=self.keeper, discovery=self.discovery, cluster=name
+        )
+        return address
 
     def restart_keeper(self) -> None:
         self.keeper_proc, _ = self.procs.keeper(self.keeper_port)
@@ -125,11 +140,13 @@ def fleet(etcd: EtcdProcess) -> Iterator[Fleet]:
         wait_for(lambda: health.grpc_health(discovery_address)[0], timeout=60, what="discovery")
         port = free_port()
         keeper_proc, _ = procs.keeper(port)
-        for name, cluster in clusters.items():
-            procs.agent(
+        agents = {
+            name: procs.agent(
                 ray=cluster.address, keeper=f"127.0.0.1:{port}", discovery=discovery_address, cluster=name
-            )
-        fleet = Fleet(procs, clusters, port, keeper_proc, discovery_address)
+            )[0]
+            for name, cluster in clusters.items()
+        }
+        fleet = Fleet(procs, clusters, port, keeper_proc, discovery_address, agents)
 
         def both_alive() -> bool:
             found = fleet.stub().ListClusters(
@@ -179,6 +196,16 @@ def test_spread_app_answers_through_both_clusters_and_delete_removes_everything(
     endpoints = wait_for(proxies, timeout=60, interval=0.5, what="proxies of both clusters in discovery")
     for endpoint in endpoints:  # type: ignore[attr-defined]
         assert infer(endpoint.address, "spread").tolist() == [0, 2], endpoint.labels["cluster"]
+
+    # An agent killed and restarted finds the master that kept running, and the app stays served.
+    restarted = fleet.restart_agent("east")
+    masters = agent_pb2_grpc.ClusterAgentStub(grpc.insecure_channel(restarted)).ListMasters(
+        agent_pb2.ListMastersRequest(), timeout=30
+    )
+    assert [(m.app.name, m.revision, m.ready_replicas) for m in masters.masters] == [
+        ("spread", running.revision, 1)
+    ]
+    assert fleet.wait_state("spread", AppState.RUNNING, "1").revision == running.revision
 
     stub.DeleteApplication(
         keeper_pb2.DeleteApplicationRequest(app=running.app), metadata=fleet.md(), timeout=10

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 
 from click.testing import CliRunner, Result
@@ -21,6 +22,7 @@ def run(state_dir: Path, *args: str, token: str | None = None) -> Result:
 def test_cli_tenant_app_lifecycle_and_errors(procs: Procs) -> None:
     _, address = procs.keeper()
     state = procs.workdir
+    assert stat.S_IMODE(procs.token_file.stat().st_mode) == 0o600
     (state / "stack.json").write_text(json.dumps({"keeper": address, "parts": []}))
 
     clusters = run(state, "cluster", "list", "-o", "json")
