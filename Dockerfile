@@ -1,6 +1,8 @@
 # The platform image: every servefleet service and a Ray runtime for the head and workers.
 FROM python:3.11-slim-bookworm
-RUN apt-get update && apt-get install -y --no-install-recommends build-essential \
+# gRPC C++ and protoc: the C++ direct ingress (setup.py) is compiled by pip install.
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential pkg-config \
+    libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/servefleet
 COPY . .
