@@ -57,6 +57,8 @@ class Settings:
     keeper_leader_ttl_s: int = 5
     #: Keeper: seconds between reconcile passes when nothing changes (changes wake it at once).
     keeper_reconcile_interval_s: float = 1.0
+    #: Keeper: seconds between checks of an app that is RUNNING at its desired revision.
+    keeper_steady_check_s: float = 5.0
     #: Keeper: seconds a verified token is trusted without asking etcd again.
     keeper_token_cache_s: float = 5.0
     #: Keeper: where working_dir may point (os.pathsep-separated; empty: the keeper's working dir).
