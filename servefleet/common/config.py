@@ -77,6 +77,8 @@ class Settings:
     replica_drain_timeout_s: float = 30.0
     #: Data plane: attempts per request on distinct replicas when a replica dies or drains.
     proxy_attempts: int = 3
+    #: Direct ingress: request threads of each C++ server (init_args.workers overrides per app).
+    direct_workers: int = 2
     #: Data plane: CPU share a proxy actor asks Ray for.
     proxy_num_cpus: float = 0.0
     #: Log format: "json" (structured) or "text".
