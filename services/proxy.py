@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
@@ -439,6 +440,13 @@ class Proxy:
     async def update(self, routing: Routing) -> bool:
         await self._started
         return self.core.set_routing(routing)
+
+    async def stats(self) -> dict[str, int]:
+        """Requests this proxy has in flight on replicas, and its peak memory (bounded by design)."""
+        return {
+            "in_flight": sum(slot.in_flight for slot in self.core.router.slots),
+            "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        }
 
     async def stop(self) -> None:
         """Deregister first (clients move away), then let in-flight calls finish."""
