@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import aetcd
@@ -9,6 +10,8 @@ import grpc
 import pytest
 
 from servefleet.api import common_pb2, discovery_pb2, discovery_pb2_grpc
+from servefleet.common import health
+from servefleet.common.net import wait_for
 from servefleet.discovery.registration import registration
 from servefleet.discovery.testing import DiscoveryProcess
 from servefleet.testing import EtcdProcess
@@ -196,3 +199,29 @@ async def test_two_instances_share_state_through_etcd(discovery: DiscoveryProces
             watch.cancel()
     finally:
         other.cleanup()
+
+
+async def test_health_follows_etcd_and_calls_say_unavailable() -> None:
+    own_etcd = EtcdProcess().start()
+    own = DiscoveryProcess(own_etcd.address).start()
+    try:
+        async with grpc.aio.insecure_channel(own.address) as channel:
+            stub = discovery_pb2_grpc.DiscoveryStub(channel)
+            own_etcd.kill()
+            await asyncio.to_thread(
+                wait_for, lambda: not health.grpc_health(own.address)[0], timeout=20, what="NOT_SERVING"
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Resolve(discovery_pb2.ResolveRequest(app=common_pb2.AppRef(name="m")))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "etcd unavailable" in (info.value.details() or "")
+            await asyncio.to_thread(own_etcd.start)
+            await asyncio.to_thread(
+                wait_for, lambda: health.grpc_health(own.address)[0], timeout=20, what="SERVING"
+            )
+            assert (
+                await stub.Resolve(discovery_pb2.ResolveRequest(app=common_pb2.AppRef(name="m")))
+            ).revision > 0
+    finally:
+        own.cleanup()
+        own_etcd.cleanup()

@@ -82,7 +82,7 @@ async def test_discovery_down_past_the_ttl_then_back_re_registers(etcd: EtcdProc
             async with aetcd.Client(host=host, port=int(port)) as client:
 
                 async def lapsed() -> bool:
-                    return (await client.get_lease_info(first_lease, keys=False)).TTL <= 0
+                    return (await client.get_lease_info(first_lease, keys=False)).TTL < 0  # -1: gone
 
                 await async_wait_for(lapsed, timeout=10, what="the lease to lapse")
             await asyncio.to_thread(own.start)
