@@ -308,11 +308,16 @@ def _s(value: bytes | str | None) -> str:
 class RedisStreamQueue(RequestQueue):
     """RequestQueue over Redis Streams and consumer groups (see the module docstring)."""
 
-    def __init__(self, address: str, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, address: str, *, max_connections: int = 64, clock: Callable[[], float] = time.time
+    ) -> None:
         host, port = split_address(address)
         self.address = address
         self._clock = clock
-        self._redis = aioredis.Redis(host=host, port=port, decode_responses=False)
+        # Callers beyond max_connections wait for a free connection rather than fail: a burst of
+        # GetResult waiters holds connections only for short reads (they sleep on pub/sub).
+        pool = aioredis.BlockingConnectionPool(host=host, port=port, max_connections=max_connections)
+        self._redis = aioredis.Redis(connection_pool=pool)
         self._submit = self._redis.register_script(_SUBMIT)
         self._begin = self._redis.register_script(_BEGIN)
         self._finish = self._redis.register_script(_FINISH)

@@ -19,7 +19,10 @@ from servefleet.broker.worker import TICKET_PARAMETER, PullWorker
 from servefleet.common.net import split_address
 from servefleet.common.tensors import decode_request, encode_response
 
-EXECUTIONS = "test:broker:executions"
+
+def executions_key(app: str) -> str:
+    """Redis hash: ticket -> how many times a handler started running it."""
+    return f"test:broker:executions:{app}"
 
 
 @ray.remote(num_cpus=0.1, max_restarts=0)
@@ -54,7 +57,8 @@ class EchoActor:
 
     async def handle(self, request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
         inputs = decode_request(request)
-        await self.counter.hincrby(EXECUTIONS, request.parameters[TICKET_PARAMETER].string_param, 1)
+        ticket = request.parameters[TICKET_PARAMETER].string_param
+        await self.counter.hincrby(executions_key(self.worker.app), ticket, 1)
         if (inputs["x"] < 0).any():
             raise ValueError("poison input: negative x")
         if "sleep_ms" in inputs:

@@ -1,0 +1,177 @@
+"""Done-when proofs with real Redis and real Ray actors hosting PullWorkers: a worker SIGKILLed
+mid-run, Redis killed and restarted from its AOF mid-run, and a poison request."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import uuid
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+import ray
+import redis.asyncio as aioredis
+
+from servefleet.api import broker_pb2
+from servefleet.broker.queue import RedisStreamQueue
+from servefleet.common.errors import Unavailable
+from servefleet.common.net import async_wait_for, split_address
+from servefleet.sdk.broker_client import AsyncBrokerClient, RequestFailed
+from servefleet.testing import RedisProcess
+from tests.integration.broker.actors import EchoActor, executions_key
+from tests.integration.broker.conftest import BrokerService
+
+State = broker_pb2.TicketStatus.State
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_connected")]
+
+
+def new_app() -> str:
+    return f"test/faults-{uuid.uuid4().hex[:8]}"
+
+
+def request(i: int, sleep_ms: float = 20.0) -> dict[str, np.ndarray]:
+    return {"x": np.array([i], dtype=np.int64), "sleep_ms": np.array([sleep_ms])}
+
+
+@pytest.fixture
+async def counter(redis_server: RedisProcess) -> AsyncIterator[aioredis.Redis]:
+    host, port = split_address(redis_server.address)
+    client = aioredis.Redis(host=host, port=port)
+    yield client
+    await client.aclose()
+
+
+async def executions(counter: aioredis.Redis, app: str) -> dict[str, int]:
+    raw = await counter.hgetall(executions_key(app))  # type: ignore[misc]
+    return {k.decode(): int(v) for k, v in raw.items()}
+
+
+async def start_workers(redis_address: str, app: str, n: int, counter_address: str) -> tuple[list, list[int]]:
+    actors = [
+        EchoActor.remote(redis_address, app, f"w{i}", slots=2, counter_address=counter_address)  # type: ignore[attr-defined]
+        for i in range(n)
+    ]
+    pids = await asyncio.gather(*(actor.start.remote() for actor in actors))
+    return actors, list(pids)
+
+
+async def stop_workers(actors: list) -> None:
+    for actor in actors:
+        ray.kill(actor)
+
+
+async def check_all_done(client: AsyncBrokerClient, tickets: dict[str, int]) -> None:
+    """Every ticket's result, once, and the right one."""
+    outputs = await asyncio.gather(*(client.result(t, timeout=180) for t in tickets))
+    assert [int(out["y"][0]) for out in outputs] == [2 * i for i in tickets.values()]
+
+
+@pytest.mark.slow
+async def test_sigkill_one_of_three_workers_mid_run_loses_nothing(
+    broker: BrokerService, redis_server: RedisProcess, counter: aioredis.Redis
+) -> None:
+    assert broker.client is not None
+    app = new_app()
+    actors, pids = await start_workers(redis_server.address, app, 3, redis_server.address)
+    try:
+        tickets = {await broker.client.submit(app, request(i)): i for i in range(500)}
+        assert len(tickets) == 500
+
+        async def progressed() -> bool:
+            return len(await executions(counter, app)) >= 100
+
+        await async_wait_for(progressed, timeout=120, what="100 requests started")
+        os.kill(pids[0], signal.SIGKILL)
+        await check_all_done(broker.client, tickets)
+
+        runs = await executions(counter, app)
+        statuses = [await broker.core.status(t) for t in tickets]
+        duplicates = sum(runs.values()) - len(tickets)
+        stats = await broker.core.stats(app)
+        print(
+            f"\nSIGKILL run: 500 results, {sum(runs.values())} executions, {duplicates} duplicate "
+            f"executions, {sum(s.deliveries > 1 for s in statuses)} requests reclaimed, "
+            f"{stats.duplicate_executions} duplicate results discarded by the broker"
+        )
+        assert set(runs) == set(tickets)
+        assert any(s.deliveries > 1 for s in statuses), "the killed worker's requests were reclaimed"
+        assert (stats.depth, stats.in_flight, stats.dead_letters) == (0, 0, 0)
+    finally:
+        await stop_workers(actors)
+
+
+@pytest.mark.slow
+async def test_redis_restart_mid_run_loses_no_acknowledged_request(
+    redis_server: RedisProcess, counter: aioredis.Redis
+) -> None:
+    redis = RedisProcess(appendfsync="everysec").start()
+    service = await BrokerService(redis.address).start()
+    assert service.client is not None
+    app = new_app()
+    actors, _ = await start_workers(redis.address, app, 3, redis_server.address)
+    accepted: dict[str, int] = {}
+    refused = 0
+
+    async def submit(i: int) -> None:
+        nonlocal refused
+        try:
+            accepted[await service.client.submit(app, request(i, 40.0))] = i  # type: ignore[union-attr]
+        except Unavailable:
+            refused += 1  # the client was told: not queued
+
+    async def started() -> int:
+        return len(await executions(counter, app))
+
+    async def started_at_least(n: int) -> bool:
+        return await started() >= n
+
+    try:
+        for i in range(200):
+            await submit(i)
+        await async_wait_for(lambda: started_at_least(30), timeout=120, what="30 requests started")
+        # A crash of the Redis process: everything it acknowledged was already written to the
+        # AOF (write(2) before the reply), so all of it comes back when it restarts.
+        await asyncio.to_thread(redis.kill)
+        in_progress = await started()
+        restart = asyncio.create_task(asyncio.to_thread(redis.start))
+        for i in range(200, 300):
+            await submit(i)
+            if refused and not restart.done():
+                await asyncio.sleep(0.05)
+        await restart
+        await check_all_done(service.client, accepted)
+        print(
+            f"\nRedis restart with {in_progress} of 200 requests started: {len(accepted)} accepted, "
+            f"all done; {refused} refused (UNAVAILABLE) while it was down"
+        )
+        assert in_progress < 200 <= len(accepted)
+    finally:
+        await stop_workers(actors)
+        await service.stop()
+        redis.cleanup()
+
+
+async def test_poison_request_is_dead_lettered_after_k_tries(
+    broker: BrokerService, redis_server: RedisProcess, counter: aioredis.Redis
+) -> None:
+    assert broker.client is not None
+    app = new_app()
+    actors, _ = await start_workers(redis_server.address, app, 2, redis_server.address)
+    try:
+        good = {await broker.client.submit(app, request(i, 5.0)): i for i in range(20)}
+        poison = await broker.client.submit(app, request(-1))
+        with pytest.raises(RequestFailed, match="failed 3 times; last: ValueError: poison input"):
+            await broker.client.result(poison, timeout=120)
+        await check_all_done(broker.client, good)
+        assert (await executions(counter, app))[poison] == 3
+        host, port = split_address(redis_server.address)
+        raw = aioredis.Redis(host=host, port=port)
+        dead = await raw.xrange(RedisStreamQueue.dead_letters(app))
+        await raw.aclose()
+        assert [fields[b"ticket"].decode() for _, fields in dead] == [poison]
+        assert b"poison input" in dead[0][1][b"reason"]
+        assert (await broker.core.stats(app)).dead_letters == 1
+    finally:
+        await stop_workers(actors)
