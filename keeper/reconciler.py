@@ -129,8 +129,10 @@ class Reconciler:
         self.agents = agents
         self.interval_s = settings.keeper_reconcile_interval_s if interval_s is None else interval_s
         self.clock = clock
+        self.steady_s = settings.keeper_steady_check_s
         self._wake = asyncio.Event()
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._checked: dict[str, float] = {}
 
     async def run(self, fence: bytes) -> None:
         """Reconcile until cancelled: at once on any desired-state change, else every interval."""
@@ -166,11 +168,22 @@ class Reconciler:
         for record in page.apps:
             key = app_key(record.ref)
             task = self._inflight.get(key)
-            if task is not None and not task.done():
+            if (task is not None and not task.done()) or self._steady(key, record, now):
                 continue
             self._inflight[key] = asyncio.create_task(self._step(record, clusters, free, fence))
         for key in [k for k, t in self._inflight.items() if t.done()]:
             del self._inflight[key]
+        self._checked = {k: v for k, v in self._checked.items() if v > now - self.steady_s}
+
+    def _steady(self, key: str, record: AppRecord, now: float) -> bool:
+        """True to skip an app RUNNING at its desired revision that was checked moments ago
+        (thousands of healthy apps must not cost an agent call each every pass)."""
+        if record.status.state != AppState.RUNNING or record.status.revision != record.revision:
+            return False
+        if now - self._checked.get(key, 0.0) < self.steady_s:
+            return True
+        self._checked[key] = now
+        return False
 
     async def settle(self, fence: bytes) -> None:
         """One pass and wait for its steps (tests and benchmarks)."""
