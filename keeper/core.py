@@ -70,19 +70,18 @@ class Keeper:
         size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         namespaces = who.visible(request.namespace)
         out = keeper_pb2.ListApplicationsResponse()
-        after = request.page_token
-        while len(out.applications) < size:
+        after = request.page_token  # the last key scanned, matching or not
+        while True:
             page = await self.store.list_apps(namespaces, start_after=after, limit=size)
             for record in page.apps:
-                if self._matches(record, request) and len(out.applications) < size:
+                if len(out.applications) == size:
+                    out.next_page_token = after
+                    return out
+                after = app_key(record.ref)
+                if self._matches(record, request):
                     out.applications.append(record.view())
-                    out.next_page_token = app_key(record.ref)
             if not page.next_key:
-                if len(out.applications) < size or not page.apps:
-                    out.next_page_token = ""
-                break
-            after = page.next_key
-        return out
+                return out
 
     @staticmethod
     def _matches(record: AppRecord, request: keeper_pb2.ListApplicationsRequest) -> bool:

@@ -81,6 +81,19 @@ async def test_submit_get_list_paging_and_filters(keeper: InProcessKeeper) -> No
         metadata=admin.md(),
     )
     assert [a.app.name for a in gold_x.applications] == ["app-1"]
+    gold, token = [], ""
+    while True:  # a filter across pages: every match exactly once
+        page = await admin.stub.ListApplications(
+            keeper_pb2.ListApplicationsRequest(
+                label_selector={"tier": "gold"}, page_size=2, page_token=token
+            ),
+            metadata=admin.md(),
+        )
+        gold += [a.app.name for a in page.applications]
+        token = page.next_page_token
+        if not token:
+            break
+    assert sorted(gold) == ["app-0", "app-1", "app-2"]
     pending = await admin.stub.ListApplications(
         keeper_pb2.ListApplicationsRequest(state=AppState.PENDING), metadata=admin.md()
     )
