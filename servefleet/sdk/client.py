@@ -172,13 +172,21 @@ class AsyncClient:
                     )
                 except grpc.aio.AioRpcError as exc:
                     retryable = exc.code() in policy.codes
-                    self.picker.failed(endpoint.address, unavailable=retryable)
+                    timed_out = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                    self.picker.failed(
+                        endpoint.address,
+                        unavailable=retryable,
+                        latency_s=loop.time() - start if timed_out else None,
+                    )
                     last: grpc.aio.AioRpcError = exc
                     if not retryable or attempt + 1 >= policy.attempts:
                         raise from_rpc_error(exc) from None
                     span.add_event("retry", {"endpoint": endpoint.address, "code": exc.code().name})
                     await asyncio.sleep(min(policy.delay(attempt), max(0.0, deadline - loop.time())))
                     continue
+                except BaseException:  # cancelled by the caller: the request no longer counts
+                    self.picker.failed(endpoint.address, unavailable=False)
+                    raise
                 self.picker.succeeded(endpoint.address, loop.time() - start)
                 span.set_attribute("servefleet.endpoint", endpoint.address)
                 return tensors.decode_response(reply)

@@ -103,10 +103,7 @@ class Picker:
     def started(self, address: str) -> None:
         self._stats(address).in_flight += 1
 
-    def succeeded(self, address: str, latency_s: float) -> None:
-        now = self._clock()
-        stats = self._stats(address)
-        stats.in_flight = max(0, stats.in_flight - 1)
+    def _observe(self, stats: EndpointStats, latency_s: float, now: float) -> None:
         if not stats.samples or latency_s > stats.latency_s:
             stats.latency_s = latency_s  # peak: react to a slowdown at once
         else:
@@ -114,13 +111,21 @@ class Picker:
             stats.latency_s = stats.latency_s * w + latency_s * (1 - w)
         stats.stamp = now
         stats.samples += 1
+
+    def succeeded(self, address: str, latency_s: float) -> None:
+        stats = self._stats(address)
+        stats.in_flight = max(0, stats.in_flight - 1)
+        self._observe(stats, latency_s, self._clock())
         stats.failures = 0
         stats.backoff_until = 0.0
 
-    def failed(self, address: str, *, unavailable: bool) -> None:
-        """Record a finished request that failed; ``unavailable`` ones put the address on backoff."""
+    def failed(self, address: str, *, unavailable: bool, latency_s: float | None = None) -> None:
+        """Record a finished request that failed; ``unavailable`` ones put the address on backoff,
+        ``latency_s`` (a request that ran out of time) counts as a latency sample."""
         stats = self._stats(address)
         stats.in_flight = max(0, stats.in_flight - 1)
+        if latency_s is not None:
+            self._observe(stats, latency_s, self._clock())
         if not unavailable:
             return
         stats.failures += 1

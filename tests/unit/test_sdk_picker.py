@@ -57,6 +57,16 @@ def test_slow_endpoint_decays_and_gets_probed_again() -> None:
     assert p.pick([ep(1), ep(2)]).id == "e1"  # type: ignore[union-attr]
 
 
+def test_a_timeout_counts_as_a_slow_sample() -> None:
+    clock = Clock()
+    p = picker(clock)
+    p.started("h:1"), p.succeeded("h:1", 0.001)
+    p.started("h:2"), p.succeeded("h:2", 0.002)
+    p.started("h:1"), p.failed("h:1", unavailable=False, latency_s=1.0)
+    assert p.stats["h:1"].latency_s == 1.0 and p.stats["h:1"].backoff_until == 0.0
+    assert split(p, [ep(1), ep(2)])["e2"] == 2000
+
+
 def test_weights_shift_the_split() -> None:
     counts = split(picker(Clock()), [ep(1, weight=3.0), ep(2), ep(3)], 3000)
     assert counts["e1"] > counts["e2"] + counts["e3"]

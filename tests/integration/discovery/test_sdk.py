@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from servefleet import AsyncClient, Client
-from servefleet.common.errors import InvalidArgument, Unavailable
+from servefleet.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from servefleet.common.net import async_wait_for, wait_for
 from servefleet.discovery.testing import DiscoveryProcess
 from servefleet.testing import EtcdProcess
@@ -176,3 +176,16 @@ async def test_a_ten_times_slower_endpoint_gets_clearly_less_traffic(
     share = {k: round(v / 600, 3) for k, v in sorted(counts.items())}
     print(f"\nsplit with s6-2 10x slower: {share}")
     assert counts["s6-2"] < 600 / 3 / 2  # under half its fair share
+
+
+async def test_deadline_and_cancellation_release_the_endpoint(
+    client: AsyncClient, discovery: DiscoveryProcess, endpoints: list[EndpointProcess]
+) -> None:
+    slow = start(endpoints, discovery.address, "s7", "s7-a", delay_ms=400)
+    await wait_ids(client, "s7", {"s7-a"})
+    with pytest.raises(DeadlineExceeded):
+        await client.infer("s7", X, timeout=0.1)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(client.infer("s7", X), 0.1)
+    assert client.picker.stats[slow.address].in_flight == 0
+    assert client.picker.stats[slow.address].backoff_until == 0.0  # slow is not dead
