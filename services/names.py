@@ -48,9 +48,13 @@ def app_from_master_name(name: str) -> common_pb2.AppRef:
     return common_pb2.AppRef(namespace=namespace, name=short)
 
 
+#: ...except these: each actor names itself (servefleet-proxy, servefleet-replica).
+KEPT_ENV = ("OTEL_SERVICE_NAME",)
+
+
 def passed_env() -> dict[str, str]:
     """The variables of this process that the data plane's actors inherit (tracing exporters...)."""
-    return {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV_PREFIXES)}
+    return {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV_PREFIXES) and k not in KEPT_ENV}
 
 
 def code(status: grpc.StatusCode) -> int:
