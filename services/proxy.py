@@ -281,14 +281,14 @@ class ProxyCore:
 
     def _no_replica(self, gone: int, last: str) -> ServefleetError:
         """RESOURCE_EXHAUSTED when every replica was full, UNAVAILABLE when some were gone."""
+        if gone:
+            return Unavailable(f"model {self.model_name}: no replica could take the request: {last}")
         if not len(self.router):
             return Unavailable(f"model {self.model_name}: no replica is ready")
-        if gone == 0:
-            return ResourceExhausted(
-                f"model {self.model_name}: every replica is full ({len(self.router)} replicas x "
-                f"{self.spec.max_concurrency} running + {self.spec.max_queued} queued); retry later"
-            )
-        return Unavailable(f"model {self.model_name}: no replica could take the request: {last}")
+        return ResourceExhausted(
+            f"model {self.model_name}: every replica is full ({len(self.router)} replicas x "
+            f"{self.spec.max_concurrency} running + {self.spec.max_queued} queued); retry later"
+        )
 
 
 def _carrier() -> dict[str, str]:
