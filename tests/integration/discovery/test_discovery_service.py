@@ -127,6 +127,11 @@ async def test_compacted_revision_gets_flagged_fresh_snapshot(
     watch.cancel()
     assert event.type == Event.SNAPSHOT and event.compacted
     assert {e.id for e in event.endpoints} == {old.endpoint_id, new.endpoint_id}
+    # A revision this etcd never reached (its data was replaced): also a fresh, flagged snapshot.
+    future = stub.Watch(discovery_pb2.WatchRequest(app=app, from_revision=new.revision + 10**9))
+    event = await future.read()
+    future.cancel()
+    assert event.type == Event.SNAPSHOT and event.compacted and len(event.endpoints) == 2
 
 
 @pytest.mark.parametrize(
