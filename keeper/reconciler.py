@@ -15,7 +15,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
 
 import grpc
 
@@ -69,6 +70,18 @@ class Agents:
         for channel, _ in self._stubs.values():
             await channel.close()
         self._stubs.clear()
+
+
+def _unchanged(
+    record: AppRecord, state: int, reason: str, placements: list[keeper_pb2.ClusterPlacement]
+) -> bool:
+    old = record.status
+    return (
+        old.state == state
+        and old.reason == reason
+        and old.revision == record.revision
+        and list(old.placements) == placements
+    )
 
 
 def summarize(
@@ -158,7 +171,7 @@ class Reconciler:
                 self._wake.set()
 
     async def run_once(self, fence: bytes) -> None:
-        """Start one step for every application that has no step in flight."""
+        """Start one step for every application that needs one and has none in flight."""
         now = self.clock()
         clusters = {c.name: c for c in await self.store.clusters()}
         for c in clusters.values():
@@ -170,7 +183,9 @@ class Reconciler:
             task = self._inflight.get(key)
             if (task is not None and not task.done()) or self._steady(key, record, now):
                 continue
-            self._inflight[key] = asyncio.create_task(self._step(record, clusters, free, fence))
+            step = self._next_step(record, clusters, free, fence)
+            if step is not None:
+                self._inflight[key] = asyncio.create_task(self._logged(key, step))
         for key in [k for k, t in self._inflight.items() if t.done()]:
             del self._inflight[key]
         self._checked = {k: v for k, v in self._checked.items() if v > now - self.steady_s}
@@ -185,55 +200,63 @@ class Reconciler:
         self._checked[key] = now
         return False
 
+    def _next_step(
+        self,
+        record: AppRecord,
+        clusters: Mapping[str, keeper_pb2.ClusterInfo],
+        free: dict[str, dict[str, float]],
+        fence: bytes,
+    ) -> Coroutine[Any, Any, object] | None:
+        """What to do for one app; placement is decided here, synchronously, so apps placed in one
+        pass book resources in turn, and an app that still fits nowhere costs no task."""
+        if record.desired.deleting:
+            return self._delete(record, clusters, fence)
+        placed = [p.cluster for p in record.status.placements]
+        if placed:
+            return self._converge(record, clusters, placed, fence)
+        decision = placement.place(record.desired.spec, record.desired.replicas, clusters.values(), free)
+        if decision.clusters:
+            return self._place(record, clusters, decision.clusters, fence)
+        reason = f"unplaceable: {decision.reason}"
+        if _unchanged(record, AppState.PENDING, reason, []):
+            return None
+        return self._write(record, AppState.PENDING, reason, [], fence)
+
     async def settle(self, fence: bytes) -> None:
         """One pass and wait for its steps (tests and benchmarks)."""
         await self.run_once(fence)
         await asyncio.gather(*self._inflight.values(), return_exceptions=True)
 
-    async def _step(
-        self,
-        record: AppRecord,
-        clusters: Mapping[str, keeper_pb2.ClusterInfo],
-        free: dict[str, dict[str, float]],
-        fence: bytes,
-    ) -> None:
+    @staticmethod
+    async def _logged(key: str, step: Coroutine[Any, Any, object]) -> None:
         try:
-            if record.desired.deleting:
-                await self._delete(record, clusters, fence)
-            else:
-                await self._converge(record, clusters, free, fence)
+            await step
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("reconcile step failed", extra={"app": app_key(record.ref)})
+            log.exception("reconcile step failed", extra={"app": key})
+
+    async def _place(
+        self,
+        record: AppRecord,
+        clusters: Mapping[str, keeper_pb2.ClusterInfo],
+        placed: list[str],
+        fence: bytes,
+    ) -> None:
+        # Store the choice before acting on it, so a restarted keeper applies to the same clusters.
+        chosen = [keeper_pb2.ClusterPlacement(cluster=c) for c in placed]
+        if await self._write(record, AppState.DEPLOYING, f"placed on {', '.join(placed)}", chosen, fence):
+            await self._converge(record, clusters, placed, fence)
 
     async def _converge(
         self,
         record: AppRecord,
         clusters: Mapping[str, keeper_pb2.ClusterInfo],
-        free: dict[str, dict[str, float]],
+        placed: list[str],
         fence: bytes,
     ) -> None:
-        placed = [p.cluster for p in record.status.placements]
-        if not placed:
-            decision = placement.place(record.desired.spec, record.desired.replicas, clusters.values(), free)
-            if not decision.clusters:
-                await self._write(record, AppState.PENDING, f"unplaceable: {decision.reason}", [], fence)
-                return
-            placed = decision.clusters
-            # Store the choice before acting on it, so a restarted keeper applies to the same clusters.
-            chosen = [keeper_pb2.ClusterPlacement(cluster=c) for c in placed]
-            reason = f"placed on {', '.join(placed)}"
-            if not await self._write(record, AppState.DEPLOYING, reason, chosen, fence):
-                return
-        observed: dict[str, agent_pb2.MasterStatus | str] = dict(
-            zip(
-                placed,
-                await asyncio.gather(*(self._drive(record, clusters.get(c)) for c in placed)),
-                strict=True,
-            )
-        )
-        state, reason, placements = summarize(record, observed)
+        seen = await asyncio.gather(*(self._drive(record, clusters.get(c)) for c in placed))
+        state, reason, placements = summarize(record, dict(zip(placed, seen, strict=True)))
         await self._write(record, state, reason, placements, fence)
 
     async def _drive(
@@ -286,12 +309,7 @@ class Reconciler:
     ) -> bool:
         """Store the status when anything in it changed; False when the fence or revision moved."""
         old = record.status
-        if (
-            old.state == state
-            and old.reason == reason
-            and old.revision == record.revision
-            and list(old.placements) == placements
-        ):
+        if _unchanged(record, state, reason, placements):
             return True
         status = keeper_pb2.ApplicationStatus(
             state=state,  # type: ignore[arg-type]
