@@ -96,13 +96,22 @@ class BuildDirect(build_ext):
         ]
         # pybind11 lives in a throwaway build environment: key objects on its version, not its path.
         stable = [f for f in flags if pybind11.get_include() not in f] + [pybind11.__version__]
-        header_digest = hashlib.sha256(b"".join(h.read_bytes() for h in headers)).hexdigest()
+        # Generated code depends on generated headers only: editing cpp/ does not recompile it.
+        digests = {
+            folder: hashlib.sha256(
+                b"".join(h.read_bytes() for h in headers if h.parent == folder)
+            ).hexdigest()
+            for folder in (generated, SOURCES)
+        }
         objects_dir = WORK / "obj"
         objects_dir.mkdir(parents=True, exist_ok=True)
 
         def compile_one(source: Path) -> Path:
             key = hashlib.sha256(
-                source.read_bytes() + header_digest.encode() + " ".join(stable).encode()
+                source.read_bytes()
+                + digests[generated].encode()
+                + (digests[SOURCES].encode() if source.parent == SOURCES else b"")
+                + " ".join(stable).encode()
             ).hexdigest()[:16]
             obj = objects_dir / f"{source.stem}-{key}.o"
             if not obj.exists():

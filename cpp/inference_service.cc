@@ -15,7 +15,7 @@ Status Invalid(const std::string& message) { return Status(StatusCode::INVALID_A
 // Counts every RPC and its latency, whatever path it returns by.
 class Timed {
  public:
-  explicit Timed(Stats* stats) : stats_(stats), start_(std::chrono::steady_clock::now()) {}
+  explicit Timed(Stats* stats) : stats_(stats), start_(std::chrono::steady_clock::now()) { stats_->Begin(); }
   Status operator()(Status status) {
     stats_->Record(status.ok(), std::chrono::steady_clock::now() - start_);
     return status;
@@ -38,6 +38,7 @@ void Stats::Record(bool ok, std::chrono::steady_clock::duration elapsed) {
   const auto us = std::chrono::duration_cast<std::chrono::microseconds>(elapsed).count();
   const size_t bucket = us < 0 ? 0 : std::min<size_t>(static_cast<size_t>(us), kBuckets - 1);
   requests_.fetch_add(1, std::memory_order_relaxed);
+  in_flight_.fetch_sub(1, std::memory_order_relaxed);
   if (!ok) errors_.fetch_add(1, std::memory_order_relaxed);
   total_us_.fetch_add(static_cast<uint64_t>(us < 0 ? 0 : us), std::memory_order_relaxed);
   histogram_[bucket].fetch_add(1, std::memory_order_relaxed);
@@ -49,6 +50,7 @@ StatsSnapshot Stats::Snapshot() const {
   s.errors = errors_.load(std::memory_order_relaxed);
   s.infer_requests = infer_requests_.load(std::memory_order_relaxed);
   s.rows = rows_.load(std::memory_order_relaxed);
+  s.in_flight = in_flight_.load(std::memory_order_relaxed);
   std::vector<uint64_t> counts(kBuckets);
   uint64_t total = 0;
   for (size_t i = 0; i < kBuckets; ++i) total += counts[i] = histogram_[i].load(std::memory_order_relaxed);

@@ -25,6 +25,7 @@ struct StatsSnapshot {
   uint64_t errors = 0;          // RPCs answered with a non-OK status
   uint64_t infer_requests = 0;  // ModelInfer calls that scored
   uint64_t rows = 0;            // examples scored
+  uint64_t in_flight = 0;       // RPCs being handled right now
   double mean_latency_us = 0;
   double p50_latency_us = 0;
   double p99_latency_us = 0;
@@ -33,6 +34,8 @@ struct StatsSnapshot {
 // Lock-free request statistics: counters plus a latency histogram with one bucket per microsecond.
 class Stats {
  public:
+  void Begin() { in_flight_.fetch_add(1, std::memory_order_relaxed); }
+  // Ends an RPC that Begin() counted.
   void Record(bool ok, std::chrono::steady_clock::duration elapsed);
   void AddRows(uint64_t rows) { rows_.fetch_add(rows, std::memory_order_relaxed); }
   void AddInfer() { infer_requests_.fetch_add(1, std::memory_order_relaxed); }
@@ -40,7 +43,7 @@ class Stats {
 
  private:
   static constexpr size_t kBuckets = 100'000;  // 0..100 ms; slower requests land in the last
-  std::atomic<uint64_t> requests_{0}, errors_{0}, infer_requests_{0}, rows_{0}, total_us_{0};
+  std::atomic<uint64_t> requests_{0}, errors_{0}, infer_requests_{0}, rows_{0}, total_us_{0}, in_flight_{0};
   std::array<std::atomic<uint64_t>, kBuckets> histogram_{};
 };
 

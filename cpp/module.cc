@@ -154,6 +154,7 @@ py::dict ToDict(const StatsSnapshot& s) {
   d["errors"] = s.errors;
   d["infer_requests"] = s.infer_requests;
   d["rows"] = s.rows;
+  d["in_flight"] = s.in_flight;
   d["mean_latency_us"] = s.mean_latency_us;
   d["p50_latency_us"] = s.p50_latency_us;
   d["p99_latency_us"] = s.p99_latency_us;

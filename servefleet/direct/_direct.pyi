@@ -10,6 +10,7 @@ class ServerStats(TypedDict):
     errors: int
     infer_requests: int
     rows: int
+    in_flight: int
     mean_latency_us: float
     p50_latency_us: float
     p99_latency_us: float

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from servefleet.common.errors import InvalidArgument
+from servefleet.direct._direct import INPUT_NAME, OUTPUT_NAME
 
 #: File layout shared with cpp/ctr_model.h: magic, num_fields, dim, num_rows, bias, reserved.
 _HEADER = struct.Struct("<8sIIQfI")
@@ -164,6 +165,19 @@ def load_model(path: str | Path) -> FactorizationMachine:
     if tables.size != rows * (1 + dim):
         raise InvalidArgument(f"{path}: {tables.size} floats, header says {rows * (1 + dim)}")
     return FactorizationMachine(fields, bias, tables[:rows], tables[rows:].reshape(rows, dim))
+
+
+class CtrScorer:
+    """The numpy reference as a servefleet model class (``kind: python``, ``init_args.model_path``):
+    the same model behind the Python data plane, the peer the direct ingress is measured against."""
+
+    def __init__(self, model_path: str) -> None:
+        self.model = load_model(model_path)
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if set(inputs) != {INPUT_NAME}:
+            raise InvalidArgument(f"expected exactly one input tensor {INPUT_NAME!r}, got {sorted(inputs)}")
+        return {OUTPUT_NAME: self.model.score(inputs[INPUT_NAME])}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,11 @@ import pytest
 
 from servefleet.direct import DirectServer, ctr
 
+# The data plane's fixtures (a discovery process, this process as a Ray driver), shared, not copied.
+from tests.integration.dataplane.conftest import discovery_server, ray_driver
+
+__all__ = ["discovery_server", "ray_driver"]
+
 MODEL_NAME = "recs/ctr"
 
 

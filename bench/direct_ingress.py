@@ -1,0 +1,208 @@
+"""Direct-ingress benchmark: the same CTR model (factorization machine, 1M embedding rows) served
+three ways, each driven by the same C++ load generator (``servefleet.direct.run_load``: one thread
+and one channel per concurrent caller, so the client's own overhead is small and equal for all):
+
+  (a) direct       the C++ KServe v2 server of ``servefleet.direct`` (no Python on the request path)
+  (b) proxy        the data plane: KServe v2 proxy actor -> Python replica actor running the numpy
+                   reference (``servefleet.direct.ctr:CtrScorer``, kind python) on a Ray cluster
+  (c) python_grpc  a plain grpc.aio server (own process) running the numpy reference
+
+at batch 1 and batch 64, concurrency 8.
+
+    .venv/bin/python bench/direct_ingress.py            # full: 10 s per measurement
+    .venv/bin/python bench/direct_ingress.py --quick    # 3 s per measurement (under 2 minutes)
+
+Writes bench/results/direct_ingress.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import multiprocessing
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import ray
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from servefleet.api import common_pb2
+from servefleet.common.config import grpc_options
+from servefleet.common.errors import ServefleetError
+from servefleet.common.net import free_port, wait_for
+from servefleet.common.tensors import decode_request, encode_request, encode_response
+from servefleet.direct import INPUT_NAME, DirectServer, ctr, run_load
+from servefleet.services import masters
+from servefleet.spec import load_spec, model_name
+from servefleet.testing import RayCluster
+
+RESULTS = Path(__file__).with_name("results") / "direct_ingress.json"
+APP = common_pb2.AppRef(namespace="recs", name="ctr")
+MODEL = model_name(APP)
+BATCHES = (1, 64)
+
+
+class ReferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """Peer (c): KServe v2 ModelInfer over the numpy reference, in plain grpc.aio."""
+
+    def __init__(self, model_path: str) -> None:
+        self.scorer = ctr.CtrScorer(model_path)
+
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return service_pb2.ServerLiveResponse(live=True)
+
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            outputs = self.scorer(decode_request(request))
+        except ServefleetError as exc:
+            await context.abort(exc.code, str(exc))
+        return encode_response(request.model_name, outputs, model_version="1", request_id=request.id)
+
+
+def serve_python(model_path: str, port: int) -> None:
+    async def main() -> None:
+        server = grpc.aio.server(options=grpc_options())
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(ReferenceServicer(model_path), server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
+def live(address: str) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            return bool(stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=1).live)
+        except grpc.RpcError:
+            return False
+
+
+def request_bytes(batch: int) -> bytes:
+    ids = np.random.default_rng(batch).integers(0, 1 << 20, size=(batch, 16), dtype=np.int64)
+    return encode_request(MODEL, {INPUT_NAME: ids}).SerializeToString()
+
+
+def measure(address: str, seconds: float, concurrency: int) -> dict[str, dict[str, Any]]:
+    out = {}
+    for batch in BATCHES:
+        request = request_bytes(batch)
+        run_load(address, request, concurrency, min(1.0, seconds / 3))  # warm-up: channels, caches
+        result = run_load(address, request, concurrency, seconds)
+        if result["errors"]:
+            raise RuntimeError(f"{address} batch {batch}: {result['errors']} errors: {result['first_error']}")
+        out[f"b{batch}"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
+    return out
+
+
+async def deploy_proxy_path(model_path: Path) -> str:
+    """The CTR reference as a kind-python app behind one proxy; returns the proxy's address."""
+    spec = load_spec(
+        {
+            "namespace": APP.namespace,
+            "name": APP.name,
+            "version": "1",
+            "import_path": "servefleet.direct.ctr:CtrScorer",
+            "init_args": {"model_path": str(model_path)},
+            "resources": {"num_cpus": 1},
+            "replicas": {"min": 1, "max": 1, "initial": 1},
+            "max_concurrency": 8,
+            "proxies": 1,
+        }
+    )
+    await masters.apply(spec, 1, 1, cluster="bench", discovery="")
+    for _ in range(1200):
+        status = await masters.status(APP)
+        if status is not None and status.ready_replicas == 1 and status.proxy_addresses:
+            return str(status.proxy_addresses[0])
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"proxy path not ready: {status}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="3 s per measurement instead of 10 s")
+    args = p.parse_args()
+    seconds, concurrency = (3.0 if args.quick else 10.0), 8
+    settings = {"seconds": seconds, "concurrency": concurrency, "batches": list(BATCHES)}
+    work = Path(tempfile.mkdtemp(prefix="bench-direct-"))
+    model = ctr.build_model(num_rows=1 << 20, num_fields=16, dim=16)
+    model_path = ctr.export_model(model, work / "ctr.bin")
+    figures: dict[str, Any] = {}
+
+    direct = DirectServer()
+    direct.load_model(str(model_path), MODEL, "1")
+    direct_address = f"127.0.0.1:{direct.start('127.0.0.1:0', workers=2)}"
+    figures["direct"] = measure(direct_address, seconds, concurrency)
+    figures["direct"]["server_side"] = direct.stats()
+    direct.stop(1.0)
+
+    port = free_port()
+    python_server = multiprocessing.get_context("spawn").Process(
+        target=serve_python, args=(str(model_path), port)
+    )
+    python_server.start()
+    try:
+        wait_for(lambda: live(f"127.0.0.1:{port}"), timeout=60, what="python grpc.aio server")
+        figures["python_grpc"] = measure(f"127.0.0.1:{port}", seconds, concurrency)
+    finally:
+        python_server.terminate()
+        python_server.join(10)
+
+    cluster = RayCluster(num_cpus=2).start()
+    try:
+        ray.init(address=cluster.address, namespace="bench-direct", log_to_driver=False)
+        proxy_address = asyncio.run(deploy_proxy_path(model_path))
+        figures["proxy"] = measure(proxy_address, seconds, concurrency)
+        asyncio.run(masters.remove(APP))
+    finally:
+        ray.shutdown()
+        cluster.cleanup()
+
+    ratios = {}
+    for batch in BATCHES:
+        for peer in ("proxy", "python_grpc"):
+            d, q = figures["direct"][f"b{batch}"], figures[peer][f"b{batch}"]
+            ratios[f"ratio_rps_b{batch}_vs_{peer}"] = round(d["rps"] / q["rps"], 2)
+            ratios[f"ratio_p99_b{batch}_vs_{peer}"] = round(d["p99_ms"] / q["p99_ms"], 3)
+
+    print(f"{'path':>12} | {'batch':>5} | {'rps':>9} | {'p50 ms':>7} | {'p99 ms':>7}")
+    for path in ("direct", "proxy", "python_grpc"):
+        for batch in BATCHES:
+            row = figures[path][f"b{batch}"]
+            rps, p50, p99 = row["rps"], row["p50_ms"], row["p99_ms"]
+            print(f"{path:>12} | {batch:>5} | {rps:>9.0f} | {p50:>7.3f} | {p99:>7.3f}")
+    for name, value in ratios.items():
+        print(f"{name}: {value}")
+    report = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+        },
+        "settings": {
+            **settings,
+            "quick": args.quick,
+            "model": "factorization machine, 1,048,576 rows x (1 + 16) floats, 16 fields",
+            "load_generator": "C++ (servefleet.direct.run_load), one thread + channel per caller, same box",
+            "direct_workers": 2,
+        },
+        "figures": figures,
+        **ratios,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Deployment actor of a ``kind: direct`` application: the C++ direct ingress inside a Ray actor.
+
+The actor loads the app's CTR model into a C++ KServe v2 server (``servefleet.direct``) that
+listens on its own port and answers on its own C++ threads, and registers that server in
+discovery as kind ``direct`` with its cluster/node(/zone) labels, so the SDK calls it with no
+proxy in between. The application master starts, health-checks, drains and replaces it like any
+replica (same ``ready``/``stats``/``drain`` calls). A killed actor stops renewing its lease, so
+clients drop it within the discovery TTL.
+
+``init_args``: ``model_path`` (required: a file written by ``servefleet.direct.ctr.export_model``)
+and ``workers`` (request threads; default ``settings.direct_workers``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from servefleet.api import common_pb2, discovery_pb2
+from servefleet.common.config import settings
+from servefleet.common.errors import InvalidArgument
+from servefleet.spec import app_ref, model_name, struct_to_python
+
+#: Ray node labels that name a node's zone, in order of preference.
+ZONE_LABELS = ("zone", "ray.io/availability-zone")
+
+
+class DirectReplica:
+    """One C++ direct-ingress replica (a Ray actor in production; a plain object in tests)."""
+
+    def __init__(
+        self, spec_bytes: bytes, name: str, *, cluster: str = "", discovery: str = "", host: str = "127.0.0.1"
+    ) -> None:
+        import ray
+
+        from servefleet.direct import DirectServer  # the compiled module: only where it serves
+
+        spec = common_pb2.ApplicationSpec.FromString(spec_bytes)
+        args = struct_to_python(spec.init_args)
+        if "model_path" not in args:
+            raise InvalidArgument(
+                "kind 'direct' needs init_args.model_path (a servefleet.direct.ctr model file)"
+            )
+        self.name = name
+        self.app = app_ref(spec)
+        self.version = spec.version
+        self.capacity = spec.max_concurrency + spec.max_queued
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.labels = {"cluster": cluster, "node": self.node_id} if cluster else {"node": self.node_id}
+        node_labels = ray.get_runtime_context().get_node_labels()
+        zone = next((str(node_labels[key]) for key in ZONE_LABELS if node_labels.get(key)), "")
+        if zone:
+            self.labels["zone"] = zone
+        self.server = DirectServer()
+        self.server.load_model(str(args["model_path"]), model_name(self.app), self.version)
+        port = self.server.start(f"{host}:0", workers=int(args.get("workers", settings.direct_workers)))
+        self.address = f"{host}:{port}"
+        self.draining = False
+        self._discovery = discovery
+        self._registered = asyncio.Event()
+        self._registration = asyncio.get_running_loop().create_task(self._stay_registered())
+
+    async def _stay_registered(self) -> None:
+        if not self._discovery:
+            self._registered.set()
+            return
+        from servefleet.discovery.registration import registration
+
+        endpoint = discovery_pb2.Endpoint(
+            app=self.app, version=self.version, kind="direct", address=self.address, labels=self.labels
+        )
+        async with registration(self._discovery, endpoint, ttl_s=settings.discovery_ttl_s):
+            self._registered.set()
+            await asyncio.Event().wait()
+
+    async def ready(self) -> dict[str, Any]:
+        """Identity and placement, once the server is registered (raises if registering failed)."""
+        registered = asyncio.create_task(self._registered.wait())
+        await asyncio.wait({registered, self._registration}, return_when=asyncio.FIRST_COMPLETED)
+        registered.cancel()
+        if not self._registered.is_set():
+            self._registration.result()  # raises what registering raised
+        return {
+            "name": self.name,
+            "version": self.version,
+            "node_id": self.node_id,
+            "capacity": self.capacity,
+            "streaming": False,
+            "address": self.address,
+        }
+
+    async def stats(self) -> dict[str, Any]:
+        """Load as the master's health check and the autoscaler see it (counted in C++)."""
+        stats = self.server.stats()
+        return {
+            "in_flight": stats["in_flight"],
+            "capacity": self.capacity,
+            "latency_ms": stats["mean_latency_us"] / 1000.0,
+            "served": stats["requests"] - stats["errors"],
+            "failed": stats["errors"],
+            "rejected": 0,
+            "draining": self.draining,
+            "version": self.version,
+            "address": self.address,
+        }
+
+    async def drain(self, timeout_s: float) -> int:
+        """Deregister first (clients move away), then let in-flight calls finish for up to
+        ``timeout_s`` before the server stops; returns the requests in flight when the drain began."""
+        self.draining = True
+        self._registration.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._registration
+        left = self.server.stats()["in_flight"]
+        await asyncio.to_thread(self.server.stop, timeout_s)
+        return left

@@ -1,0 +1,166 @@
+"""``kind: direct`` through the application master: C++ servers inside Ray actors, registered in
+discovery, called by the SDK and tritonclient with no proxy; a killed actor drops out of every
+client's view within the lease TTL while the SDK fails over to the other replica."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+
+from servefleet.api import common_pb2, discovery_pb2
+from servefleet.common.config import settings
+from servefleet.common.net import async_wait_for
+from servefleet.direct import INPUT_NAME, OUTPUT_NAME, ctr
+from servefleet.discovery.testing import DiscoveryProcess
+from servefleet.sdk import AsyncClient
+from servefleet.services import masters
+from servefleet.services.names import RAY_NAMESPACE, replica_prefix
+from servefleet.spec import app_ref, load_spec
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+APP = "recs/ctr-direct"
+
+
+def direct_spec(model_path: Path) -> common_pb2.ApplicationSpec:
+    return load_spec(
+        {
+            "name": "ctr-direct",
+            "namespace": "recs",
+            "version": "1",
+            "kind": "direct",
+            "init_args": {"model_path": str(model_path), "workers": 2},
+            "inputs": [{"name": INPUT_NAME, "datatype": "INT64", "shape": [-1, 16]}],
+            "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1]}],
+            "resources": {"num_cpus": 0.1},
+            "replicas": {"min": 2, "max": 2, "initial": 2},
+        }
+    )
+
+
+@pytest.fixture
+async def client(discovery_server: DiscoveryProcess) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(discovery_server.address, timeout=10.0) as client:
+        yield client
+
+
+@pytest.fixture
+async def deployed(
+    ray_driver: str, discovery_server: DiscoveryProcess, ctr_model_path: Path
+) -> AsyncIterator[common_pb2.ApplicationSpec]:
+    spec = direct_spec(ctr_model_path)
+    await masters.apply(spec, 2, 1, cluster="direct-cluster", discovery=discovery_server.address)
+    yield spec
+    await masters.remove(app_ref(spec))
+
+
+async def _replicas(spec: common_pb2.ApplicationSpec) -> dict[str, str]:
+    """Replica actor name -> its server's address, once the master has both replicas ready."""
+
+    async def ready() -> bool:
+        status = await masters.status(app_ref(spec))
+        return status is not None and status.ready_replicas == 2
+
+    await async_wait_for(ready, timeout=120, interval=0.1, what="2 direct replicas ready")
+    names = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == RAY_NAMESPACE and a["name"].startswith(replica_prefix(app_ref(spec)))
+    ]
+    handles = {name: ray.get_actor(name, namespace=RAY_NAMESPACE) for name in names}
+    return {name: (await handle.ready.remote())["address"] for name, handle in handles.items()}
+
+
+async def _seen(client: AsyncClient, addresses: set[str]) -> list[discovery_pb2.Endpoint]:
+    """Wait until the SDK's view of the app is exactly these direct endpoints."""
+
+    async def exact() -> list[discovery_pb2.Endpoint] | None:
+        endpoints = await client.endpoints(APP)
+        same = {e.address for e in endpoints} == addresses and all(e.kind == "direct" for e in endpoints)
+        return endpoints if same else None
+
+    found = await async_wait_for(exact, timeout=60, interval=0.1, what=f"SDK view {sorted(addresses)}")
+    assert isinstance(found, list)
+    return found
+
+
+async def test_sdk_and_tritonclient_get_reference_scores_without_a_proxy(
+    deployed: common_pb2.ApplicationSpec, client: AsyncClient, ctr_reference: ctr.FactorizationMachine
+) -> None:
+    replicas = await _replicas(deployed)
+    assert len(replicas) == 2
+    for endpoint in await _seen(client, set(replicas.values())):
+        assert endpoint.labels["cluster"] == "direct-cluster" and endpoint.labels["node"]
+    status = await masters.status(app_ref(deployed))
+    assert status is not None and not status.proxy_addresses
+
+    ids = np.random.default_rng(7).integers(0, 1 << 20, size=(64, 16), dtype=np.int64)
+    out = await client.infer(APP, {INPUT_NAME: ids})
+    np.testing.assert_allclose(out[OUTPUT_NAME], ctr_reference.score(ids), rtol=1e-5, atol=1e-6)
+
+    triton = await client.triton_client(APP)
+    try:
+        from tritonclient.grpc import InferInput
+
+        tensor = InferInput(INPUT_NAME, list(ids.shape), "INT64")
+        tensor.set_data_from_numpy(ids)
+        result = await triton.infer(APP, [tensor])
+        np.testing.assert_allclose(
+            result.as_numpy(OUTPUT_NAME), ctr_reference.score(ids), rtol=1e-5, atol=1e-6
+        )
+    finally:
+        await triton.close()
+
+
+async def test_killed_actor_leaves_within_the_ttl_and_the_sdk_fails_over(
+    deployed: common_pb2.ApplicationSpec, client: AsyncClient, ctr_reference: ctr.FactorizationMachine
+) -> None:
+    replicas = await _replicas(deployed)
+    await _seen(client, set(replicas.values()))
+    ids = np.random.default_rng(8).integers(0, 1 << 20, size=(1, 16), dtype=np.int64)
+    expected = ctr_reference.score(ids)
+    victim_name, victim_address = sorted(replicas.items())[0]
+    victim = ray.get_actor(victim_name, namespace=RAY_NAMESPACE)
+
+    ray.kill(victim, no_restart=True)
+    killed_at = asyncio.get_running_loop().time()
+    served = 0
+
+    async def victim_gone() -> bool:
+        nonlocal served
+        # Requests keep succeeding meanwhile: the SDK retries a dead endpoint on the other one.
+        out = await client.infer(APP, {INPUT_NAME: ids})
+        np.testing.assert_allclose(out[OUTPUT_NAME], expected, rtol=1e-5, atol=1e-6)
+        served += 1
+        return victim_address not in {e.address for e in await client.endpoints(APP)}
+
+    await async_wait_for(
+        victim_gone, timeout=settings.discovery_ttl_s + 2, interval=0.05, what="endpoint removal"
+    )
+    assert served > 0
+    assert asyncio.get_running_loop().time() - killed_at <= settings.discovery_ttl_s + 2
+    # The master replaces the dead replica; the new one registers itself.
+    replaced = await _replicas(deployed)
+    assert victim_name not in replaced
+    await _seen(client, set(replaced.values()))
+
+
+async def test_removing_the_app_deregisters_its_endpoints_at_once(
+    ray_driver: str, discovery_server: DiscoveryProcess, client: AsyncClient, ctr_model_path: Path
+) -> None:
+    spec = direct_spec(ctr_model_path)
+    await masters.apply(spec, 2, 1, cluster="direct-cluster", discovery=discovery_server.address)
+    await _seen(client, set((await _replicas(spec)).values()))
+    await masters.remove(app_ref(spec))
+    # Drained replicas deregistered: gone before their leases (TTL) could have lapsed.
+    await async_wait_for(
+        lambda: _empty(client), timeout=settings.discovery_ttl_s - 1, interval=0.05, what="deregistration"
+    )
+
+
+async def _empty(client: AsyncClient) -> bool:
+    return not await client.endpoints(APP)
