@@ -26,6 +26,7 @@ from ray.experimental import internal_kv
 
 from servefleet.api import agent_pb2, common_pb2
 from servefleet.common.config import settings
+from servefleet.services.direct_replica import DirectReplica
 from servefleet.services.names import (
     RAY_NAMESPACE,
     ReplicaInfo,
@@ -42,6 +43,7 @@ from servefleet.services.replica import Replica
 log = logging.getLogger(__name__)
 
 ReplicaActor = ray.remote(Replica)
+DirectReplicaActor = ray.remote(DirectReplica)
 ProxyActor = ray.remote(Proxy)
 _GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
@@ -187,6 +189,8 @@ class ApplicationMaster:
         with contextlib.suppress(asyncio.CancelledError):
             await self._loop
         stops = [p.handle.stop.remote() for p in self._proxies.values()]
+        # Replicas that registered themselves in discovery (kind direct) deregister in drain.
+        stops += [r.handle.drain.remote(0.0) for r in self._replicas.values() if r.ready]
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(*stops, return_exceptions=True), settings.shutdown_grace_s)
         handles = [p.handle for p in self._proxies.values()] + [r.handle for r in self._replicas.values()]
@@ -261,7 +265,8 @@ class ApplicationMaster:
             await self._retire(old)  # ... then the old one drains
         else:  # rollout (or recovery) under way: whatever is ready serves
             await self._publish([r for r in self._replicas.values() if r.ready])
-        await self._ensure_proxies(self.spec.proxies)
+        # Clients call direct replicas straight from discovery: no proxy for those apps.
+        await self._ensure_proxies(0 if self.spec.kind == "direct" else self.spec.proxies)
 
     async def _health_check(self) -> None:
         ready = [r for r in self._replicas.values() if r.ready]
@@ -285,9 +290,15 @@ class ApplicationMaster:
 
     def _start_replica(self, spec: common_pb2.ApplicationSpec, gen: str) -> None:
         name = f"{replica_prefix(self.app)}{gen}:{time.time_ns():x}"
-        handle = ReplicaActor.options(name=name, **actor_options(spec)).remote(
-            spec.SerializeToString(), name, redis=self.redis
-        )
+        handle: Any
+        if spec.kind == "direct":  # C++ server in the actor, registered in discovery itself
+            handle = DirectReplicaActor.options(name=name, **actor_options(spec)).remote(
+                spec.SerializeToString(), name, cluster=self.cluster, discovery=self.discovery
+            )
+        else:
+            handle = ReplicaActor.options(name=name, **actor_options(spec)).remote(
+                spec.SerializeToString(), name, redis=self.redis
+            )
         self._track_replica(ReplicaState(name, handle, gen))
 
     def _track_replica(self, replica: ReplicaState) -> None:

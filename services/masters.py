@@ -50,8 +50,10 @@ async def apply(
     rolls out surge-then-drain; a new replica count only scales.
     """
     spec = load_spec(spec)
-    if spec.kind != "python":
-        raise FailedPrecondition(f"spec.kind {spec.kind!r}: this cluster's data plane serves 'python' apps")
+    if spec.kind not in ("python", "direct"):
+        raise FailedPrecondition(
+            f"spec.kind {spec.kind!r}: this cluster's data plane serves 'python' and 'direct' apps"
+        )
     _upload_working_dir(spec)
     app = app_ref(spec)
     env = passed_env()
