@@ -43,30 +43,37 @@ def _show(conn: KeeperConn, statuses: Iterable[keeper_pb2.ApplicationStatus]) ->
 
 
 def _follow(conn: KeeperConn, ref: common_pb2.AppRef, timeout: float, until: set[int]) -> int:
-    """Print status events until one of ``until`` (or the timeout); returns the last state."""
-    state = AppState.APP_STATE_UNSPECIFIED
-    events = conn.stub.WatchApplication(
-        keeper_pb2.WatchApplicationRequest(app=ref), metadata=conn.md, timeout=timeout
-    )
-    try:
-        for event in events:
-            state = event.state
-            line = f"{time.strftime('%H:%M:%S')} {AppState.Name(event.state):<9} {event.reason}"
-            click.echo(
-                line if conn.output == "table" else json.dumps(to_dict(event)), err=conn.output == "table"
-            )
-            if event.state in until:
-                break
-    except grpc.RpcError as exc:
-        if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
-            raise
-        raise click.ClickException(
-            f"{ref.namespace}/{ref.name} still {AppState.Name(state)} after {timeout:g}s "
-            "(it keeps going; `servefleet app watch` follows it)"
-        ) from None
-    finally:
-        events.cancel()
-    return state
+    """Print status events until one of ``until`` (or the timeout); returns the last state. A keeper
+    that restarts meanwhile (UNAVAILABLE) is waited for and the watch opened again."""
+    state, last = AppState.APP_STATE_UNSPECIFIED, ("", 0)
+    deadline = time.monotonic() + timeout
+    while True:
+        events = conn.stub.WatchApplication(
+            keeper_pb2.WatchApplicationRequest(app=ref), metadata=conn.md, timeout=deadline - time.monotonic()
+        )
+        try:
+            for event in events:
+                state = event.state
+                if (event.reason, event.state) != last:  # a reopened watch repeats the current status
+                    last = (event.reason, event.state)
+                    line = f"{time.strftime('%H:%M:%S')} {AppState.Name(event.state):<9} {event.reason}"
+                    table = conn.output == "table"
+                    click.echo(line if table else json.dumps(to_dict(event)), err=table)
+                if event.state in until:
+                    return state
+            return state
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() + 1 < deadline:
+                time.sleep(1.0)  # the keeper is restarting: reconnect
+                continue
+            if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+            raise click.ClickException(
+                f"{ref.namespace}/{ref.name} still {AppState.Name(state)} after {timeout:g}s "
+                "(it keeps going; `servefleet app watch` follows it)"
+            ) from None
+        finally:
+            events.cancel()
 
 
 def _finish(conn: KeeperConn, ref: common_pb2.AppRef, wait: bool, timeout: float) -> None:
