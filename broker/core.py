@@ -40,6 +40,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import cast
 
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2
@@ -52,8 +53,9 @@ from servefleet.common.errors import InvalidArgument, NotFound
 FINAL = frozenset({State.DONE, State.FAILED, State.EXPIRED, State.CANCELLED})
 _TICKET = re.compile(r"^[0-9a-f]{32}$")
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,126}[a-z0-9])?$")
-#: Waiters re-read the ticket at least this often, in case a change event was lost.
-_REPOLL_S = 1.0
+#: Waiters re-read the ticket at least this often, in case a change event was lost (Redis
+#: restarted, pub/sub reconnecting): it bounds the extra latency of a lost event.
+_REPOLL_S = 5.0
 
 
 def app_name(app: common_pb2.AppRef | str) -> str:
@@ -128,24 +130,32 @@ class BrokerCore:
         """The ticket's status once final, or its current status after ``wait_timeout_s``."""
         if math.isnan(wait_timeout_s) or wait_timeout_s < 0:
             raise InvalidArgument(f"wait_timeout_s must be >= 0, got {wait_timeout_s}")
-        status = await self.status(ticket)
         deadline = time.monotonic() + min(wait_timeout_s, settings.broker_max_wait_s)
-        while status.state not in FINAL and (left := deadline - time.monotonic()) > 0:
-            await self.queue.wait_change(ticket, min(left, _REPOLL_S))
-            status = await self.status(ticket)
+        status = await self.status(ticket)
+        if status.state in FINAL or wait_timeout_s == 0:
+            return status
+        async with self.queue.changes(ticket) as next_change:
+            status = await self.status(ticket)  # again, now that no change can slip by
+            while status.state not in FINAL and (left := deadline - time.monotonic()) > 0:
+                change = await next_change(min(left, _REPOLL_S))
+                if change is None or change in FINAL:  # read the result only when there is one
+                    status = await self.status(ticket)
+                else:
+                    status.state = cast(State, change)
         return status
 
     async def watch(self, ticket: str) -> AsyncIterator[broker_pb2.TicketStatus]:
         """Every state the ticket passes through, ending with the final one (with its result)."""
         last = None
-        while True:
-            status = await self.status(ticket)
-            if status.state != last:
-                yield status
-                last = status.state
-            if status.state in FINAL:
-                return
-            await self.queue.wait_change(ticket, _REPOLL_S)
+        async with self.queue.changes(check_ticket(ticket)) as next_change:
+            while True:
+                status = await self.status(ticket)
+                if status.state != last:
+                    yield status
+                    last = status.state
+                if status.state in FINAL:
+                    return
+                await next_change(_REPOLL_S)
 
     async def cancel(self, ticket: str) -> broker_pb2.TicketStatus:
         """Cancel a queued or running request; a final ticket is returned unchanged.

@@ -31,7 +31,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -62,6 +62,10 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, Redis
 def band_of(priority: int) -> int:
     """Index into BANDS for a Submit priority."""
     return 0 if priority > 0 else 1 if priority == 0 else 2
+
+
+#: ``await next_change(timeout)``: a ticket's next state, or None (re-read it).
+NextChange = Callable[[float], Awaitable["int | None"]]
 
 
 @dataclass(frozen=True)
@@ -114,28 +118,29 @@ class RequestQueue(ABC):
     async def stats(self, app: str) -> broker_pb2.QueueStatsResponse: ...
 
     @abstractmethod
-    async def wait_change(self, ticket: str, timeout: float) -> None:
-        """Return when the ticket may have changed state, or after ``timeout`` seconds."""
+    def changes(self, ticket: str) -> contextlib.AbstractAsyncContextManager[NextChange]:
+        """Subscribe to the ticket's changes (enter it *before* reading its status, so no change
+        slips between). Yields ``next_change(timeout)``: the new state, or None after ``timeout``
+        or when changes may have been missed; on None the caller re-reads."""
 
     # --- consumer side (pull workers) ---
     @abstractmethod
     async def ensure_groups(self, app: str) -> None: ...
 
     @abstractmethod
-    async def read(self, app: str, consumer: str, count: int, block_ms: int) -> list[Entry]:
-        """Up to ``count`` new entries, highest band first; blocks up to ``block_ms`` when none."""
+    async def take(self, app: str, consumer: str, count: int, block_ms: int) -> list[Entry]:
+        """Up to ``count`` new entries, highest band first, each already marked RUNNING (entries
+        whose ticket is final are acked and skipped; over-delivered ones dead-lettered). Blocks
+        up to ``block_ms`` when there are none."""
 
     @abstractmethod
     async def reclaim(self, app: str, consumer: str, count: int, min_idle_ms: int) -> list[Entry]:
-        """Take over up to ``count`` entries other consumers left pending longer than ``min_idle_ms``."""
+        """Take over (and start) up to ``count`` entries other consumers left pending longer than
+        ``min_idle_ms``."""
 
     @abstractmethod
     async def heartbeat(self, app: str, consumer: str, entries: Sequence[Entry]) -> None:
         """Reset the idle time of entries still running here, so nobody reclaims them."""
-
-    @abstractmethod
-    async def begin(self, app: str, entry: Entry, consumer: str) -> str:
-        """'run', or 'skip' (already final, cancelled, stale), or 'dead' (over max deliveries)."""
 
     @abstractmethod
     async def finish(self, app: str, entry: Entry, response: bytes) -> bool:
@@ -211,28 +216,72 @@ redis.call('EXPIRE', KEYS[5], ARGV[11])
 return {'ok', ARGV[1]}
 """
 
-# KEYS: ticket hash, stream, dlq, app.  ARGV: group, entry id, consumer, default max deliveries,
-# tombstone s, now, channel
-_BEGIN = (
+# Starting an entry: skip it if its ticket is final or it is a stale copy, dead-letter it when
+# delivered more than max_deliveries times, else mark it RUNNING. Shared by _TAKE and _START.
+# KEYS: dlq, app, band streams...  ARGV: group, consumer, default max deliveries, tombstone s,
+#       now, channel, ticket key prefix, then (_TAKE) count or (_START) band/id/ticket triples
+_STARTER = (
     _LIB
     + """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not live(state) or redis.call('HGET', KEYS[1], 'entry_id') ~= ARGV[2] then
-  ack(KEYS[2], ARGV[1], ARGV[2])
-  return 'skip'
+local function start_entry(band, id, ticket)
+  local th, stream = ARGV[7] .. ticket, KEYS[2 + band]
+  local state = redis.call('HGET', th, 'state')
+  if not live(state) or redis.call('HGET', th, 'entry_id') ~= id then
+    ack(stream, ARGV[1], id)
+    return 'skip'
+  end
+  local d = redis.call('HINCRBY', th, 'deliveries', 1)
+  local max = tonumber(redis.call('HGET', KEYS[2], 'max_deliveries') or ARGV[3])
+  if d > max then
+    local last = redis.call('HGET', th, 'last_error') or 'the worker running it stopped or died'
+    dead_letter(th, stream, KEYS[1], ARGV[1], id,
+      'gave up after ' .. max .. ' deliveries; last: ' .. last, ARGV[4], ARGV[6])
+    return 'dead'
+  end
+  redis.call('HSET', th, 'state', 'RUNNING', 'worker', ARGV[2], 'started', ARGV[5],
+    'last_error', 'worker ' .. ARGV[2] .. ' stopped or died while running it')
+  redis.call('PUBLISH', ARGV[6], ticket .. ' RUNNING')
+  return 'run'
 end
-local d = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
-local max = tonumber(redis.call('HGET', KEYS[4], 'max_deliveries') or ARGV[4])
-if d > max then
-  local last = redis.call('HGET', KEYS[1], 'last_error') or 'the worker running it stopped or died'
-  dead_letter(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2],
-    'gave up after ' .. max .. ' deliveries; last: ' .. last, ARGV[5], ARGV[7])
-  return 'dead'
+"""
+)
+
+# Read up to `count` new entries, highest band first, and start them: one round trip per pull.
+_TAKE = (
+    _STARTER
+    + """
+local out, want = {}, tonumber(ARGV[8])
+for band = 1, #KEYS - 2 do
+  while want > 0 do
+    local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', want,
+      'STREAMS', KEYS[2 + band], '>')
+    if not reply then break end
+    for _, e in ipairs(reply[1][2]) do
+      local f, ticket, payload = e[2], '', ''
+      for i = 1, #f, 2 do
+        if f[i] == 'ticket' then ticket = f[i + 1] elseif f[i] == 'payload' then payload = f[i + 1] end
+      end
+      if start_entry(band, e[1], ticket) == 'run' then
+        table.insert(out, band - 1); table.insert(out, e[1])
+        table.insert(out, ticket); table.insert(out, payload)
+        want = want - 1
+      end
+    end
+  end
 end
-redis.call('HSET', KEYS[1], 'state', 'RUNNING', 'worker', ARGV[3], 'started', ARGV[6],
-  'last_error', 'worker ' .. ARGV[3] .. ' stopped or died while running it')
-redis.call('PUBLISH', ARGV[7], redis.call('HGET', KEYS[1], 'ticket') .. ' RUNNING')
-return 'run'
+return out
+"""
+)
+
+# Start entries already delivered (reclaimed, or woken by a blocking read); their verdicts.
+_START = (
+    _STARTER
+    + """
+local out = {}
+for i = 8, #ARGV, 3 do
+  table.insert(out, start_entry(tonumber(ARGV[i]) + 1, ARGV[i + 1], ARGV[i + 2]))
+end
+return out
 """
 )
 
@@ -319,11 +368,13 @@ class RedisStreamQueue(RequestQueue):
         pool = aioredis.BlockingConnectionPool(host=host, port=port, max_connections=max_connections)
         self._redis = aioredis.Redis(connection_pool=pool)
         self._submit = self._redis.register_script(_SUBMIT)
-        self._begin = self._redis.register_script(_BEGIN)
+        self._take = self._redis.register_script(_TAKE)
+        self._start = self._redis.register_script(_START)
         self._finish = self._redis.register_script(_FINISH)
         self._fail = self._redis.register_script(_FAIL)
         self._cancel = self._redis.register_script(_CANCEL)
-        self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._waiters: dict[str, set[asyncio.Queue[int | None]]] = defaultdict(set)
+        self._subscribed = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
 
     # --- keys ---
@@ -486,16 +537,25 @@ class RedisStreamQueue(RequestQueue):
         out.complete_rate = sum(int(x or 0) for x in completes) / RATE_WINDOW_S
         return out
 
-    async def wait_change(self, ticket: str, timeout: float) -> None:
-        if self._listener is None or self._listener.done():
-            self._listener = asyncio.create_task(self._listen())
-        event = asyncio.Event()
-        self._waiters[ticket].add(event)
+    @contextlib.asynccontextmanager
+    async def changes(self, ticket: str) -> AsyncIterator[NextChange]:
+        feed: asyncio.Queue[int | None] = asyncio.Queue()
+        self._waiters[ticket].add(feed)
         try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), timeout)
+            if self._listener is None or self._listener.done():
+                self._listener = asyncio.create_task(self._listen())
+            with contextlib.suppress(TimeoutError):  # not subscribed yet: the re-reads cover it
+                await asyncio.wait_for(self._subscribed.wait(), 1.0)
+
+            async def next_change(timeout: float) -> int | None:
+                try:
+                    return await asyncio.wait_for(feed.get(), timeout)
+                except TimeoutError:
+                    return None
+
+            yield next_change
         finally:
-            self._waiters[ticket].discard(event)
+            self._waiters[ticket].discard(feed)
             if not self._waiters[ticket]:
                 del self._waiters[ticket]
 
@@ -505,11 +565,16 @@ class RedisStreamQueue(RequestQueue):
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(EVENTS)
+                self._subscribed.set()
+                for feeds in self._waiters.values():  # events may have been missed: re-read
+                    for feed in feeds:
+                        feed.put_nowait(None)
                 async for message in pubsub.listen():
-                    ticket = _s(message["data"]).split(" ", 1)[0]
-                    for event in self._waiters.get(ticket, ()):
-                        event.set()
+                    ticket, state = _s(message["data"]).split(" ", 1)
+                    for feed in self._waiters.get(ticket, ()):
+                        feed.put_nowait(State.Value(state))
             except TRANSIENT_ERRORS:
+                self._subscribed.clear()
                 await asyncio.sleep(0.5)
             finally:
                 with contextlib.suppress(*TRANSIENT_ERRORS, RedisError):
@@ -533,22 +598,42 @@ class RedisStreamQueue(RequestQueue):
                     out.append(Entry(band, _s(entry_id), _s(fields[b"ticket"]), fields[b"payload"]))
         return out
 
-    async def read(self, app: str, consumer: str, count: int, block_ms: int) -> list[Entry]:
-        out: list[Entry] = []
-        for band in range(len(BANDS)):
-            if len(out) >= count:
-                return out
-            reply = await self._redis.xreadgroup(
-                GROUP, consumer, {self.stream(app, band): ">"}, count=count - len(out)
-            )
-            out += self._entries(app, reply)
+    def _starter_args(self, app: str, consumer: str) -> tuple[list[str], list[Arg]]:
+        keys = [self.dead_letters(app), self.app_key(app), *(self.stream(app, b) for b in range(len(BANDS)))]
+        args: list[Arg] = [
+            GROUP,
+            consumer,
+            settings.broker_max_deliveries,
+            settings.broker_tombstone_s,
+            int(self._clock()),
+            EVENTS,
+            self.ticket_key(""),
+        ]
+        return keys, args
+
+    async def _started(self, app: str, consumer: str, entries: list[Entry]) -> list[Entry]:
+        """Start delivered entries; those that may run."""
+        if not entries:
+            return []
+        keys, args = self._starter_args(app, consumer)
+        for entry in entries:
+            args += [entry.band, entry.entry_id, entry.ticket]
+        verdicts = await self._start(keys=keys, args=args)
+        return [entry for entry, verdict in zip(entries, verdicts, strict=True) if _s(verdict) == "run"]
+
+    async def take(self, app: str, consumer: str, count: int, block_ms: int) -> list[Entry]:
+        keys, args = self._starter_args(app, consumer)
+        flat = await self._take(keys=keys, args=[*args, count])
+        out = [
+            Entry(int(flat[i]), _s(flat[i + 1]), _s(flat[i + 2]), flat[i + 3]) for i in range(0, len(flat), 4)
+        ]
         if out or block_ms <= 0:
             return out
         # Nothing anywhere: one blocking read on every band. Redis 7.0 answers a blocked reader
         # with the entries of the one stream that woke it, so this returns at most `count`.
         streams: dict[Any, Any] = {self.stream(app, band): ">" for band in range(len(BANDS))}
         reply = await self._redis.xreadgroup(GROUP, consumer, streams, count=count, block=block_ms)
-        return self._entries(app, reply)
+        return await self._started(app, consumer, self._entries(app, reply))
 
     async def reclaim(self, app: str, consumer: str, count: int, min_idle_ms: int) -> list[Entry]:
         out: list[Entry] = []
@@ -559,7 +644,7 @@ class RedisStreamQueue(RequestQueue):
                 self.stream(app, band), GROUP, consumer, min_idle_ms, "0-0", count=count - len(out)
             )
             out += self._entries(app, [(self.stream(app, band).encode(), reply[1])])
-        return out
+        return await self._started(app, consumer, out)
 
     async def heartbeat(self, app: str, consumer: str, entries: Sequence[Entry]) -> None:
         await self._redis.zadd(self._workers_key(app), {consumer: self._clock()})
@@ -567,24 +652,6 @@ class RedisStreamQueue(RequestQueue):
             ids: list[Any] = [e.entry_id for e in entries if e.band == band]
             if ids:
                 await self._redis.xclaim(self.stream(app, band), GROUP, consumer, 0, ids, justid=True)
-
-    async def begin(self, app: str, entry: Entry, consumer: str) -> str:
-        keys = [
-            self.ticket_key(entry.ticket),
-            self.stream(app, entry.band),
-            self.dead_letters(app),
-            self.app_key(app),
-        ]
-        args: list[Arg] = [
-            GROUP,
-            entry.entry_id,
-            consumer,
-            settings.broker_max_deliveries,
-            settings.broker_tombstone_s,
-            int(self._clock()),
-            EVENTS,
-        ]
-        return _s(await self._begin(keys=keys, args=args))
 
     async def finish(self, app: str, entry: Entry, response: bytes) -> bool:
         keys = [

@@ -83,6 +83,8 @@ class PullWorker:
         self._block_ms = block_ms
         self._queue = queue or RedisStreamQueue(redis_address)
         self._running: dict[str, tuple[Entry, asyncio.Task[None]]] = {}
+        #: Entries whose handler returned, being stored or re-queued in Redis (not holding a slot).
+        self._settling: dict[str, tuple[Entry, asyncio.Task[None]]] = {}
         self._backlog: list[Entry] = []
         self._slot_free = asyncio.Event()
         self._stopping = False
@@ -115,6 +117,7 @@ class PullWorker:
             for task in running:
                 task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
+        await asyncio.gather(*(task for _, task in self._settling.values()), return_exceptions=True)
         if beat is not None:
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -146,7 +149,7 @@ class PullWorker:
                     idle_ms = int(self._reclaim_idle_s * 1000)
                     entries = await self._queue.reclaim(self.app, self.consumer, free, idle_ms)
                 if not entries:
-                    entries = await self._queue.read(self.app, self.consumer, free, self._block_ms)
+                    entries = await self._queue.take(self.app, self.consumer, free, self._block_ms)
                 # Only more than `free` if several bands woke one blocking read: run them next.
                 for entry in entries:
                     if len(self._running) < self.slots:
@@ -175,9 +178,8 @@ class PullWorker:
             await asyncio.sleep(self._reclaim_idle_s / 3)
             try:
                 await self._queue.register_app(self.app, self._config)
-                await self._queue.heartbeat(
-                    self.app, self.consumer, [entry for entry, _ in self._running.values()]
-                )
+                held = [entry for entry, _ in (*self._running.values(), *self._settling.values())]
+                await self._queue.heartbeat(self.app, self.consumer, held)
             except Exception as exc:
                 await self._recover(exc, 0.0)
 
@@ -205,27 +207,30 @@ class PullWorker:
                 backoff = min(backoff * 2, 2.0)
 
     async def _run(self, entry: Entry) -> None:
+        """Run one started entry; its slot frees when the handler returns, and the result is
+        stored (or the failure recorded) in the background, so the next pull overlaps it."""
         try:
-            verdict = await self._persist(lambda: self._queue.begin(self.app, entry, self.consumer))
-            if verdict != "run":
-                return
-            try:
-                request = service_pb2.ModelInferRequest.FromString(entry.payload)
-                request.parameters[TICKET_PARAMETER].string_param = entry.ticket
-                response = await asyncio.wait_for(self._handler(request), self._exec_timeout_s)
-            except Exception as exc:
-                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                log.warning("request %s failed on %s: %s", entry.ticket, self.consumer, reason)
-                await self._persist(lambda: self._queue.fail(self.app, entry, reason))
-                return
-            payload = response.SerializeToString()
-            stored = await self._persist(lambda: self._queue.finish(self.app, entry, payload))
-            if stored:
-                self.completed += 1
-            else:
-                self.duplicates += 1
+            request = service_pb2.ModelInferRequest.FromString(entry.payload)
+            request.parameters[TICKET_PARAMETER].string_param = entry.ticket
+            response = await asyncio.wait_for(self._handler(request), self._exec_timeout_s)
         except asyncio.CancelledError:
-            raise
-        except Exception:
-            # Left pending: another worker reclaims it after reclaim_idle_s.
-            log.exception("request %s: unexpected error on %s", entry.ticket, self.consumer)
+            raise  # stop(drain=False): left pending, another worker reclaims it
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            log.warning("request %s failed on %s: %s", entry.ticket, self.consumer, reason)
+            self._settle(entry, lambda: self._queue.fail(self.app, entry, reason))
+            return
+        payload = response.SerializeToString()
+        self._settle(entry, lambda: self._queue.finish(self.app, entry, payload))
+
+    def _settle(self, entry: Entry, call: Callable[[], Awaitable[object]]) -> None:
+        async def settle() -> None:
+            outcome = await self._persist(call)
+            if outcome is True:
+                self.completed += 1
+            elif outcome is False:
+                self.duplicates += 1
+
+        task = asyncio.create_task(settle())
+        self._settling[entry.entry_id] = (entry, task)
+        task.add_done_callback(lambda _: self._settling.pop(entry.entry_id, None))

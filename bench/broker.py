@@ -1,0 +1,192 @@
+"""Broker benchmark: pull (the broker) vs round-robin push, same actors, same workload, one run.
+
+Four Ray actors each model a replica with ONE slot (an asyncio semaphore around the model call).
+Service times are heavy-tailed: lognormal (median 20 ms, sigma 1) plus a few long requests
+(2 % at 1.5 s). Requests arrive open-loop (Poisson) at the same offered load in both modes,
+0.95 of the four replicas' capacity, from the same seed:
+
+(a) pull: the client submits to the broker service (gRPC, Redis Streams); each actor's
+    PullWorker reads one request when its slot is free; the client waits on GetResult.
+(b) push: the client calls the actors round-robin (Ray actor calls), each queuing at its replica.
+
+Throughput = requests / (last completion - first arrival); completion time = result received -
+scheduled arrival.
+
+    .venv/bin/python bench/broker.py            # full: 1 500 requests per mode
+    .venv/bin/python bench/broker.py --quick    # 400 requests per mode (under 2 minutes)
+
+Writes bench/results/broker.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import numpy as np
+import ray
+from tritonclient.grpc import service_pb2
+
+from servefleet.broker.core import BrokerCore
+from servefleet.broker.queue import RedisStreamQueue
+from servefleet.broker.servicer import broker_server
+from servefleet.broker.worker import PullWorker
+from servefleet.common.tensors import decode_request, encode_request, encode_response
+from servefleet.sdk.broker_client import AsyncBrokerClient
+from servefleet.testing import RayCluster, RedisProcess
+
+RESULTS = Path(__file__).with_name("results") / "broker.json"
+APP = "bench/heavy-tail"
+WORKERS = 4
+MEDIAN_MS, SIGMA, LONG_SHARE, LONG_MS, LOAD = 20.0, 1.0, 0.02, 1500.0, 0.95
+
+
+@ray.remote(num_cpus=0.1)
+class Replica:
+    """One model replica with one slot, reachable both ways: pulled by its PullWorker, or pushed."""
+
+    def __init__(self, redis_address: str, name: str) -> None:
+        self.slot = asyncio.Semaphore(1)
+        self.worker = PullWorker(redis_address, APP, name, 1, self.infer)
+
+    async def start(self) -> None:
+        await self.worker.start()
+
+    async def infer(self, request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
+        inputs = decode_request(request)
+        async with self.slot:
+            await asyncio.sleep(float(inputs["sleep_ms"][0]) / 1000)
+        return encode_response(request.model_name, {"y": inputs["x"]})
+
+    async def push(self, payload: bytes) -> bytes:
+        response = await self.infer(service_pb2.ModelInferRequest.FromString(payload))
+        return response.SerializeToString()
+
+    async def stop(self) -> None:
+        await self.worker.stop(drain=True)
+
+
+def workload(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(arrival offsets s, service times ms): lognormal with a long-request tail, Poisson arrivals."""
+    rng = np.random.default_rng(seed)
+    service = rng.lognormal(np.log(MEDIAN_MS), SIGMA, n)
+    service[rng.random(n) < LONG_SHARE] = LONG_MS
+    rate = LOAD * WORKERS / (service.mean() / 1000)
+    arrivals = np.cumsum(rng.exponential(1 / rate, n))
+    return arrivals - arrivals[0], service
+
+
+async def drive(
+    arrivals: np.ndarray, service: np.ndarray, one: Callable[[int, dict[str, np.ndarray]], Awaitable[None]]
+) -> dict[str, float]:
+    """Offer the workload open-loop through ``one``; throughput and completion-time percentiles."""
+    start = time.monotonic() + 0.2
+    finished = np.zeros(len(arrivals))
+
+    async def request(i: int) -> None:
+        await asyncio.sleep(max(0.0, start + arrivals[i] - time.monotonic()))
+        await one(i, {"x": np.array([i], dtype=np.int64), "sleep_ms": np.array([service[i]])})
+        finished[i] = time.monotonic() - start
+
+    await asyncio.gather(*(request(i) for i in range(len(arrivals))))
+    completion = (finished - arrivals) * 1000
+    return {
+        "requests": len(arrivals),
+        "throughput_rps": round(len(arrivals) / float(finished.max()), 2),
+        "p50_ms": round(float(np.percentile(completion, 50)), 1),
+        "p99_ms": round(float(np.percentile(completion, 99)), 1),
+    }
+
+
+async def run(n: int, seed: int) -> dict[str, object]:
+    redis = RedisProcess().start()
+    cluster = RayCluster(num_cpus=2).start()
+    core = BrokerCore(RedisStreamQueue(redis.address))
+    server = broker_server(core, "127.0.0.1:0")
+    try:
+        ray.init(address=cluster.address, logging_level="WARNING")
+        await server.start()
+        client = AsyncBrokerClient(server.address)
+        replicas = [Replica.remote(redis.address, f"replica-{i}") for i in range(WORKERS)]  # type: ignore[attr-defined]
+        await asyncio.gather(*(r.start.remote() for r in replicas))
+        arrivals, service = workload(n, seed)
+
+        async def pull(i: int, inputs: dict[str, np.ndarray]) -> None:
+            ticket = await client.submit(APP, inputs)
+            await client.result(ticket, timeout=600)
+
+        async def push(i: int, inputs: dict[str, np.ndarray]) -> None:
+            payload = encode_request(APP, inputs).SerializeToString()
+            await replicas[i % WORKERS].push.remote(payload)
+
+        figures = {"pull": await drive(arrivals, service, pull), "push": await drive(arrivals, service, push)}
+        stats = await client.stats(APP)
+        await asyncio.gather(*(r.stop.remote() for r in replicas))
+        await client.close()
+        return {
+            "figures": figures,
+            "offered_rps": round(n / arrivals[-1], 2),
+            "capacity_rps": round(WORKERS / (service.mean() / 1000), 2),
+            "duplicate_executions": stats.duplicate_executions,
+            "ratio_throughput_vs_push": round(
+                figures["pull"]["throughput_rps"] / figures["push"]["throughput_rps"], 2
+            ),
+            "ratio_p99_vs_push": round(figures["pull"]["p99_ms"] / figures["push"]["p99_ms"], 3),
+        }
+    finally:
+        await server.stop(0)
+        await core.close()
+        ray.shutdown()
+        cluster.cleanup()
+        redis.cleanup()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="400 requests per mode (under 2 minutes)")
+    p.add_argument("--requests", type=int, default=0, help="requests per mode (default 1 500, quick 400)")
+    p.add_argument("--seed", type=int, default=7)
+    args = p.parse_args()
+    n = args.requests or (400 if args.quick else 1500)
+    result = asyncio.run(run(n, args.seed))
+    figures = result["figures"]
+    assert isinstance(figures, dict)
+    print(f"{'mode':<6} {'requests':>8} {'throughput rps':>15} {'p50 ms':>9} {'p99 ms':>9}")
+    for mode, f in figures.items():
+        print(f"{mode:<6} {f['requests']:>8} {f['throughput_rps']:>15} {f['p50_ms']:>9} {f['p99_ms']:>9}")
+    print(
+        f"offered {result['offered_rps']} rps (capacity {result['capacity_rps']}); "
+        f"ratio_throughput_vs_push {result['ratio_throughput_vs_push']}, "
+        f"ratio_p99_vs_push {result['ratio_p99_vs_push']}"
+    )
+    report = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+        },
+        "settings": {
+            "requests_per_mode": n,
+            "workers": WORKERS,
+            "slots_per_worker": 1,
+            "service_ms": f"lognormal(median {MEDIAN_MS}, sigma {SIGMA}), {LONG_SHARE:.0%} at {LONG_MS}",
+            "arrivals": f"Poisson, {LOAD} of capacity, same schedule both modes",
+            "seed": args.seed,
+            "quick": args.quick,
+        },
+        **result,
+    }
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
