@@ -1,0 +1,333 @@
+"""Proxy benchmark: the same trivial KServe v2 model behind three servers, in one run.
+
+(a) servefleet: the app's proxy actor (grpc.aio) -> one replica actor (Ray actor call);
+(b) Ray Serve 2.60's gRPC proxy -> one Serve replica (the peer; the ``bench`` extra);
+(c) a raw ``grpc.aio`` server calling the model in its own process (no hop: the limit).
+
+The model is ``examples.echo:Echo`` (returns its FP32 [1, 4] input) on every platform, with one
+replica and the same per-replica concurrency (servefleet ``max_concurrency`` = Serve
+``max_ongoing_requests``). The load generator is a closed loop of C concurrent callers on one
+``grpc.aio`` channel in this process, sending a pre-serialized ModelInferRequest (so its own cost is
+the same for all three). For each C in 1, 8, 64: requests/s, p50 and p99 latency.
+
+    .venv/bin/python bench/proxy.py            # 10 s per point
+    .venv/bin/python bench/proxy.py --quick    # 3 s per point (under 2 minutes)
+    .venv/bin/python bench/proxy.py --profile  # also py-spy the servefleet proxy and replica at C=8
+
+Writes bench/results/proxy.json (with ratio_rps_vs_ray_serve / ratio_rps_vs_limit per C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ for the model
+
+from examples.echo import Echo  # noqa: E402
+from servefleet.common.config import grpc_options  # noqa: E402
+from servefleet.common.net import free_port, tcp_open, wait_for  # noqa: E402
+from servefleet.common.tensors import decode_request, encode_request, encode_response  # noqa: E402
+
+RESULTS = Path(__file__).with_name("results") / "proxy.json"
+METHOD = "/inference.GRPCInferenceService/ModelInfer"
+CONCURRENCY = (1, 8, 64)
+MAX_CONCURRENCY = 64  # per replica, both platforms
+MODEL = "echo"
+
+
+def payload() -> bytes:
+    return encode_request(MODEL, {"x": np.arange(4, dtype=np.float32).reshape(1, 4)}).SerializeToString()
+
+
+async def drive(
+    address: str, concurrency: int, seconds: float, metadata: tuple[tuple[str, str], ...] = ()
+) -> dict[str, float]:
+    """Closed-loop load; latencies of requests completed within the window."""
+    request = payload()
+    async with grpc.aio.insecure_channel(address, options=grpc_options()) as channel:
+        call = channel.unary_unary(METHOD)
+        ready_by = time.monotonic() + 60
+        while True:  # a peer's proxy may learn its routes a moment after it says ready
+            try:
+                await call(request, timeout=30, metadata=metadata)
+                break
+            except grpc.aio.AioRpcError:
+                if time.monotonic() > ready_by:
+                    raise
+                await asyncio.sleep(0.5)
+        for _ in range(20):  # warm-up: connections, first-call paths
+            await call(request, timeout=30, metadata=metadata)
+        latencies: list[float] = []
+        errors = 0
+        end = time.perf_counter() + seconds
+
+        async def caller() -> None:
+            nonlocal errors
+            while time.perf_counter() < end:
+                began = time.perf_counter()
+                try:
+                    await call(request, timeout=30, metadata=metadata)
+                    latencies.append(time.perf_counter() - began)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+
+        began = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - began
+    ms = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
+    return {
+        "rps": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2),
+        "requests": len(latencies),
+        "errors": errors,
+    }
+
+
+# ---- (c) the limit: a raw grpc.aio server in its own process -----------------------------------
+
+
+def raw_server(port: int) -> None:
+    """Entry of the raw server subprocess: the model called in the servicer, nothing else."""
+    from tritonclient.grpc import service_pb2_grpc
+
+    model = Echo()
+
+    class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+        async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
+            return encode_response(request.model_name, model(decode_request(request)))
+
+    async def serve() -> None:
+        server = grpc.aio.server(options=grpc_options())
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(), server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+@contextmanager
+def limit_server() -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--raw-server", str(port)])
+    try:
+        address = f"127.0.0.1:{port}"
+        wait_for(lambda: tcp_open(address), timeout=30, what="raw grpc.aio server")
+        yield address
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+# ---- (a) servefleet ----------------------------------------------------------------------------
+
+
+async def servefleet_app() -> tuple[str, dict[str, Any]]:
+    from servefleet.services import masters
+    from servefleet.spec import app_ref, load_spec
+
+    spec = load_spec(
+        {
+            "name": MODEL,
+            "import_path": "examples.echo:Echo",
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+            "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}],
+            "max_concurrency": MAX_CONCURRENCY,
+            "max_queued": MAX_CONCURRENCY,
+            "replicas": 1,
+            "resources": {"num_cpus": 0.1},
+        }
+    )
+    await masters.apply(spec, 1, 1, cluster="bench", discovery="")
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        status = await masters.status(app_ref(spec))
+        if status is not None and status.ready_replicas == 1 and status.proxy_addresses:
+            pids = {"replica": [s["pid"] for s in (await masters.replica_stats(app_ref(spec))).values()]}
+            return status.proxy_addresses[0], pids
+        await asyncio.sleep(0.2)
+    raise TimeoutError("servefleet app did not become ready")
+
+
+# ---- (b) Ray Serve -----------------------------------------------------------------------------
+
+
+def ray_serve_app() -> str:
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    port = free_port()
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": free_port()},
+        grpc_options=gRPCOptions(
+            port=port,
+            grpc_servicer_functions=[
+                "tritonclient.grpc.service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
+            ],
+        ),
+    )
+
+    @serve.deployment(
+        num_replicas=1, max_ongoing_requests=MAX_CONCURRENCY, ray_actor_options={"num_cpus": 0.1}
+    )
+    class ServeEcho:
+        def __init__(self) -> None:
+            self.model = Echo()
+
+        def ModelInfer(self, request: Any) -> Any:  # noqa: N802
+            return encode_response(request.model_name, self.model(decode_request(request)))
+
+    serve.run(ServeEcho.bind(), name=MODEL)
+    return f"127.0.0.1:{port}"
+
+
+# ---- profile -----------------------------------------------------------------------------------
+
+
+def profile(pids: dict[str, int], seconds: int, out: Path) -> dict[str, list[str]]:
+    """py-spy each process while load runs; the top frames by own time, per process."""
+    summary: dict[str, list[str]] = {}
+    procs = {
+        role: subprocess.Popen(
+            ["py-spy", "record", "-p", str(pid), "-d", str(seconds), "-f", "raw", "-o", str(out / f"{role}.txt")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for role, pid in pids.items()
+    }
+    for role, proc in procs.items():
+        proc.wait(seconds + 30)
+        summary[role] = top_frames(out / f"{role}.txt")
+    return summary
+
+
+def top_frames(path: Path, count: int = 12) -> list[str]:
+    """Leaf-frame share of samples from py-spy's raw (collapsed stacks) output."""
+    if not path.exists():
+        return ["(no samples: py-spy could not attach)"]
+    own: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, samples = line.rpartition(" ")
+        leaf = stack.split(";")[-1]
+        own[leaf] = own.get(leaf, 0) + int(samples)
+        total += int(samples)
+    ranked = sorted(own.items(), key=lambda kv: -kv[1])[:count]
+    return [f"{100 * n / total:5.1f}% {frame}" for frame, n in ranked]
+
+
+# ---- main --------------------------------------------------------------------------------------
+
+
+def table(figures: dict[str, dict[str, dict[str, float]]]) -> str:
+    lines = [f"{'server':<12}{'C':>4}{'rps':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}"]
+    for server, points in figures.items():
+        for c, f in points.items():
+            lines.append(f"{server:<12}{c:>4}{f['rps']:>10}{f['p50_ms']:>10}{f['p99_ms']:>10}{f['errors']:>8}")
+    return "\n".join(lines)
+
+
+def ratios(figures: dict[str, dict[str, dict[str, float]]], peer: str, key: str) -> dict[str, float]:
+    ours = figures["servefleet"]
+    return {c: round(ours[c][key] / figures[peer][c][key], 2) for c in ours if figures[peer][c][key]}
+
+
+async def run(args: argparse.Namespace, measure: Callable[..., Any]) -> dict[str, Any]:
+    import ray
+
+    from servefleet.testing import RayCluster
+
+    figures: dict[str, dict[str, dict[str, float]]] = {}
+    profiles: dict[str, list[str]] = {}
+    cluster = RayCluster(num_cpus=2).start()
+    try:
+        ray.init(address=cluster.address, namespace="bench-proxy", log_to_driver=False)
+        address, pids = await servefleet_app()
+        figures["servefleet"] = {str(c): await measure(address, c) for c in CONCURRENCY}
+        if args.profile:
+            import servefleet.services.names as names
+
+            proxy = ray.get_actor(f"{names.PROXY_PREFIX}default/{MODEL}:0", namespace=names.RAY_NAMESPACE)
+            roles = {"proxy": (await proxy.stats.remote())["pid"], "replica": pids["replica"][0]}
+            out = RESULTS.with_name("proxy-profile")
+            out.mkdir(exist_ok=True)
+            load = asyncio.create_task(measure(address, 8, seconds=12))
+            profiles = await asyncio.to_thread(profile, roles, 8, out)
+            await load
+        serve_address = await asyncio.to_thread(ray_serve_app)
+        app = (("application", MODEL),)  # Serve's gRPC proxy routes by this metadata
+        figures["ray_serve"] = {str(c): await measure(serve_address, c, metadata=app) for c in CONCURRENCY}
+        ray.shutdown()
+        with limit_server() as raw:
+            figures["raw_grpc_aio"] = {str(c): await measure(raw, c) for c in CONCURRENCY}
+    finally:
+        ray.shutdown()  # before the cluster goes: a driver that loses its GCS aborts the process
+        cluster.cleanup()
+    return {"figures": figures, "profile": profiles}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="3 s per point")
+    parser.add_argument("--profile", action="store_true", help="py-spy the servefleet proxy and replica")
+    parser.add_argument("--raw-server", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.raw_server:
+        raw_server(args.raw_server)
+        return
+    seconds = 3.0 if args.quick else 10.0
+
+    async def measure(
+        address: str, concurrency: int, seconds: float = seconds, metadata: tuple[tuple[str, str], ...] = ()
+    ) -> dict[str, float]:
+        figures = await drive(address, concurrency, seconds, metadata)
+        print(f"  {address} C={concurrency}: {figures}", flush=True)
+        return figures
+
+    result = asyncio.run(run(args, measure))
+    figures = result["figures"]
+    report = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
+        "settings": {
+            "seconds_per_point": seconds,
+            "concurrency": list(CONCURRENCY),
+            "replicas": 1,
+            "per_replica_concurrency": MAX_CONCURRENCY,
+            "model": "examples.echo:Echo, FP32 [1, 4]",
+            "ray_num_cpus": 2,
+            "load_generator": "closed loop, one grpc.aio channel, pre-serialized request, same process",
+        },
+        "figures": figures,
+        "ratio_rps_vs_ray_serve": ratios(figures, "ray_serve", "rps"),
+        "ratio_p99_vs_ray_serve": ratios(figures, "ray_serve", "p99_ms"),
+        "ratio_rps_vs_limit": ratios(figures, "raw_grpc_aio", "rps"),
+        "profile": result["profile"],
+    }
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print(table(figures))
+    for key in ("ratio_rps_vs_ray_serve", "ratio_p99_vs_ray_serve", "ratio_rps_vs_limit"):
+        print(f"{key}: {report[key]}")
+    for role, frames in result["profile"].items():
+        print(f"\nprofile {role} (own time):\n  " + "\n  ".join(frames))
+
+
+if __name__ == "__main__":
+    main()
