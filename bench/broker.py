@@ -5,7 +5,7 @@ Service times are heavy-tailed: lognormal (median 20 ms, sigma 1) plus a few lon
 (2 % at 1.5 s). Requests arrive open-loop (Poisson) at the same offered load in both modes,
 0.95 of the four replicas' capacity, from the same seed:
 
-(a) pull: the client submits to the broker service (gRPC, Redis Streams); each actor's
+(a) pull: the client submits to the broker service (its own process, gRPC, Redis Streams); each actor's
     PullWorker reads one request when its slot is free; the client waits on GetResult.
 (b) push: the client calls the actors round-robin (Ray actor calls), each queuing at its replica.
 
@@ -26,6 +26,8 @@ import datetime
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -34,10 +36,8 @@ import numpy as np
 import ray
 from tritonclient.grpc import service_pb2
 
-from servefleet.broker.core import BrokerCore
-from servefleet.broker.queue import RedisStreamQueue
-from servefleet.broker.servicer import broker_server
 from servefleet.broker.worker import PullWorker
+from servefleet.common.net import free_port, tcp_open, wait_for
 from servefleet.common.tensors import decode_request, encode_request, encode_response
 from servefleet.sdk.broker_client import AsyncBrokerClient
 from servefleet.testing import RayCluster, RedisProcess
@@ -105,44 +105,54 @@ async def drive(
     }
 
 
-async def run(n: int, seed: int) -> dict[str, object]:
+async def run(n: int, seed: int, redis_address: str, broker_address: str) -> dict[str, object]:
+    """Both modes against the same four replicas; figures and ratios."""
+    client = AsyncBrokerClient(broker_address)
+    replicas = [Replica.remote(redis_address, f"replica-{i}") for i in range(WORKERS)]  # type: ignore[attr-defined]
+    await asyncio.gather(*(r.start.remote() for r in replicas))
+    arrivals, service = workload(n, seed)
+
+    async def pull(i: int, inputs: dict[str, np.ndarray]) -> None:
+        ticket = await client.submit(APP, inputs)
+        await client.result(ticket, timeout=600)
+
+    async def push(i: int, inputs: dict[str, np.ndarray]) -> None:
+        payload = encode_request(APP, inputs).SerializeToString()
+        await replicas[i % WORKERS].push.remote(payload)
+
+    figures = {"pull": await drive(arrivals, service, pull), "push": await drive(arrivals, service, push)}
+    stats = await client.stats(APP)
+    await asyncio.gather(*(r.stop.remote() for r in replicas))
+    await client.close()
+    return {
+        "figures": figures,
+        "offered_rps": round(n / arrivals[-1], 2),
+        "capacity_rps": round(WORKERS / (service.mean() / 1000), 2),
+        "duplicate_executions": stats.duplicate_executions,
+        "ratio_throughput_vs_push": round(
+            figures["pull"]["throughput_rps"] / figures["push"]["throughput_rps"], 2
+        ),
+        "ratio_p99_vs_push": round(figures["pull"]["p99_ms"] / figures["push"]["p99_ms"], 3),
+    }
+
+
+def measure(n: int, seed: int) -> dict[str, object]:
+    """Start Redis, a small Ray cluster and the broker service (its own process); run; clean up."""
     redis = RedisProcess().start()
     cluster = RayCluster(num_cpus=2).start()
-    core = BrokerCore(RedisStreamQueue(redis.address))
-    server = broker_server(core, "127.0.0.1:0")
+    address = f"127.0.0.1:{free_port()}"
+    broker = subprocess.Popen(
+        [sys.executable, "-m", "servefleet.broker", "--listen", address, "--redis", redis.address],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
+        wait_for(lambda: tcp_open(address), timeout=60, what="broker service")
         ray.init(address=cluster.address, logging_level="WARNING")
-        await server.start()
-        client = AsyncBrokerClient(server.address)
-        replicas = [Replica.remote(redis.address, f"replica-{i}") for i in range(WORKERS)]  # type: ignore[attr-defined]
-        await asyncio.gather(*(r.start.remote() for r in replicas))
-        arrivals, service = workload(n, seed)
-
-        async def pull(i: int, inputs: dict[str, np.ndarray]) -> None:
-            ticket = await client.submit(APP, inputs)
-            await client.result(ticket, timeout=600)
-
-        async def push(i: int, inputs: dict[str, np.ndarray]) -> None:
-            payload = encode_request(APP, inputs).SerializeToString()
-            await replicas[i % WORKERS].push.remote(payload)
-
-        figures = {"pull": await drive(arrivals, service, pull), "push": await drive(arrivals, service, push)}
-        stats = await client.stats(APP)
-        await asyncio.gather(*(r.stop.remote() for r in replicas))
-        await client.close()
-        return {
-            "figures": figures,
-            "offered_rps": round(n / arrivals[-1], 2),
-            "capacity_rps": round(WORKERS / (service.mean() / 1000), 2),
-            "duplicate_executions": stats.duplicate_executions,
-            "ratio_throughput_vs_push": round(
-                figures["pull"]["throughput_rps"] / figures["push"]["throughput_rps"], 2
-            ),
-            "ratio_p99_vs_push": round(figures["pull"]["p99_ms"] / figures["push"]["p99_ms"], 3),
-        }
+        return asyncio.run(run(n, seed, redis.address, address))
     finally:
-        await server.stop(0)
-        await core.close()
+        broker.terminate()
+        broker.wait(timeout=30)
         ray.shutdown()
         cluster.cleanup()
         redis.cleanup()
@@ -155,7 +165,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=7)
     args = p.parse_args()
     n = args.requests or (400 if args.quick else 1500)
-    result = asyncio.run(run(n, args.seed))
+    result = measure(n, args.seed)
     figures = result["figures"]
     assert isinstance(figures, dict)
     print(f"{'mode':<6} {'requests':>8} {'throughput rps':>15} {'p50 ms':>9} {'p99 ms':>9}")
