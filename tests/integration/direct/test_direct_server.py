@@ -13,6 +13,7 @@ import tritonclient.grpc as tritongrpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from servefleet.common import health
 from servefleet.common.tensors import decode_response, encode_request
 from servefleet.direct import INPUT_NAME, OUTPUT_NAME, DirectServer, ctr
 from tests.integration.direct.conftest import MODEL_NAME
@@ -48,7 +49,8 @@ def test_tritonclient_gets_the_reference_scores(
     assert result.get_response().id == "r1"
 
 
-def test_health_and_metadata(triton: tritongrpc.InferenceServerClient) -> None:
+def test_health_and_metadata(triton: tritongrpc.InferenceServerClient, direct_address: str) -> None:
+    assert health.grpc_health(direct_address) == (True, "SERVING")
     assert triton.is_server_live() and triton.is_server_ready()
     assert triton.is_model_ready(MODEL_NAME) and triton.is_model_ready(MODEL_NAME, "1")
     assert not triton.is_model_ready("recs/other")
