@@ -144,31 +144,61 @@ class Reconciler:
         self.clock = clock
         self.steady_s = settings.keeper_steady_check_s
         self._wake = asyncio.Event()
+        self._apps: dict[str, AppRecord] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._checked: dict[str, float] = {}
 
     async def run(self, fence: bytes) -> None:
-        """Reconcile until cancelled: at once on any desired-state change, else every interval."""
-        watch = await self.store.app_keys_changed()
-        waker = asyncio.create_task(self._wake_on_changes(watch))
+        """Reconcile until cancelled: at once on any desired-state change, else every interval.
+
+        Applications are read once, then kept current from an etcd watch, so a pass over thousands
+        of them reads nothing from etcd. A broken watch ends the run (and this keeper's lead); the
+        next leader starts from a fresh snapshot."""
+        records, revision = await self.store.all_apps()
+        self._apps = {app_key(r.ref): r for r in records}
+        watch = await self.store.watch_apps(revision)
+        follower = asyncio.create_task(self._follow(watch))
         try:
-            while True:
+            while not follower.done():
                 self._wake.clear()
                 await self.run_once(fence)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.interval_s)
+            follower.result()
+            raise RuntimeError("the etcd watch on applications ended")
         finally:
-            waker.cancel()
+            follower.cancel()
             await cancel_watch(watch)
             for task in self._inflight.values():
                 task.cancel()
             await asyncio.gather(*self._inflight.values(), return_exceptions=True)
             self._inflight.clear()
 
-    async def _wake_on_changes(self, watch: object) -> None:
-        async for event in watch:  # type: ignore[attr-defined]
-            if event.kv.key.endswith(b"/desired"):
+    async def _follow(self, watch: Any) -> None:
+        async for event in watch:
+            key, kind = self.store.parse_app_key(event.kv.key)
+            self._apply(key, kind, event)
+            if kind == "desired":
                 self._wake.set()
+        self._wake.set()
+
+    def _apply(self, key: str, kind: str, event: Any) -> None:
+        """One watch event into the cache; never older than what is there (mod revisions only grow)."""
+        record, mod = self._apps.get(key), int(event.kv.mod_revision)
+        if kind == "desired":
+            if event.kind == "DELETE":
+                self._apps.pop(key, None)
+                self._checked.pop(key, None)
+            elif record is None:
+                desired = keeper_pb2.DesiredState.FromString(event.kv.value)
+                self._apps[key] = AppRecord(desired, mod, keeper_pb2.ApplicationStatus())
+            elif mod > record.revision:
+                record.desired, record.revision = keeper_pb2.DesiredState.FromString(event.kv.value), mod
+        elif kind == "status" and event.kind == "PUT" and record is not None and mod > record.status_revision:
+            record.status, record.status_revision = (
+                keeper_pb2.ApplicationStatus.FromString(event.kv.value),
+                mod,
+            )
 
     async def run_once(self, fence: bytes) -> None:
         """Start one step for every application that needs one and has none in flight."""
@@ -177,12 +207,12 @@ class Reconciler:
         for c in clusters.values():
             c.alive = placement.alive(c, now, settings.keeper_cluster_dead_after_s)
         free: dict[str, dict[str, float]] = {}
-        page = await self.store.list_apps(None)
-        for record in page.apps:
-            key = app_key(record.ref)
+        for key, cached in list(self._apps.items()):
             task = self._inflight.get(key)
-            if (task is not None and not task.done()) or self._steady(key, record, now):
+            if (task is not None and not task.done()) or self._steady(key, cached, now):
                 continue
+            # A step works on a snapshot: the watch may swap the cached record's fields meanwhile.
+            record = AppRecord(cached.desired, cached.revision, cached.status, cached.status_revision)
             step = self._next_step(record, clusters, free, fence)
             if step is not None:
                 self._inflight[key] = asyncio.create_task(self._logged(key, step))
@@ -221,11 +251,6 @@ class Reconciler:
         if _unchanged(record, AppState.PENDING, reason, []):
             return None
         return self._write(record, AppState.PENDING, reason, [], fence)
-
-    async def settle(self, fence: bytes) -> None:
-        """One pass and wait for its steps (tests and benchmarks)."""
-        await self.run_once(fence)
-        await asyncio.gather(*self._inflight.values(), return_exceptions=True)
 
     @staticmethod
     async def _logged(key: str, step: Coroutine[Any, Any, object]) -> None:
@@ -321,6 +346,9 @@ class Reconciler:
         if not await self.store.write_status(record.ref, status, revision=record.revision, fence=fence):
             return False
         record.status = status
+        cached = self._apps.get(app_key(record.ref))
+        if cached is not None and cached.revision == record.revision:
+            cached.status = status  # before the watch echoes it: the next pass must see placements
         if state != old.state:
             log.info(
                 "application state",

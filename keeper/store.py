@@ -210,12 +210,23 @@ class KeeperStore:
                 out.append(record)
         return Page(out, "")
 
-    async def _scan_apps(self, start: bytes, end: bytes, chunk: int = 256) -> AsyncIterator[AppRecord]:
+    async def all_apps(self) -> tuple[list[AppRecord], int]:
+        """Every application as of one etcd revision (a consistent snapshot), and that revision."""
+        head = await self.client.kvstub.Range(rpc.RangeRequest(key=self.leader_key, count_only=True))
+        revision = int(head.header.revision)
+        prefix = self.key("apps", "")
+        return [r async for r in self._scan_apps(prefix, _prefix_end(prefix), revision=revision)], revision
+
+    async def _scan_apps(
+        self, start: bytes, end: bytes, *, revision: int = 0, chunk: int = 256
+    ) -> AsyncIterator[AppRecord]:
         pending: dict[str, Any] = {}
         while start < end:
-            response = await self.client.kvstub.Range(rpc.RangeRequest(key=start, range_end=end, limit=chunk))
+            response = await self.client.kvstub.Range(
+                rpc.RangeRequest(key=start, range_end=end, limit=chunk, revision=revision)
+            )
             for kv in response.kvs:
-                app, _, kind = kv.key[len(self.root) + len("apps/") :].decode().rpartition("/")
+                app, kind = self.parse_app_key(kv.key)
                 if kind == "desired":
                     pending = {"app": app, "desired": kv}
                 elif pending.get("app") == app:
@@ -230,10 +241,17 @@ class KeeperStore:
     async def watch_status(self, ref: AppRef, after_revision: int) -> aetcd.rtypes.Watch:
         return await self.client.watch(self._status_key(ref), start_revision=after_revision + 1)
 
-    async def app_keys_changed(self) -> aetcd.rtypes.Watch:
-        """A watch on every desired-state key (wakes the reconciler on submits and updates)."""
+    async def watch_apps(self, after_revision: int) -> aetcd.rtypes.Watch:
+        """Every change to any application's keys after ``after_revision``, in order."""
         prefix = self.key("apps", "")
-        return await self.client.watch(prefix, range_end=_prefix_end(prefix))
+        return await self.client.watch(
+            prefix, range_end=_prefix_end(prefix), start_revision=after_revision + 1
+        )
+
+    def parse_app_key(self, key: bytes) -> tuple[str, str]:
+        """``(ns/name, "desired" | "status")`` of an application key."""
+        app, _, kind = key[len(self.root) + len("apps/") :].decode().rpartition("/")
+        return app, kind
 
     # -- clusters ------------------------------------------------------------------------------
 
