@@ -137,11 +137,15 @@ def main() -> None:
     model = ctr.build_model(num_rows=1 << 20, num_fields=16, dim=16)
     model_path = ctr.export_model(model, work / "ctr.bin")
     figures: dict[str, Any] = {}
+    load_before = os.getloadavg()[0]
 
     direct = DirectServer()
     direct.load_model(str(model_path), MODEL, "1")
     direct_address = f"127.0.0.1:{direct.start('127.0.0.1:0', workers=2)}"
     figures["direct"] = measure(direct_address, seconds, concurrency)
+    # One caller: the latency floor of the transport here, without 8 callers sharing the cores.
+    single = run_load(direct_address, request_bytes(1), 1, seconds)
+    figures["direct"]["b1_c1"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in single.items()}
     figures["direct"]["server_side"] = direct.stats()
     direct.stop(1.0)
 
@@ -180,6 +184,9 @@ def main() -> None:
             row = figures[path][f"b{batch}"]
             rps, p50, p99 = row["rps"], row["p50_ms"], row["p99_ms"]
             print(f"{path:>12} | {batch:>5} | {rps:>9.0f} | {p50:>7.3f} | {p99:>7.3f}")
+    c1 = figures["direct"]["b1_c1"]
+    rps, p50, p99 = c1["rps"], c1["p50_ms"], c1["p99_ms"]
+    print(f"direct, batch 1, concurrency 1: {rps:.0f} rps, p50 {p50:.3f} ms, p99 {p99:.3f} ms")
     for name, value in ratios.items():
         print(f"{name}: {value}")
     report = {
@@ -188,6 +195,8 @@ def main() -> None:
             "platform": platform.platform(),
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
+            # The box is shared: other processes' load inflates every path's tail latency alike.
+            "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         },
         "settings": {
             **settings,
