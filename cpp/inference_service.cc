@@ -168,7 +168,9 @@ Status InferenceService::Infer(const inference::ModelInferRequest& request,
     return Invalid("batch of " + std::to_string(batch) + " is too large");
   const auto count = static_cast<size_t>(batch * fields);
 
-  std::vector<int64_t> ids(count);
+  // Sizes are checked against what was actually sent before anything is allocated: the shape
+  // alone is client-controlled and may claim billions of ids.
+  std::vector<int64_t> ids;
   if (request.raw_input_contents_size() > 0) {
     if (request.raw_input_contents_size() != 1)
       return Invalid("1 input but " + std::to_string(request.raw_input_contents_size()) +
@@ -178,13 +180,14 @@ Status InferenceService::Infer(const inference::ModelInferRequest& request,
       return Invalid("input '" + std::string(kInputName) + "' has " + std::to_string(raw.size()) +
                      " bytes, expected " + std::to_string(count * sizeof(int64_t)) + " for shape " +
                      ShapeString(shape));
+    ids.resize(count);
     if (count > 0) std::memcpy(ids.data(), raw.data(), raw.size());
   } else {
     const auto& values = input.contents().int64_contents();
     if (static_cast<size_t>(values.size()) != count)
       return Invalid("input '" + std::string(kInputName) + "' has " + std::to_string(values.size()) +
                      " int64_contents values, expected " + std::to_string(count));
-    std::copy(values.begin(), values.end(), ids.begin());
+    ids.assign(values.begin(), values.end());
   }
   const auto rows = static_cast<int64_t>(model.num_rows());
   for (size_t i = 0; i < count; ++i)

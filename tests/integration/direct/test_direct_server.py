@@ -95,6 +95,14 @@ BAD_REQUESTS = {
     "wrong fields": (lambda r: r.inputs[0].shape.__setitem__(1, 15), r"got \[2, 15\]"),
     "negative batch": (lambda r: r.inputs[0].shape.__setitem__(0, -2), r"got \[-2, 16\]"),
     "huge batch": (lambda r: r.inputs[0].shape.__setitem__(0, 1 << 60), "too large"),
+    "batch larger than the bytes sent": (
+        lambda r: r.inputs[0].shape.__setitem__(0, 100_000_000),
+        "256 bytes, expected 12800000000",
+    ),
+    "batch larger than the values sent": (
+        lambda r: (r.ClearField("raw_input_contents"), r.inputs[0].shape.__setitem__(0, 100_000_000)),
+        "0 int64_contents values, expected 1600000000",
+    ),
     "short bytes": (lambda r: r.raw_input_contents.__setitem__(0, r.raw_input_contents[0][:-1]), "255 bytes"),
     "extra raw entry": (lambda r: r.raw_input_contents.append(b""), "2 raw_input_contents"),
     "id too large": (

@@ -19,7 +19,7 @@ from tests.integration.direct.conftest import MODEL_NAME
 FIELDS, ROWS = 16, 1 << 20
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 DATATYPES = ["INT64", "INT32", "FP32", "BYTES", "", "int64", "INT64\0", "UINT64"]
-INTERESTING = [0, 1, -1, 2, FIELDS, FIELDS + 1, ROWS, -(2**63), 2**63 - 1, 2**31, 1 << 40]
+INTERESTING = [0, 1, -1, 2, FIELDS, FIELDS + 1, ROWS, 100_000_000, -(2**63), 2**63 - 1, 2**31, 1 << 40]
 
 
 def _valid(rng: random.Random) -> service_pb2.ModelInferRequest:
