@@ -149,18 +149,22 @@ async def test_killed_actor_leaves_within_the_ttl_and_the_sdk_fails_over(
     await _seen(client, set(replaced.values()))
 
 
-async def test_removing_the_app_deregisters_its_endpoints_at_once(
+async def test_scaling_down_and_removing_deregister_at_once(
     ray_driver: str, discovery_server: DiscoveryProcess, client: AsyncClient, ctr_model_path: Path
 ) -> None:
     spec = direct_spec(ctr_model_path)
     await masters.apply(spec, 2, 1, cluster="direct-cluster", discovery=discovery_server.address)
     await _seen(client, set((await _replicas(spec)).values()))
-    await masters.remove(app_ref(spec))
-    # Drained replicas deregistered: gone before their leases (TTL) could have lapsed.
+    # Drained replicas deregister: each change shows before a lease (TTL) could have lapsed.
+    await masters.apply(spec, 1, 2, cluster="direct-cluster", discovery=discovery_server.address)
     await async_wait_for(
-        lambda: _empty(client), timeout=settings.discovery_ttl_s - 1, interval=0.05, what="deregistration"
+        lambda: _count(client, 1), timeout=settings.discovery_ttl_s - 1, interval=0.05, what="scale to 1"
+    )
+    await masters.remove(app_ref(spec))
+    await async_wait_for(
+        lambda: _count(client, 0), timeout=settings.discovery_ttl_s - 1, interval=0.05, what="deregistration"
     )
 
 
-async def _empty(client: AsyncClient) -> bool:
-    return not await client.endpoints(APP)
+async def _count(client: AsyncClient, count: int) -> bool:
+    return len(await client.endpoints(APP)) == count
