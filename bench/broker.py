@@ -1,9 +1,9 @@
 """Broker benchmark: pull (the broker) vs round-robin push, same actors, same workload, one run.
 
 Four Ray actors each model a replica with ONE slot (an asyncio semaphore around the model call).
-Service times are heavy-tailed: lognormal (median 20 ms, sigma 1) plus a few long requests
-(2 % at 1.5 s). Requests arrive open-loop (Poisson) at the same offered load in both modes,
-0.95 of the four replicas' capacity, from the same seed:
+Service times are heavy-tailed: lognormal (median 50 ms, sigma 1) plus a few long requests
+(2 % at 2 s). Requests arrive open-loop (Poisson) at the same offered load in both modes, from
+the same seed, at 0.95 of the four replicas' capacity and at 1.5 (overload) (``--load``):
 
 (a) pull: the client submits to the broker service (its own process, gRPC, Redis Streams); each actor's
     PullWorker reads one request when its slot is free; the client waits on GetResult.
@@ -12,8 +12,8 @@ Service times are heavy-tailed: lognormal (median 20 ms, sigma 1) plus a few lon
 Throughput = requests / (last completion - first arrival); completion time = result received -
 scheduled arrival.
 
-    .venv/bin/python bench/broker.py            # full: 1 500 requests per mode
-    .venv/bin/python bench/broker.py --quick    # 400 requests per mode (under 2 minutes)
+    .venv/bin/python bench/broker.py            # full: 1 200 requests per mode and load
+    .venv/bin/python bench/broker.py --quick    # 250 requests per mode and load (under 2 minutes)
 
 Writes bench/results/broker.json.
 """
@@ -45,7 +45,7 @@ from servefleet.testing import RayCluster, RedisProcess
 RESULTS = Path(__file__).with_name("results") / "broker.json"
 APP = "bench/heavy-tail"
 WORKERS = 4
-MEDIAN_MS, SIGMA, LONG_SHARE, LONG_MS, LOAD = 20.0, 1.0, 0.02, 1500.0, 0.95
+MEDIAN_MS, SIGMA, LONG_SHARE, LONG_MS = 50.0, 1.0, 0.02, 2000.0
 
 
 @ray.remote(num_cpus=0.1)
@@ -73,12 +73,12 @@ class Replica:
         await self.worker.stop(drain=True)
 
 
-def workload(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def workload(n: int, seed: int, load: float) -> tuple[np.ndarray, np.ndarray]:
     """(arrival offsets s, service times ms): lognormal with a long-request tail, Poisson arrivals."""
     rng = np.random.default_rng(seed)
     service = rng.lognormal(np.log(MEDIAN_MS), SIGMA, n)
     service[rng.random(n) < LONG_SHARE] = LONG_MS
-    rate = LOAD * WORKERS / (service.mean() / 1000)
+    rate = load * WORKERS / (service.mean() / 1000)
     arrivals = np.cumsum(rng.exponential(1 / rate, n))
     return arrivals - arrivals[0], service
 
@@ -105,12 +105,13 @@ async def drive(
     }
 
 
-async def run(n: int, seed: int, redis_address: str, broker_address: str) -> dict[str, object]:
-    """Both modes against the same four replicas; figures and ratios."""
+async def run(
+    n: int, seed: int, loads: list[float], redis_address: str, broker_address: str
+) -> dict[str, object]:
+    """Both modes against the same four replicas at each offered load; figures and ratios."""
     client = AsyncBrokerClient(broker_address)
     replicas = [Replica.remote(redis_address, f"replica-{i}") for i in range(WORKERS)]  # type: ignore[attr-defined]
     await asyncio.gather(*(r.start.remote() for r in replicas))
-    arrivals, service = workload(n, seed)
 
     async def pull(i: int, inputs: dict[str, np.ndarray]) -> None:
         ticket = await client.submit(APP, inputs)
@@ -120,23 +121,34 @@ async def run(n: int, seed: int, redis_address: str, broker_address: str) -> dic
         payload = encode_request(APP, inputs).SerializeToString()
         await replicas[i % WORKERS].push.remote(payload)
 
-    figures = {"pull": await drive(arrivals, service, pull), "push": await drive(arrivals, service, push)}
+    rows = []
+    for load in loads:
+        arrivals, service = workload(n, seed, load)
+        pulled, pushed = await drive(arrivals, service, pull), await drive(arrivals, service, push)
+        rows.append(
+            {
+                "load": load,
+                "offered_rps": round(n / arrivals[-1], 2),
+                "capacity_rps": round(WORKERS / (service.mean() / 1000), 2),
+                "pull": pulled,
+                "push": pushed,
+                **{
+                    f"ratio_{figure}_vs_push": round(pulled[figure] / pushed[figure], 3)
+                    for figure in ("throughput_rps", "p50_ms", "p99_ms")
+                },
+            }
+        )
     stats = await client.stats(APP)
     await asyncio.gather(*(r.stop.remote() for r in replicas))
     await client.close()
     return {
-        "figures": figures,
-        "offered_rps": round(n / arrivals[-1], 2),
-        "capacity_rps": round(WORKERS / (service.mean() / 1000), 2),
+        "figures": rows,
         "duplicate_executions": stats.duplicate_executions,
-        "ratio_throughput_vs_push": round(
-            figures["pull"]["throughput_rps"] / figures["push"]["throughput_rps"], 2
-        ),
-        "ratio_p99_vs_push": round(figures["pull"]["p99_ms"] / figures["push"]["p99_ms"], 3),
+        "ratio_throughput_vs_push": rows[0]["ratio_throughput_rps_vs_push"],
     }
 
 
-def measure(n: int, seed: int) -> dict[str, object]:
+def measure(n: int, seed: int, loads: list[float]) -> dict[str, object]:
     """Start Redis, a small Ray cluster and the broker service (its own process); run; clean up."""
     redis = RedisProcess().start()
     cluster = RayCluster(num_cpus=2).start()
@@ -149,7 +161,7 @@ def measure(n: int, seed: int) -> dict[str, object]:
     try:
         wait_for(lambda: tcp_open(address), timeout=60, what="broker service")
         ray.init(address=cluster.address, logging_level="WARNING")
-        return asyncio.run(run(n, seed, redis.address, address))
+        return asyncio.run(run(n, seed, loads, redis.address, address))
     finally:
         broker.terminate()
         broker.wait(timeout=30)
@@ -160,22 +172,41 @@ def measure(n: int, seed: int) -> dict[str, object]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="400 requests per mode (under 2 minutes)")
-    p.add_argument("--requests", type=int, default=0, help="requests per mode (default 1 500, quick 400)")
+    p.add_argument("--quick", action="store_true", help="250 requests per mode and load (under 2 minutes)")
+    p.add_argument("--requests", type=int, default=0, help="per mode and load (default 1 200, quick 250)")
     p.add_argument("--seed", type=int, default=7)
-    args = p.parse_args()
-    n = args.requests or (400 if args.quick else 1500)
-    result = measure(n, args.seed)
-    figures = result["figures"]
-    assert isinstance(figures, dict)
-    print(f"{'mode':<6} {'requests':>8} {'throughput rps':>15} {'p50 ms':>9} {'p99 ms':>9}")
-    for mode, f in figures.items():
-        print(f"{mode:<6} {f['requests']:>8} {f['throughput_rps']:>15} {f['p50_ms']:>9} {f['p99_ms']:>9}")
-    print(
-        f"offered {result['offered_rps']} rps (capacity {result['capacity_rps']}); "
-        f"ratio_throughput_vs_push {result['ratio_throughput_vs_push']}, "
-        f"ratio_p99_vs_push {result['ratio_p99_vs_push']}"
+    p.add_argument(
+        "--load",
+        type=float,
+        nargs="+",
+        default=[0.95, 1.5],
+        help="offered loads as shares of capacity (default 0.95 and 1.5: near capacity, overload)",
     )
+    args = p.parse_args()
+    n = args.requests or (250 if args.quick else 1200)
+    result = measure(n, args.seed, args.load)
+    titles = ("requests", "offered rps", "throughput rps", "p50 ms", "p99 ms")
+    print(f"{'load':>5} {'mode':<5} " + " ".join(f"{title:>14}" for title in titles))
+    for row in result["figures"]:  # type: ignore[attr-defined]
+        for mode in ("pull", "push"):
+            f = row[mode]
+            print(
+                f"{row['load']:>5} {mode:<5} "
+                + " ".join(
+                    f"{value:>14}"
+                    for value in (
+                        f["requests"],
+                        row["offered_rps"],
+                        f["throughput_rps"],
+                        f["p50_ms"],
+                        f["p99_ms"],
+                    )
+                )
+            )
+        print(
+            f"{'':>5} ratio_throughput_vs_push {row['ratio_throughput_rps_vs_push']}, "
+            f"p50 {row['ratio_p50_ms_vs_push']}, p99 {row['ratio_p99_ms_vs_push']}"
+        )
     report = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {
@@ -184,11 +215,11 @@ def main() -> None:
             "cpus": os.cpu_count(),
         },
         "settings": {
-            "requests_per_mode": n,
+            "requests_per_mode_and_load": n,
             "workers": WORKERS,
             "slots_per_worker": 1,
             "service_ms": f"lognormal(median {MEDIAN_MS}, sigma {SIGMA}), {LONG_SHARE:.0%} at {LONG_MS}",
-            "arrivals": f"Poisson, {LOAD} of capacity, same schedule both modes",
+            "arrivals": f"Poisson at {args.load} of capacity, same schedule in both modes",
             "seed": args.seed,
             "quick": args.quick,
         },

@@ -589,7 +589,8 @@ class RedisStreamQueue(RequestQueue):
                 if "BUSYGROUP" not in str(exc):
                     raise
 
-    def _entries(self, app: str, reply: Any) -> list[Entry]:
+    @staticmethod
+    def _entries(reply: Any) -> list[Entry]:
         out: list[Entry] = []
         for stream, items in reply or []:
             band = BANDS.index(_s(stream).rsplit(":", 1)[1])
@@ -633,7 +634,7 @@ class RedisStreamQueue(RequestQueue):
         # with the entries of the one stream that woke it, so this returns at most `count`.
         streams: dict[Any, Any] = {self.stream(app, band): ">" for band in range(len(BANDS))}
         reply = await self._redis.xreadgroup(GROUP, consumer, streams, count=count, block=block_ms)
-        return await self._started(app, consumer, self._entries(app, reply))
+        return await self._started(app, consumer, self._entries(reply))
 
     async def reclaim(self, app: str, consumer: str, count: int, min_idle_ms: int) -> list[Entry]:
         out: list[Entry] = []
@@ -643,7 +644,7 @@ class RedisStreamQueue(RequestQueue):
             reply = await self._redis.xautoclaim(
                 self.stream(app, band), GROUP, consumer, min_idle_ms, "0-0", count=count - len(out)
             )
-            out += self._entries(app, [(self.stream(app, band).encode(), reply[1])])
+            out += self._entries([(self.stream(app, band).encode(), reply[1])])
         return await self._started(app, consumer, out)
 
     async def heartbeat(self, app: str, consumer: str, entries: Sequence[Entry]) -> None:
