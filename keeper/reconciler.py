@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
 import grpc
@@ -70,6 +70,22 @@ class Agents:
         for channel, _ in self._stubs.values():
             await channel.close()
         self._stubs.clear()
+
+
+def _fingerprint(clusters: Iterable[keeper_pb2.ClusterInfo]) -> int:
+    """Changes when anything placement reads changes (heartbeat times aside)."""
+    return hash(
+        tuple(
+            (
+                c.name,
+                c.alive,
+                tuple(sorted(c.labels.items())),
+                tuple(sorted(c.capacity.items())),
+                tuple(sorted(c.free.items())),
+            )
+            for c in sorted(clusters, key=lambda c: c.name)
+        )
+    )
 
 
 def _unchanged(
@@ -147,6 +163,9 @@ class Reconciler:
         self._apps: dict[str, AppRecord] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._checked: dict[str, float] = {}
+        #: app -> (revision, registry fingerprint) when it last fit nowhere: no retry until one moves.
+        self._unplaceable: dict[str, tuple[int, int]] = {}
+        self._registry = 0
 
     async def run(self, fence: bytes) -> None:
         """Reconcile until cancelled: at once on any desired-state change, else every interval.
@@ -189,6 +208,7 @@ class Reconciler:
             if event.kind == "DELETE":
                 self._apps.pop(key, None)
                 self._checked.pop(key, None)
+                self._unplaceable.pop(key, None)
             elif record is None:
                 desired = keeper_pb2.DesiredState.FromString(event.kv.value)
                 self._apps[key] = AppRecord(desired, mod, keeper_pb2.ApplicationStatus())
@@ -207,10 +227,16 @@ class Reconciler:
         for c in clusters.values():
             c.alive = placement.alive(c, now, settings.keeper_cluster_dead_after_s)
         free: dict[str, dict[str, float]] = {}
+        self._registry = _fingerprint(clusters.values())
         for key, cached in list(self._apps.items()):
             task = self._inflight.get(key)
             if (task is not None and not task.done()) or self._steady(key, cached, now):
                 continue
+            if not cached.status.placements and self._unplaceable.get(key) == (
+                cached.revision,
+                self._registry,
+            ):
+                continue  # nothing it depends on changed since it last fit nowhere
             # A step works on a snapshot: the watch may swap the cached record's fields meanwhile.
             record = AppRecord(cached.desired, cached.revision, cached.status, cached.status_revision)
             step = self._next_step(record, clusters, free, fence)
@@ -246,8 +272,10 @@ class Reconciler:
             return self._converge(record, clusters, placed, fence)
         decision = placement.place(record.desired.spec, record.desired.replicas, clusters.values(), free)
         if decision.clusters:
+            self._unplaceable.pop(app_key(record.ref), None)
             return self._place(record, clusters, decision.clusters, fence)
         reason = f"unplaceable: {decision.reason}"
+        self._unplaceable[app_key(record.ref)] = (record.revision, self._registry)
         if _unchanged(record, AppState.PENDING, reason, []):
             return None
         return self._write(record, AppState.PENDING, reason, [], fence)
