@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -160,7 +161,7 @@ def measure(n: int, seed: int, loads: list[float]) -> dict[str, object]:
     )
     try:
         wait_for(lambda: tcp_open(address), timeout=60, what="broker service")
-        ray.init(address=cluster.address, logging_level="WARNING")
+        ray.init(address=cluster.address, logging_level=logging.WARNING)
         return asyncio.run(run(n, seed, loads, redis.address, address))
     finally:
         broker.terminate()
