@@ -3,6 +3,7 @@ cancel, watch, expiry, the stream bound and queue stats."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -211,3 +212,37 @@ async def test_redis_down_is_unavailable() -> None:
     finally:
         await service.stop()
         redis.cleanup()
+
+
+async def test_worker_holds_no_more_than_its_free_slots(broker: BrokerService) -> None:
+    assert broker.client is not None
+    app = await registered(broker)
+    tickets = [await broker.client.submit(app, {"x": np.array([i])}) for i in range(12)]
+    release = asyncio.Event()
+    running = 0
+    most = 0
+
+    async def gated(request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await release.wait()
+        running -= 1
+        return await doubler(request)
+
+    worker = PullWorker(broker.redis_address, app, "w1", 3, gated)
+    await worker.start()
+    try:
+
+        async def three_running() -> bool:
+            return running == 3 and (await broker.core.stats(app)).in_flight == 3
+
+        await async_wait_for(three_running, timeout=30, what="3 running")
+        stats = await broker.core.stats(app)
+        assert (stats.in_flight, stats.depth, stats.workers) == (3, 9, 1)  # pulled 3, left 9 queued
+        release.set()
+        outputs = [await broker.client.result(t, timeout=30) for t in tickets]
+        assert [int(o["y"][0]) for o in outputs] == [2 * i for i in range(12)]
+        assert most == 3
+    finally:
+        await worker.stop()
