@@ -348,6 +348,8 @@ def up(
         STACK_ENV: str(state.resolve()),
         "RAY_ADDRESS": parts[2].address,
         "PYTHONUNBUFFERED": "1",
+        # Ray workers import applications' code (`module:Class`) relative to where `up` was run.
+        "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH", "")])),
     }
     started: list[Part] = []
     try:
