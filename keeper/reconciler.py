@@ -88,6 +88,13 @@ def _fingerprint(clusters: Iterable[keeper_pb2.ClusterInfo]) -> int:
     )
 
 
+def _one_line(error: str, limit: int = 300) -> str:
+    """The line of a (possibly multi-line, traceback-carrying) error that says what went wrong."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    text = lines[-1] if lines else error
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _unchanged(
     record: AppRecord, state: int, reason: str, placements: list[keeper_pb2.ClusterPlacement]
 ) -> bool:
@@ -121,7 +128,7 @@ def summarize(
             )
         )
         if seen.error and seen.ready_replicas == 0:
-            failed.append(f"cluster {cluster}: {seen.error}")
+            failed.append(f"cluster {cluster}: {_one_line(seen.error)}")
         elif (
             seen.revision != revision
             or seen.updating

@@ -132,5 +132,6 @@ def test_summarize_states() -> None:
     assert state == AppState.UPDATING
     state, reason, _ = summarize(record(AppState.RUNNING), {"a": master(2), "b": "UNAVAILABLE: down"})
     assert state == AppState.DEGRADED and "cluster b: UNAVAILABLE: down" in reason
-    state, reason, _ = summarize(record(), {"a": master(0, error="ImportError: no module x")})
-    assert state == AppState.FAILED and "ImportError" in reason
+    error = "replica failed: RayActorError:\nTraceback (most recent call last):\nImportError: no module x\n"
+    state, reason, _ = summarize(record(), {"a": master(0, error=error)})
+    assert state == AppState.FAILED and reason == "cluster a: ImportError: no module x"
