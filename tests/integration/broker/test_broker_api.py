@@ -246,3 +246,41 @@ async def test_worker_holds_no_more_than_its_free_slots(broker: BrokerService) -
         assert most == 3
     finally:
         await worker.stop()
+
+
+async def test_watch_over_grpc_and_cancel_while_running(
+    broker: BrokerService, stub: broker_pb2_grpc.BrokerStub
+) -> None:
+    assert broker.client is not None
+    app = await registered(broker)
+    release = asyncio.Event()
+
+    async def gated(request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
+        await release.wait()
+        return await doubler(request)
+
+    watched, doomed = [await broker.client.submit(app, {"x": np.array([i])}) for i in (1, 2)]
+    stream = stub.WatchResult(broker_pb2.WatchResultRequest(ticket=watched))
+    first = await stream.read()
+    worker = PullWorker(broker.redis_address, app, "w1", 2, gated)
+    await worker.start()
+    try:
+        await async_wait_for(lambda: is_state(broker, doomed, State.RUNNING), timeout=30, what="running")
+        cancelled = await broker.client.cancel(doomed)
+        assert cancelled.state == State.CANCELLED
+        release.set()
+        states = [first]
+        while (status := await stream.read()) is not grpc.aio.EOF:
+            states.append(status)
+        assert [s.state for s in states] == [State.QUEUED, State.RUNNING, State.DONE]
+        assert states[-1].infer_response
+        await async_wait_for(lambda: _settled(worker), timeout=30, what="both runs settled")
+        # The cancelled run's result was dropped, not stored, and is not a duplicate.
+        assert (await broker.core.status(doomed)).state == State.CANCELLED
+        assert (await broker.core.stats(app)).duplicate_executions == 0
+    finally:
+        await worker.stop()
+
+
+async def _settled(worker: PullWorker) -> bool:
+    return worker.busy == 0 and worker.completed == 1
