@@ -38,10 +38,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ for the model
 
-from examples.echo import Echo  # noqa: E402
-from servefleet.common.config import grpc_options  # noqa: E402
-from servefleet.common.net import free_port, tcp_open, wait_for  # noqa: E402
-from servefleet.common.tensors import decode_request, encode_request, encode_response  # noqa: E402
+from examples.echo import Echo
+from servefleet.common.config import grpc_options
+from servefleet.common.net import free_port, tcp_open, wait_for
+from servefleet.common.tensors import decode_request, encode_request, encode_response
 
 RESULTS = Path(__file__).with_name("results") / "proxy.json"
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
@@ -109,7 +109,7 @@ def raw_server(port: int) -> None:
     model = Echo()
 
     class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-        async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
+        async def ModelInfer(self, request: Any, context: Any) -> Any:
             return encode_response(request.model_name, model(decode_request(request)))
 
     async def serve() -> None:
@@ -190,7 +190,7 @@ def ray_serve_app() -> str:
         def __init__(self) -> None:
             self.model = Echo()
 
-        def ModelInfer(self, request: Any) -> Any:  # noqa: N802
+        def ModelInfer(self, request: Any) -> Any:
             return encode_response(request.model_name, self.model(decode_request(request)))
 
     serve.run(ServeEcho.bind(), name=MODEL)
@@ -205,7 +205,18 @@ def profile(pids: dict[str, int], seconds: int, out: Path) -> dict[str, list[str
     summary: dict[str, list[str]] = {}
     procs = {
         role: subprocess.Popen(
-            ["py-spy", "record", "-p", str(pid), "-d", str(seconds), "-f", "raw", "-o", str(out / f"{role}.txt")],
+            [
+                str(Path(sys.executable).with_name("py-spy")),
+                "record",
+                "-p",
+                str(pid),
+                "-d",
+                str(seconds),
+                "-f",
+                "raw",
+                "-o",
+                str(out / f"{role}.txt"),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -239,7 +250,9 @@ def table(figures: dict[str, dict[str, dict[str, float]]]) -> str:
     lines = [f"{'server':<12}{'C':>4}{'rps':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}"]
     for server, points in figures.items():
         for c, f in points.items():
-            lines.append(f"{server:<12}{c:>4}{f['rps']:>10}{f['p50_ms']:>10}{f['p99_ms']:>10}{f['errors']:>8}")
+            lines.append(
+                f"{server:<12}{c:>4}{f['rps']:>10}{f['p50_ms']:>10}{f['p99_ms']:>10}{f['errors']:>8}"
+            )
     return "\n".join(lines)
 
 
@@ -283,7 +296,9 @@ async def run(args: argparse.Namespace, measure: Callable[..., Any]) -> dict[str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="3 s per point")
     parser.add_argument("--profile", action="store_true", help="py-spy the servefleet proxy and replica")
     parser.add_argument("--raw-server", type=int, default=0, help=argparse.SUPPRESS)
@@ -304,7 +319,11 @@ def main() -> None:
     figures = result["figures"]
     report = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+        },
         "settings": {
             "seconds_per_point": seconds,
             "concurrency": list(CONCURRENCY),

@@ -319,6 +319,7 @@ class ApplicationMaster:
             node_id=info["node_id"],
             version=info["version"],
             capacity=info["capacity"],
+            address=info.get("address", ""),
         )
         replica.ready = True
         self._start_failures = 0

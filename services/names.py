@@ -19,6 +19,8 @@ RAY_NAMESPACE = "servefleet"
 MASTER_PREFIX = "master:"
 REPLICA_PREFIX = "replica:"
 PROXY_PREFIX = "proxy:"
+#: The replica's own gRPC service (raw bytes in and out: ModelInferRequest -> ModelInferResponse).
+REPLICA_SERVICE = "servefleet.Replica"
 #: Environment variables a master hands on to its proxies and replicas (tracing setup).
 PASSED_ENV_PREFIXES = ("OTEL_", "SERVEFLEET_")
 
@@ -83,6 +85,7 @@ class ReplicaInfo:
     node_id: str
     version: str
     capacity: int  # max_concurrency + max_queued
+    address: str = ""  # the replica's own loopback gRPC endpoint (same-node fast path)
 
 
 @dataclass(frozen=True)

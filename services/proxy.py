@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import resource
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
@@ -26,7 +27,7 @@ from tritonclient.grpc import service_pb2
 import servefleet
 from servefleet.api import common_pb2, discovery_pb2
 from servefleet.common import telemetry
-from servefleet.common.config import settings
+from servefleet.common.config import grpc_options, settings
 from servefleet.common.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -37,7 +38,7 @@ from servefleet.common.errors import (
 )
 from servefleet.common.server import GrpcServer
 from servefleet.common.tensors import DTYPES
-from servefleet.services.names import OK, ReplicaInfo, Routing, code, error_for
+from servefleet.services.names import OK, REPLICA_SERVICE, ReplicaInfo, Routing, code, error_for
 from servefleet.services.router import Router, Slot
 from servefleet.spec import model_name
 
@@ -99,6 +100,77 @@ class RayTransport:
         except (asyncio.CancelledError, GeneratorExit):
             self._ray.cancel(refs)
             raise
+
+
+class GrpcTransport:
+    """Replica calls over the replica's own loopback gRPC endpoint: one hop of raw bytes, with
+    gRPC's deadline and cancellation, and none of a Ray task's scheduling cost. A connection
+    failure (UNAVAILABLE) means the replica is gone."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=grpc_options())
+        return channel
+
+    def forget(self, live: set[str]) -> None:
+        """Close channels of replicas no longer in the table, once their calls are done (closing
+        a channel cancels its calls, and a drained replica still finishes what it holds)."""
+        for address in set(self._channels) - live:
+            channel = self._channels.pop(address)
+            grace = settings.replica_drain_timeout_s + settings.shutdown_grace_s
+            asyncio.get_running_loop().create_task(channel.close(grace))
+
+    async def infer(
+        self, replica: ReplicaInfo, request: bytes, carrier: dict[str, str], timeout_s: float | None
+    ) -> Answer:
+        call = self._channel(replica.address).unary_unary(f"/{REPLICA_SERVICE}/Infer")
+        try:
+            answer: bytes = await call(request, timeout=timeout_s, metadata=tuple(carrier.items()))
+            return OK, answer
+        except grpc.aio.AioRpcError as exc:
+            return _answer_of(exc)
+
+    async def stream(
+        self, replica: ReplicaInfo, request: bytes, carrier: dict[str, str], timeout_s: float | None
+    ) -> AsyncIterator[Answer]:
+        call = self._channel(replica.address).unary_stream(f"/{REPLICA_SERVICE}/Stream")
+        try:
+            async for chunk in call(request, timeout=timeout_s, metadata=tuple(carrier.items())):
+                yield OK, chunk
+        except grpc.aio.AioRpcError as exc:
+            yield _answer_of(exc)
+
+
+def _answer_of(exc: grpc.aio.AioRpcError) -> Answer:
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        raise ReplicaGone(exc.details() or "connection failed") from exc
+    return code(exc.code()), exc.details() or exc.code().name
+
+
+class NodeLocalTransport:
+    """Same-node replicas over their gRPC endpoint, others (or ones without one) by Ray call."""
+
+    def __init__(self, node_id: str, local: GrpcTransport, remote: ReplicaTransport) -> None:
+        self.node_id = node_id
+        self.local = local
+        self.remote = remote
+
+    def _pick(self, replica: ReplicaInfo) -> ReplicaTransport:
+        return self.local if replica.address and replica.node_id == self.node_id else self.remote
+
+    async def infer(
+        self, replica: ReplicaInfo, request: bytes, carrier: dict[str, str], timeout_s: float | None
+    ) -> Answer:
+        return await self._pick(replica).infer(replica, request, carrier, timeout_s)
+
+    def stream(
+        self, replica: ReplicaInfo, request: bytes, carrier: dict[str, str], timeout_s: float | None
+    ) -> AsyncIterator[Answer]:
+        return self._pick(replica).stream(replica, request, carrier, timeout_s)
 
 
 def check_request(request: service_pb2.ModelInferRequest, spec: common_pb2.ApplicationSpec) -> None:
@@ -398,7 +470,8 @@ class Proxy:
         telemetry.setup_tracing("servefleet-proxy")
         self.app = common_pb2.AppRef.FromString(app)
         self.node_id = ray.get_runtime_context().get_node_id()
-        self.core = ProxyCore(self.node_id, RayTransport())
+        self._local = GrpcTransport()
+        self.core = ProxyCore(self.node_id, NodeLocalTransport(self.node_id, self._local, RayTransport()))
         self._master = master
         self._cluster = cluster
         self._discovery = discovery
@@ -439,13 +512,17 @@ class Proxy:
 
     async def update(self, routing: Routing) -> bool:
         await self._started
-        return self.core.set_routing(routing)
+        adopted = self.core.set_routing(routing)
+        if adopted:
+            self._local.forget({r.address for r in routing.replicas})
+        return adopted
 
     async def stats(self) -> dict[str, int]:
         """Requests this proxy has in flight on replicas, and its peak memory (bounded by design)."""
         return {
             "in_flight": sum(slot.in_flight for slot in self.core.router.slots),
             "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            "pid": os.getpid(),
         }
 
     async def stop(self) -> None:

@@ -16,6 +16,7 @@ import asyncio
 import importlib
 import inspect
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,10 +30,11 @@ from tritonclient.grpc import service_pb2
 
 from servefleet.api import common_pb2
 from servefleet.common import telemetry
+from servefleet.common.config import grpc_options
 from servefleet.common.errors import InvalidArgument, ServefleetError
 from servefleet.common.tensors import decode_request, encode_response
 from servefleet.services.batching import Batcher
-from servefleet.services.names import CODES, OK, code
+from servefleet.services.names import CODES, OK, REPLICA_SERVICE, code
 from servefleet.spec import app_ref, model_name, struct_to_python
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,10 @@ class Replica:
         self.draining = False
         self._idle = asyncio.Event()
         self._idle.set()
+        self._server = grpc.aio.server(options=grpc_options())
+        self._server.add_generic_rpc_handlers((self._handlers(),))
+        self._port = self._server.add_insecure_port("127.0.0.1:0")
+        self._serving = asyncio.get_running_loop().create_task(self._server.start())
         self._worker: Any = None
         if spec.async_mode.enabled and redis:
             self._worker = self._pull_worker(spec, redis)
@@ -100,8 +106,10 @@ class Replica:
         """Identity and placement; the master awaits this before routing to the replica."""
         import ray
 
+        await self.serving()
         return {
             "name": self.name,
+            "address": self.address,
             "version": self.version,
             "node_id": ray.get_runtime_context().get_node_id(),
             "capacity": self.capacity,
@@ -119,6 +127,7 @@ class Replica:
             "rejected": self.rejected,
             "draining": self.draining,
             "version": self.version,
+            "pid": os.getpid(),
         }
 
     async def drain(self, timeout_s: float) -> int:
@@ -137,6 +146,20 @@ class Replica:
         except TimeoutError:
             log.warning("replica %s drained with %d requests in flight", self.name, self.in_flight)
         return self.in_flight
+
+    @property
+    def address(self) -> str:
+        """The replica's own gRPC endpoint (loopback: for proxies on this node)."""
+        return f"127.0.0.1:{self._port}"
+
+    async def serving(self) -> None:
+        await self._serving
+
+    async def close(self) -> None:
+        """Stop the gRPC endpoint and the model's threads (the actor's death does this too)."""
+        await self._serving
+        await self._server.stop(0)
+        self._executor.shutdown(wait=False)
 
     # ---- request path (proxy) ---------------------------------------------------------------
 
@@ -178,6 +201,30 @@ class Replica:
                 self._answer(span, OK, b"")
             except Exception as exc:
                 yield self._failure(span, exc)
+
+    # ---- the same calls over the replica's own gRPC endpoint (same-node proxies) -----------
+
+    def _handlers(self) -> grpc.GenericRpcHandler:
+        """Raw-bytes methods: the proxy's deadline and cancellation arrive as gRPC's own."""
+        return grpc.method_handlers_generic_handler(
+            REPLICA_SERVICE,
+            {
+                "Infer": grpc.unary_unary_rpc_method_handler(self._grpc_infer),
+                "Stream": grpc.unary_stream_rpc_method_handler(self._grpc_stream),
+            },
+        )
+
+    async def _grpc_infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        status, payload = await self.infer(request, _carrier(context), context.time_remaining())
+        if status != OK:
+            await context.abort(CODES[status], str(payload))
+        return payload  # type: ignore[return-value]
+
+    async def _grpc_stream(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        async for status, payload in self.stream(request, _carrier(context), context.time_remaining()):
+            if status != OK:
+                await context.abort(CODES[status], str(payload))
+            yield payload  # type: ignore[misc]
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -297,6 +344,10 @@ class _Admission(AbstractContextManager["Span | Answer"]):
         replica.latency_ms += _EWMA_ALPHA * (elapsed_ms - replica.latency_ms)
         if replica.in_flight == 0:
             replica._idle.set()
+
+
+def _carrier(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    return {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
 
 
 def _as_outputs(result: Any, name: str) -> Tensors:

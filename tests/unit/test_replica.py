@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -17,9 +18,19 @@ from servefleet.services.replica import Replica, import_object
 from servefleet.spec import load_spec
 
 
-def replica(import_path: str, **spec: Any) -> Replica:
-    loaded = load_spec({"name": "m", "import_path": import_path, **spec})
-    return Replica(loaded.SerializeToString(), "replica:default/m:1:a")
+@pytest.fixture
+async def replica() -> AsyncIterator[Callable[..., Replica]]:
+    """``replica(import_path, **spec)``: a plain Replica, closed after the test."""
+    made: list[Replica] = []
+
+    def make(import_path: str, **spec: Any) -> Replica:
+        loaded = load_spec({"name": "m", "import_path": import_path, **spec})
+        made.append(Replica(loaded.SerializeToString(), "replica:default/m:1:a"))
+        return made[-1]
+
+    yield make
+    for r in made:
+        await r.close()
 
 
 def x_request(value: float = 1.0, rows: int = 1) -> bytes:
@@ -31,7 +42,7 @@ def y_of(payload: bytes | str) -> list[float]:
     return list(decode_response(service_pb2.ModelInferResponse.FromString(payload))["y"])
 
 
-async def test_sync_model_answers_with_version_and_counts_latency() -> None:
+async def test_sync_model_answers_with_version_and_counts_latency(replica: Callable[..., Replica]) -> None:
     r = replica("examples.iris:IrisClassifier", version="7")
     raw = encode_request("m", {"features": np.array([[6.7, 3.0, 5.6, 2.1]], np.float32)}).SerializeToString()
     status, payload = await r.infer(raw, {}, None)
@@ -41,7 +52,7 @@ async def test_sync_model_answers_with_version_and_counts_latency() -> None:
     assert (await r.stats())["served"] == 1 and r.latency_ms > 0
 
 
-async def test_model_exception_is_internal_and_replica_keeps_serving() -> None:
+async def test_model_exception_is_internal_and_replica_keeps_serving(replica: Callable[..., Replica]) -> None:
     r = replica("examples.latency:VariableLatency", init_args={"min_ms": 0, "max_ms": 0, "fail_on": -1})
     status, message = await r.infer(x_request(-1), {}, None)
     assert status == code(grpc.StatusCode.INTERNAL) and "refuses" in str(message)
@@ -49,7 +60,7 @@ async def test_model_exception_is_internal_and_replica_keeps_serving() -> None:
     assert status == OK and y_of(payload) == [4.0]
 
 
-async def test_admission_refuses_beyond_concurrency_plus_queue() -> None:
+async def test_admission_refuses_beyond_concurrency_plus_queue(replica: Callable[..., Replica]) -> None:
     r = replica(
         "examples.latency:VariableLatency",
         init_args={"min_ms": 50, "max_ms": 50},
@@ -62,13 +73,13 @@ async def test_admission_refuses_beyond_concurrency_plus_queue() -> None:
     assert r.in_flight == 0 and r.rejected == 3
 
 
-async def test_deadline_in_replica_is_deadline_exceeded() -> None:
+async def test_deadline_in_replica_is_deadline_exceeded(replica: Callable[..., Replica]) -> None:
     r = replica("examples.latency:VariableLatency", init_args={"min_ms": 200, "max_ms": 200})
     status, _ = await r.infer(x_request(), {}, 0.01)
     assert status == code(grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-async def test_batching_joins_concurrent_requests() -> None:
+async def test_batching_joins_concurrent_requests(replica: Callable[..., Replica]) -> None:
     r = replica(
         "examples.latency:VariableLatency",
         init_args={"min_ms": 0, "max_ms": 0},
@@ -78,7 +89,7 @@ async def test_batching_joins_concurrent_requests() -> None:
     assert [y_of(p) for _, p in answers] == [[0, 0], [2, 2], [4, 4], [6, 6]]
 
 
-async def test_streaming_model_yields_each_chunk() -> None:
+async def test_streaming_model_yields_each_chunk(replica: Callable[..., Replica]) -> None:
     r = replica("examples.streaming:TokenStreamer", init_args={"delay_ms": 0})
     raw = encode_request(
         "m", {"prompt": np.array([b"p"], dtype=np.object_), "count": np.array([3], np.int32)}
@@ -88,7 +99,7 @@ async def test_streaming_model_yields_each_chunk() -> None:
     assert tokens == [b"p-0", b"p-1", b"p-2"]
 
 
-async def test_drain_waits_for_in_flight_requests() -> None:
+async def test_drain_waits_for_in_flight_requests(replica: Callable[..., Replica]) -> None:
     r = replica("examples.latency:VariableLatency", init_args={"min_ms": 100, "max_ms": 100})
     call = asyncio.create_task(r.infer(x_request(), {}, None))
     await asyncio.sleep(0.01)
@@ -100,3 +111,17 @@ def test_import_object_names_what_is_missing() -> None:
         import_object("nope:Thing")
     with pytest.raises(InvalidArgument, match="has no 'Missing'"):
         import_object("examples.iris:Missing")
+
+
+async def test_grpc_endpoint_carries_status_and_bytes(replica: Callable[..., Replica]) -> None:
+    from servefleet.services.names import ReplicaInfo
+    from servefleet.services.proxy import GrpcTransport
+
+    r = replica("examples.latency:VariableLatency", init_args={"min_ms": 0, "max_ms": 0, "fail_on": -1})
+    await r.serving()
+    info = ReplicaInfo("r", None, "n", "1", 4, address=r.address)
+    transport = GrpcTransport()
+    status, payload = await transport.infer(info, x_request(2), {}, 5.0)
+    assert status == OK and y_of(payload) == [4.0]
+    status, message = await transport.infer(info, x_request(-1), {}, 5.0)
+    assert status == code(grpc.StatusCode.INTERNAL) and "refuses" in str(message)
