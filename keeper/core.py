@@ -163,7 +163,7 @@ class Keeper:
                 return record.view()
 
     async def watch(self, who: Principal, ref: common_pb2.AppRef) -> AsyncIterator[keeper_pb2.StatusEvent]:
-        """The current status, then every change of state or reason, until DELETED."""
+        """The current status, then every change of state, reason or revision, until DELETED."""
         record = await self._record(who, ref)
         ref = record.ref
         last = event_of(record.status, ref)
@@ -181,7 +181,11 @@ class Keeper:
                     return
                 status = keeper_pb2.ApplicationStatus.FromString(event.kv.value)
                 current = event_of(status, ref)
-                if (current.state, current.reason) != (last.state, last.reason):
+                if (current.state, current.reason, current.revision) != (
+                    last.state,
+                    last.reason,
+                    last.revision,
+                ):
                     yield current
                     last = current
                 if current.state == AppState.DELETED:

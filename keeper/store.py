@@ -58,6 +58,11 @@ class AppRecord:
         out.spec.CopyFrom(self.desired.spec)
         out.revision = self.revision
         out.replicas = self.desired.replicas
+        served = (keeper_pb2.AppState.RUNNING, keeper_pb2.AppState.DEGRADED)
+        if self.status.revision and self.status.revision != self.revision and out.state in served:
+            # The change is stored but not yet acted on: say so rather than show the old RUNNING.
+            out.state = keeper_pb2.AppState.UPDATING
+            out.reason = f"revision {self.revision} accepted; waiting for the reconciler"
         return out
 
 

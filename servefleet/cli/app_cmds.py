@@ -42,9 +42,10 @@ def _show(conn: KeeperConn, statuses: Iterable[keeper_pb2.ApplicationStatus]) ->
         emit([app_row(s) for s in statuses], "table")
 
 
-def _follow(conn: KeeperConn, ref: common_pb2.AppRef, timeout: float, until: set[int]) -> int:
-    """Print status events until one of ``until`` (or the timeout); returns the last state. A keeper
-    that restarts meanwhile (UNAVAILABLE) is waited for and the watch opened again."""
+def _follow(conn: KeeperConn, ref: common_pb2.AppRef, timeout: float, until: set[int], since: int = 0) -> int:
+    """Print status events until one of ``until`` for revision ``since`` or later (or the timeout);
+    returns the last state. A keeper that restarts meanwhile (UNAVAILABLE) is waited for and the
+    watch opened again."""
     state, last = AppState.APP_STATE_UNSPECIFIED, ("", 0)
     deadline = time.monotonic() + timeout
     while True:
@@ -59,7 +60,7 @@ def _follow(conn: KeeperConn, ref: common_pb2.AppRef, timeout: float, until: set
                     line = f"{time.strftime('%H:%M:%S')} {AppState.Name(event.state):<9} {event.reason}"
                     table = conn.output == "table"
                     click.echo(line if table else json.dumps(to_dict(event)), err=table)
-                if event.state in until:
+                if event.state in until and (event.revision >= since or event.state == AppState.DELETED):
                     return state
             return state
         except grpc.RpcError as exc:
@@ -76,8 +77,10 @@ def _follow(conn: KeeperConn, ref: common_pb2.AppRef, timeout: float, until: set
             events.cancel()
 
 
-def _finish(conn: KeeperConn, ref: common_pb2.AppRef, wait: bool, timeout: float) -> None:
-    state = _follow(conn, ref, timeout, SETTLED) if wait else AppState.APP_STATE_UNSPECIFIED
+def _finish(conn: KeeperConn, status: keeper_pb2.ApplicationStatus, wait: bool, timeout: float) -> None:
+    """Follow a change to its end (RUNNING or FAILED at its revision), then show the app."""
+    ref = status.app
+    state = _follow(conn, ref, timeout, SETTLED, status.revision) if wait else AppState.APP_STATE_UNSPECIFIED
     if state != AppState.DELETED:
         _show(conn, [conn.stub.GetApplication(keeper_pb2.GetApplicationRequest(app=ref), metadata=conn.md)])
     if state == AppState.FAILED:
@@ -101,7 +104,7 @@ def deploy(conn: KeeperConn, spec_file: Path, wait: bool, timeout: float) -> Non
     click.echo(
         f"submitted {submitted.app.namespace}/{submitted.app.name} revision {submitted.revision}", err=True
     )
-    _finish(conn, submitted.app, wait, timeout)
+    _finish(conn, submitted, wait, timeout)
 
 
 @app.command()
@@ -123,7 +126,7 @@ def update(conn: KeeperConn, spec_file: Path, revision: int, wait: bool, timeout
         keeper_pb2.UpdateApplicationRequest(spec=spec, expected_revision=revision), metadata=conn.md
     )
     click.echo(f"updated {updated.app.namespace}/{updated.app.name} to revision {updated.revision}", err=True)
-    _finish(conn, updated.app, wait, timeout)
+    _finish(conn, updated, wait, timeout)
 
 
 @app.command(name="list")

@@ -287,5 +287,10 @@ def test_cli_deploy_follows_to_running_and_lists_endpoints(fleet: Fleet, tmp_pat
     endpoints = wait_for(listed, timeout=60, interval=0.5, what="viacli endpoints")
     assert [e["kind"] for e in endpoints] == ["proxy"]  # type: ignore[attr-defined,index]
     assert endpoints[0]["labels"]["cluster"] in fleet.clusters  # type: ignore[index]
+    data["version"] = "2"
+    spec_file.write_text(yaml.safe_dump(data))
+    updated = cli_run("app", "update", str(spec_file), "--timeout", "240")
+    assert updated.exit_code == 0, updated.output
+    assert [p.version for p in fleet.status("viacli").placements] == ["2"]  # it waited for the rollout
     deleted = cli_run("app", "delete", "viacli", "--wait", "--timeout", "120")
     assert deleted.exit_code == 0 and "DELETED" in deleted.output, deleted.output
