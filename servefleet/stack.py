@@ -350,6 +350,8 @@ def up(
         "PYTHONUNBUFFERED": "1",
         # Ray workers import applications' code (`module:Class`) relative to where `up` was run.
         "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH", "")])),
+        # The keeper accepts a spec's working_dir under where `up` was run (unless told otherwise).
+        "SERVEFLEET_KEEPER_ALLOWED_ROOTS": os.environ.get("SERVEFLEET_KEEPER_ALLOWED_ROOTS", os.getcwd()),
     }
     started: list[Part] = []
     try:

@@ -42,6 +42,14 @@ def _show(conn: KeeperConn, statuses: Iterable[keeper_pb2.ApplicationStatus]) ->
         emit([app_row(s) for s in statuses], "table")
 
 
+def _print_event(conn: KeeperConn, event: keeper_pb2.StatusEvent) -> None:
+    """Progress goes to stderr as a line in table mode, to stdout as JSON in json mode."""
+    if conn.output == "table":
+        click.echo(f"{time.strftime('%H:%M:%S')} {AppState.Name(event.state):<9} {event.reason}", err=True)
+    else:
+        click.echo(json.dumps(to_dict(event)))
+
+
 def _follow(conn: KeeperConn, ref: common_pb2.AppRef, timeout: float, until: set[int], since: int = 0) -> int:
     """Print status events until one of ``until`` for revision ``since`` or later (or the timeout);
     returns the last state. A keeper that restarts meanwhile (UNAVAILABLE) is waited for and the
@@ -57,13 +65,14 @@ def _follow(conn: KeeperConn, ref: common_pb2.AppRef, timeout: float, until: set
                 state = event.state
                 if (event.reason, event.state) != last:  # a reopened watch repeats the current status
                     last = (event.reason, event.state)
-                    line = f"{time.strftime('%H:%M:%S')} {AppState.Name(event.state):<9} {event.reason}"
-                    table = conn.output == "table"
-                    click.echo(line if table else json.dumps(to_dict(event)), err=table)
+                    _print_event(conn, event)
                 if event.state in until and (event.revision >= since or event.state == AppState.DELETED):
                     return state
             return state
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND and AppState.DELETED in until:
+                _print_event(conn, keeper_pb2.StatusEvent(app=ref, state=AppState.DELETED, reason="gone"))
+                return AppState.DELETED  # it went before the watch opened
             if exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() + 1 < deadline:
                 time.sleep(1.0)  # the keeper is restarting: reconnect
                 continue
