@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import resource
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Protocol
 
 import grpc
@@ -298,13 +298,8 @@ class ProxyCore:
 
     async def _stream(self, raw: bytes, timeout_s: float | None) -> AsyncIterator[bytes]:
         carrier = _carrier()
-        tried: set[str] = set()
         gone, last = 0, ""
-        for _ in range(self.attempts):
-            slot = self.router.choose(tried)
-            if slot is None:
-                break
-            tried.add(slot.info.name)
+        for slot in self._candidates():
             sent = False
             slot.in_flight += 1
             try:
@@ -327,14 +322,19 @@ class ProxyCore:
                 slot.in_flight -= 1
         raise self._no_replica(gone, last)
 
-    async def _with_replica(self, call: Callable[[Slot], Any]) -> bytes:
+    def _candidates(self) -> Iterator[Slot]:
+        """Up to ``attempts`` distinct replicas, the next chosen only if the last one failed."""
         tried: set[str] = set()
-        gone, last = 0, ""
         for _ in range(self.attempts):
             slot = self.router.choose(tried)
             if slot is None:
-                break
+                return
             tried.add(slot.info.name)
+            yield slot
+
+    async def _with_replica(self, call: Callable[[Slot], Any]) -> bytes:
+        gone, last = 0, ""
+        for slot in self._candidates():
             slot.in_flight += 1
             try:
                 status, payload = await call(slot)
