@@ -287,6 +287,20 @@ class ApplicationMaster:
                     _kill(replica.handle)
             else:
                 replica.failed_checks = 0
+        await self._check_proxies()
+
+    async def _check_proxies(self) -> None:
+        """A proxy that Ray restarted listens on a new port: keep status (and its table) current."""
+        started = [p for p in self._proxies.values() if p.starting is not None and p.starting.done()]
+        timeout = settings.replica_health_timeout_s
+        answers = await asyncio.gather(
+            *(asyncio.wait_for(_await(p.handle.address.remote()), timeout) for p in started),
+            return_exceptions=True,
+        )
+        for proxy, answer in zip(started, answers, strict=True):
+            if isinstance(answer, str) and answer != proxy.address:
+                proxy.address = answer
+                await self._push([proxy])
 
     def _start_replica(self, spec: common_pb2.ApplicationSpec, gen: str) -> None:
         name = f"{replica_prefix(self.app)}{gen}:{time.time_ns():x}"

@@ -18,7 +18,7 @@ from servefleet.services import masters
 from servefleet.services.names import RAY_NAMESPACE, proxy_prefix
 from servefleet.spec import app_ref
 
-from .conftest import CLUSTER, Load, example_spec, x_input
+from .conftest import CLUSTER, Load, example_spec, iris_input, x_input
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -118,3 +118,20 @@ async def test_over_limit_load_is_refused_fast_with_bounded_memory(deployed: Any
     assert peak["replica"] <= 4 and peak["proxy"] <= 4  # max_concurrency + max_queued
     assert np.median(refused) < np.median(admitted)  # refused without waiting for a slot
     assert after["max_rss_kb"] - before["max_rss_kb"] < 64 * 1024
+
+
+async def test_restarted_proxy_serves_again_at_its_new_address(deployed: Any) -> None:
+    spec = example_spec("iris", name="iris-proxy-restart")
+    status = await deployed(spec, 1)
+    app = app_ref(spec)
+    ray.kill(ray.get_actor(proxy_prefix(app) + "0", namespace=RAY_NAMESPACE), no_restart=False)
+
+    async def moved() -> str:
+        now = await masters.status(app)
+        addresses = list(now.proxy_addresses) if now is not None else []
+        return addresses[0] if addresses and addresses != list(status.proxy_addresses) else ""
+
+    address = await async_wait_for(moved, timeout=120, interval=0.2, what="restarted proxy's address")
+    async with aioclient.InferenceServerClient(str(address)) as client:
+        result = await client.infer(spec.name, [iris_input()])
+    assert result.as_numpy("label").tolist() == [0]
