@@ -477,6 +477,7 @@ class Proxy:
         self._discovery = discovery
         self._server = GrpcServer("proxy", f"{host}:0", [registrar(InferenceServicer(self.core))], [SERVICE])
         self._registered: asyncio.Task[None] | None = None
+        self._serving = asyncio.Event()  # set once the proxy has a replica to send to
         self._started = asyncio.get_running_loop().create_task(self._start())
 
     async def _start(self) -> None:
@@ -489,16 +490,18 @@ class Proxy:
             master = ray.get_actor(self._master, namespace=RAY_NAMESPACE)
             routing = await master.routing.remote()
             if routing is not None:
-                self.core.set_routing(routing)
+                self._adopt(routing)
         if self._discovery:
             self._registered = asyncio.create_task(self._stay_registered())
 
     async def _stay_registered(self) -> None:
+        """Registered only once it can serve, so clients never discover an empty proxy. No
+        version: a proxy serves whichever version the app runs, through rollouts."""
         from servefleet.discovery.registration import registration
 
+        await self._serving.wait()
         endpoint = discovery_pb2.Endpoint(
             app=self.app,
-            version=self.core.spec.version,
             kind="proxy",
             address=self._server.address,
             labels={"cluster": self._cluster, "node": self.node_id},
@@ -512,9 +515,14 @@ class Proxy:
 
     async def update(self, routing: Routing) -> bool:
         await self._started
+        return self._adopt(routing)
+
+    def _adopt(self, routing: Routing) -> bool:
         adopted = self.core.set_routing(routing)
         if adopted:
             self._local.forget({r.address for r in routing.replicas})
+            if self.core.ready:
+                self._serving.set()
         return adopted
 
     async def stats(self) -> dict[str, int]:
