@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -176,6 +177,11 @@ class ApplicationMaster:
         """The table proxies serve from (a starting proxy pulls it; later ones are pushed)."""
         return self._routing
 
+    async def info(self) -> dict[str, Any]:
+        """This master's process and what it found alive when it started (after a restart: the
+        replicas and proxies it adopted instead of creating)."""
+        return {"pid": os.getpid(), "adopted": self.adopted}
+
     async def replica_stats(self) -> dict[str, dict[str, Any]]:
         """Each ready replica's load (in-flight, latency EWMA): what an autoscaler reads."""
         ready = [r for r in self._replicas.values() if r.ready]
@@ -226,9 +232,8 @@ class ApplicationMaster:
                 self._track_replica(ReplicaState(name, handle, gen))
             else:
                 self._track_proxy(ProxyState(name, handle))
-        log.info(
-            "master %s adopted %d replicas, %d proxies", self.app, len(self._replicas), len(self._proxies)
-        )
+        self.adopted = {"replicas": len(self._replicas), "proxies": len(self._proxies)}
+        log.info("master %s adopted %s", app_key(self.app), self.adopted)
 
     async def _run(self) -> None:
         # Learn which adopted replicas are alive before publishing anything: a table built

@@ -120,17 +120,27 @@ async def test_restarted_master_adopts_live_replicas(deployed: Any) -> None:
     spec = example_spec("iris", name="iris-restart")
     status = await deployed(spec, 2)
     before = set(await masters.replica_stats(app_ref(spec)))
-    ray.kill(ray.get_actor(master_name(app_ref(spec)), namespace=RAY_NAMESPACE), no_restart=False)
+    master = ray.get_actor(master_name(app_ref(spec)), namespace=RAY_NAMESPACE)
+    old_pid = (await master.info.remote())["pid"]
+    ray.kill(master, no_restart=False)
 
-    async def back() -> bool:
+    async def restarted() -> dict[str, Any] | None:
+        info: dict[str, Any] = await master.info.remote()  # retried across the restart
+        return info if info["pid"] != old_pid else None
+
+    info = await async_wait_for(restarted, timeout=120, interval=0.2, what="master restarted by Ray")
+    assert info["adopted"] == {"replicas": 2, "proxies": 1}  # type: ignore[index]
+
+    async def adopted() -> bool:
+        """The same replicas ready under the restarted master (new ones would have new names)."""
         try:
             now = await masters.status(app_ref(spec))
+            names = set(await masters.replica_stats(app_ref(spec)))
         except Exception:
             return False
-        return now is not None and now.ready_replicas == 2 and not now.updating
+        return now is not None and now.ready_replicas == 2 and not now.updating and names == before
 
-    await async_wait_for(back, timeout=120, interval=0.2, what="restarted master ready")
-    assert set(await masters.replica_stats(app_ref(spec))) == before  # adopted, not recreated
+    await async_wait_for(adopted, timeout=120, interval=0.2, what="restarted master adopting its replicas")
     client = syncclient.InferenceServerClient(status.proxy_addresses[0])
     assert client.infer("iris-restart", [iris_input()]).as_numpy("label").tolist() == [0]
     client.close()
