@@ -22,19 +22,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import json
 import logging
-import os
-import platform
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import numpy as np
+
+# isort: off
+from _report import write_report
+import servefleet  # noqa: F401 - before Ray: keeps Ray on loopback (servefleet/__init__.py)
 import ray
+
+# isort: on
 from tritonclient.grpc import service_pb2
 
 from servefleet.broker.worker import PullWorker
@@ -43,7 +44,6 @@ from servefleet.common.tensors import decode_request, encode_request, encode_res
 from servefleet.sdk.broker_client import AsyncBrokerClient
 from servefleet.testing import RayCluster, RedisProcess
 
-RESULTS = Path(__file__).with_name("results") / "broker.json"
 APP = "bench/heavy-tail"
 WORKERS = 4
 MEDIAN_MS, SIGMA, LONG_SHARE, LONG_MS = 50.0, 1.0, 0.02, 2000.0
@@ -209,12 +209,6 @@ def main() -> None:
             f"p50 {row['ratio_p50_ms_vs_push']}, p99 {row['ratio_p99_ms_vs_push']}"
         )
     report = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-        },
         "settings": {
             "requests_per_mode_and_load": n,
             "workers": WORKERS,
@@ -226,8 +220,7 @@ def main() -> None:
         },
         **result,
     }
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    write_report("broker", report)
 
 
 if __name__ == "__main__":

@@ -19,18 +19,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import json
 import multiprocessing
 import os
-import platform
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
+
+# isort: off
+from _report import write_report
+import servefleet  # noqa: F401 - before Ray: keeps Ray on loopback (servefleet/__init__.py)
 import ray
+
+# isort: on
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from servefleet.api import common_pb2
@@ -43,7 +46,6 @@ from servefleet.services import masters
 from servefleet.spec import load_spec, model_name
 from servefleet.testing import RayCluster
 
-RESULTS = Path(__file__).with_name("results") / "direct_ingress.json"
 APP = common_pb2.AppRef(namespace="recs", name="ctr")
 MODEL = model_name(APP)
 BATCHES = (1, 64)
@@ -190,14 +192,6 @@ def main() -> None:
     for name, value in ratios.items():
         print(f"{name}: {value}")
     report = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            # The box is shared: other processes' load inflates every path's tail latency alike.
-            "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        },
         "settings": {
             **settings,
             "quick": args.quick,
@@ -208,9 +202,12 @@ def main() -> None:
         "figures": figures,
         **ratios,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    write_report(
+        "direct_ingress",
+        report,
+        load_average_1m_before_after=[round(load_before, 2), round(os.getloadavg()[0], 2)],
+    )
+    print("wrote bench/results/direct_ingress.json")
 
 
 if __name__ == "__main__":

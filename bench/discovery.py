@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import functools
-import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import aetcd
 import grpc
+from _report import write_report
 
 from servefleet import AsyncClient
 from servefleet.api import discovery_pb2, discovery_pb2_grpc
@@ -32,8 +28,6 @@ from servefleet.discovery import names
 from servefleet.discovery.core import connect_etcd
 from servefleet.discovery.testing import DiscoveryProcess
 from servefleet.testing import EtcdProcess
-
-RESULTS = Path(__file__).with_name("results") / "discovery.json"
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -197,18 +191,11 @@ def main() -> None:
     for row in result["figures"]:  # type: ignore[attr-defined]
         print(" | ".join(f"{row[key]:>14}" for _, key in columns))
     report = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-        },
         "settings": {**settings, "quick": args.quick, "transport": "loopback gRPC, one etcd 3.4 member"},
         **result,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    write_report("discovery", report)
+    print("wrote bench/results/discovery.json")
 
 
 if __name__ == "__main__":

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
+from _report import write_report
 
 from servefleet.api import agent_pb2, agent_pb2_grpc, common_pb2, keeper_pb2, keeper_pb2_grpc
 from servefleet.common import health
@@ -37,7 +35,6 @@ from servefleet.keeper.store import KeeperStore
 from servefleet.spec import load_spec
 from servefleet.testing import EtcdProcess, RayCluster
 
-RESULTS = Path(__file__).with_name("results") / "keeper.json"
 IRIS = Path(__file__).resolve().parents[1] / "examples" / "iris.yaml"
 STORED = 1000
 AppState = keeper_pb2.AppState
@@ -243,12 +240,6 @@ def main() -> None:
     for key, value in figures.items():
         print(f"{key:>42} | {value:>10}")
     report = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-        },
         "settings": {
             "quick": args.quick,
             "concurrency": args.concurrency,
@@ -262,9 +253,8 @@ def main() -> None:
         },
         "figures": figures,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    write_report("keeper", report)
+    print("wrote bench/results/keeper.json")
 
 
 if __name__ == "__main__":

@@ -21,10 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import json
-import os
-import platform
 import re
 import subprocess
 import sys
@@ -39,12 +35,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ for the model
 
+from _report import RESULTS_DIR, write_report
+
 from examples.echo import Echo
 from servefleet.common.config import grpc_options
 from servefleet.common.net import free_port, tcp_open, wait_for
 from servefleet.common.tensors import decode_request, encode_request, encode_response
 
-RESULTS = Path(__file__).with_name("results") / "proxy.json"
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 CONCURRENCY = (1, 8, 64)
 MAX_CONCURRENCY = 64  # per replica, both platforms
@@ -294,7 +291,7 @@ async def run(args: argparse.Namespace, measure: Callable[..., Any]) -> dict[str
 
             proxy = ray.get_actor(f"{names.PROXY_PREFIX}default/{MODEL}:0", namespace=names.RAY_NAMESPACE)
             roles = {"proxy": (await proxy.stats.remote())["pid"], "replica": pids["replica"][0]}
-            out = RESULTS.with_name("proxy-profile")
+            out = RESULTS_DIR / "proxy-profile"
             out.mkdir(exist_ok=True)
             load = asyncio.create_task(measure(address, 8, seconds=12))
             profiles = await asyncio.to_thread(profile, roles, 8, out)
@@ -328,12 +325,6 @@ def main() -> None:
     result = asyncio.run(run(args, measure))
     figures = result["figures"]
     report = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-        },
         "settings": {
             "seconds_per_point": seconds,
             "concurrency": list(CONCURRENCY),
@@ -349,8 +340,7 @@ def main() -> None:
         "ratio_rps_vs_limit": ratios(figures, "raw_grpc_aio", "rps"),
         "profile": result["profile"],
     }
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    write_report("proxy", report)
     print(table(figures))
     for key in ("ratio_rps_vs_ray_serve", "ratio_p99_vs_ray_serve", "ratio_rps_vs_limit"):
         print(f"{key}: {report[key]}")

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# Ray replaces a loopback --node-ip-address with the machine's routable address unless this is 0, so a
+# single-machine stack (and its tests) would listen beyond loopback. Multi-node deployments set
+# SERVEFLEET_RAY_LOOPBACK=0. Set before Ray is imported: Ray reads it once, at import.
+if os.environ.get("SERVEFLEET_RAY_LOOPBACK", "1") == "1":
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 if TYPE_CHECKING:
     from servefleet.sdk import AsyncClient, Client

@@ -188,7 +188,8 @@ class RayCluster(ManagedProcess):
         self.num_cpus = num_cpus
         self.resources = resources or {}
         self.helper_ports = {name: free_port() for name in stack.PORTS if name.startswith("ray_")}
-        low = 20000 + (self.port % 200) * 200
+        # Below Linux's ephemeral range (32768+), so no port free_port() hands out can fall inside it.
+        low = 20000 + (self.port % 60) * 200
         self.worker_ports = (low, low + 199)
 
     def argv(self) -> list[str]:

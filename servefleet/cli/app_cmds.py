@@ -1,4 +1,4 @@
-"""`servefleet app deploy|list|status|update|scale|delete|watch|endpoints`."""
+"""`servefleet app deploy|list|status|update|scale|delete|watch|endpoints|infer`."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ from pathlib import Path
 
 import click
 import grpc
+import numpy as np
 
 from servefleet import spec as specs
 from servefleet.api import common_pb2, discovery_pb2, discovery_pb2_grpc, keeper_pb2
 from servefleet.cli.common import emit, one_line_errors
 from servefleet.cli.keeper_conn import KeeperConn, app_row, keeper_command, stack_address, to_dict
 from servefleet.common.config import grpc_options
+from servefleet.common.tensors import DTYPES, datatype_of
+from servefleet.sdk import Client
 
 AppState = keeper_pb2.AppState
 #: Where deploy/update stop following: the app serves, or it cannot.
@@ -242,3 +245,69 @@ def endpoints(conn: KeeperConn, name: str, namespace: str, discovery: str | None
         for e in found.endpoints
     ]
     emit(rows, conn.output)
+
+
+def _parse_inputs(pairs: tuple[str, ...], spec: common_pb2.ApplicationSpec) -> dict[str, np.ndarray]:
+    """``NAME=JSON`` pairs as arrays of the datatypes the application's spec declares."""
+    declared = {t.name: t.datatype for t in spec.inputs}
+    arrays: dict[str, np.ndarray] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or name not in declared:
+            raise click.BadParameter(f"{pair!r}: expected NAME=JSON with NAME one of {sorted(declared)}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise click.BadParameter(f"{name}: not JSON ({exc.msg})") from None
+        datatype = declared[name]
+        arrays[name] = (
+            np.array([str(v).encode() for v in np.ravel(value)], dtype=np.object_).reshape(np.shape(value))
+            if datatype == "BYTES"
+            else np.asarray(value, dtype=DTYPES[datatype])
+        )
+    return arrays
+
+
+@app.command()
+@click.argument("name")
+@namespace_option
+@click.option(
+    "--input",
+    "-i",
+    "inputs",
+    multiple=True,
+    required=True,
+    metavar="NAME=JSON",
+    help="An input tensor, e.g. features='[[5.1, 3.5, 1.4, 0.2]]' (repeatable).",
+)
+@click.option(
+    "--requests",
+    type=click.IntRange(1, 1_000_000),
+    default=1,
+    show_default=True,
+    help="Send the request this many times and report latency.",
+)
+@click.option("--discovery", metavar="HOST:PORT", envvar="SERVEFLEET_DISCOVERY", help="Discovery address.")
+@keeper_command
+@one_line_errors
+def infer(
+    conn: KeeperConn, name: str, namespace: str, inputs: tuple[str, ...], requests: int, discovery: str | None
+) -> None:
+    """Call the application through the SDK (discovery picks the endpoint) and print its outputs."""
+    ref = _ref(name, namespace)
+    status = conn.stub.GetApplication(keeper_pb2.GetApplicationRequest(app=ref), metadata=conn.md)
+    arrays = _parse_inputs(inputs, status.spec)
+    latencies: list[float] = []
+    with Client(discovery or stack_address(conn.state_dir, "discovery", "--discovery")) as client:
+        for _ in range(requests):
+            started = time.perf_counter()
+            outputs = client.infer(f"{ref.namespace}/{ref.name}", arrays)
+            latencies.append((time.perf_counter() - started) * 1000)
+    rows = [
+        {"output": k, "datatype": datatype_of(v), "shape": list(v.shape), "value": v.tolist()}
+        for k, v in outputs.items()
+    ]
+    emit(rows, conn.output)
+    if conn.output == "table" and requests > 1:
+        p50, p99 = np.percentile(latencies, [50, 99])
+        click.echo(f"{requests} requests: p50 {p50:.2f} ms, p99 {p99:.2f} ms", err=True)
