@@ -55,10 +55,10 @@ def example_spec(example: str, **overrides: Any) -> common_pb2.ApplicationSpec:
 
 
 async def deploy(
-    spec: common_pb2.ApplicationSpec, replicas: int, discovery: str, *, revision: int = 1
+    spec: common_pb2.ApplicationSpec, replicas: int, discovery: str, *, revision: int = 1, redis: str = ""
 ) -> agent_pb2.MasterStatus:
     """Apply and wait until ``replicas`` replicas of the spec's version serve behind a proxy."""
-    await masters.apply(spec, replicas, revision, cluster=CLUSTER, discovery=discovery)
+    await masters.apply(spec, replicas, revision, cluster=CLUSTER, discovery=discovery, redis=redis)
 
     async def settled() -> agent_pb2.MasterStatus | None:
         status = await masters.status(app_ref(spec))
@@ -81,9 +81,11 @@ async def deployed(ray_driver: str, discovery_server: DiscoveryProcess) -> Async
     """``await deployed(spec, replicas)`` -> status; every app deployed is removed afterwards."""
     apps: list[common_pb2.AppRef] = []
 
-    async def _deploy(spec: common_pb2.ApplicationSpec, replicas: int = 1) -> agent_pb2.MasterStatus:
+    async def _deploy(
+        spec: common_pb2.ApplicationSpec, replicas: int = 1, *, redis: str = ""
+    ) -> agent_pb2.MasterStatus:
         apps.append(app_ref(spec))
-        return await deploy(spec, replicas, discovery_server.address)
+        return await deploy(spec, replicas, discovery_server.address, redis=redis)
 
     yield _deploy
     for app in apps:
