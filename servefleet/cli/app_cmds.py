@@ -247,9 +247,8 @@ def endpoints(conn: KeeperConn, name: str, namespace: str, discovery: str | None
     emit(rows, conn.output)
 
 
-def _parse_inputs(pairs: tuple[str, ...], spec: common_pb2.ApplicationSpec) -> dict[str, np.ndarray]:
-    """``NAME=JSON`` pairs as arrays of the datatypes the application's spec declares."""
-    declared = {t.name: t.datatype for t in spec.inputs}
+def _parse_inputs(pairs: tuple[str, ...], declared: dict[str, str]) -> dict[str, np.ndarray]:
+    """``NAME=JSON`` pairs as arrays of the datatypes the model declares (name -> KServe datatype)."""
     arrays: dict[str, np.ndarray] = {}
     for pair in pairs:
         name, sep, text = pair.partition("=")
@@ -295,13 +294,16 @@ def infer(
 ) -> None:
     """Call the application through the SDK (discovery picks the endpoint) and print its outputs."""
     ref = _ref(name, namespace)
-    status = conn.stub.GetApplication(keeper_pb2.GetApplicationRequest(app=ref), metadata=conn.md)
-    arrays = _parse_inputs(inputs, status.spec)
+    conn.stub.GetApplication(keeper_pb2.GetApplicationRequest(app=ref), metadata=conn.md)  # visibility check
+    app_name = f"{ref.namespace}/{ref.name}"
     latencies: list[float] = []
     with Client(discovery or stack_address(conn.state_dir, "discovery", "--discovery")) as client:
+        # The endpoint's own KServe ModelMetadata says which inputs it takes, for every kind of app.
+        metadata = client.triton_client(app_name).get_model_metadata(specs.model_name(ref), as_json=True)
+        arrays = _parse_inputs(inputs, {t["name"]: t["datatype"] for t in metadata.get("inputs", [])})
         for _ in range(requests):
             started = time.perf_counter()
-            outputs = client.infer(f"{ref.namespace}/{ref.name}", arrays)
+            outputs = client.infer(app_name, arrays)
             latencies.append((time.perf_counter() - started) * 1000)
     rows = [
         {"output": k, "datatype": datatype_of(v), "shape": list(v.shape), "value": v.tolist()}

@@ -287,6 +287,23 @@ def test_cli_deploy_follows_to_running_and_lists_endpoints(fleet: Fleet, tmp_pat
     endpoints = wait_for(listed, timeout=60, interval=0.5, what="viacli endpoints")
     assert [e["kind"] for e in endpoints] == ["proxy"]  # type: ignore[attr-defined,index]
     assert endpoints[0]["labels"]["cluster"] in fleet.clusters  # type: ignore[index]
+    # `app infer` learns the input datatypes from the endpoint's ModelMetadata and calls via the SDK.
+    called = cli_run(
+        "app",
+        "infer",
+        "viacli",
+        "-i",
+        "features=[[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]",
+        "--requests",
+        "5",
+        "-o",
+        "json",
+    )
+    assert called.exit_code == 0, called.output
+    outputs = {row["output"]: row for row in json.loads(called.stdout)}
+    assert outputs["label"]["value"] == [0, 2] and outputs["scores"]["shape"] == [2, 3]
+    refused = cli_run("app", "infer", "viacli", "-i", "petals=[[1.0]]")
+    assert refused.exit_code != 0 and "NAME one of ['features']" in refused.output
     data["version"] = "2"
     spec_file.write_text(yaml.safe_dump(data))
     updated = cli_run("app", "update", str(spec_file), "--timeout", "240")
