@@ -20,7 +20,7 @@ from servefleet.common.config import settings
 from servefleet.common.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
 from servefleet.keeper import placement, policy
 from servefleet.keeper.auth import ADMIN, ROLES, TENANT, Principal, hash_token, new_token
-from servefleet.keeper.store import AppRecord, KeeperStore, app_key, cancel_watch
+from servefleet.keeper.store import AppRecord, KeeperStore, QuotaFence, QuotaRace, app_key, cancel_watch
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +47,18 @@ class Keeper:
     async def submit(self, who: Principal, spec: common_pb2.ApplicationSpec) -> keeper_pb2.ApplicationStatus:
         spec = self._checked(who, spec)
         replicas = spec.replicas.initial
-        await self._check_quota(who, policy.usage_of(spec, replicas))
         now = self.clock()
         desired = keeper_pb2.DesiredState(spec=spec, replicas=replicas, tenant=who.tenant, created_at=now)
         status = keeper_pb2.ApplicationStatus(
             state=AppState.PENDING, reason="submitted; waiting for placement", updated_at=now
         )
-        revision = await self.store.create_app(desired, status)
+        while True:
+            fence = await self._check_quota(who, policy.usage_of(spec, replicas))
+            try:
+                revision = await self.store.create_app(desired, status, fence)
+                break
+            except QuotaRace:
+                continue  # another write of this tenant committed after our check: check again
         status.revision = revision
         log.info("application submitted", extra={"app": app_key(specs.app_ref(spec)), "revision": revision})
         return AppRecord(desired, revision, status).view()
@@ -107,11 +112,16 @@ class Keeper:
         desired.CopyFrom(record.desired)
         desired.spec.CopyFrom(spec)
         desired.replicas = replicas
-        await self._check_quota(
-            who,
-            policy.usage_of(spec, replicas) - policy.usage_of(record.desired.spec, record.desired.replicas),
+        change = policy.usage_of(spec, replicas) - policy.usage_of(
+            record.desired.spec, record.desired.replicas
         )
-        record.revision = await self.store.replace_desired(desired, expected_revision)
+        while True:
+            fence = await self._check_quota(who, change)
+            try:
+                record.revision = await self.store.replace_desired(desired, expected_revision, fence)
+                break
+            except QuotaRace:
+                continue  # another write of this tenant committed after our check: check again
         record.desired = desired
         return record.view()
 
@@ -132,13 +142,15 @@ class Keeper:
             desired.CopyFrom(record.desired)
             desired.replicas = replicas
             spec = record.desired.spec
-            await self._check_quota(
+            fence = await self._check_quota(
                 who, policy.usage_of(spec, replicas) - policy.usage_of(spec, record.desired.replicas)
             )
             try:
                 record.revision = await self.store.replace_desired(
-                    desired, expected_revision or record.revision
+                    desired, expected_revision or record.revision, fence
                 )
+            except QuotaRace:
+                continue  # another write of this tenant committed after our check: check again
             except Conflict:
                 if expected_revision:
                     raise
@@ -315,18 +327,22 @@ class Keeper:
         if record.desired.deleting:
             raise FailedPrecondition(f"application {app_key(record.ref)} is being deleted")
 
-    async def _check_quota(self, who: Principal, change: policy.Usage) -> None:
+    async def _check_quota(self, who: Principal, change: policy.Usage) -> QuotaFence | None:
+        """RESOURCE_EXHAUSTED when ``change`` would pass the tenant's quota; otherwise the fence the
+        write must carry so that a concurrent write of the same tenant can't pass it too."""
         if who.is_admin:
-            return
+            return None
         tenant = await self.store.tenant(who.tenant)
         if tenant is None:
             raise NotFound(f"tenant {who.tenant!r} not found")
         limits = tenant.quota
         if not (limits.max_applications or limits.max_replicas or limits.max_cpus or limits.max_gpus):
-            return
+            return None
+        fence = await self.store.quota_fence(who.tenant)  # read before the usage it guards
         page = await self.store.list_apps(list(tenant.namespaces))
         current = policy.usage_total(r.desired for r in page.apps)
         policy.check_quota(who.tenant, limits, current, change)
+        return fence
 
 
 def specs_check_name(value: str, field: str) -> None:

@@ -66,6 +66,19 @@ class AppRecord:
         return out
 
 
+@dataclass(frozen=True)
+class QuotaFence:
+    """A tenant's usage as read for a quota check: the write that relies on that check commits only
+    if no other quota-checked write of the tenant committed since (see ``KeeperStore.quota_fence``)."""
+
+    key: bytes
+    revision: int  # mod revision of ``key`` when the usage was read; 0: never written
+
+
+class QuotaRace(Exception):
+    """Another quota-checked write of the tenant committed between our check and our write: check again."""
+
+
 @dataclass
 class Page:
     apps: list[AppRecord]
@@ -103,6 +116,26 @@ class KeeperStore:
     def _status_key(self, ref: AppRef) -> bytes:
         return self.key("apps", ref.namespace, ref.name, "status")
 
+    async def quota_fence(self, tenant: str) -> QuotaFence:
+        """Read before the usage a quota check sums; every quota-checked write bumps it in its own txn,
+        so two concurrent writes can't both pass a limit on the same usage."""
+        key = self.key("quota-fence", tenant)
+        found = await self.client.get(key)
+        return QuotaFence(key, found.mod_revision if found is not None else 0)
+
+    def _fenced(self, fence: QuotaFence | None) -> tuple[list[Any], list[Any], list[Any]]:
+        """Compare, success and failure ops that tie a write to ``fence`` (none without one)."""
+        if fence is None:
+            return [], [], []
+        tx = self.client.transactions
+        return [tx.mod(fence.key) == fence.revision], [tx.put(fence.key, b"")], [tx.get(fence.key)]
+
+    @staticmethod
+    def _check_fence(fence: QuotaFence | None, got: Any) -> None:
+        current = got[0][1].mod_revision if got else 0
+        if fence is not None and current != fence.revision:
+            raise QuotaRace(fence.key.decode())
+
     @property
     def leader_key(self) -> bytes:
         return self.key("leader")
@@ -127,18 +160,28 @@ class KeeperStore:
             desired, desired_kv[0][1].mod_revision, status or keeper_pb2.ApplicationStatus(), status_revision
         )
 
-    async def create_app(self, desired: keeper_pb2.DesiredState, status: keeper_pb2.ApplicationStatus) -> int:
-        """Store a new application; AlreadyExists when the name is taken (or still being deleted)."""
+    async def create_app(
+        self,
+        desired: keeper_pb2.DesiredState,
+        status: keeper_pb2.ApplicationStatus,
+        fence: QuotaFence | None = None,
+    ) -> int:
+        """Store a new application; AlreadyExists when the name is taken (or still being deleted);
+        QuotaRace when ``fence`` moved."""
         ref = AppRef(namespace=desired.spec.namespace, name=desired.spec.name)
         tx = self.client.transactions
+        fence_compare, fence_put, fence_get = self._fenced(fence)
         ok, responses = await self.txn(
-            compare=[tx.create(self._desired_key(ref)) == 0],
+            compare=[tx.create(self._desired_key(ref)) == 0, *fence_compare],
             success=[
                 tx.put(self._desired_key(ref), desired.SerializeToString()),
                 tx.put(self._status_key(ref), status.SerializeToString()),
+                *fence_put,
             ],
-            failure=[tx.get(self._desired_key(ref))],
+            failure=[tx.get(self._desired_key(ref)), *fence_get],
         )
+        if not ok and not responses[0]:
+            self._check_fence(fence, responses[1])
         if not ok:
             current = keeper_pb2.DesiredState.FromString(responses[0][0][0])
             if current.deleting:
@@ -151,21 +194,27 @@ class KeeperStore:
             )
         return int(responses[0].response_put.header.revision)
 
-    async def replace_desired(self, desired: keeper_pb2.DesiredState, expected_revision: int) -> int:
-        """Compare-and-swap the desired state; Conflict naming the current revision when it moved."""
+    async def replace_desired(
+        self, desired: keeper_pb2.DesiredState, expected_revision: int, fence: QuotaFence | None = None
+    ) -> int:
+        """Compare-and-swap the desired state; Conflict naming the current revision when it moved,
+        QuotaRace when only ``fence`` moved."""
         ref = AppRef(namespace=desired.spec.namespace, name=desired.spec.name)
         key = self._desired_key(ref)
         tx = self.client.transactions
+        fence_compare, fence_put, fence_get = self._fenced(fence)
         ok, responses = await self.txn(
-            compare=[tx.mod(key) == expected_revision],
-            success=[tx.put(key, desired.SerializeToString())],
-            failure=[tx.get(key)],
+            compare=[tx.mod(key) == expected_revision, *fence_compare],
+            success=[tx.put(key, desired.SerializeToString()), *fence_put],
+            failure=[tx.get(key), *fence_get],
         )
         if ok:
             return int(responses[0].response_put.header.revision)
         if not responses[0]:
             raise NotFound(f"application {app_key(ref)} not found")
         current = responses[0][0][1].mod_revision
+        if current == expected_revision:
+            self._check_fence(fence, responses[1])
         raise Conflict(
             f"application {app_key(ref)} changed: you sent revision {expected_revision}, "
             f"current revision is {current}; read it again and retry"

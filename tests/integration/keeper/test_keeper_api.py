@@ -230,6 +230,28 @@ async def test_tenants_only_see_their_own_namespaces(keeper: InProcessKeeper) ->
     assert [x.app.name for x in listed.applications] == ["secret"]
 
 
+async def test_concurrent_submits_cannot_pass_the_quota_together(keeper: InProcessKeeper) -> None:
+    """Each quota check carries a per-tenant fence into its write, so racing submits of one tenant
+    are serialized: exactly the quota's worth win, and the rest get RESOURCE_EXHAUSTED."""
+    admin = keeper.client()
+    t = keeper.client(await _tenant(admin, "delta", keeper_pb2.Quota(max_applications=2)))
+    results = await asyncio.gather(
+        *(
+            t.stub.SubmitApplication(
+                keeper_pb2.SubmitApplicationRequest(spec=spec(f"racer{i}", "delta-ns")), metadata=t.md()
+            )
+            for i in range(8)
+        ),
+        return_exceptions=True,
+    )
+    wins = [r for r in results if isinstance(r, keeper_pb2.ApplicationStatus)]
+    losses = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(wins) == 2 and len(losses) == 6, results
+    assert {e.code() for e in losses} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    listed = await t.stub.ListApplications(keeper_pb2.ListApplicationsRequest(), metadata=t.md())
+    assert sorted(a.app.name for a in listed.applications) == sorted(w.app.name for w in wins)
+
+
 async def test_quota_is_enforced_with_the_numbers(keeper: InProcessKeeper) -> None:
     admin = keeper.client()
     t = keeper.client(
