@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 
@@ -39,10 +37,9 @@ import ray
 from tritonclient.grpc import service_pb2
 
 from servefleet.broker.worker import PullWorker
-from servefleet.common.net import free_port, tcp_open, wait_for
 from servefleet.common.tensors import decode_request, encode_request, encode_response
 from servefleet.sdk.broker_client import AsyncBrokerClient
-from servefleet.testing import RayCluster, RedisProcess
+from servefleet.testing import RayCluster, RedisProcess, ServiceProcess
 
 APP = "bench/heavy-tail"
 WORKERS = 4
@@ -153,19 +150,12 @@ def measure(n: int, seed: int, loads: list[float]) -> dict[str, object]:
     """Start Redis, a small Ray cluster and the broker service (its own process); run; clean up."""
     redis = RedisProcess().start()
     cluster = RayCluster(num_cpus=2).start()
-    address = f"127.0.0.1:{free_port()}"
-    broker = subprocess.Popen(
-        [sys.executable, "-m", "servefleet.broker", "--listen", address, "--redis", redis.address],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    broker = ServiceProcess("broker", "--redis", redis.address).start()
     try:
-        wait_for(lambda: tcp_open(address), timeout=60, what="broker service")
         ray.init(address=cluster.address, logging_level=logging.WARNING)
-        return asyncio.run(run(n, seed, loads, redis.address, address))
+        return asyncio.run(run(n, seed, loads, redis.address, broker.address))
     finally:
-        broker.terminate()
-        broker.wait(timeout=30)
+        broker.cleanup()
         ray.shutdown()
         cluster.cleanup()
         redis.cleanup()

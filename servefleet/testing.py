@@ -212,3 +212,20 @@ class RayCluster(ManagedProcess):
     def _raylet_up(self) -> bool:
         log = (self.data_dir / f"{self.name}.log").read_text(errors="replace")
         return "Ray runtime started" in log
+
+
+class ServiceProcess(ManagedProcess):
+    """``python -m servefleet.<module> --listen <address> <flags>`` on a fixed free port (kept across
+    restarts), healthy once it answers the gRPC health protocol."""
+
+    def __init__(self, module: str, *flags: str, data_dir: Path | None = None) -> None:
+        self.name = module.rsplit(".", 1)[-1]
+        super().__init__(data_dir)
+        self.module = module
+        self.flags = list(flags)
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", f"servefleet.{self.module}", "--listen", self.address, *self.flags]
+
+    def healthy(self) -> bool:
+        return health.grpc_health(self.address)[0]
