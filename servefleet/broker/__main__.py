@@ -11,8 +11,10 @@ from servefleet.common.entry import Service, run_service, service_parser
 
 
 async def build(args: argparse.Namespace) -> Service:
-    core = BrokerCore(RedisStreamQueue(args.redis))
-    return Service(broker_server(core, args.listen), on_stop=core.close)
+    queue = RedisStreamQueue(args.redis)
+    core = BrokerCore(queue)
+    # Without Redis the broker can neither queue a request nor hand out a result.
+    return Service(broker_server(core, args.listen), on_stop=core.close, dependencies={"redis": queue.ping})
 
 
 def parser() -> argparse.ArgumentParser:

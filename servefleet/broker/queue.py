@@ -418,6 +418,11 @@ class RedisStreamQueue(RequestQueue):
         except TRANSIENT_ERRORS as exc:
             raise Unavailable(f"broker queue (redis {self.address}) unreachable: {exc}") from exc
 
+    async def ping(self) -> None:
+        """Raise Unavailable unless Redis answers now (the broker's health follows this)."""
+        async with self._reachable():
+            await self._redis.ping()
+
     # --- producer / reader side ---
     async def register_app(self, app: str, config: AppConfig) -> None:
         fields: dict[Any, Arg] = {"registered": int(self._clock())}

@@ -81,6 +81,8 @@ class Settings:
     direct_workers: int = 2
     #: Data plane: CPU share a proxy actor asks Ray for.
     proxy_num_cpus: float = 0.0
+    #: Seconds between a service's probes of what it depends on (etcd, Redis, Ray) for its health.
+    dependency_probe_interval_s: float = 1.0
     #: Log format: "json" (structured) or "text".
     log_format: str = "json"
     log_level: str = "INFO"

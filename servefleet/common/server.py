@@ -126,6 +126,10 @@ class GrpcServer:
         )
 
     @property
+    def service_names(self) -> list[str]:
+        return list(self._service_names)
+
+    @property
     def address(self) -> str:
         host = self.listen.rsplit(":", 1)[0]
         return f"{host}:{self.port}"

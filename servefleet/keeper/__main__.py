@@ -40,7 +40,8 @@ async def build(args: argparse.Namespace) -> Service:
         await agents.close()
         await store.close()
 
-    return Service(server, on_stop=stop)
+    # Without etcd the keeper can neither read nor store desired state.
+    return Service(server, on_stop=stop, dependencies={"etcd": store.leader})
 
 
 def parser() -> argparse.ArgumentParser:

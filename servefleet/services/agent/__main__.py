@@ -10,7 +10,7 @@ import os
 
 from servefleet.api import agent_pb2, agent_pb2_grpc
 from servefleet.common.entry import Service, run_service, service_parser
-from servefleet.common.net import async_wait_for
+from servefleet.common.net import async_wait_for, split_address
 from servefleet.common.server import GrpcServer
 from servefleet.services.agent.core import ClusterAgent, Heartbeat, parse_labels, read_token
 from servefleet.services.agent.servicer import ClusterAgentServicer
@@ -24,6 +24,14 @@ async def ray_resources() -> tuple[dict[str, float], dict[str, float]]:
         return dict(ray.cluster_resources()), dict(ray.available_resources())
 
     return await asyncio.to_thread(read)
+
+
+async def gcs_reachable(address: str) -> None:
+    """Ray's GCS accepts a connection (a Ray call would block for long against a dead head)."""
+    host, port = split_address(address)
+    _, writer = await asyncio.open_connection(host, port)
+    writer.close()
+    await writer.wait_closed()
 
 
 async def build(args: argparse.Namespace) -> Service:
@@ -70,7 +78,8 @@ async def build(args: argparse.Namespace) -> Service:
             await beating
         await asyncio.to_thread(ray.shutdown)
 
-    return Service(server, on_stop=stop)
+    # Without its Ray cluster the agent can neither place nor report anything.
+    return Service(server, on_stop=stop, dependencies={"ray": lambda: gcs_reachable(args.ray)})
 
 
 def parser() -> argparse.ArgumentParser:
