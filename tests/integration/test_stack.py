@@ -44,12 +44,52 @@ def error_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("  ")]
 
 
+def _proc_stat(pid: int) -> list[str]:
+    """Fields of /proc/PID/stat after the command name: state, ppid, pgrp, session, ... starttime."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def stack_processes(parts: list[stack.Part]) -> set[tuple[int, str]]:
+    """(pid, start time) of every live process the stack runs now: each started part, whatever
+    shares its session, and all their descendants (Ray's raylet, workers, actors). Found from the
+    process tree, not from the environment marker that ``down`` itself kills by."""
+    stats: dict[int, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stats[int(entry.name)] = _proc_stat(int(entry.name))
+            except OSError:
+                continue
+    roots = {p.pid for p in parts if p.pid}
+    found = {pid for pid, f in stats.items() if int(f[3]) in roots or pid in roots}
+    grew = True
+    while grew:
+        children = {pid for pid, f in stats.items() if int(f[1]) in found} - found
+        found |= children
+        grew = bool(children)
+    return {(pid, stats[pid][19]) for pid in found if stats[pid][0] != "Z"}
+
+
+def still_alive(processes: set[tuple[int, str]]) -> set[tuple[int, str]]:
+    """The ones whose pid still runs the same process (same start time: not a reused pid)."""
+    alive = set()
+    for pid, started in processes:
+        try:
+            fields = _proc_stat(pid)
+        except OSError:
+            continue
+        if fields[19] == started and fields[0] != "Z":
+            alive.add((pid, started))
+    return alive
+
+
 def test_up_status_down(tmp_path: Path) -> None:
     state = tmp_path / "state"
     base = free_base_port()
     started = time.monotonic()
     result = run_cli("up", "--detach", "--state-dir", str(state), "--base-port", str(base))
     elapsed = time.monotonic() - started
+    running: set[tuple[int, str]] = set()
     try:
         assert result.returncode == 0, result.stderr
         print(f"stack healthy in {elapsed:.1f}s")
@@ -70,6 +110,9 @@ def test_up_status_down(tmp_path: Path) -> None:
         assert ok.returncode == 0, ok.stdout + ok.stderr
         assert all(row["healthy"] for row in json.loads(ok.stdout))
 
+        running = stack_processes(stack.load(state))
+        assert len(running) >= 8  # the seven parts, and Ray's own processes under its head
+
         # A killed child shows as unhealthy.
         parts = {p.name: p for p in stack.load(state)}
         os.killpg(parts["discovery"].pid, signal.SIGKILL)
@@ -82,7 +125,7 @@ def test_up_status_down(tmp_path: Path) -> None:
     finally:
         down = run_cli("down", "--state-dir", str(state))
     assert down.returncode == 0, down.stderr
-    assert stack.marked_processes(state) == []
+    assert still_alive(running) == set()
     assert not (state / "stack.json").exists()
 
 

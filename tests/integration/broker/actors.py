@@ -2,7 +2,9 @@
 
 Inputs: ``x`` (int64), ``sleep_ms`` (float64, optional). Any negative ``x`` is a poison request
 (the handler raises). Every execution is counted per ticket in a Redis hash on ``counter_address``
-before it runs, so executions on a worker that is SIGKILLed later are counted too.
+before it runs, so executions on a worker that is SIGKILLed later are counted too; the answer's
+``run`` output says which execution of its ticket produced it (1 = the first), so a stored result
+that a later execution replaced would show.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 
+import numpy as np
 import ray
 import redis.asyncio as aioredis
 from tritonclient.grpc import service_pb2
@@ -58,12 +61,12 @@ class EchoActor:
     async def handle(self, request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
         inputs = decode_request(request)
         ticket = request.parameters[TICKET_PARAMETER].string_param
-        await self.counter.hincrby(executions_key(self.worker.app), ticket, 1)
+        run = await self.counter.hincrby(executions_key(self.worker.app), ticket, 1)
         if (inputs["x"] < 0).any():
             raise ValueError("poison input: negative x")
         if "sleep_ms" in inputs:
             await asyncio.sleep(float(inputs["sleep_ms"][0]) / 1000)
-        return encode_response(request.model_name, {"y": inputs["x"] * 2})
+        return encode_response(request.model_name, {"y": inputs["x"] * 2, "run": np.array([run])})
 
     async def stop(self, drain: bool = True) -> tuple[int, int]:
         await self.worker.stop(drain)

@@ -62,10 +62,25 @@ async def stop_workers(actors: list) -> None:
         ray.kill(actor)
 
 
-async def check_all_done(client: AsyncBrokerClient, tickets: dict[str, int]) -> None:
-    """Every ticket's result, once, and the right one."""
+async def check_all_done(client: AsyncBrokerClient, tickets: dict[str, int]) -> dict[str, int]:
+    """Every ticket's result, and the right one; returns which execution of each ticket it came from."""
     outputs = await asyncio.gather(*(client.result(t, timeout=180) for t in tickets))
     assert [int(out["y"][0]) for out in outputs] == [2 * i for i in tickets.values()]
+    return {t: int(out["run"][0]) for t, out in zip(tickets, outputs, strict=True)}
+
+
+async def check_exactly_once(
+    client: AsyncBrokerClient, counter: aioredis.Redis, app: str, first: dict[str, int], discarded: int
+) -> dict[str, int]:
+    """One result per ticket: reading it again gives the same execution's answer (no later run
+    replaced it), and runs past the first of a ticket are at least the duplicates the broker discarded
+    (more when a run died with its worker before storing anything). Returns executions per ticket."""
+    outputs = await asyncio.gather(*(client.result(t, timeout=60) for t in first))
+    assert {t: int(out["run"][0]) for t, out in zip(first, outputs, strict=True)} == first
+    runs = await executions(counter, app)
+    assert set(runs) == set(first) and all(runs[t] >= first[t] for t in first)
+    assert discarded <= sum(runs.values()) - len(first)
+    return runs
 
 
 @pytest.mark.slow
@@ -84,20 +99,61 @@ async def test_sigkill_one_of_three_workers_mid_run_loses_nothing(
 
         await async_wait_for(progressed, timeout=120, what="100 requests started")
         os.kill(pids[0], signal.SIGKILL)
-        await check_all_done(broker.client, tickets)
+        first = await check_all_done(broker.client, tickets)
 
-        runs = await executions(counter, app)
+        stats = await broker.core.stats(app)
+        runs = await check_exactly_once(broker.client, counter, app, first, stats.duplicate_executions)
         statuses = [await broker.core.status(t) for t in tickets]
         duplicates = sum(runs.values()) - len(tickets)
-        stats = await broker.core.stats(app)
         print(
             f"\nSIGKILL run: 500 results, {sum(runs.values())} executions, {duplicates} duplicate "
             f"executions, {sum(s.deliveries > 1 for s in statuses)} requests reclaimed, "
             f"{stats.duplicate_executions} duplicate results discarded by the broker"
         )
-        assert set(runs) == set(tickets)
         assert any(s.deliveries > 1 for s in statuses), "the killed worker's requests were reclaimed"
         assert (stats.depth, stats.in_flight, stats.dead_letters) == (0, 0, 0)
+    finally:
+        await stop_workers(actors)
+
+
+@pytest.mark.slow
+async def test_a_stalled_worker_runs_again_and_its_late_results_are_discarded(
+    broker: BrokerService, redis_server: RedisProcess, counter: aioredis.Redis
+) -> None:
+    """SIGSTOP a worker past the reclaim idle time: the others take over and finish its requests;
+    SIGCONT it: its late runs finish too, and the broker keeps the first result of each ticket and
+    counts every later one in ``duplicate_executions``, exactly."""
+    assert broker.client is not None
+    app = new_app()
+    actors, pids = await start_workers(redis_server.address, app, 3, redis_server.address)
+    try:
+        tickets = {await broker.client.submit(app, request(i, 300.0)): i for i in range(30)}
+
+        async def held_by_all() -> bool:
+            return len(await executions(counter, app)) >= 6  # 3 workers x 2 slots busy
+
+        await async_wait_for(held_by_all, timeout=120, what="every worker running requests")
+        os.kill(pids[0], signal.SIGSTOP)
+        try:
+            first = await check_all_done(broker.client, tickets)  # the stalled worker's included
+        finally:
+            os.kill(pids[0], signal.SIGCONT)
+
+        async def late_runs_settled() -> bool:
+            stats = await broker.core.stats(app)
+            extra = sum((await executions(counter, app)).values()) - len(tickets)
+            return stats.in_flight == 0 and extra > 0 and stats.duplicate_executions == extra
+
+        await async_wait_for(late_runs_settled, timeout=60, what="the stalled worker's late runs settled")
+        stats = await broker.core.stats(app)
+        runs = await check_exactly_once(broker.client, counter, app, first, stats.duplicate_executions)
+        print(
+            f"\nSIGSTOP/SIGCONT: {len(tickets)} results, {sum(runs.values())} executions, "
+            f"{stats.duplicate_executions} duplicate results discarded"
+        )
+        assert stats.duplicate_executions > 0
+        assert stats.duplicate_executions == sum(runs.values()) - len(tickets)  # none lost, none kept twice
+        assert any(run > 1 for run in first.values()), "some ticket's result came from a re-run"
     finally:
         await stop_workers(actors)
 

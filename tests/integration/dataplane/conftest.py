@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +117,10 @@ class Load:
     ok: int = 0
     failures: Counter[str] = field(default_factory=Counter)
     versions: Counter[str] = field(default_factory=Counter)
+    #: Answers' versions by the phase that was current when the request was *sent* (set ``phase``
+    #: to mark an event: a request sent before it may still be answered after it).
+    phase: str = ""
+    by_phase: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     slowest_s: float = 0.0
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -141,13 +145,14 @@ class Load:
 
     async def _caller(self) -> None:
         while not self._stop.is_set():
-            began = time.monotonic()
+            began, phase = time.monotonic(), self.phase
             try:
                 result = await self.client.infer(
                     self.model, self.make_inputs(), client_timeout=self.timeout_s
                 )
                 self.ok += 1
                 self.versions[result.get_response().model_version] += 1
+                self.by_phase[phase][result.get_response().model_version] += 1
             except InferenceServerException as exc:
                 self.failures[str(exc.status())] += 1
             self.slowest_s = max(self.slowest_s, time.monotonic() - began)

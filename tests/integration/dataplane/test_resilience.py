@@ -40,10 +40,11 @@ async def test_killed_replica_is_replaced_and_no_request_hangs(deployed: Any) ->
 
         await async_wait_for(replaced, timeout=120, interval=0.2, what="killed replica replaced")
         await load.wait_for_requests(100)
-    # Every caller returned (the load's exit waits for all of them), none near its timeout.
+    # Every caller returned (the load's exit waits for all of them), none near its timeout, and none
+    # failed: the proxy retries a dead replica's requests on the live one within their deadline.
     print(f"kill under load: {load.ok} ok, failures {dict(load.failures)}, slowest {load.slowest_s:.2f}s")
     assert load.slowest_s < load.timeout_s
-    assert set(load.failures) <= {"StatusCode.UNAVAILABLE"}
+    assert not load.failures
     assert load.ok >= 200
 
 
@@ -60,13 +61,15 @@ async def test_rollout_under_load_fails_nothing_and_ends_on_v2(deployed: Any, di
             return now is not None and now.version == "2" and now.ready_replicas == 2 and not now.updating
 
         await async_wait_for(rolled, timeout=180, interval=0.2, what="rollout to v2")
-        during = dict(load.versions)
+        # "Done" means every proxy routes to v2 only; the old replicas still drain what they hold,
+        # so a request *sent* before this point may be answered by v1 after it. Count by send time.
+        load.phase = "after"
         await load.wait_for_requests(100)
-    print(f"rollout under load: {load.ok} ok, failures {dict(load.failures)}, versions {dict(load.versions)}")
+    by_send_time = dict(load.by_phase)
+    print(f"rollout under load: {load.ok} ok, failures {dict(load.failures)}, by send time {by_send_time}")
     assert not load.failures
-    assert during.get("1", 0) > 0
-    after = {v: n - during.get(v, 0) for v, n in load.versions.items()}
-    assert after.get("2", 0) >= 100 and after.get("1", 0) == 0
+    assert load.by_phase[""]["1"] > 0
+    assert load.by_phase["after"]["2"] >= 100 and load.by_phase["after"]["1"] == 0
     # A stale revision changes nothing.
     stale = await masters.apply(spec, 2, 1, cluster=CLUSTER, discovery=discovery_server.address)
     assert stale.revision == 2 and stale.version == "2"

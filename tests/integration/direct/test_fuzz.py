@@ -79,20 +79,38 @@ def _fuzzed(rng: random.Random) -> bytes:
     return bytes(data)
 
 
+def _parsed(data: bytes) -> service_pb2.ModelInferRequest | None:
+    try:
+        return service_pb2.ModelInferRequest.FromString(data)
+    except Exception:
+        return None
+
+
 @pytest.mark.slow
 def test_ten_thousand_fuzzed_requests_all_answered(direct_server: DirectServer, direct_address: str) -> None:
     rng = random.Random(20261123)
     before = direct_server.stats()["requests"]
     codes: Counter[grpc.StatusCode] = Counter()
+    wrong: list[str] = []  # answers that contradict the request
     with grpc.insecure_channel(direct_address) as channel:
         call = channel.unary_unary(METHOD)  # bytes in, bytes out: garbage reaches the server as-is
-        for _ in range(10_000):
+        for i in range(10_000):
+            data = _fuzzed(rng)
+            request = _parsed(data)
             try:
-                call(_fuzzed(rng), timeout=10)
-                codes[grpc.StatusCode.OK] += 1
+                answer = call(data, timeout=10)
             except grpc.RpcError as exc:
                 codes[exc.code()] += 1
-        assert sum(codes.values()) == 10_000
+                continue
+            codes[grpc.StatusCode.OK] += 1
+            # An OK answer is only right for a request that parses, and it must hold one FP32
+            # score per row of the request's batch.
+            response = service_pb2.ModelInferResponse.FromString(answer)
+            rows = request.inputs[0].shape[0] if request is not None and request.inputs else -1
+            scores = len(response.raw_output_contents[0]) // 4 if response.raw_output_contents else -1
+            if request is None or scores != rows:
+                wrong.append(f"request {i}: OK with {scores} scores for {rows} rows")
+        assert not wrong, wrong[:5]
         # No request hung or died with the connection: each got a real answer from the server.
         assert set(codes) <= {
             grpc.StatusCode.OK,
@@ -104,4 +122,5 @@ def test_ten_thousand_fuzzed_requests_all_answered(direct_server: DirectServer, 
         # Still serving afterwards.
         call(_valid(rng).SerializeToString(), timeout=10)
     assert direct_server.running
-    assert direct_server.stats()["requests"] - before >= 10_000 - codes[grpc.StatusCode.INTERNAL]
+    # Every request gRPC could parse reached the model's handler, plus the last valid one.
+    assert direct_server.stats()["requests"] - before == 10_000 - codes[grpc.StatusCode.INTERNAL] + 1

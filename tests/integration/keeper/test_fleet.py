@@ -45,6 +45,7 @@ class Fleet:
     keeper_proc: ChildProcess
     discovery: str
     agents: dict[str, ChildProcess]
+    agent_addresses: dict[str, str]
 
     @property
     def keeper(self) -> str:
@@ -61,7 +62,30 @@ class Fleet:
         self.agents[name], address = self.procs.agent(
             ray=self.clusters[name].address, keeper=self.keeper, discovery=self.discovery, cluster=name
         )
+        self.agent_addresses[name] = address
         return address
+
+    def masters(self, app: str) -> dict[str, agent_pb2.MasterStatus]:
+        """Cluster -> the app's master as that cluster's agent reports it (what the keeper has done)."""
+        found = {}
+        for name, address in self.agent_addresses.items():
+            with grpc.insecure_channel(address) as channel:
+                listed = agent_pb2_grpc.ClusterAgentStub(channel).ListMasters(
+                    agent_pb2.ListMastersRequest(), timeout=30
+                )
+            found.update((name, m) for m in listed.masters if m.app.name == app)
+        return found
+
+    def kill_keeper_once_applied(self, app: str, revision: int, state: int) -> None:
+        """SIGKILL the keeper after its reconciler has observably acted on ``revision`` (an agent's
+        master holds it) while the app still reads ``state``: a kill in the middle, not before."""
+
+        def applied() -> bool:
+            return any(m.revision == revision for m in self.masters(app).values())
+
+        wait_for(applied, timeout=60, interval=0.05, what=f"{app} revision {revision} applied by an agent")
+        assert self.status(app).state == state, "converged before the kill: not a kill mid-way"
+        self.keeper_proc.kill()
 
     def restart_keeper(self) -> None:
         self.keeper_proc, _ = self.procs.keeper(self.keeper_port)
@@ -140,13 +164,15 @@ def fleet(etcd: EtcdProcess) -> Iterator[Fleet]:
         wait_for(lambda: health.grpc_health(discovery_address)[0], timeout=60, what="discovery")
         port = free_port()
         keeper_proc, _ = procs.keeper(port)
-        agents = {
+        started = {
             name: procs.agent(
                 ray=cluster.address, keeper=f"127.0.0.1:{port}", discovery=discovery_address, cluster=name
-            )[0]
+            )
             for name, cluster in clusters.items()
         }
-        fleet = Fleet(procs, clusters, port, keeper_proc, discovery_address, agents)
+        agents = {name: child for name, (child, _) in started.items()}
+        addresses = {name: address for name, (_, address) in started.items()}
+        fleet = Fleet(procs, clusters, port, keeper_proc, discovery_address, agents, addresses)
 
         def both_alive() -> bool:
             found = fleet.stub().ListClusters(
@@ -224,13 +250,7 @@ def test_keeper_sigkill_mid_deploy_and_mid_update_converges_without_duplicates(f
     submitted = stub.SubmitApplication(
         keeper_pb2.SubmitApplicationRequest(spec=iris("crashy")), metadata=fleet.md(), timeout=10
     )
-    wait_for(
-        lambda: fleet.status("crashy").state == AppState.DEPLOYING,
-        timeout=60,
-        interval=0.05,
-        what="deploying",
-    )
-    fleet.keeper_proc.kill()  # mid-deploy: placed, masters being created
+    fleet.kill_keeper_once_applied("crashy", submitted.revision, AppState.DEPLOYING)  # mid-deploy
     fleet.restart_keeper()
     fleet.wait_state("crashy", AppState.RUNNING, "1")
 
@@ -240,11 +260,8 @@ def test_keeper_sigkill_mid_deploy_and_mid_update_converges_without_duplicates(f
     update = keeper_pb2.UpdateApplicationRequest(
         spec=iris("crashy", version="2"), expected_revision=current.revision
     )
-    stub.UpdateApplication(update, metadata=fleet.md(), timeout=10)
-    wait_for(
-        lambda: fleet.status("crashy").state == AppState.UPDATING, timeout=60, interval=0.05, what="updating"
-    )
-    fleet.keeper_proc.kill()  # mid-update
+    updated = stub.UpdateApplication(update, metadata=fleet.md(), timeout=10)
+    fleet.kill_keeper_once_applied("crashy", updated.revision, AppState.UPDATING)  # mid-update
     fleet.restart_keeper()
     final = fleet.wait_state("crashy", AppState.RUNNING, "2")
     assert final.spec.version == "2" and final.replicas == 1
