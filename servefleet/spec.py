@@ -32,7 +32,9 @@ DEFAULT_KIND = "python"
 KINDS = ("python", "direct", "triton", "sharded")
 DEFAULT_MAX_CONCURRENCY = 8
 DEFAULT_MAX_QUEUED = 32
-DEFAULT_PROXIES = 1
+#: Two proxies per cluster, spread over its nodes: one proxy dying (or its node) never leaves an
+#: app without an entry point while Ray restarts it.
+DEFAULT_PROXIES = 2
 #: CPU share a replica asks Ray for when the spec names none (small: models here are light).
 DEFAULT_NUM_CPUS = 0.1
 DEFAULT_BATCH_WAIT_MS = 5.0

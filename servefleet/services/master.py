@@ -414,6 +414,7 @@ class ApplicationMaster:
                 get_if_exists=True,
                 max_restarts=-1,
                 num_cpus=settings.proxy_num_cpus,
+                scheduling_strategy="SPREAD",  # proxies on different nodes where there are several
                 runtime_env={"env_vars": passed_env()} if passed_env() else None,
             ).remote(
                 self.app.SerializeToString(),

@@ -78,7 +78,7 @@ def test_defaults_are_filled() -> None:
     spec = load_spec(_minimal())
     assert spec.namespace == "default" and spec.kind == "python" and spec.version == "1"
     assert (spec.replicas.min, spec.replicas.initial, spec.replicas.max) == (1, 1, 1)
-    assert spec.max_concurrency > 0 and spec.max_queued > 0 and spec.proxies == 1
+    assert spec.max_concurrency > 0 and spec.max_queued > 0 and spec.proxies == 2
     assert spec.resources.num_cpus == DEFAULT_NUM_CPUS
 
 
