@@ -7,8 +7,9 @@ an unset field means. Errors are ``InvalidArgument`` naming the field, e.g.
 
 A relative ``working_dir`` in a YAML file is resolved against the file's folder. The YAML keys are
 the proto field names (``replicas`` may also be a plain integer, ``memory`` a
-size such as ``512Mi``, and ``max_batch_size`` / ``batch_wait_timeout_ms`` may sit at top level
-instead of under ``batching``). Unknown keys are refused, so a typo never silently means a default.
+size such as ``512Mi``, ``max_batch_size`` / ``batch_wait_timeout_ms`` may sit at top level
+instead of under ``batching``, and ``model_repository`` / ``triton_args`` at top level instead of
+under ``triton``). Unknown keys are refused, so a typo never silently means a default.
 """
 
 from __future__ import annotations
@@ -38,6 +39,25 @@ DEFAULT_PROXIES = 2
 #: CPU share a replica asks Ray for when the spec names none (small: models here are light).
 DEFAULT_NUM_CPUS = 0.1
 DEFAULT_BATCH_WAIT_MS = 5.0
+
+_TRITON_BOOL = r"true|false"
+_TRITON_MODELS = r"\*|[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*"
+#: tritonserver flags a ``kind: triton`` spec may set (``triton_args``), each with the values it
+#: takes. Ports, addresses and paths belong to the bootstrapper: a spec never names files here.
+TRITON_ARGS: dict[str, str] = {
+    "log-verbose": r"[0-9]",
+    "log-info": _TRITON_BOOL,
+    "log-warning": _TRITON_BOOL,
+    "log-error": _TRITON_BOOL,
+    "log-format": r"default|ISO8601",
+    "model-control-mode": r"none|poll|explicit",
+    "load-model": _TRITON_MODELS,  # comma-separated; each becomes one --load-model
+    "repository-poll-secs": r"[1-9][0-9]{0,4}",
+    "strict-model-config": _TRITON_BOOL,
+    "exit-timeout-secs": r"[0-9]{1,4}",
+    "model-load-thread-count": r"[1-9][0-9]?",
+    "rate-limit": r"off|execution_count",
+}
 
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _IMPORT_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -92,6 +112,15 @@ def from_dict(data: Mapping[str, Any]) -> ApplicationSpec:
         data["replicas"] = {"initial": data["replicas"]}
     if "async" in data and "async_mode" not in data:
         data["async_mode"] = data.pop("async")
+    triton = dict(_mapping(data.pop("triton", None) or {}, "spec.triton"))
+    if "model_repository" in data:
+        triton["model_repository"] = data.pop("model_repository")
+    if "triton_args" in data:
+        triton["args"] = data.pop("triton_args")
+    if isinstance(triton.get("args"), Mapping):
+        triton["args"] = {str(k): _scalar_str(v) for k, v in triton["args"].items()}
+    if triton:
+        data["triton"] = triton
     resources = data.get("resources")
     if isinstance(resources, Mapping) and "memory" in resources:
         data["resources"] = {**resources, "memory": parse_size(resources["memory"], "spec.resources.memory")}
@@ -125,11 +154,14 @@ def validate(spec: ApplicationSpec) -> ApplicationSpec:
         raise InvalidArgument("spec.import_path: required for kind 'python' (module:Class)")
     if spec.import_path and not _IMPORT_RE.match(spec.import_path):
         raise InvalidArgument(f"spec.import_path: {spec.import_path!r} is not 'module:Class'")
+    _check_triton(spec)
     for field, tensors in (("inputs", spec.inputs), ("outputs", spec.outputs)):
         _check_tensors(tensors, f"spec.{field}")
     _check_resources(spec.resources)
     _check_replicas(spec.replicas)
-    for field, default in (("max_concurrency", DEFAULT_MAX_CONCURRENCY), ("proxies", DEFAULT_PROXIES)):
+    # Triton endpoints are called directly; its proxies are only for clients that know no other.
+    proxies = 0 if spec.kind == "triton" else DEFAULT_PROXIES
+    for field, default in (("max_concurrency", DEFAULT_MAX_CONCURRENCY), ("proxies", proxies)):
         value = getattr(spec, field)
         if value < 0:
             raise InvalidArgument(f"spec.{field}: must be positive, got {value}")
@@ -270,6 +302,53 @@ def _check_tensors(tensors: Any, path: str) -> None:
         for j, dim in enumerate(tensor.shape):
             if dim < -1:
                 raise InvalidArgument(f"{where}.shape[{j}]: {dim} (use -1 for a variable dimension)")
+
+
+def _check_triton(spec: ApplicationSpec) -> None:
+    """``kind: triton`` needs a model repository that stays inside working_dir when relative, and
+    only allow-listed server flags; other kinds may not carry Triton settings."""
+    triton = spec.triton
+    if spec.kind != "triton":
+        if spec.HasField("triton"):
+            raise InvalidArgument(f"spec.model_repository: only for kind 'triton' (kind is {spec.kind!r})")
+        return
+    if spec.import_path:
+        raise InvalidArgument("spec.import_path: not for kind 'triton' (Triton loads model_repository)")
+    if spec.batching.max_batch_size > 1:
+        raise InvalidArgument(
+            "spec.batching: not for kind 'triton' (batch in the model's config.pbtxt: dynamic_batching)"
+        )
+    if spec.async_mode.enabled:
+        raise InvalidArgument("spec.async_mode: kind 'triton' serves over gRPC only (no broker pull)")
+    if spec.runtime_env.pip:
+        raise InvalidArgument(
+            "spec.runtime_env.pip: Triton's python backend runs models in the Triton environment "
+            "(SERVEFLEET_TRITON_ENV, made by scripts/install.sh), not in the actor's; install there"
+        )
+    if not triton.model_repository:
+        raise InvalidArgument("spec.model_repository: required for kind 'triton' (a Triton model repository)")
+    path = Path(triton.model_repository)
+    if "://" in triton.model_repository:
+        raise InvalidArgument(f"spec.model_repository: {triton.model_repository!r} must be a local path")
+    if not path.is_absolute():
+        if not spec.working_dir:
+            raise InvalidArgument(
+                f"spec.model_repository: {triton.model_repository!r} is relative, so it needs a "
+                "working_dir to be relative to (or give an absolute path)"
+            )
+        if ".." in path.parts:
+            raise InvalidArgument(
+                f"spec.model_repository: {triton.model_repository!r} must stay inside working_dir (no '..')"
+            )
+    for key, value in triton.args.items():
+        pattern = TRITON_ARGS.get(key)
+        if pattern is None:
+            raise InvalidArgument(
+                f"spec.triton_args: {key!r} is not allowed (allowed: {', '.join(sorted(TRITON_ARGS))}; "
+                "ports, addresses and paths are set by servefleet)"
+            )
+        if not re.fullmatch(pattern, value):
+            raise InvalidArgument(f"spec.triton_args.{key}: {value!r} does not match {pattern!r}")
 
 
 def _check_resources(resources: common_pb2.Resources) -> None:

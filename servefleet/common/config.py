@@ -79,6 +79,15 @@ class Settings:
     proxy_attempts: int = 3
     #: Direct ingress: request threads of each C++ server (init_args.workers overrides per app).
     direct_workers: int = 2
+    #: Triton bootstrapper: the virtualenv holding tritonserver (the nvidia-pytriton wheel) and
+    #: numpy<2, where python-backend models run (scripts/install.sh makes it); empty: the
+    #: ``.venv-triton`` beside the servefleet package.
+    triton_env: str = ""
+    #: Triton bootstrapper: longest a tritonserver may take to load its repository and be ready.
+    triton_start_timeout_s: float = 120.0
+    #: Triton bootstrapper: restarts of a dead tritonserver inside one actor before the actor
+    #: reports itself unhealthy (and the master replaces it).
+    triton_max_restarts: int = 3
     #: Data plane: CPU share a proxy actor asks Ray for.
     proxy_num_cpus: float = 0.0
     #: Seconds between a service's probes of what it depends on (etcd, Redis, Ray) for its health.

@@ -45,13 +45,9 @@ def check_sources(
                     f"{', '.join(map(str, roots))} are allowed here"
                 )
         else:
-            path = Path(spec.working_dir)
-            real = Path(os.path.realpath(path if path.is_absolute() else roots[0] / path))
-            if not any(real == root or root in real.parents for root in roots):
-                raise InvalidArgument(
-                    f"spec.working_dir: {spec.working_dir!r} resolves to {real}, outside the allowed roots "
-                    f"({', '.join(map(str, roots))})"
-                )
+            _check_under_roots("working_dir", spec.working_dir, roots)
+    if Path(spec.triton.model_repository).is_absolute():  # a relative one stays inside working_dir
+        _check_under_roots("model_repository", spec.triton.model_repository, roots)
     for i, pkg in enumerate(spec.runtime_env.pip):
         if not allow_urls and (_URL_RE.search(pkg) or pkg.startswith(("/", ".", "~"))):
             raise InvalidArgument(
@@ -63,6 +59,16 @@ def check_sources(
             raise InvalidArgument(f"spec.runtime_env.env_vars: {name!r} is not a valid variable name")
         if name.upper() in _FORBIDDEN_ENV:
             raise InvalidArgument(f"spec.runtime_env.env_vars: {name} may not be set (it loads foreign code)")
+
+
+def _check_under_roots(field: str, value: str, roots: Sequence[Path]) -> None:
+    path = Path(value)
+    real = Path(os.path.realpath(path if path.is_absolute() else roots[0] / path))
+    if not any(real == root or root in real.parents for root in roots):
+        raise InvalidArgument(
+            f"spec.{field}: {value!r} resolves to {real}, outside the allowed roots "
+            f"({', '.join(map(str, roots))})"
+        )
 
 
 @dataclass(frozen=True)

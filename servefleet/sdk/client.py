@@ -25,7 +25,13 @@ from opentelemetry.trace import SpanKind
 from servefleet.api import common_pb2, discovery_pb2, discovery_pb2_grpc
 from servefleet.common import tensors
 from servefleet.common.config import grpc_options
-from servefleet.common.errors import DeadlineExceeded, FailedPrecondition, Unavailable, from_rpc_error
+from servefleet.common.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    Unavailable,
+    from_rpc_error,
+)
 from servefleet.common.telemetry import tracer
 from servefleet.discovery.names import parse_app
 from servefleet.sdk.broker_client import AsyncBrokerClient
@@ -133,6 +139,7 @@ class AsyncClient:
         inputs: Mapping[str, np.ndarray],
         *,
         outputs: Sequence[str] | None = None,
+        model: str = "",
         model_version: str = "",
         request_id: str = "",
         timeout: float | None = None,
@@ -140,7 +147,8 @@ class AsyncClient:
         metadata: Sequence[tuple[str, str]] = (),
     ) -> dict[str, np.ndarray]:
         """Run ``app`` on ``inputs``; raises the domain error (InvalidArgument, Unavailable, ...)
-        the endpoint answered. Unreachable endpoints are retried on others unless retry is off."""
+        the endpoint answered. Unreachable endpoints are retried on others unless retry is off.
+        ``model``: the model_name to send (default :func:`served_model`)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self._timeout if timeout is None else timeout)
         policy = self._retry if retry is None else (self._retry if retry else NO_RETRY)
@@ -161,6 +169,7 @@ class AsyncClient:
                 if endpoint is None:
                     break
                 tried.add(endpoint.address)
+                request.model_name = model or served_model(endpoint, ref)
                 left = deadline - loop.time()
                 if left <= 0:
                     raise DeadlineExceeded(f"deadline passed before trying {endpoint.address}")
@@ -196,7 +205,7 @@ class AsyncClient:
         self, app: str, *, timeout: float = 10.0
     ) -> tritonclient.grpc.aio.InferenceServerClient:
         """A ready tritonclient (asyncio) for the endpoint the picker chooses now; caller closes it.
-        Send ``model_name=servefleet.spec.model_name(app)``."""
+        Send ``model_name=servefleet.spec.model_name(app)`` (a Triton app's: a repository model)."""
         return tritonclient.grpc.aio.InferenceServerClient(await self._address(app, timeout))
 
     async def _address(self, app: str, timeout: float) -> str:
@@ -240,6 +249,19 @@ class AsyncClient:
         if self._broker is not None:
             await self._broker.close()
         await self._discovery.close()
+
+
+def served_model(endpoint: discovery_pb2.Endpoint, app: common_pb2.AppRef) -> str:
+    """The model_name an endpoint serves ``app`` under: the app's own name, except on a Triton
+    endpoint, whose models keep their repository names (label ``models``): its only model, or
+    the one named like the app. InvalidArgument when that does not say which."""
+    name = model_name(app)
+    if endpoint.kind != "triton":
+        return name
+    models = [m for m in endpoint.labels.get("models", "").split(",") if m]
+    if len(models) == 1 or name in models:
+        return models[0] if len(models) == 1 else name
+    raise InvalidArgument(f"application {name!r} serves Triton models {models}: pass model=NAME")
 
 
 async def _in_context(ctx: otel_context.Context, work: Awaitable[T]) -> T:

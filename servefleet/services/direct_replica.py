@@ -14,16 +14,13 @@ and ``workers`` (request threads; default ``settings.direct_workers``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 from servefleet.api import common_pb2, discovery_pb2
 from servefleet.common.config import settings
 from servefleet.common.errors import InvalidArgument
+from servefleet.services.endpoint import Registered, placement_labels
 from servefleet.spec import app_ref, model_name, struct_to_python
-
-#: Ray node labels that name a node's zone, in order of preference.
-ZONE_LABELS = ("zone", "ray.io/availability-zone")
 
 
 class DirectReplica:
@@ -47,40 +44,21 @@ class DirectReplica:
         self.version = spec.version
         self.capacity = spec.max_concurrency + spec.max_queued
         self.node_id = ray.get_runtime_context().get_node_id()
-        self.labels = {"cluster": cluster, "node": self.node_id} if cluster else {"node": self.node_id}
-        node_labels = ray.get_runtime_context().get_node_labels()
-        zone = next((str(node_labels[key]) for key in ZONE_LABELS if node_labels.get(key)), "")
-        if zone:
-            self.labels["zone"] = zone
+        self.labels = placement_labels(cluster)
         self.server = DirectServer()
         self.server.load_model(str(args["model_path"]), model_name(self.app), self.version)
         port = self.server.start(f"{host}:0", workers=int(args.get("workers", settings.direct_workers)))
         self.address = f"{host}:{port}"
         self.draining = False
-        self._discovery = discovery
-        self._registered = asyncio.Event()
-        self._registration = asyncio.get_running_loop().create_task(self._stay_registered())
-
-    async def _stay_registered(self) -> None:
-        if not self._discovery:
-            self._registered.set()
-            return
-        from servefleet.discovery.registration import registration
-
         endpoint = discovery_pb2.Endpoint(
             app=self.app, version=self.version, kind="direct", address=self.address, labels=self.labels
         )
-        async with registration(self._discovery, endpoint, ttl_s=settings.discovery_ttl_s):
-            self._registered.set()
-            await asyncio.Event().wait()
+        self._registration = Registered(discovery, endpoint)
+        self._registration.start()
 
     async def ready(self) -> dict[str, Any]:
         """Identity and placement, once the server is registered (raises if registering failed)."""
-        registered = asyncio.create_task(self._registered.wait())
-        await asyncio.wait({registered, self._registration}, return_when=asyncio.FIRST_COMPLETED)
-        registered.cancel()
-        if not self._registered.is_set():
-            self._registration.result()  # raises what registering raised
+        await self._registration.wait()
         return {
             "name": self.name,
             "version": self.version,
@@ -109,9 +87,7 @@ class DirectReplica:
         """Deregister first (clients move away), then let in-flight calls finish for up to
         ``timeout_s`` before the server stops; returns the requests in flight when the drain began."""
         self.draining = True
-        self._registration.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._registration
+        await self._registration.stop()
         left = self.server.stats()["in_flight"]
         await asyncio.to_thread(self.server.stop, timeout_s)
         return left

@@ -40,11 +40,15 @@ from servefleet.services.names import (
 )
 from servefleet.services.proxy import Proxy
 from servefleet.services.replica import Replica
+from servefleet.services.triton.replica import TritonReplica
 
 log = logging.getLogger(__name__)
 
 ReplicaActor = ray.remote(Replica)
 DirectReplicaActor = ray.remote(DirectReplica)
+TritonReplicaActor = ray.remote(TritonReplica)
+#: Kinds whose replicas run their own server and register it in discovery themselves.
+SELF_REGISTERING: dict[str, Any] = {"direct": DirectReplicaActor, "triton": TritonReplicaActor}
 ProxyActor = ray.remote(Proxy)
 _GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
@@ -310,9 +314,11 @@ class ApplicationMaster:
     def _start_replica(self, spec: common_pb2.ApplicationSpec, gen: str) -> None:
         name = f"{replica_prefix(self.app)}{gen}:{time.time_ns():x}"
         handle: Any
-        if spec.kind == "direct":  # C++ server in the actor, registered in discovery itself
-            handle = DirectReplicaActor.options(name=name, **actor_options(spec)).remote(
-                spec.SerializeToString(), name, cluster=self.cluster, discovery=self.discovery
+        if spec.kind in SELF_REGISTERING:  # its own server in the actor, registered in discovery
+            handle = (
+                SELF_REGISTERING[spec.kind]
+                .options(name=name, **actor_options(spec))
+                .remote(spec.SerializeToString(), name, cluster=self.cluster, discovery=self.discovery)
             )
         else:
             handle = ReplicaActor.options(name=name, **actor_options(spec)).remote(
@@ -339,6 +345,7 @@ class ApplicationMaster:
             version=info["version"],
             capacity=info["capacity"],
             address=info.get("address", ""),
+            **_triton_routing(info),
         )
         replica.ready = True
         self._start_failures = 0
@@ -420,7 +427,9 @@ class ApplicationMaster:
                 self.app.SerializeToString(),
                 master_name(self.app),
                 cluster=self.cluster,
-                discovery=self.discovery,
+                # Discovery hands out a Triton app's servers themselves; its proxies serve the
+                # clients that know their address (app status) and stay out of discovery.
+                discovery="" if self.spec is not None and self.spec.kind == "triton" else self.discovery,
             )
             self._track_proxy(ProxyState(name, handle))
 
@@ -444,6 +453,17 @@ class ApplicationMaster:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+def _triton_routing(info: dict[str, Any]) -> dict[str, Any]:
+    """What a proxy needs to route to a Triton server: its method and models (from ``ready``)."""
+    if "infer_method" not in info:
+        return {}
+    return {
+        "infer_method": info["infer_method"],
+        "models": tuple(info["models"]),
+        "metadata": tuple(sorted(info["metadata"].items())),
+    }
 
 
 async def _await(ref: Any) -> Any:

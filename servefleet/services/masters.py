@@ -30,6 +30,8 @@ from servefleet.services.names import (
 from servefleet.spec import app_ref, load_spec
 
 MasterActor = ray.remote(ApplicationMaster)
+#: Kinds this data plane runs.
+SERVED_KINDS = ("python", "direct", "triton")
 #: Longest a status call may take before a master counts as unreachable (it may be restarting).
 STATUS_TIMEOUT_S = 10.0
 
@@ -50,9 +52,9 @@ async def apply(
     rolls out surge-then-drain; a new replica count only scales.
     """
     spec = load_spec(spec)
-    if spec.kind not in ("python", "direct"):
+    if spec.kind not in SERVED_KINDS:
         raise FailedPrecondition(
-            f"spec.kind {spec.kind!r}: this cluster's data plane serves 'python' and 'direct' apps"
+            f"spec.kind {spec.kind!r}: this cluster's data plane serves {', '.join(SERVED_KINDS)} apps"
         )
     _upload_working_dir(spec)
     app = app_ref(spec)

@@ -86,6 +86,9 @@ class ReplicaInfo:
     version: str
     capacity: int  # max_concurrency + max_queued
     address: str = ""  # the replica's own loopback gRPC endpoint (same-node fast path)
+    infer_method: str = f"/{REPLICA_SERVICE}/Infer"  # what the fast path calls there
+    models: tuple[str, ...] = ()  # kind triton: the repository's model names it serves
+    metadata: tuple[tuple[str, bytes], ...] = ()  # kind triton: (model, ModelMetadataResponse bytes)
 
 
 @dataclass(frozen=True)
