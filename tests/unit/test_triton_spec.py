@@ -80,7 +80,7 @@ def test_keeper_keeps_absolute_repositories_under_its_roots(tmp_path: Path) -> N
     relative = load_spec(_triton(working_dir=str(tmp_path / "app")))
     check_sources(relative, roots=[tmp_path], allow_urls=False)
     outside = load_spec(_triton(working_dir="", model_repository="/etc/models"))
-    with pytest.raises(InvalidArgument, match="spec.model_repository: '/etc/models' resolves to"):
+    with pytest.raises(InvalidArgument, match=r"spec\.model_repository: '/etc/models' resolves to"):
         check_sources(outside, roots=[tmp_path], allow_urls=False)
 
 

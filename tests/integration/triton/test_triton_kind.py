@@ -167,9 +167,7 @@ async def test_sigkilled_server_costs_no_request_and_a_new_one_registers(
         pids = [pid for stats in (await replicas(spec)).values() for pid in stats["pids"]]
         await masters.remove(app_ref(spec))
     # Removing the app leaves no tritonserver (nor stub) behind: checked by the recorded pids.
-    await async_wait_for(
-        _all_gone(pids), timeout=settings.shutdown_grace_s + 10, what=f"pids {pids} gone"
-    )
+    await async_wait_for(_all_gone(pids), timeout=settings.shutdown_grace_s + 10, what=f"pids {pids} gone")
 
 
 async def test_rolling_update_to_a_new_repository_version_under_load(

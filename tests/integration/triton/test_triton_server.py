@@ -61,7 +61,9 @@ async def test_serves_the_example_and_stops_with_grace(server: TritonServer) -> 
     assert not any(pid_alive(pid) for pid in pids)
 
 
-async def test_bad_repository_fails_with_tritons_reason(triton_install: TritonInstall, tmp_path: Path) -> None:
+async def test_bad_repository_fails_with_tritons_reason(
+    triton_install: TritonInstall, tmp_path: Path
+) -> None:
     bad = TritonServer(triton_install, broken_repository(tmp_path), {}, log_dir=tmp_path / "log")
     with pytest.raises(TritonStartError) as info:
         await bad.start(120)
@@ -103,8 +105,6 @@ def test_a_killed_launcher_leaves_no_tritonserver(tmp_path: Path) -> None:
         assert len(pids) == 2 and all(pid_alive(pid) for pid in pids)
         launcher.send_signal(signal.SIGKILL)
         launcher.wait(timeout=10)
-        wait_for(
-            lambda: not any(pid_alive(pid) for pid in pids), timeout=20, what=f"pids {pids} to exit"
-        )
+        wait_for(lambda: not any(pid_alive(pid) for pid in pids), timeout=20, what=f"pids {pids} to exit")
     finally:
         launcher.kill()
