@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything servefleet needs on a fresh Debian machine: system packages (when missing),
-# a virtualenv in .venv with servefleet and its dev tools, and the generated gRPC stubs.
+# a virtualenv in .venv with servefleet and its dev tools, the generated gRPC stubs, and the
+# Triton environment for kind: triton (.venv-triton, scripts/install-triton.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,4 +30,5 @@ command -v "$python" >/dev/null || python=python3
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[dev]'
 make -s protos PYTHON=.venv/bin/python
+bash scripts/install-triton.sh
 echo "installed: .venv/bin/servefleet"
