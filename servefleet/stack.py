@@ -29,6 +29,7 @@ PROBES: dict[str, Probe] = {
     "etcd": health.etcd_health,
     "redis": health.redis_health,
     "ray": health.ray_health,
+    "supervisor": lambda _: (True, "SUPERVISING"),  # its pid being alive is its health
 }
 
 
@@ -42,6 +43,8 @@ class Part:
     address: str
     argv: list[str] = field(default_factory=list)  # empty: external, not started by us
     pid: int = 0
+    restarts: int = 0  # by the supervisor, since `up`
+    last_exit: str = ""  # how its last process ended, when the supervisor saw it die
 
     @property
     def external(self) -> bool:
@@ -267,6 +270,8 @@ def plan(config: StackConfig) -> list[Part]:
                 str(state / "admin.token"),
             ],
         ),
+        # Last: started once the rest is healthy, and (stopping newest first) stopped before it.
+        Part("supervisor", "", [python, "-m", "servefleet.supervisor", "--state-dir", str(state)]),
     ]
     return parts
 
@@ -311,8 +316,8 @@ def running(state_dir: Path) -> bool:
     return any(p.pid and pid_alive(p.pid) for p in parts)
 
 
-def _write(state_dir: Path, parts: list[Part]) -> None:
-    data: dict[str, object] = {p.name: p.address for p in parts}
+def save(state_dir: Path, parts: list[Part]) -> None:
+    data: dict[str, object] = {p.name: p.address for p in parts if p.address}
     data["parts"] = [asdict(p) for p in parts]
     tmp = stack_file(state_dir).with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2))
@@ -328,7 +333,7 @@ def preflight(config: StackConfig) -> list[Part]:
         )
     parts = plan(config)
     for part in parts:
-        if not part.external:
+        if not part.external and part.address:
             port = int(part.address.rsplit(":", 1)[1])
             if port_in_use(port, config.host):
                 raise StackError(f"port {port} ({part.name}) is already in use: free it or pass --base-port")
@@ -355,31 +360,31 @@ def up(
     }
     started: list[Part] = []
     try:
-        # Dependencies first (etcd, redis, ray), then services (discovery, broker, keeper), then the agent.
-        for wave in (parts[:3], parts[3:6], parts[6:]):
+        # Dependencies first (etcd, redis, ray), then services (discovery, broker, keeper), then the
+        # agent, then the supervisor that keeps them all running.
+        for wave in (parts[:3], parts[3:6], parts[6:7], parts[7:]):
             for part in wave:
                 if part.external:
                     continue
-                log = open(state / "logs" / f"{part.name}.log", "ab")
-                proc = subprocess.Popen(
-                    part.argv,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    start_new_session=True,
-                    cwd=state,
-                )
-                log.close()
-                part.pid = proc.pid
+                part.pid = spawn(part, state, env).pid
                 started.append(part)
-                progress(f"starting {part.name} on {part.address}")
-            _write(state, parts)
+                progress(f"starting {part.name} on {part.address or 'this machine'}")
+            save(state, parts)
             _await_healthy(wave, state, progress, deadline=time.monotonic() + timeout)
     except BaseException:
         stop_parts(started, progress=progress)
         stack_file(state).unlink(missing_ok=True)
         raise
     return parts
+
+
+def spawn(part: Part, state: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start ``part`` in its own process group (``down`` stops the whole group), logging to
+    ``<state>/logs/<name>.log``."""
+    with open(state / "logs" / f"{part.name}.log", "ab") as log:
+        return subprocess.Popen(
+            part.argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=state
+        )
 
 
 def _await_healthy(
@@ -422,7 +427,8 @@ def status(state_dir: Path) -> list[dict[str, object]]:
                 "pid": part.pid or None,
                 "alive": alive,
                 "healthy": healthy,
-                "detail": detail,
+                "restarts": part.restarts,
+                "detail": f"{detail}; last exit: {part.last_exit}" if part.last_exit else detail,
             }
         )
     return rows
@@ -485,7 +491,9 @@ def marked_processes(state_dir: Path) -> list[int]:
 
 
 def down(state_dir: Path, *, progress: Callable[[str], None]) -> None:
-    parts = load(state_dir)
+    # The supervisor first, so nothing stopped here is started again; then the parts as it left them.
+    stop_parts([p for p in load(state_dir) if p.name == "supervisor"], progress=progress)
+    parts = [p for p in load(state_dir) if p.name != "supervisor"]
     stop_parts(parts, progress=progress)
     leftovers = marked_processes(state_dir)
     for pid in leftovers:

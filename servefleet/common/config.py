@@ -53,6 +53,9 @@ class Settings:
     #: Keeper: seconds between cluster agent heartbeats; a cluster silent for ``dead_after`` is not alive.
     keeper_heartbeat_interval_s: int = 2
     keeper_cluster_dead_after_s: float = 6.0
+    #: Keeper: a placed cluster silent this long (its agent or Ray head gone) loses its apps to other
+    #: eligible clusters; when it heartbeats again, the masters it still runs for them are removed.
+    keeper_cluster_failover_after_s: float = 30.0
     #: Keeper: leader lease TTL (a dead leader is replaced within about this long).
     keeper_leader_ttl_s: int = 5
     #: Keeper: seconds between reconcile passes when nothing changes (changes wake it at once).
@@ -92,6 +95,11 @@ class Settings:
     proxy_num_cpus: float = 0.0
     #: Seconds between a service's probes of what it depends on (etcd, Redis, Ray) for its health.
     dependency_probe_interval_s: float = 1.0
+    #: Stack supervisor: first restart delay of a crashed part (doubling, jittered, up to the max);
+    #: a part that stays up ``stable_s`` after a restart starts again from the first delay.
+    supervisor_backoff_s: float = 1.0
+    supervisor_max_backoff_s: float = 30.0
+    supervisor_stable_s: float = 60.0
     #: Log format: "json" (structured) or "text".
     log_format: str = "json"
     log_level: str = "INFO"

@@ -61,11 +61,14 @@ def place(
     replicas: int,
     clusters: Iterable[keeper_pb2.ClusterInfo],
     free: dict[str, dict[str, float]],
+    *,
+    wanted: int = 0,
 ) -> Decision:
-    """Pick clusters for ``spec``. ``free`` (cluster -> resource -> amount) is what is left this
-    pass; the chosen clusters' entries are reduced, so apps placed in one pass don't overbook."""
+    """Pick clusters for ``spec`` (``wanted`` of them, default its spread). ``free`` (cluster ->
+    resource -> amount) is what is left this pass; the chosen clusters' entries are reduced, so apps
+    placed in one pass don't overbook."""
     need = demand(spec, replicas)
-    wanted = max(spec.placement.spread, 1)
+    wanted = wanted or max(spec.placement.spread, 1)
     eligible: list[keeper_pb2.ClusterInfo] = []
     why: list[str] = []
     for cluster in sorted(clusters, key=lambda c: c.name):

@@ -4,7 +4,10 @@ Each pass reads the desired state of every application and, per application, tak
 idempotent step: place it (sticky: the chosen clusters are stored in its status), ask each
 placed cluster's agent to apply the desired revision unless the master there already reports
 it, summarise what the masters report into one state, and, for deletions, remove it everywhere
-before forgetting it. Nothing is kept only in memory, so a keeper killed between any two steps
+before forgetting it. A placed cluster silent past ``keeper_cluster_failover_after_s`` is replaced
+by another eligible one (labels, free resources; the app's replicas and so its quota unchanged),
+and a cluster that heartbeats again after being silent is swept of masters it runs for apps no
+longer placed there. Nothing is kept only in memory, so a keeper killed between any two steps
 is replaced by one that simply takes the next step again; applying a revision twice is a no-op
 on the agent side.
 """
@@ -15,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping
 from typing import Any
 
 import grpc
@@ -35,8 +38,11 @@ _SERVED = (AppState.RUNNING, AppState.UPDATING, AppState.DEGRADED)
 class Agents:
     """One gRPC channel per cluster agent address, reused across passes."""
 
-    def __init__(self, timeout_s: float = 60.0) -> None:
+    def __init__(self, timeout_s: float = 60.0, read_timeout_s: float = 10.0) -> None:
         self.timeout_s = timeout_s
+        #: Reads answer at once from a live agent; a hung one (paused, partitioned) must not hold
+        #: an app's reconcile step for long, or moving it off that cluster would wait too.
+        self.read_timeout_s = min(read_timeout_s, timeout_s)
         self._stubs: dict[str, tuple[grpc.aio.Channel, agent_pb2_grpc.ClusterAgentStub]] = {}
 
     def stub(self, address: str) -> agent_pb2_grpc.ClusterAgentStub:
@@ -48,7 +54,7 @@ class Agents:
     async def state(self, address: str, ref: common_pb2.AppRef) -> agent_pb2.MasterStatus | None:
         try:
             return await self.stub(address).GetApplicationState(
-                agent_pb2.GetApplicationStateRequest(app=ref), timeout=self.timeout_s
+                agent_pb2.GetApplicationStateRequest(app=ref), timeout=self.read_timeout_s
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
@@ -60,6 +66,12 @@ class Agents:
     ) -> agent_pb2.MasterStatus:
         request = agent_pb2.ApplyApplicationRequest(spec=spec, replicas=replicas, revision=revision)
         return await self.stub(address).ApplyApplication(request, timeout=self.timeout_s)
+
+    async def masters(self, address: str) -> list[agent_pb2.MasterStatus]:
+        reply = await self.stub(address).ListMasters(
+            agent_pb2.ListMastersRequest(), timeout=self.read_timeout_s
+        )
+        return list(reply.masters)
 
     async def remove(self, address: str, ref: common_pb2.AppRef) -> None:
         await self.stub(address).RemoveApplication(
@@ -173,6 +185,8 @@ class Reconciler:
         #: app -> (revision, registry fingerprint) when it last fit nowhere: no retry until one moves.
         self._unplaceable: dict[str, tuple[int, int]] = {}
         self._registry = 0
+        #: Clusters alive at the last pass; one that is alive again gets swept of stale masters.
+        self._alive: set[str] = set()
 
     async def run(self, fence: bytes) -> None:
         """Reconcile until cancelled: at once on any desired-state change, else every interval.
@@ -235,6 +249,18 @@ class Reconciler:
             c.alive = placement.alive(c, now, settings.keeper_cluster_dead_after_s)
         free: dict[str, dict[str, float]] = {}
         self._registry = _fingerprint(clusters.values())
+        lost = {
+            c.name
+            for c in clusters.values()
+            if now - c.heartbeat_at > settings.keeper_cluster_failover_after_s
+        }
+        alive = {c.name for c in clusters.values() if c.alive}
+        for name in alive - self._alive:  # back (or first seen by this leader): sweep it
+            if not self._busy(f"sweep:{name}"):
+                self._inflight[f"sweep:{name}"] = asyncio.create_task(
+                    self._logged(f"sweep:{name}", self._sweep(clusters[name]))
+                )
+        self._alive = alive
         for key, cached in list(self._apps.items()):
             task = self._inflight.get(key)
             if (task is not None and not task.done()) or self._steady(key, cached, now):
@@ -246,12 +272,16 @@ class Reconciler:
                 continue  # nothing it depends on changed since it last fit nowhere
             # A step works on a snapshot: the watch may swap the cached record's fields meanwhile.
             record = AppRecord(cached.desired, cached.revision, cached.status, cached.status_revision)
-            step = self._next_step(record, clusters, free, fence)
+            step = self._next_step(record, clusters, free, fence, lost)
             if step is not None:
                 self._inflight[key] = asyncio.create_task(self._logged(key, step))
         for key in [k for k, t in self._inflight.items() if t.done()]:
             del self._inflight[key]
         self._checked = {k: v for k, v in self._checked.items() if v > now - self.steady_s}
+
+    def _busy(self, key: str) -> bool:
+        task = self._inflight.get(key)
+        return task is not None and not task.done()
 
     def _steady(self, key: str, record: AppRecord, now: float) -> bool:
         """True to skip an app RUNNING at its desired revision that was checked moments ago
@@ -269,12 +299,25 @@ class Reconciler:
         clusters: Mapping[str, keeper_pb2.ClusterInfo],
         free: dict[str, dict[str, float]],
         fence: bytes,
+        lost: Collection[str] = (),
     ) -> Coroutine[Any, Any, object] | None:
         """What to do for one app; placement is decided here, synchronously, so apps placed in one
         pass book resources in turn, and an app that still fits nowhere costs no task."""
         if record.desired.deleting:
             return self._delete(record, clusters, fence)
         placed = [p.cluster for p in record.status.placements]
+        gone = [c for c in placed if c in lost]
+        if gone:
+            others = [c for name, c in clusters.items() if name not in placed]
+            spec, replicas = record.desired.spec, record.desired.replicas
+            decision = placement.place(spec, replicas, others, free, wanted=len(gone))
+            if decision.clusters:
+                kept = [c for c in placed if c not in gone]
+                return self._move(record, clusters, kept, gone, decision.clusters, fence)
+            log.warning(
+                "cannot move an app off a silent cluster",
+                extra={"app": app_key(record.ref), "clusters": gone, "reason": decision.reason},
+            )
         if placed:
             return self._converge(record, clusters, placed, fence)
         decision = placement.place(record.desired.spec, record.desired.replicas, clusters.values(), free)
@@ -307,6 +350,38 @@ class Reconciler:
         chosen = [keeper_pb2.ClusterPlacement(cluster=c) for c in placed]
         if await self._write(record, AppState.DEPLOYING, f"placed on {', '.join(placed)}", chosen, fence):
             await self._converge(record, clusters, placed, fence)
+
+    async def _move(
+        self,
+        record: AppRecord,
+        clusters: Mapping[str, keeper_pb2.ClusterInfo],
+        kept: list[str],
+        gone: list[str],
+        to: list[str],
+        fence: bytes,
+    ) -> None:
+        """Re-place the app from silent clusters onto ``to``; stored first, like a placement."""
+        placed = kept + to
+        reason = f"cluster(s) {', '.join(gone)} silent: moved to {', '.join(to)}"
+        chosen = [p for p in record.status.placements if p.cluster in kept]
+        chosen += [keeper_pb2.ClusterPlacement(cluster=c) for c in to]
+        log.warning("moving application off silent clusters", extra={"app": app_key(record.ref), "to": to})
+        if await self._write(record, AppState.DEGRADED, reason, chosen, fence):
+            await self._converge(record, clusters, placed, fence)
+
+    async def _sweep(self, cluster: keeper_pb2.ClusterInfo) -> None:
+        """Remove the masters ``cluster`` runs for apps not placed there (moved away while it was
+        silent, or deleted meanwhile): their replicas and proxies would serve a stale copy."""
+        for master in await self.agents.masters(cluster.agent_address):
+            cached = self._apps.get(app_key(master.app))
+            if cached is not None and cluster.name in {p.cluster for p in cached.status.placements}:
+                continue
+            if cached is not None and not cached.status.placements and not cached.desired.deleting:
+                continue  # not placed yet: its first placement may still choose this cluster
+            log.warning(
+                "removing a stale master", extra={"app": app_key(master.app), "cluster": cluster.name}
+            )
+            await self.agents.remove(cluster.agent_address, master.app)
 
     async def _converge(
         self,

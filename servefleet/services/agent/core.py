@@ -133,7 +133,8 @@ class Heartbeat:
         self.interval_s: float = settings.keeper_heartbeat_interval_s
 
     async def beat(self, stub: keeper_pb2_grpc.KeeperStub) -> None:
-        capacity, free = await self.agent.capacity()
+        # No answer from Ray, no heartbeat: the keeper moves the cluster's apps after its grace.
+        capacity, free = await asyncio.wait_for(self.agent.capacity(), 10)
         info = keeper_pb2.ClusterInfo(
             name=self.agent.cluster,
             agent_address=self.agent_address(),
@@ -160,4 +161,6 @@ class Heartbeat:
                         "heartbeat to keeper failed",
                         extra={"keeper": self.keeper, "code": exc.code().name, "details": exc.details()},
                     )
+                except Exception as exc:  # Ray unreachable: skip this beat, try again next interval
+                    log.warning("no heartbeat: cluster capacity unknown", extra={"error": repr(exc)})
                 await asyncio.sleep(self.interval_s)

@@ -148,6 +148,7 @@ class Procs:
             "SERVEFLEET_KEEPER_LEADER_TTL_S": "2",
             "SERVEFLEET_KEEPER_RECONCILE_INTERVAL_S": "0.3",
             "SERVEFLEET_KEEPER_HEARTBEAT_INTERVAL_S": "1",
+            "SERVEFLEET_KEEPER_CLUSTER_FAILOVER_AFTER_S": "10",
             "SERVEFLEET_KEEPER_ALLOWED_ROOTS": str(Path(__file__).resolve().parents[3]),
             "SERVEFLEET_LOG_FORMAT": "text",
             "PYTHONPATH": os.pathsep.join(sys.path),
