@@ -18,6 +18,7 @@ from servefleet.cli.keeper_conn import KeeperConn, app_row, keeper_command, stac
 from servefleet.common.config import grpc_options
 from servefleet.common.tensors import DTYPES, datatype_of
 from servefleet.sdk import Client
+from servefleet.sdk.client import served_model
 
 AppState = keeper_pb2.AppState
 #: Where deploy/update stop following: the app serves, or it cannot.
@@ -298,8 +299,10 @@ def infer(
     app_name = f"{ref.namespace}/{ref.name}"
     latencies: list[float] = []
     with Client(discovery or stack_address(conn.state_dir, "discovery", "--discovery")) as client:
-        # The endpoint's own KServe ModelMetadata says which inputs it takes, for every kind of app.
-        metadata = client.triton_client(app_name).get_model_metadata(specs.model_name(ref), as_json=True)
+        # The endpoint's own KServe ModelMetadata says which inputs it takes, for every kind of app
+        # (a Triton app's model is named by its repository).
+        model = served_model(client.endpoints(app_name)[0], ref)
+        metadata = client.triton_client(app_name).get_model_metadata(model, as_json=True)
         arrays = _parse_inputs(inputs, {t["name"]: t["datatype"] for t in metadata.get("inputs", [])})
         for _ in range(requests):
             started = time.perf_counter()

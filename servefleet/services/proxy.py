@@ -127,7 +127,7 @@ class GrpcTransport:
     async def infer(
         self, replica: ReplicaInfo, request: bytes, carrier: dict[str, str], timeout_s: float | None
     ) -> Answer:
-        call = self._channel(replica.address).unary_unary(f"/{REPLICA_SERVICE}/Infer")
+        call = self._channel(replica.address).unary_unary(replica.infer_method)
         try:
             answer: bytes = await call(request, timeout=timeout_s, metadata=tuple(carrier.items()))
             return OK, answer
@@ -248,6 +248,7 @@ class ProxyCore:
         self.routing: Routing | None = None
         self.spec = common_pb2.ApplicationSpec()
         self.model_name = ""
+        self.triton_models: dict[str, bytes] = {}  # kind triton: model -> its ModelMetadataResponse
 
     def set_routing(self, routing: Routing) -> bool:
         """Adopt a newer routing table (older epochs are ignored); True when adopted."""
@@ -256,6 +257,7 @@ class ProxyCore:
         self.routing = routing
         self.spec = common_pb2.ApplicationSpec.FromString(routing.spec)
         self.model_name = routing.model_name
+        self.triton_models = {model: meta for r in routing.replicas for model, meta in r.metadata}
         self.router.update(routing.replicas)
         return True
 
@@ -264,12 +266,23 @@ class ProxyCore:
         return len(self.router) > 0
 
     def check_model(self, name: str, version: str = "") -> None:
+        if self.triton_models:  # Triton serves its repository's models and checks versions itself
+            if name not in self.triton_models:
+                served = sorted(self.triton_models)
+                raise NotFound(f"model {name!r} is not served here (Triton models: {served})")
+            return
         if not self.model_name or name != self.model_name:
             raise NotFound(f"model {name!r} is not served here (this proxy serves {self.model_name!r})")
         if version and version != self.spec.version:
             raise NotFound(
                 f"model {name!r} version {version!r} is not served (serving {self.spec.version!r})"
             )
+
+    def metadata(self, name: str) -> service_pb2.ModelMetadataResponse:
+        """A Triton model's metadata as its server gave it, else the one the spec describes."""
+        if name in self.triton_models:
+            return service_pb2.ModelMetadataResponse.FromString(self.triton_models[name])
+        return model_metadata(self.spec)
 
     def parse(self, raw: bytes) -> service_pb2.ModelInferRequest:
         try:
@@ -400,7 +413,7 @@ class InferenceServicer:
         self, request: service_pb2.ModelMetadataRequest, context: Any
     ) -> service_pb2.ModelMetadataResponse:
         self.core.check_model(request.name, request.version)
-        return model_metadata(self.core.spec)
+        return self.core.metadata(request.name)
 
     async def ModelInfer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return await self.core.infer(request, _timeout(context))

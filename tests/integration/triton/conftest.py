@@ -12,8 +12,9 @@ from tritonclient.grpc import InferInput
 
 from servefleet.services.triton import install
 from tests.integration.dataplane.conftest import discovery_server, ray_driver
+from tests.integration.keeper.conftest import procs
 
-__all__ = ["discovery_server", "ray_driver"]
+__all__ = ["discovery_server", "procs", "ray_driver"]
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "triton"
 MODEL = "add_sub"

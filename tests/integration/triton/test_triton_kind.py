@@ -12,11 +12,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import ray
+import tritonclient.grpc.aio as tritonaio
+from tritonclient.utils import InferenceServerException
 
 from servefleet.api import common_pb2, discovery_pb2
+from servefleet.common import tensors
 from servefleet.common.config import settings
 from servefleet.common.errors import ServefleetError
 from servefleet.common.net import async_wait_for
@@ -25,7 +29,7 @@ from servefleet.sdk import AsyncClient
 from servefleet.services import masters
 from servefleet.services.names import RAY_NAMESPACE, replica_prefix
 from servefleet.spec import app_ref, load_spec
-from tests.integration.triton.conftest import MODEL, pid_alive, versioned_repository
+from tests.integration.triton.conftest import MODEL, add_sub_inputs, pid_alive, versioned_repository
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 APP = "ml/add-sub"
@@ -202,3 +206,41 @@ def _all_gone(pids: list[int]) -> Any:
         return bool(pids) and not any(pid_alive(pid) for pid in pids)
 
     return gone
+
+
+async def test_proxies_route_to_triton_and_pass_its_statuses_through(
+    ray_driver: str, discovery_server: DiscoveryProcess, client: AsyncClient, tmp_path: Path
+) -> None:
+    spec = triton_spec(versioned_repository(tmp_path, 1), "1")
+    spec.proxies = 1
+    await apply(spec, discovery_server.address, 1)
+    try:
+        status = await masters.status(app_ref(spec))
+        assert status is not None and len(status.proxy_addresses) == 1
+        # Discovery hands out the Triton servers only; the proxy serves whoever knows its address.
+        assert {e.kind for e in await client.endpoints(APP)} == {"triton"}
+        a, b = np.arange(3, dtype=np.float32), np.ones(3, dtype=np.float32)
+        proxy = tritonaio.InferenceServerClient(status.proxy_addresses[0])
+        direct = tritonaio.InferenceServerClient(next(iter(await triton_endpoints(client))))
+        try:
+            result = await proxy.infer(MODEL, add_sub_inputs(a, b))
+            np.testing.assert_allclose(result.as_numpy("OUTPUT0"), a + b)
+            assert await proxy.get_model_metadata(MODEL) == await direct.get_model_metadata(MODEL)
+            assert await proxy.is_model_ready(MODEL)
+            for client_ in (proxy, direct):  # the same status and message either way
+                with pytest.raises(InferenceServerException) as info:
+                    await client_.infer(MODEL, add_sub_inputs(a, b[:2]))
+                assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+                assert "INPUT0 has shape [3] but INPUT1 has [2]" in info.value.message()
+            with pytest.raises(InferenceServerException, match="Triton models: \\['add_sub'\\]"):
+                await proxy.infer("nope", add_sub_inputs(a, b))
+        finally:
+            await proxy.close()
+            await direct.close()
+        # A proxy on another node calls the replica over Ray: the same bytes, the same status.
+        handle = ray.get_actor(next(iter(await replicas(spec))), namespace=RAY_NAMESPACE)
+        request = tensors.encode_request(MODEL, {"INPUT0": a, "INPUT1": b[:1]}).SerializeToString()
+        status_code, message = await handle.infer.remote(request, {}, 10.0)
+        assert status_code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "must match" in message
+    finally:
+        await masters.remove(app_ref(spec))
