@@ -42,7 +42,7 @@ from servefleet.common.errors import ServefleetError
 from servefleet.common.net import free_port, wait_for
 from servefleet.common.tensors import decode_request, encode_request, encode_response
 from servefleet.direct import INPUT_NAME, DirectServer, ctr, run_load
-from servefleet.services import masters
+from servefleet.services.agent import masters
 from servefleet.spec import load_spec, model_name
 from servefleet.testing import RayCluster
 

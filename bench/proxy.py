@@ -137,7 +137,7 @@ def limit_server() -> Iterator[str]:
 
 
 async def servefleet_app() -> tuple[str, dict[str, Any]]:
-    from servefleet.services import masters
+    from servefleet.services.agent import masters
     from servefleet.spec import app_ref, load_spec
 
     spec = load_spec(
@@ -287,7 +287,7 @@ async def run(args: argparse.Namespace, measure: Callable[..., Any]) -> dict[str
                 figures["ray_serve"][str(c)] = await measure(serve_address, c, metadata=serve_app)
                 figures["raw_grpc_aio"][str(c)] = await measure(raw, c)
         if args.profile:
-            import servefleet.services.names as names
+            import servefleet.services.actors as names
 
             proxy = ray.get_actor(f"{names.PROXY_PREFIX}default/{MODEL}:0", namespace=names.RAY_NAMESPACE)
             roles = {"proxy": (await proxy.stats.remote())["pid"], "replica": pids["replica"][0]}

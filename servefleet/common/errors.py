@@ -84,8 +84,13 @@ _BY_CODE: dict[grpc.StatusCode, type[ServefleetError]] = {
 }
 
 
+def error_for_status(code: grpc.StatusCode, message: str) -> ServefleetError:
+    """The domain error for a status code (INTERNAL for codes we don't map)."""
+    return _BY_CODE.get(code, Internal)(message or str(code))
+
+
 def from_rpc_error(error: grpc.RpcError) -> ServefleetError:
-    """The domain error for a status received from the wire (INTERNAL for codes we don't map)."""
+    """The domain error for a status received from the wire."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
-    return _BY_CODE.get(code, Internal)(details or str(code))
+    return error_for_status(code, details)

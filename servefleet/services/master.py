@@ -1,9 +1,9 @@
 """Application master: one detached, named Ray actor per application per cluster.
 
 It reconciles the desired state (spec, replica count; written to Ray's GCS key-value store before
-it acts) with the actual one (the live named actors ``replica:{app}:{generation}:{id}`` and
-``proxy:{app}:{i}``), so a master that Ray restarts rebuilds its view from what is alive, not from
-memory, and resumes where the last one stopped.
+it acts) with the actual one (the live named actors ``replica:{namespace}/{name}:{generation}:{id}``
+and ``proxy:{namespace}/{name}:{i}``, named by ``services.actors``), so a master that Ray restarts
+rebuilds its view from what is alive, not from memory, and resumes where the last one stopped.
 
 Rollout is surge-then-drain: replicas of the new generation start beside the old ones; while they
 come up both serve; once enough are ready, every proxy gets a table with only the new ones (and
@@ -27,19 +27,21 @@ from ray.experimental import internal_kv
 
 from servefleet.api import agent_pb2, common_pb2
 from servefleet.common.config import settings
-from servefleet.services.direct_replica import DirectReplica
-from servefleet.services.names import (
+from servefleet.services.actors import (
     RAY_NAMESPACE,
-    ReplicaInfo,
-    Routing,
     app_key,
     master_name,
     passed_env,
+    proxy_name,
     proxy_prefix,
+    replica_generation,
+    replica_name,
     replica_prefix,
 )
+from servefleet.services.direct_replica import DirectReplica
 from servefleet.services.proxy import Proxy
 from servefleet.services.replica import Replica
+from servefleet.services.routing import ReplicaInfo, Routing
 from servefleet.services.triton.replica import TritonReplica
 
 log = logging.getLogger(__name__)
@@ -141,7 +143,7 @@ class ApplicationMaster:
         self._adopt_live_actors()
         self._loop = asyncio.get_running_loop().create_task(self._run())
 
-    # ---- API (called through masters.py) ---------------------------------------------------
+    # ---- API (called through agent/masters.py) ---------------------------------------------------
 
     async def apply(self, spec: bytes, replicas: int, revision: int) -> bytes:
         """Adopt a desired state unless it is older than the one held; returns MasterStatus bytes."""
@@ -232,8 +234,7 @@ class ApplicationMaster:
             except ValueError:
                 continue  # died between the listing and now
             if name.startswith(replicas):
-                gen = name.removeprefix(replicas).rpartition(":")[0]
-                self._track_replica(ReplicaState(name, handle, gen))
+                self._track_replica(ReplicaState(name, handle, replica_generation(self.app, name)))
             else:
                 self._track_proxy(ProxyState(name, handle))
         self.adopted = {"replicas": len(self._replicas), "proxies": len(self._proxies)}
@@ -312,7 +313,7 @@ class ApplicationMaster:
                 await self._push([proxy])
 
     def _start_replica(self, spec: common_pb2.ApplicationSpec, gen: str) -> None:
-        name = f"{replica_prefix(self.app)}{gen}:{time.time_ns():x}"
+        name = replica_name(self.app, gen)
         handle: Any
         if spec.kind in SELF_REGISTERING:  # its own server in the actor, registered in discovery
             handle = (
@@ -406,8 +407,7 @@ class ApplicationMaster:
         _kill(replica.handle)
 
     async def _ensure_proxies(self, count: int) -> None:
-        prefix = proxy_prefix(self.app)
-        wanted = {f"{prefix}{i}" for i in range(count)}
+        wanted = {proxy_name(self.app, i) for i in range(count)}
         for name in sorted(set(self._proxies) - wanted):
             proxy = self._proxies.pop(name)
             with contextlib.suppress(Exception):

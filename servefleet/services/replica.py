@@ -34,13 +34,12 @@ from servefleet.common.config import grpc_options
 from servefleet.common.errors import InvalidArgument, ServefleetError
 from servefleet.common.tensors import decode_request, encode_response
 from servefleet.services.batching import Batcher
-from servefleet.services.names import CODES, OK, REPLICA_SERVICE, code
+from servefleet.services.replica_wire import CODES, OK, REPLICA_SERVICE, Answer, code
 from servefleet.spec import app_ref, model_name, struct_to_python
 
 log = logging.getLogger(__name__)
 
 Tensors = dict[str, np.ndarray]
-Answer = tuple[int, bytes | str]
 
 _EWMA_ALPHA = 0.2
 _DONE = object()

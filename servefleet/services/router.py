@@ -8,7 +8,7 @@ import random
 from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass
 
-from servefleet.services.names import ReplicaInfo
+from servefleet.services.routing import ReplicaInfo
 
 
 @dataclass

@@ -12,8 +12,10 @@ from tritonclient.grpc import service_pb2
 
 from servefleet.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from servefleet.common.tensors import decode_response, encode_request, encode_response
-from servefleet.services.names import OK, ReplicaInfo, Routing, code
-from servefleet.services.proxy import ProxyCore, ReplicaGone, check_request, model_metadata
+from servefleet.services.proxy import ProxyCore, check_request, model_metadata
+from servefleet.services.replica_wire import OK, code
+from servefleet.services.routing import ReplicaInfo, Routing
+from servefleet.services.transports import ReplicaGone
 from servefleet.spec import load_spec
 
 SPEC = load_spec(

@@ -13,8 +13,8 @@ from tritonclient.grpc import service_pb2
 
 from servefleet.common.errors import InvalidArgument
 from servefleet.common.tensors import decode_response, encode_request
-from servefleet.services.names import OK, code
 from servefleet.services.replica import Replica, import_object
+from servefleet.services.replica_wire import OK, code
 from servefleet.spec import load_spec
 
 
@@ -114,8 +114,8 @@ def test_import_object_names_what_is_missing() -> None:
 
 
 async def test_grpc_endpoint_carries_status_and_bytes(replica: Callable[..., Replica]) -> None:
-    from servefleet.services.names import ReplicaInfo
-    from servefleet.services.proxy import GrpcTransport
+    from servefleet.services.routing import ReplicaInfo
+    from servefleet.services.transports import GrpcTransport
 
     r = replica("examples.latency:VariableLatency", init_args={"min_ms": 0, "max_ms": 0, "fail_on": -1})
     await r.serving()

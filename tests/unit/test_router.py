@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from servefleet.services.names import ReplicaInfo
 from servefleet.services.router import Router
+from servefleet.services.routing import ReplicaInfo
 
 
 def info(name: str, node: str = "n1", capacity: int = 4) -> ReplicaInfo:

@@ -37,7 +37,7 @@ async def gcs_reachable(address: str) -> None:
 async def build(args: argparse.Namespace) -> Service:
     import ray
 
-    from servefleet.services import masters
+    from servefleet.services.agent import masters
 
     labels = parse_labels(args.labels)
     await asyncio.to_thread(ray.init, address=args.ray, logging_level=logging.WARNING, log_to_driver=False)

@@ -2,7 +2,7 @@
 and tell the keeper what the cluster has.
 
 The agent keeps no state of its own: application masters are detached, named Ray actors that
-``services.masters`` finds again by name, so an agent that restarts sees the masters already
+``services.agent.masters`` finds again by name, so an agent that restarts sees the masters already
 running and the keeper's next reconcile step finds them at the revision it last applied.
 """
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 class Masters(Protocol):
-    """What the agent needs from ``servefleet.services.masters`` (the module satisfies it)."""
+    """What the agent needs from ``servefleet.services.agent.masters`` (the module satisfies it)."""
 
     async def apply(
         self,

@@ -30,7 +30,7 @@ from servefleet.api import common_pb2, discovery_pb2
 from servefleet.common.config import settings
 from servefleet.common.errors import Unavailable
 from servefleet.services.endpoint import Registered, placement_labels
-from servefleet.services.names import OK, code
+from servefleet.services.replica_wire import OK, code
 from servefleet.services.triton import install
 from servefleet.services.triton.metrics import Totals, inference_families, totals
 from servefleet.services.triton.server import TritonServer

@@ -1,5 +1,5 @@
 """Data-plane fixtures: a Ray driver on the session's Ray cluster, a real discovery process, and
-helpers that deploy an example app through ``services.masters`` and drive load at its proxy."""
+helpers that deploy an example app through ``services.agent.masters`` and drive load at its proxy."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from tritonclient.utils import InferenceServerException
 from servefleet.api import agent_pb2, common_pb2
 from servefleet.common.net import async_wait_for
 from servefleet.discovery.testing import DiscoveryProcess
-from servefleet.services import masters
+from servefleet.services.agent import masters
 from servefleet.spec import app_ref, load_spec
 from servefleet.testing import EtcdProcess, RayCluster
 

@@ -16,8 +16,8 @@ from tritonclient.utils import InferenceServerException
 
 from servefleet.api import discovery_pb2, discovery_pb2_grpc
 from servefleet.common.net import async_wait_for
-from servefleet.services import masters
-from servefleet.services.names import RAY_NAMESPACE, master_name
+from servefleet.services.actors import RAY_NAMESPACE, master_name
+from servefleet.services.agent import masters
 from servefleet.spec import app_ref
 
 from .conftest import CLUSTER, example_spec, iris_input, x_input

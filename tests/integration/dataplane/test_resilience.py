@@ -14,8 +14,8 @@ import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
 from servefleet.common.net import async_wait_for
-from servefleet.services import masters
-from servefleet.services.names import RAY_NAMESPACE, proxy_prefix
+from servefleet.services.actors import RAY_NAMESPACE, proxy_prefix
+from servefleet.services.agent import masters
 from servefleet.spec import app_ref
 
 from .conftest import CLUSTER, Load, example_spec, iris_input, x_input

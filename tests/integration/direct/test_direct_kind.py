@@ -18,8 +18,8 @@ from servefleet.common.net import async_wait_for
 from servefleet.direct import INPUT_NAME, OUTPUT_NAME, ctr
 from servefleet.discovery.testing import DiscoveryProcess
 from servefleet.sdk import AsyncClient
-from servefleet.services import masters
-from servefleet.services.names import RAY_NAMESPACE, replica_prefix
+from servefleet.services.actors import RAY_NAMESPACE, replica_prefix
+from servefleet.services.agent import masters
 from servefleet.spec import app_ref, load_spec
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

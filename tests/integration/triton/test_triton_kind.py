@@ -26,8 +26,8 @@ from servefleet.common.errors import ServefleetError
 from servefleet.common.net import async_wait_for
 from servefleet.discovery.testing import DiscoveryProcess
 from servefleet.sdk import AsyncClient
-from servefleet.services import masters
-from servefleet.services.names import RAY_NAMESPACE, replica_prefix
+from servefleet.services.actors import RAY_NAMESPACE, replica_prefix
+from servefleet.services.agent import masters
 from servefleet.spec import app_ref, load_spec
 from tests.integration.triton.conftest import MODEL, add_sub_inputs, pid_alive, versioned_repository
 

@@ -17,8 +17,7 @@ import ray
 from servefleet.api import agent_pb2, common_pb2
 from servefleet.common.config import settings
 from servefleet.common.errors import FailedPrecondition
-from servefleet.services.master import ApplicationMaster
-from servefleet.services.names import (
+from servefleet.services.actors import (
     MASTER_PREFIX,
     RAY_NAMESPACE,
     app_from_master_name,
@@ -27,6 +26,7 @@ from servefleet.services.names import (
     proxy_prefix,
     replica_prefix,
 )
+from servefleet.services.master import ApplicationMaster
 from servefleet.spec import app_ref, load_spec
 
 MasterActor = ray.remote(ApplicationMaster)

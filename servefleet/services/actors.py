@@ -1,0 +1,63 @@
+"""Where the data plane's Ray actors live, how they are named and what environment they inherit,
+so that a restarted master (or ``agent.masters.list_all``) finds every live actor by name alone."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from servefleet.api import common_pb2
+
+#: Ray namespace of every data-plane actor (masters, replicas, proxies).
+RAY_NAMESPACE = "servefleet"
+MASTER_PREFIX = "master:"
+REPLICA_PREFIX = "replica:"
+PROXY_PREFIX = "proxy:"
+#: Environment variables a master hands on to its proxies and replicas (tracing setup).
+PASSED_ENV_PREFIXES = ("OTEL_", "SERVEFLEET_")
+
+
+def app_key(app: common_pb2.AppRef) -> str:
+    return f"{app.namespace or 'default'}/{app.name}"
+
+
+def master_name(app: common_pb2.AppRef) -> str:
+    return MASTER_PREFIX + app_key(app)
+
+
+def replica_prefix(app: common_pb2.AppRef) -> str:
+    return f"{REPLICA_PREFIX}{app_key(app)}:"
+
+
+def proxy_prefix(app: common_pb2.AppRef) -> str:
+    return f"{PROXY_PREFIX}{app_key(app)}:"
+
+
+def replica_name(app: common_pb2.AppRef, generation: str) -> str:
+    """``replica:{namespace}/{name}:{generation}:{unique}``: the generation in the name lets a
+    restarted master tell old replicas from new ones without asking them."""
+    return f"{replica_prefix(app)}{generation}:{time.time_ns():x}"
+
+
+def replica_generation(app: common_pb2.AppRef, name: str) -> str:
+    """The generation a :func:`replica_name` carries."""
+    return name.removeprefix(replica_prefix(app)).rpartition(":")[0]
+
+
+def proxy_name(app: common_pb2.AppRef, index: int) -> str:
+    """``proxy:{namespace}/{name}:{index}``: proxies are numbered, so scaling them is by name."""
+    return f"{proxy_prefix(app)}{index}"
+
+
+def app_from_master_name(name: str) -> common_pb2.AppRef:
+    namespace, _, short = name.removeprefix(MASTER_PREFIX).partition("/")
+    return common_pb2.AppRef(namespace=namespace, name=short)
+
+
+#: ...except these: each actor names itself (servefleet-proxy, servefleet-replica).
+KEPT_ENV = ("OTEL_SERVICE_NAME",)
+
+
+def passed_env() -> dict[str, str]:
+    """The variables of this process that the data plane's actors inherit (tracing exporters...)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV_PREFIXES) and k not in KEPT_ENV}
