@@ -1,6 +1,7 @@
 """The broker's request queue: a small interface, and its Redis Streams implementation.
 
-Layout in Redis (one logical database; every multi-key step is one Lua script, so each is atomic):
+Layout in Redis (one logical database; every multi-key step is one Lua script, so each is atomic;
+the scripts are the files in ``lua/``):
 
 - ``sf:broker:app:{app}`` (hash): the app is *known* to the broker. Written by its workers when
   they start (``PullWorker.start``) and on every heartbeat, or by the platform; holds the app's
@@ -17,7 +18,8 @@ Layout in Redis (one logical database; every multi-key step is one Lua script, s
 - ``sf:broker:dlq:{app}`` (stream): dead letters (ticket, payload, reason), kept until an
   operator removes them; QueueStats reports their count.
 - Channel ``sf:broker:events``: "ticket STATE" on every change, so waiters wake at once (they
-  also re-read every second, so a lost message only costs latency).
+  also re-read the ticket every ``broker.core._REPOLL_S`` (5 s), so a lost message only costs
+  latency).
 
 Keys are not hash-tagged: this targets a single Redis (or a primary with replicas/Sentinel),
 not Redis Cluster.
@@ -33,6 +35,7 @@ from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -157,193 +160,21 @@ class RequestQueue(ABC):
     async def close(self) -> None: ...
 
 
-# Shared Lua helpers, prepended to the scripts that end or dead-letter a ticket.
-_LIB = """
-local function ack(stream, group, id)
-  redis.call('XACK', stream, group, id)
-  redis.call('XDEL', stream, id)
-end
-local function settle(th, state, err, tomb, channel)
-  redis.call('HSET', th, 'state', state, 'error', err)
-  local keep = tonumber(redis.call('HGET', th, 'ttl_s') or '0') + tonumber(tomb)
-  redis.call('EXPIRE', th, keep)
-  local idem = redis.call('HGET', th, 'idem')
-  if idem and idem ~= '' then redis.call('EXPIRE', idem, keep) end
-  redis.call('PUBLISH', channel, redis.call('HGET', th, 'ticket') .. ' ' .. state)
-end
-local function payload_of(stream, id)
-  local e = redis.call('XRANGE', stream, id, id)
-  if not e[1] then return '' end
-  local f = e[1][2]
-  for i = 1, #f, 2 do if f[i] == 'payload' then return f[i + 1] end end
-  return ''
-end
-local function dead_letter(th, stream, dlq, group, id, reason, tomb, channel)
-  redis.call('XADD', dlq, '*', 'ticket', redis.call('HGET', th, 'ticket'),
-    'payload', payload_of(stream, id), 'reason', reason)
-  ack(stream, group, id)
-  settle(th, 'FAILED', reason, tomb, channel)
-end
-local function live(state) return state == 'QUEUED' or state == 'RUNNING' end
-"""
+#: Which Lua files make up each script, in order (shared helpers first): ``broker/lua/*.lua``.
+_SCRIPTS: dict[str, tuple[str, ...]] = {
+    "submit": ("submit",),
+    "take": ("lib", "starter", "take"),
+    "start": ("lib", "starter", "start"),
+    "finish": ("lib", "finish"),
+    "fail": ("lib", "fail"),
+    "cancel": ("lib", "cancel"),
+}
 
-# KEYS: app, target stream, ticket hash, idempotency key, submit counter, band streams...
-# ARGV: ticket, payload, ttl_s, max_age_s, default max length, default ttl, app, band,
-#       use idempotency ('1'/'0'), created (unix s), counter ttl
-_SUBMIT = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown'} end
-if ARGV[9] == '1' then
-  local seen = redis.call('GET', KEYS[4])
-  if seen then return {'dup', seen} end
-end
-local max = tonumber(redis.call('HGET', KEYS[1], 'max_stream_length') or ARGV[5])
-local total = 0
-for i = 6, #KEYS do total = total + redis.call('XLEN', KEYS[i]) end
-if total >= max then return {'full', tostring(total), tostring(max)} end
-local ttl = tonumber(ARGV[3])
-if ttl <= 0 then ttl = tonumber(redis.call('HGET', KEYS[1], 'result_ttl_s') or ARGV[6]) end
-local id = redis.call('XADD', KEYS[2], '*', 'ticket', ARGV[1], 'payload', ARGV[2])
-local idem = ''
-if ARGV[9] == '1' then
-  idem = KEYS[4]
-  redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[4])
-end
-redis.call('HSET', KEYS[3], 'ticket', ARGV[1], 'app', ARGV[7], 'band', ARGV[8], 'entry_id', id,
-  'state', 'QUEUED', 'ttl_s', ttl, 'created', ARGV[10], 'deliveries', 0, 'idem', idem)
-redis.call('EXPIRE', KEYS[3], ARGV[4])
-redis.call('INCR', KEYS[5])
-redis.call('EXPIRE', KEYS[5], ARGV[11])
-return {'ok', ARGV[1]}
-"""
 
-# Starting an entry: skip it if its ticket is final or it is a stale copy, dead-letter it when
-# delivered more than max_deliveries times, else mark it RUNNING. Shared by _TAKE and _START.
-# KEYS: dlq, app, band streams...  ARGV: group, consumer, default max deliveries, tombstone s,
-#       now, channel, ticket key prefix, then (_TAKE) count or (_START) band/id/ticket triples
-_STARTER = (
-    _LIB
-    + """
-local function start_entry(band, id, ticket)
-  local th, stream = ARGV[7] .. ticket, KEYS[2 + band]
-  local state = redis.call('HGET', th, 'state')
-  if not live(state) or redis.call('HGET', th, 'entry_id') ~= id then
-    ack(stream, ARGV[1], id)
-    return 'skip'
-  end
-  local d = redis.call('HINCRBY', th, 'deliveries', 1)
-  local max = tonumber(redis.call('HGET', KEYS[2], 'max_deliveries') or ARGV[3])
-  if d > max then
-    local last = redis.call('HGET', th, 'last_error') or 'the worker running it stopped or died'
-    dead_letter(th, stream, KEYS[1], ARGV[1], id,
-      'gave up after ' .. max .. ' deliveries; last: ' .. last, ARGV[4], ARGV[6])
-    return 'dead'
-  end
-  redis.call('HSET', th, 'state', 'RUNNING', 'worker', ARGV[2], 'started', ARGV[5],
-    'last_error', 'worker ' .. ARGV[2] .. ' stopped or died while running it')
-  redis.call('PUBLISH', ARGV[6], ticket .. ' RUNNING')
-  return 'run'
-end
-"""
-)
-
-# Read up to `count` new entries, highest band first, and start them: one round trip per pull.
-_TAKE = (
-    _STARTER
-    + """
-local out, want = {}, tonumber(ARGV[8])
-for band = 1, #KEYS - 2 do
-  while want > 0 do
-    local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', want,
-      'STREAMS', KEYS[2 + band], '>')
-    if not reply then break end
-    for _, e in ipairs(reply[1][2]) do
-      local f, ticket, payload = e[2], '', ''
-      for i = 1, #f, 2 do
-        if f[i] == 'ticket' then ticket = f[i + 1] elseif f[i] == 'payload' then payload = f[i + 1] end
-      end
-      if start_entry(band, e[1], ticket) == 'run' then
-        table.insert(out, band - 1); table.insert(out, e[1])
-        table.insert(out, ticket); table.insert(out, payload)
-        want = want - 1
-      end
-    end
-  end
-end
-return out
-"""
-)
-
-# Start entries already delivered (reclaimed, or woken by a blocking read); their verdicts.
-_START = (
-    _STARTER
-    + """
-local out = {}
-for i = 8, #ARGV, 3 do
-  table.insert(out, start_entry(tonumber(ARGV[i]) + 1, ARGV[i + 1], ARGV[i + 2]))
-end
-return out
-"""
-)
-
-# KEYS: ticket hash, result, stream, completion counter, duplicate counter
-# ARGV: group, entry id, response, tombstone s, channel, counter ttl
-_FINISH = (
-    _LIB
-    + """
-local state = redis.call('HGET', KEYS[1], 'state')
-ack(KEYS[3], ARGV[1], ARGV[2])
-if not live(state) then
-  if state and state ~= 'CANCELLED' then redis.call('INCR', KEYS[5]) end
-  return 0
-end
-local ttl = tonumber(redis.call('HGET', KEYS[1], 'ttl_s'))
-redis.call('SET', KEYS[2], ARGV[3], 'EX', ttl)
-settle(KEYS[1], 'DONE', '', ARGV[4], ARGV[5])
-redis.call('INCR', KEYS[4])
-redis.call('EXPIRE', KEYS[4], ARGV[6])
-return 1
-"""
-)
-
-# KEYS: ticket hash, stream, dlq, app.  ARGV: group, entry id, reason, default max deliveries,
-# tombstone s, channel
-_FAIL = (
-    _LIB
-    + """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not live(state) or redis.call('HGET', KEYS[1], 'entry_id') ~= ARGV[2] then
-  ack(KEYS[2], ARGV[1], ARGV[2])
-  return 'skip'
-end
-redis.call('HSET', KEYS[1], 'last_error', ARGV[3])
-local d = tonumber(redis.call('HGET', KEYS[1], 'deliveries'))
-local max = tonumber(redis.call('HGET', KEYS[4], 'max_deliveries') or ARGV[4])
-if d >= max then
-  dead_letter(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2],
-    'failed ' .. d .. ' times; last: ' .. ARGV[3], ARGV[5], ARGV[6])
-  return 'dead'
-end
-local ticket = redis.call('HGET', KEYS[1], 'ticket')
-local nid = redis.call('XADD', KEYS[2], '*', 'ticket', ticket, 'payload', payload_of(KEYS[2], ARGV[2]))
-ack(KEYS[2], ARGV[1], ARGV[2])
-redis.call('HSET', KEYS[1], 'entry_id', nid, 'state', 'QUEUED')
-redis.call('PUBLISH', ARGV[6], ticket .. ' QUEUED')
-return 'retry'
-"""
-)
-
-# KEYS: ticket hash, stream.  ARGV: tombstone s, channel
-_CANCEL = (
-    _LIB
-    + """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return false end
-if not live(state) then return state end
-if state == 'QUEUED' then redis.call('XDEL', KEYS[2], redis.call('HGET', KEYS[1], 'entry_id')) end
-settle(KEYS[1], 'CANCELLED', 'cancelled by the client', ARGV[1], ARGV[2])
-return 'CANCELLED'
-"""
-)
+def lua_script(name: str) -> str:
+    """The source of one Redis script, from the package's ``lua/`` files."""
+    folder = resources.files(__package__) / "lua"
+    return "".join((folder / f"{part}.lua").read_text() for part in _SCRIPTS[name])
 
 
 #: What redis-py accepts as a command or script argument.
@@ -367,12 +198,12 @@ class RedisStreamQueue(RequestQueue):
         # GetResult waiters holds connections only for short reads (they sleep on pub/sub).
         pool = aioredis.BlockingConnectionPool(host=host, port=port, max_connections=max_connections)
         self._redis = aioredis.Redis(connection_pool=pool)
-        self._submit = self._redis.register_script(_SUBMIT)
-        self._take = self._redis.register_script(_TAKE)
-        self._start = self._redis.register_script(_START)
-        self._finish = self._redis.register_script(_FINISH)
-        self._fail = self._redis.register_script(_FAIL)
-        self._cancel = self._redis.register_script(_CANCEL)
+        self._submit = self._redis.register_script(lua_script("submit"))
+        self._take = self._redis.register_script(lua_script("take"))
+        self._start = self._redis.register_script(lua_script("start"))
+        self._finish = self._redis.register_script(lua_script("finish"))
+        self._fail = self._redis.register_script(lua_script("fail"))
+        self._cancel = self._redis.register_script(lua_script("cancel"))
         self._waiters: dict[str, set[asyncio.Queue[int | None]]] = defaultdict(set)
         self._subscribed = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
