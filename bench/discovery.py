@@ -26,8 +26,7 @@ from servefleet.api import discovery_pb2, discovery_pb2_grpc
 from servefleet.common.config import grpc_options
 from servefleet.discovery import names
 from servefleet.discovery.core import connect_etcd
-from servefleet.discovery.testing import DiscoveryProcess
-from servefleet.testing import EtcdProcess
+from servefleet.testing import DiscoveryProcess, EtcdProcess
 
 
 def percentile(samples: list[float], q: float) -> float:

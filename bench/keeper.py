@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,31 +27,14 @@ import grpc
 from _report import write_report
 
 from servefleet.api import agent_pb2, agent_pb2_grpc, common_pb2, keeper_pb2, keeper_pb2_grpc
-from servefleet.common import health
 from servefleet.common.config import grpc_options
-from servefleet.common.net import free_port, wait_for
 from servefleet.keeper.store import KeeperStore
 from servefleet.spec import load_spec
-from servefleet.testing import EtcdProcess, RayCluster
+from servefleet.testing import EtcdProcess, RayCluster, ServiceProcess
 
 IRIS = Path(__file__).resolve().parents[1] / "examples" / "iris.yaml"
 STORED = 1000
 AppState = keeper_pb2.AppState
-
-
-class Child:
-    """A service process for the benchmark's lifetime."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], log: Path, address: str) -> None:
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=out, env=env, start_new_session=True)
-        self.address = address
-        wait_for(lambda: health.grpc_health(address)[0], timeout=120, what=f"{argv[2]} on {address}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)
-            self.proc.wait(timeout=20)
 
 
 def stored_spec(i: int, prefix: str = "app") -> common_pb2.ApplicationSpec:
@@ -203,32 +185,32 @@ def main() -> None:
     samples = 1 if args.quick else 3
     work = Path(tempfile.mkdtemp(prefix="sf-bench-keeper-"))
     env = {
-        **os.environ,
         "SERVEFLEET_LOG_LEVEL": "WARNING",
         "SERVEFLEET_KEEPER_HEARTBEAT_INTERVAL_S": "1",
         "PYTHONPATH": os.pathsep.join(sys.path),
     }
     etcd = EtcdProcess().start()
     ray = RayCluster(num_cpus=1)
-    children: list[Child] = []
+    children: list[ServiceProcess] = []
+
+    def service(module: str, *flags: str) -> str:
+        child = ServiceProcess(module, *flags, data_dir=work, env=env, start_timeout=120)
+        children.append(child.start())
+        return child.address
+
     try:
-        keeper = f"127.0.0.1:{free_port()}"
         token_file = work / "admin.token"
-        argv = [sys.executable, "-m", "servefleet.keeper", "--listen", keeper, "--etcd", etcd.address]
-        children.append(
-            Child([*argv, "--admin-token-file", str(token_file)], env, work / "keeper.log", keeper)
-        )
+        keeper = service("keeper", "--etcd", etcd.address, "--admin-token-file", str(token_file))
         token = token_file.read_text().strip()
         figures = asyncio.run(rates(etcd, keeper, token, args))
 
         ray.start()
-        discovery = f"127.0.0.1:{free_port()}"
-        argv = [sys.executable, "-m", "servefleet.discovery", "--listen", discovery, "--etcd", etcd.address]
-        children.append(Child(argv, env, work / "discovery.log", discovery))
-        agent = f"127.0.0.1:{free_port()}"
-        argv = [sys.executable, "-m", "servefleet.services.agent", "--listen", agent, "--ray", ray.address]
-        argv += ["--keeper", keeper, "--discovery", discovery, "--cluster", "bench", "--token", token]
-        children.append(Child(argv, env, work / "agent.log", agent))
+        discovery = service("discovery", "--etcd", etcd.address)
+        agent = service(
+            "services.agent",
+            *("--ray", ray.address, "--keeper", keeper, "--discovery", discovery),
+            *("--cluster", "bench", "--token", token),
+        )
         figures |= asyncio.run(to_running(keeper, token, agent, samples))
     finally:
         for child in reversed(children):

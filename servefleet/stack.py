@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +15,9 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+from servefleet import launch
 from servefleet.common import health
 from servefleet.common.net import port_in_use
 
@@ -94,42 +95,12 @@ def ray_temp_dir(state_dir: Path) -> Path:
     return Path("/tmp/servefleet-ray") / digest
 
 
-def ray_head_argv(
-    *,
-    port: int,
-    ports: dict[str, int],
-    worker_ports: tuple[int, int],
-    num_cpus: int,
-    temp_dir: Path,
-    host: str = "127.0.0.1",
-    resources: dict[str, float] | None = None,
-) -> list[str]:
-    """``ray start --head --block`` with every port explicit, so several heads can share a machine."""
-    argv = [
-        str(Path(sys.executable).with_name("ray")),
-        "start",
-        "--head",
-        "--block",
-        f"--port={port}",
-        f"--node-ip-address={host}",
-        f"--num-cpus={num_cpus}",
-        "--num-gpus=0",
-        f"--temp-dir={temp_dir}",
-        "--include-dashboard=false",
-        "--disable-usage-stats",
-        f"--ray-client-server-port={ports['ray_client']}",
-        f"--dashboard-agent-listen-port={ports['ray_dashboard_agent']}",
-        f"--dashboard-agent-grpc-port={ports['ray_dashboard_grpc']}",
-        f"--node-manager-port={ports['ray_node_manager']}",
-        f"--object-manager-port={ports['ray_object_manager']}",
-        f"--metrics-export-port={ports['ray_metrics']}",
-        f"--runtime-env-agent-port={ports['ray_runtime_env']}",
-        f"--min-worker-port={worker_ports[0]}",
-        f"--max-worker-port={worker_ports[1]}",
-    ]
-    if resources:
-        argv.append(f"--resources={json.dumps(resources)}")
-    return argv
+def _argv(flag: str, build: Callable[..., list[str]], **kwargs: Any) -> list[str]:
+    """``build(**kwargs)``; a missing binary becomes a StackError that also names ``flag``."""
+    try:
+        return build(**kwargs)
+    except FileNotFoundError as exc:
+        raise StackError(f"{exc} or pass {flag} HOST:PORT") from None
 
 
 def plan(config: StackConfig) -> list[Part]:
@@ -137,72 +108,26 @@ def plan(config: StackConfig) -> list[Part]:
     host, base, state = config.host, config.base_port, config.state_dir.resolve()
     ports = {name: base + offset for name, offset in PORTS.items()}
     addr = {name: f"{host}:{port}" for name, port in ports.items()}
-    python = sys.executable
     parts: list[Part] = []
-    etcd_bin, redis_bin = shutil.which("etcd"), shutil.which("redis-server")
     if config.etcd:
         parts.append(Part("etcd", config.etcd))
     else:
-        if etcd_bin is None:
-            raise StackError(
-                "etcd not found on PATH: install it (apt-get install etcd-server) or pass --etcd HOST:PORT"
-            )
-        parts.append(
-            Part(
-                "etcd",
-                addr["etcd"],
-                [
-                    etcd_bin,
-                    "--name",
-                    "servefleet",
-                    "--data-dir",
-                    str(state / "etcd"),
-                    "--listen-client-urls",
-                    f"http://{addr['etcd']}",
-                    "--advertise-client-urls",
-                    f"http://{addr['etcd']}",
-                    "--listen-peer-urls",
-                    f"http://{addr['etcd_peer']}",
-                    "--initial-advertise-peer-urls",
-                    f"http://{addr['etcd_peer']}",
-                    "--initial-cluster",
-                    f"servefleet=http://{addr['etcd_peer']}",
-                ],
-            )
+        etcd_argv = _argv(
+            "--etcd", launch.etcd_argv, data_dir=state / "etcd", client=addr["etcd"], peer=addr["etcd_peer"]
         )
+        parts.append(Part("etcd", addr["etcd"], etcd_argv))
     if config.redis:
         parts.append(Part("redis", config.redis))
     else:
-        if redis_bin is None:
-            raise StackError(
-                "redis-server not found on PATH: install it (apt-get install redis-server) "
-                "or pass --redis HOST:PORT"
-            )
-        parts.append(
-            Part(
-                "redis",
-                addr["redis"],
-                [
-                    redis_bin,
-                    "--bind",
-                    host,
-                    "--port",
-                    str(ports["redis"]),
-                    "--dir",
-                    str(state / "redis"),
-                    "--appendonly",
-                    "yes",
-                    "--appendfsync",
-                    config.redis_appendfsync,
-                    "--save",
-                    "",
-                    "--daemonize",
-                    "no",
-                    "--protected-mode",
-                    "no",
-                ],
-            )
+        redis_argv = _argv(
+            "--redis",
+            launch.redis_argv,
+            host=host,
+            port=ports["redis"],
+            data_dir=state / "redis",
+            appendfsync=config.redis_appendfsync,
         )
+        parts.append(Part("redis", addr["redis"], redis_argv))
     if config.ray:
         parts.append(Part("ray", config.ray))
     else:
@@ -210,7 +135,7 @@ def plan(config: StackConfig) -> list[Part]:
             Part(
                 "ray",
                 addr["ray"],
-                ray_head_argv(
+                launch.ray_head_argv(
                     port=ports["ray"],
                     ports=ports,
                     num_cpus=config.ray_num_cpus,
@@ -221,57 +146,33 @@ def plan(config: StackConfig) -> list[Part]:
             )
         )
     etcd, redis, ray = parts[0].address, parts[1].address, parts[2].address
+    token = str(state / "admin.token")
+
+    def service(name: str, module: str, *flags: str) -> Part:
+        return Part(name, addr[name], launch.service_argv(module, addr[name], *flags))
+
     parts += [
-        Part(
-            "discovery",
-            addr["discovery"],
-            [python, "-m", "servefleet.discovery", "--listen", addr["discovery"], "--etcd", etcd],
-        ),
-        Part(
-            "broker",
-            addr["broker"],
-            [python, "-m", "servefleet.broker", "--listen", addr["broker"], "--redis", redis],
-        ),
-        Part(
-            "keeper",
-            addr["keeper"],
-            [
-                python,
-                "-m",
-                "servefleet.keeper",
-                "--listen",
-                addr["keeper"],
-                "--etcd",
-                etcd,
-                "--admin-token-file",
-                str(state / "admin.token"),
-            ],
-        ),
-        Part(
+        service("discovery", "discovery", "--etcd", etcd),
+        service("broker", "broker", "--redis", redis),
+        service("keeper", "keeper", "--etcd", etcd, "--admin-token-file", token),
+        service(
             "agent",
-            addr["agent"],
-            [
-                python,
-                "-m",
-                "servefleet.services.agent",
-                "--listen",
-                addr["agent"],
-                "--ray",
-                ray,
-                "--keeper",
-                addr["keeper"],
-                "--discovery",
-                addr["discovery"],
-                "--redis",
-                redis,
-                "--cluster",
-                config.cluster_name,
-                "--admin-token-file",
-                str(state / "admin.token"),
-            ],
+            "services.agent",
+            "--ray",
+            ray,
+            "--keeper",
+            addr["keeper"],
+            "--discovery",
+            addr["discovery"],
+            "--redis",
+            redis,
+            "--cluster",
+            config.cluster_name,
+            "--admin-token-file",
+            token,
         ),
         # Last: started once the rest is healthy, and (stopping newest first) stopped before it.
-        Part("supervisor", "", [python, "-m", "servefleet.supervisor", "--state-dir", str(state)]),
+        Part("supervisor", "", [sys.executable, "-m", "servefleet.supervisor", "--state-dir", str(state)]),
     ]
     return parts
 
@@ -381,10 +282,7 @@ def up(
 def spawn(part: Part, state: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     """Start ``part`` in its own process group (``down`` stops the whole group), logging to
     ``<state>/logs/<name>.log``."""
-    with open(state / "logs" / f"{part.name}.log", "ab") as log:
-        return subprocess.Popen(
-            part.argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=state
-        )
+    return launch.spawn(part.argv, log=state / "logs" / f"{part.name}.log", env=env, cwd=state)
 
 
 def _await_healthy(
@@ -445,35 +343,11 @@ def stop_parts(parts: list[Part], *, progress: Callable[[str], None], grace: flo
         if not (part.pid and pid_alive(part.pid)):
             continue
         progress(f"stopping {part.name}")
-        _signal_group(part.pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE.get(part.name, grace)
-        while _group_alive(part.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if _group_alive(part.pid):
-            _signal_group(part.pid, signal.SIGKILL)
+        launch.stop_group(part.pid, STOP_GRACE.get(part.name, grace))
         try:  # reap it when it is our own child
             os.waitpid(part.pid, os.WNOHANG)
         except ChildProcessError:
             pass
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _group_alive(pgid: int) -> bool:
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                return True
-    return False
 
 
 def marked_processes(state_dir: Path) -> list[int]:
@@ -497,7 +371,7 @@ def down(state_dir: Path, *, progress: Callable[[str], None]) -> None:
     stop_parts(parts, progress=progress)
     leftovers = marked_processes(state_dir)
     for pid in leftovers:
-        _signal_group(pid, signal.SIGKILL)
+        launch.signal_group(pid, signal.SIGKILL)
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

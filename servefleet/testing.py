@@ -12,22 +12,25 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, Self
 
-from servefleet import stack
+from servefleet import launch, stack
 from servefleet.common import health
 from servefleet.common.net import free_port, wait_for
 
 
 class ManagedProcess:
-    """A child process in its own process group, started by ``argv()`` and probed by ``healthy()``."""
+    """A child process (``launch.spawn``) started by ``argv()`` and probed by ``healthy()``; its log
+    is ``<data_dir>/<name>.log``."""
 
     name = "process"
     start_timeout = 30.0
 
-    def __init__(self, data_dir: Path | None = None) -> None:
+    def __init__(self, data_dir: Path | None = None, *, port: int | None = None) -> None:
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix=f"sf-{self.name}-"))
-        self.port = free_port()
+        self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -40,17 +43,16 @@ class ManagedProcess:
     def healthy(self) -> bool:
         raise NotImplementedError
 
-    def start(self) -> ManagedProcess:
-        log = open(self.data_dir / f"{self.name}.log", "ab")
-        self.proc = subprocess.Popen(
-            self.argv(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=self.data_dir,
-            env=self.env(),
-        )
-        log.close()
+    @property
+    def log(self) -> Path:
+        return self.data_dir / f"{self.name}.log"
+
+    def tail(self, chars: int = 3000) -> str:
+        """The end of the process's log (for assertion messages)."""
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+    def start(self) -> Self:
+        self.proc = launch.spawn(self.argv(), log=self.log, env=self.env(), cwd=self.data_dir)
         wait_for(
             lambda: self._check_alive() and self.healthy(),
             timeout=self.start_timeout,
@@ -65,16 +67,12 @@ class ManagedProcess:
     def _check_alive(self) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:
-            log = (self.data_dir / f"{self.name}.log").read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{log}")
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail(2000)}")
         return True
 
     def _signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
+            launch.signal_group(self.proc.pid, sig)
 
     def kill(self) -> None:
         """SIGKILL the whole process group (a crash); data on disk stays."""
@@ -98,10 +96,7 @@ class ManagedProcess:
                 self.proc.wait(timeout=10)
         # Members of the group that outlived the leader (Ray's raylet, workers).
         if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            launch.signal_group(self.proc.pid, signal.SIGKILL)
 
     def cleanup(self) -> None:
         self.stop()
@@ -116,27 +111,9 @@ class EtcdProcess(ManagedProcess):
         self.peer_port = free_port()
 
     def argv(self) -> list[str]:
-        etcd = shutil.which("etcd")
-        if etcd is None:
-            raise RuntimeError("etcd not on PATH (apt-get install etcd-server)")
-        client, peer = f"http://{self.address}", f"http://127.0.0.1:{self.peer_port}"
-        return [
-            etcd,
-            "--name",
-            "test",
-            "--data-dir",
-            str(self.data_dir / "data"),
-            "--listen-client-urls",
-            client,
-            "--advertise-client-urls",
-            client,
-            "--listen-peer-urls",
-            peer,
-            "--initial-advertise-peer-urls",
-            peer,
-            "--initial-cluster",
-            f"test={peer}",
-        ]
+        return launch.etcd_argv(
+            data_dir=self.data_dir / "data", client=self.address, peer=f"127.0.0.1:{self.peer_port}"
+        )
 
     def healthy(self) -> bool:
         return health.etcd_health(self.address)[0]
@@ -150,26 +127,9 @@ class RedisProcess(ManagedProcess):
         self.appendfsync = appendfsync
 
     def argv(self) -> list[str]:
-        redis = shutil.which("redis-server")
-        if redis is None:
-            raise RuntimeError("redis-server not on PATH (apt-get install redis-server)")
-        return [
-            redis,
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--dir",
-            str(self.data_dir),
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            self.appendfsync,
-            "--save",
-            "",
-            "--protected-mode",
-            "no",
-        ]
+        return launch.redis_argv(
+            host="127.0.0.1", port=self.port, data_dir=self.data_dir, appendfsync=self.appendfsync
+        )
 
     def healthy(self) -> bool:
         return health.redis_health(self.address)[0]
@@ -194,7 +154,7 @@ class RayCluster(ManagedProcess):
 
     def argv(self) -> list[str]:
         temp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))
-        return stack.ray_head_argv(
+        return launch.ray_head_argv(
             port=self.port,
             ports=self.helper_ports,
             worker_ports=self.worker_ports,
@@ -210,22 +170,44 @@ class RayCluster(ManagedProcess):
         return health.ray_health(self.address)[0] and self._raylet_up()
 
     def _raylet_up(self) -> bool:
-        log = (self.data_dir / f"{self.name}.log").read_text(errors="replace")
-        return "Ray runtime started" in log
+        return "Ray runtime started" in self.log.read_text(errors="replace")
 
 
 class ServiceProcess(ManagedProcess):
-    """``python -m servefleet.<module> --listen <address> <flags>`` on a fixed free port (kept across
-    restarts), healthy once it answers the gRPC health protocol."""
+    """``python -m servefleet.<module> --listen <address> <flags>`` on a fixed port (free unless
+    given; kept across restarts), healthy once it answers the gRPC health protocol. ``env`` adds to
+    this process's environment; ``name`` names the log when several share a data dir."""
 
-    def __init__(self, module: str, *flags: str, data_dir: Path | None = None) -> None:
-        self.name = module.rsplit(".", 1)[-1]
-        super().__init__(data_dir)
+    def __init__(
+        self,
+        module: str,
+        *flags: str,
+        data_dir: Path | None = None,
+        port: int | None = None,
+        env: Mapping[str, str] | None = None,
+        name: str | None = None,
+        start_timeout: float | None = None,
+    ) -> None:
+        self.name = name or module.rsplit(".", 1)[-1]
+        super().__init__(data_dir, port=port)
         self.module = module
         self.flags = list(flags)
+        self.extra_env = dict(env or {})
+        self.start_timeout = start_timeout or self.start_timeout
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", f"servefleet.{self.module}", "--listen", self.address, *self.flags]
+        return launch.service_argv(self.module, self.address, *self.flags)
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, **self.extra_env}
 
     def healthy(self) -> bool:
         return health.grpc_health(self.address)[0]
+
+
+class DiscoveryProcess(ServiceProcess):
+    """``python -m servefleet.discovery`` against ``etcd`` (host:port)."""
+
+    def __init__(self, etcd: str, data_dir: Path | None = None, **options: Any) -> None:
+        super().__init__("discovery", "--etcd", etcd, data_dir=data_dir, **options)
+        self.etcd = etcd

@@ -20,10 +20,9 @@ from tritonclient.utils import InferenceServerException
 
 from servefleet.api import agent_pb2, common_pb2
 from servefleet.common.net import async_wait_for
-from servefleet.discovery.testing import DiscoveryProcess
 from servefleet.services.agent import masters
 from servefleet.spec import app_ref, load_spec
-from servefleet.testing import EtcdProcess, RayCluster
+from servefleet.testing import DiscoveryProcess, EtcdProcess, RayCluster
 
 EXAMPLES = Path(__file__).parents[3] / "examples"
 CLUSTER = "test-cluster"

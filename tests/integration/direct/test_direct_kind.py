@@ -16,11 +16,11 @@ from servefleet.api import common_pb2, discovery_pb2
 from servefleet.common.config import settings
 from servefleet.common.net import async_wait_for
 from servefleet.direct import INPUT_NAME, OUTPUT_NAME, ctr
-from servefleet.discovery.testing import DiscoveryProcess
 from servefleet.sdk import AsyncClient
 from servefleet.services.actors import RAY_NAMESPACE, replica_prefix
 from servefleet.services.agent import masters
 from servefleet.spec import app_ref, load_spec
+from servefleet.testing import DiscoveryProcess
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 APP = "recs/ctr-direct"

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from servefleet.common import health
-from servefleet.discovery.testing import DiscoveryProcess
-from servefleet.testing import EtcdProcess, ManagedProcess
+from servefleet.testing import DiscoveryProcess, EtcdProcess, ManagedProcess
 
 SERVER = Path(__file__).with_name("endpoint_server.py")
 #: Lease TTL of test endpoints: short, so "gone within TTL + 1 s" is quick to observe.

@@ -13,8 +13,7 @@ from servefleet.api import common_pb2, discovery_pb2, discovery_pb2_grpc
 from servefleet.common import health
 from servefleet.common.net import wait_for
 from servefleet.discovery.registration import registration
-from servefleet.discovery.testing import DiscoveryProcess
-from servefleet.testing import EtcdProcess
+from servefleet.testing import DiscoveryProcess, EtcdProcess
 
 Event = discovery_pb2.WatchEvent
 

@@ -13,8 +13,7 @@ from servefleet.common.errors import InvalidArgument
 from servefleet.common.net import async_wait_for
 from servefleet.discovery.names import parse_app
 from servefleet.discovery.registration import registration
-from servefleet.discovery.testing import DiscoveryProcess
-from servefleet.testing import EtcdProcess
+from servefleet.testing import DiscoveryProcess, EtcdProcess
 
 
 def endpoint(app: str, address: str = "127.0.0.1:7001") -> discovery_pb2.Endpoint:

@@ -13,8 +13,7 @@ import pytest
 from servefleet import AsyncClient, Client
 from servefleet.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from servefleet.common.net import async_wait_for, wait_for
-from servefleet.discovery.testing import DiscoveryProcess
-from servefleet.testing import EtcdProcess
+from servefleet.testing import DiscoveryProcess, EtcdProcess
 
 from .conftest import TTL_S, EndpointProcess
 

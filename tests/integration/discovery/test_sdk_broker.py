@@ -15,8 +15,7 @@ from servefleet.broker.servicer import broker_server
 from servefleet.broker.worker import PullWorker
 from servefleet.common import tensors
 from servefleet.common.errors import FailedPrecondition
-from servefleet.discovery.testing import DiscoveryProcess
-from servefleet.testing import RedisProcess
+from servefleet.testing import DiscoveryProcess, RedisProcess
 
 
 async def triple(request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:

@@ -13,7 +13,7 @@ from servefleet.common.net import async_wait_for
 from servefleet.common.telemetry import setup_tracing, tracer
 from servefleet.discovery.names import parse_app
 from servefleet.discovery.registration import registration
-from servefleet.discovery.testing import DiscoveryProcess
+from servefleet.testing import DiscoveryProcess
 
 
 class Recorder(service_pb2_grpc.GRPCInferenceServiceServicer):

@@ -1,12 +1,10 @@
-"""Keeper fixtures: an in-process keeper (real etcd, real gRPC) on its own etcd prefix per test,
-and helpers to start keepers and agents as child processes where a test must kill them."""
+"""Keeper fixtures: an in-process keeper (real etcd, real gRPC, built as the entry point builds it)
+on its own etcd prefix per test, and keepers and agents as child processes where a test must kill
+them (``testing.ServiceProcess``)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
-import subprocess
 import sys
 import tempfile
 import uuid
@@ -17,18 +15,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from servefleet.api import keeper_pb2, keeper_pb2_grpc
-from servefleet.common import health
+from servefleet.api import keeper_pb2_grpc
 from servefleet.common.config import grpc_options
-from servefleet.common.net import free_port, wait_for
-from servefleet.common.server import GrpcServer
-from servefleet.keeper.auth import Authenticator
 from servefleet.keeper.core import Keeper
-from servefleet.keeper.election import Election
-from servefleet.keeper.reconciler import Agents, Reconciler
-from servefleet.keeper.servicer import KeeperServicer, register
+from servefleet.keeper.service import build_keeper
 from servefleet.keeper.store import KeeperStore
-from servefleet.testing import EtcdProcess
+from servefleet.testing import EtcdProcess, ServiceProcess
 
 
 def bearer(token: str) -> list[tuple[str, str]]:
@@ -70,62 +62,18 @@ async def keeper(etcd: EtcdProcess) -> AsyncIterator[InProcessKeeper]:
     """A leading keeper on a fresh etcd prefix, reconciling every 0.2 s."""
     prefix = f"/test-{uuid.uuid4().hex[:8]}"
     store = KeeperStore.connect(etcd.address, prefix)
-    core = Keeper(store)
-    token = await core.bootstrap_admin()
-    server = GrpcServer(
-        "keeper",
-        "127.0.0.1:0",
-        [register(KeeperServicer(core), Authenticator(store))],
-        [keeper_pb2.DESCRIPTOR.services_by_name["Keeper"].full_name],
+    service = await build_keeper(
+        store, "127.0.0.1:0", leader_ttl_s=2, reconcile_interval_s=0.2, agent_timeout_s=30
     )
-    await server.start()
-    agents = Agents(timeout_s=30)
-    election = Election(store, ttl_s=2)
-    leading = asyncio.create_task(election.run(Reconciler(store, agents, interval_s=0.2).run))
-    running = InProcessKeeper(server.address, store, core, token, prefix)
+    await service.server.start()
+    running = InProcessKeeper(service.server.address, store, service.keeper, service.admin_token, prefix)
     yield running
-    leading.cancel()
-    with contextlib.suppress(BaseException):
-        await leading
     for channel in running.channels:
         await channel.close()
-    await server.stop(0)
-    await agents.close()
+    await service.server.stop(0)
+    await service.close()
     await store.client.delete_prefix(f"{prefix}/".encode())
     await store.close()
-
-
-@dataclass
-class ChildProcess:
-    """A service started with ``python -m ...`` in its own process group (SIGKILL-able)."""
-
-    argv: list[str]
-    env: dict[str, str]
-    log: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> ChildProcess:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                self.argv, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
-            )
-        return self
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, 9)
-            self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
 
 
 @dataclass
@@ -135,7 +83,7 @@ class Procs:
     etcd: EtcdProcess
     prefix: str = field(default_factory=lambda: f"/test-{uuid.uuid4().hex[:8]}")
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sf-keeper-")))
-    started: list[ChildProcess] = field(default_factory=list)
+    started: list[ServiceProcess] = field(default_factory=list)
 
     @property
     def token_file(self) -> Path:
@@ -154,28 +102,29 @@ class Procs:
             "PYTHONPATH": os.pathsep.join(sys.path),
         }
 
-    def keeper(self, port: int | None = None, name: str = "keeper") -> tuple[ChildProcess, str]:
-        address = f"127.0.0.1:{port or free_port()}"
-        argv = [sys.executable, "-m", "servefleet.keeper", "--listen", address, "--etcd", self.etcd.address]
-        argv += ["--admin-token-file", str(self.token_file)]
-        child = ChildProcess(argv, self.env(), self.workdir / f"{name}.log").start()
+    def service(self, module: str, *flags: str, name: str, port: int | None = None) -> ServiceProcess:
+        """``python -m servefleet.<module>`` with this test's environment, stopped at teardown."""
+        child = ServiceProcess(
+            module, *flags, data_dir=self.workdir, port=port, env=self.env(), name=name, start_timeout=120
+        )
         self.started.append(child)
-        wait_for(lambda: health.grpc_health(address)[0], timeout=60, what=f"{name} on {address}")
-        return child, address
+        child.start()
+        return child
+
+    def keeper(self, port: int | None = None, name: str = "keeper") -> tuple[ServiceProcess, str]:
+        flags = ("--etcd", self.etcd.address, "--admin-token-file", str(self.token_file))
+        child = self.service("keeper", *flags, name=name, port=port)
+        return child, child.address
 
     def agent(
         self, *, ray: str, keeper: str, discovery: str, cluster: str, labels: str = ""
-    ) -> tuple[ChildProcess, str]:
-        address = f"127.0.0.1:{free_port()}"
-        argv = [sys.executable, "-m", "servefleet.services.agent", "--listen", address, "--ray", ray]
-        argv += ["--keeper", keeper, "--discovery", discovery, "--cluster", cluster]
-        argv += ["--admin-token-file", str(self.token_file)]
+    ) -> tuple[ServiceProcess, str]:
+        flags = ["--ray", ray, "--keeper", keeper, "--discovery", discovery, "--cluster", cluster]
+        flags += ["--admin-token-file", str(self.token_file)]
         if labels:
-            argv += ["--labels", labels]
-        child = ChildProcess(argv, self.env(), self.workdir / f"agent-{cluster}.log").start()
-        self.started.append(child)
-        wait_for(lambda: health.grpc_health(address)[0], timeout=120, what=f"agent {cluster} on {address}")
-        return child, address
+            flags += ["--labels", labels]
+        child = self.service("services.agent", *flags, name=f"agent-{cluster}")
+        return child, child.address
 
     def admin_token(self) -> str:
         return self.token_file.read_text().strip()

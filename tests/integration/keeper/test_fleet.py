@@ -1,5 +1,5 @@
 """The control plane end to end: real etcd, discovery, a keeper and two real Ray clusters (one CPU
-each), each with its cluster agent, all as processes; the data plane from ``services.masters``."""
+each), each with its cluster agent, all as processes; the data plane from ``services.agent.masters``."""
 
 from __future__ import annotations
 
@@ -26,11 +26,10 @@ from servefleet.api import (
     keeper_pb2_grpc,
 )
 from servefleet.cli.main import cli
-from servefleet.common import health
 from servefleet.common.net import free_port, wait_for
 from servefleet.spec import load_spec
-from servefleet.testing import EtcdProcess, RayCluster
-from tests.integration.keeper.conftest import ChildProcess, Procs, bearer
+from servefleet.testing import EtcdProcess, RayCluster, ServiceProcess
+from tests.integration.keeper.conftest import Procs, bearer
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 AppState = keeper_pb2.AppState
@@ -42,9 +41,9 @@ class Fleet:
     procs: Procs
     clusters: dict[str, RayCluster]
     keeper_port: int
-    keeper_proc: ChildProcess
+    keeper_proc: ServiceProcess
     discovery: str
-    agents: dict[str, ChildProcess]
+    agents: dict[str, ServiceProcess]
     agent_addresses: dict[str, str]
 
     @property
@@ -150,18 +149,7 @@ def fleet(etcd: EtcdProcess) -> Iterator[Fleet]:
     procs = Procs(etcd)
     clusters = {name: RayCluster(num_cpus=1).start() for name in ("east", "west")}
     try:
-        discovery_address = f"127.0.0.1:{free_port()}"
-        argv = [
-            sys.executable,
-            "-m",
-            "servefleet.discovery",
-            "--listen",
-            discovery_address,
-            "--etcd",
-            etcd.address,
-        ]
-        procs.started.append(ChildProcess(argv, procs.env(), procs.workdir / "discovery.log").start())
-        wait_for(lambda: health.grpc_health(discovery_address)[0], timeout=60, what="discovery")
+        discovery_address = procs.service("discovery", "--etcd", etcd.address, name="discovery").address
         port = free_port()
         keeper_proc, _ = procs.keeper(port)
         started = {

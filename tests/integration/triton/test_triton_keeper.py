@@ -21,10 +21,9 @@ from tritonclient.utils import InferenceServerException
 from servefleet.cli.main import cli
 from servefleet.common.errors import InvalidArgument
 from servefleet.common.net import wait_for
-from servefleet.discovery.testing import DiscoveryProcess
 from servefleet.sdk import Client
 from servefleet.services.actors import RAY_NAMESPACE, REPLICA_PREFIX
-from servefleet.testing import RayCluster
+from servefleet.testing import DiscoveryProcess, RayCluster
 from tests.integration.keeper.conftest import Procs
 from tests.integration.triton.conftest import EXAMPLE, MODEL, add_sub_inputs, broken_repository, pid_alive
 

@@ -24,11 +24,11 @@ from servefleet.common import tensors
 from servefleet.common.config import settings
 from servefleet.common.errors import ServefleetError
 from servefleet.common.net import async_wait_for
-from servefleet.discovery.testing import DiscoveryProcess
 from servefleet.sdk import AsyncClient
 from servefleet.services.actors import RAY_NAMESPACE, replica_prefix
 from servefleet.services.agent import masters
 from servefleet.spec import app_ref, load_spec
+from servefleet.testing import DiscoveryProcess
 from tests.integration.triton.conftest import MODEL, add_sub_inputs, pid_alive, versioned_repository
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
