@@ -2,7 +2,9 @@
 
 The actor scrapes its tritonserver's ``/metrics`` (loopback) and keeps the ``nv_inference_*``
 families. ``TritonCollector`` hands them to a ``prometheus_client`` registry, so whatever serves the
-actor's own ``/metrics`` re-exports them unchanged (with ``app``/``replica`` labels added).
+actor's own ``/metrics`` re-exports them with ``app``/``replica`` labels added (counters in
+prometheus_client's form: ``nv_inference_request_success_total``). The server's own page, names as
+Triton writes them, is linked from discovery (label ``metrics`` of the endpoint).
 """
 
 from __future__ import annotations

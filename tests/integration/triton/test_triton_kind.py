@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -239,8 +240,17 @@ async def test_proxies_route_to_triton_and_pass_its_statuses_through(
             await direct.close()
         # A proxy on another node calls the replica over Ray: the same bytes, the same status.
         handle = ray.get_actor(next(iter(await replicas(spec))), namespace=RAY_NAMESPACE)
+        # Triton's own metrics: the actor re-reads them, and discovery links to them.
+        assert "nv_inference_request_success{" in await handle.metrics.remote()
+        endpoint = next(iter((await triton_endpoints(client)).values()))
+        assert b"nv_inference_count{" in await asyncio.to_thread(_scrape, endpoint.labels["metrics"])
         request = tensors.encode_request(MODEL, {"INPUT0": a, "INPUT1": b[:1]}).SerializeToString()
         status_code, message = await handle.infer.remote(request, {}, 10.0)
         assert status_code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "must match" in message
     finally:
         await masters.remove(app_ref(spec))
+
+
+def _scrape(address: str) -> bytes:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as page:
+        return bytes(page.read())

@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as tritongrpc
+from prometheus_client import CollectorRegistry, generate_latest
 from tritonclient.utils import InferenceServerException
 
 from servefleet.common.net import wait_for
 from servefleet.services.triton.install import TritonInstall
-from servefleet.services.triton.metrics import inference_families, totals
+from servefleet.services.triton.metrics import TritonCollector, inference_families, totals
 from servefleet.services.triton.server import TritonServer, TritonStartError
 from tests.integration.triton.conftest import EXAMPLE, MODEL, add_sub_inputs, broken_repository, pid_alive
 
@@ -55,6 +56,13 @@ async def test_serves_the_example_and_stops_with_grace(server: TritonServer) -> 
         assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and why in info.value.message()
     counts = totals(inference_families(server.metrics_text()))
     assert counts.success >= 1 and counts.pending == 0
+    # Re-exported through a prometheus_client registry (what an actor's /metrics serves).
+    registry = CollectorRegistry()
+    registry.register(TritonCollector(server.metrics_text, {"app": "ml/add-sub", "replica": "r1"}))
+    exported = generate_latest(registry).decode()
+    labels = '{app="ml/add-sub",model="add_sub",replica="r1",version="1"}'
+    assert f"nv_inference_request_success_total{labels}" in exported  # counters gain _total
+    assert f"nv_inference_pending_request_count{labels} 0.0" in exported
     client.close()
 
     assert await server.stop(grace_s=15) == 0  # SIGTERM: Triton unloads and exits by itself
