@@ -31,6 +31,9 @@ DEFAULT_VERSION = "1"
 DEFAULT_KIND = "python"
 #: Kinds the platform knows; only "python" is served by the data plane today.
 KINDS = ("python", "direct", "triton", "sharded")
+#: kind "sharded": how keys map to shards, and how the router merges looked-up rows.
+PARTITIONINGS = ("range", "hash")
+MERGES = ("ctr",)
 DEFAULT_MAX_CONCURRENCY = 8
 DEFAULT_MAX_QUEUED = 32
 #: Two proxies per cluster, spread over its nodes: one proxy dying (or its node) never leaves an
@@ -158,6 +161,7 @@ def validate(spec: ApplicationSpec) -> ApplicationSpec:
     for field, tensors in (("inputs", spec.inputs), ("outputs", spec.outputs)):
         _check_tensors(tensors, f"spec.{field}")
     _check_resources(spec.resources)
+    _check_sharding(spec)
     _check_replicas(spec.replicas)
     # Triton endpoints are called directly; its proxies are only for clients that know no other.
     proxies = 0 if spec.kind == "triton" else DEFAULT_PROXIES
@@ -374,6 +378,54 @@ def _check_replicas(replicas: common_pb2.ReplicaRange) -> None:
     if not replicas.min <= replicas.initial <= replicas.max:
         raise InvalidArgument(
             f"spec.replicas.initial: {replicas.initial} is outside [{replicas.min}, {replicas.max}]"
+        )
+
+
+def _check_sharding(spec: ApplicationSpec) -> None:
+    """kind sharded needs its table and layout; ``replicas`` then counts replicas *per shard*
+    (``sharding.replicas_per_shard`` is its initial value, so the two cannot disagree)."""
+    sharding = spec.sharding
+    if spec.kind != "sharded":
+        if spec.HasField("sharding"):
+            raise InvalidArgument(f"spec.sharding: only for kind 'sharded' (this app is {spec.kind!r})")
+        return
+    if sharding.shards < 1:
+        raise InvalidArgument(f"spec.sharding.shards: must be >= 1, got {sharding.shards}")
+    if sharding.replicas_per_shard < 0:
+        raise InvalidArgument(
+            f"spec.sharding.replicas_per_shard: must be >= 1, got {sharding.replicas_per_shard}"
+        )
+    initial = spec.replicas.initial
+    if sharding.replicas_per_shard and initial and sharding.replicas_per_shard != initial:
+        raise InvalidArgument(
+            f"spec.sharding.replicas_per_shard {sharding.replicas_per_shard} disagrees with "
+            f"spec.replicas.initial {initial} (for kind 'sharded' replicas counts replicas per shard)"
+        )
+    spec.replicas.initial = initial or sharding.replicas_per_shard or max(spec.replicas.min, 1)
+    sharding.replicas_per_shard = spec.replicas.initial
+    sharding.partitioning = sharding.partitioning or PARTITIONINGS[0]
+    if sharding.partitioning not in PARTITIONINGS:
+        raise InvalidArgument(
+            f"spec.sharding.partitioning: {sharding.partitioning!r} is not one of {', '.join(PARTITIONINGS)}"
+        )
+    sharding.merge = sharding.merge or MERGES[0]
+    if sharding.merge not in MERGES:
+        raise InvalidArgument(f"spec.sharding.merge: {sharding.merge!r} is not one of {', '.join(MERGES)}")
+    if not sharding.table or not Path(sharding.table).is_absolute():
+        raise InvalidArgument(
+            f"spec.sharding.table: {sharding.table!r} must be the absolute path of the table file "
+            "(e.g. one written by python -m servefleet.direct.ctr), readable on every node"
+        )
+    keys = [t for t in spec.inputs if t.datatype == "INT64"]
+    if not sharding.key_input:
+        sharding.key_input = keys[0].name if len(keys) == 1 else "feature_ids"
+    named = {t.name: t for t in spec.inputs}
+    if named and sharding.key_input not in named:
+        raise InvalidArgument(f"spec.sharding.key_input: {sharding.key_input!r} is not one of spec.inputs")
+    if named and named[sharding.key_input].datatype != "INT64":
+        raise InvalidArgument(
+            f"spec.sharding.key_input: input {sharding.key_input!r} is "
+            f"{named[sharding.key_input].datatype}; keys must be INT64"
         )
 
 

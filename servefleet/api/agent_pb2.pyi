@@ -18,7 +18,7 @@ class ApplyApplicationRequest(_message.Message):
     def __init__(self, spec: _Optional[_Union[_common_pb2.ApplicationSpec, _Mapping]] = ..., replicas: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class MasterStatus(_message.Message):
-    __slots__ = ("app", "version", "replicas", "ready_replicas", "updating", "revision", "error", "proxy_addresses")
+    __slots__ = ("app", "version", "replicas", "ready_replicas", "updating", "revision", "error", "proxy_addresses", "shards")
     APP_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class MasterStatus(_message.Message):
     REVISION_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     PROXY_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
     app: _common_pb2.AppRef
     version: str
     replicas: int
@@ -35,7 +36,8 @@ class MasterStatus(_message.Message):
     revision: int
     error: str
     proxy_addresses: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, app: _Optional[_Union[_common_pb2.AppRef, _Mapping]] = ..., version: _Optional[str] = ..., replicas: _Optional[int] = ..., ready_replicas: _Optional[int] = ..., updating: _Optional[bool] = ..., revision: _Optional[int] = ..., error: _Optional[str] = ..., proxy_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
+    shards: _containers.RepeatedCompositeFieldContainer[_common_pb2.ShardStatus]
+    def __init__(self, app: _Optional[_Union[_common_pb2.AppRef, _Mapping]] = ..., version: _Optional[str] = ..., replicas: _Optional[int] = ..., ready_replicas: _Optional[int] = ..., updating: _Optional[bool] = ..., revision: _Optional[int] = ..., error: _Optional[str] = ..., proxy_addresses: _Optional[_Iterable[str]] = ..., shards: _Optional[_Iterable[_Union[_common_pb2.ShardStatus, _Mapping]]] = ...) -> None: ...
 
 class RemoveApplicationRequest(_message.Message):
     __slots__ = ("app",)

@@ -119,8 +119,44 @@ class TritonConfig(_message.Message):
     args: _containers.ScalarMap[str, str]
     def __init__(self, model_repository: _Optional[str] = ..., args: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
+class ShardingConfig(_message.Message):
+    __slots__ = ("shards", "replicas_per_shard", "partitioning", "key_input", "table", "merge")
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_PER_SHARD_FIELD_NUMBER: _ClassVar[int]
+    PARTITIONING_FIELD_NUMBER: _ClassVar[int]
+    KEY_INPUT_FIELD_NUMBER: _ClassVar[int]
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    MERGE_FIELD_NUMBER: _ClassVar[int]
+    shards: int
+    replicas_per_shard: int
+    partitioning: str
+    key_input: str
+    table: str
+    merge: str
+    def __init__(self, shards: _Optional[int] = ..., replicas_per_shard: _Optional[int] = ..., partitioning: _Optional[str] = ..., key_input: _Optional[str] = ..., table: _Optional[str] = ..., merge: _Optional[str] = ...) -> None: ...
+
+class ShardStatus(_message.Message):
+    __slots__ = ("shard", "replica", "node_id", "layout", "rows", "table_bytes", "resident_bytes", "ready")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    TABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    replica: str
+    node_id: str
+    layout: str
+    rows: int
+    table_bytes: int
+    resident_bytes: int
+    ready: bool
+    def __init__(self, shard: _Optional[int] = ..., replica: _Optional[str] = ..., node_id: _Optional[str] = ..., layout: _Optional[str] = ..., rows: _Optional[int] = ..., table_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., ready: _Optional[bool] = ...) -> None: ...
+
 class ApplicationSpec(_message.Message):
-    __slots__ = ("name", "namespace", "version", "import_path", "init_args", "working_dir", "runtime_env", "inputs", "outputs", "resources", "replicas", "max_concurrency", "max_queued", "proxies", "kind", "batching", "async_mode", "placement", "labels", "triton")
+    __slots__ = ("name", "namespace", "version", "import_path", "init_args", "working_dir", "runtime_env", "inputs", "outputs", "resources", "replicas", "max_concurrency", "max_queued", "proxies", "kind", "batching", "async_mode", "placement", "labels", "triton", "sharding")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +184,7 @@ class ApplicationSpec(_message.Message):
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     TRITON_FIELD_NUMBER: _ClassVar[int]
+    SHARDING_FIELD_NUMBER: _ClassVar[int]
     name: str
     namespace: str
     version: str
@@ -168,4 +205,5 @@ class ApplicationSpec(_message.Message):
     placement: PlacementConstraints
     labels: _containers.ScalarMap[str, str]
     triton: TritonConfig
-    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., version: _Optional[str] = ..., import_path: _Optional[str] = ..., init_args: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., working_dir: _Optional[str] = ..., runtime_env: _Optional[_Union[RuntimeEnv, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., replicas: _Optional[_Union[ReplicaRange, _Mapping]] = ..., max_concurrency: _Optional[int] = ..., max_queued: _Optional[int] = ..., proxies: _Optional[int] = ..., kind: _Optional[str] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., async_mode: _Optional[_Union[AsyncConfig, _Mapping]] = ..., placement: _Optional[_Union[PlacementConstraints, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., triton: _Optional[_Union[TritonConfig, _Mapping]] = ...) -> None: ...
+    sharding: ShardingConfig
+    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., version: _Optional[str] = ..., import_path: _Optional[str] = ..., init_args: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., working_dir: _Optional[str] = ..., runtime_env: _Optional[_Union[RuntimeEnv, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., replicas: _Optional[_Union[ReplicaRange, _Mapping]] = ..., max_concurrency: _Optional[int] = ..., max_queued: _Optional[int] = ..., proxies: _Optional[int] = ..., kind: _Optional[str] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., async_mode: _Optional[_Union[AsyncConfig, _Mapping]] = ..., placement: _Optional[_Union[PlacementConstraints, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., triton: _Optional[_Union[TritonConfig, _Mapping]] = ..., sharding: _Optional[_Union[ShardingConfig, _Mapping]] = ...) -> None: ...

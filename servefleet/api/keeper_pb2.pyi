@@ -30,16 +30,18 @@ DELETING: AppState
 DELETED: AppState
 
 class ClusterPlacement(_message.Message):
-    __slots__ = ("cluster", "replicas", "ready_replicas", "version")
+    __slots__ = ("cluster", "replicas", "ready_replicas", "version", "shards")
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     READY_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
     cluster: str
     replicas: int
     ready_replicas: int
     version: str
-    def __init__(self, cluster: _Optional[str] = ..., replicas: _Optional[int] = ..., ready_replicas: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    shards: _containers.RepeatedCompositeFieldContainer[_common_pb2.ShardStatus]
+    def __init__(self, cluster: _Optional[str] = ..., replicas: _Optional[int] = ..., ready_replicas: _Optional[int] = ..., version: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[_common_pb2.ShardStatus, _Mapping]]] = ...) -> None: ...
 
 class ApplicationStatus(_message.Message):
     __slots__ = ("app", "state", "reason", "spec", "revision", "replicas", "placements", "updated_at")

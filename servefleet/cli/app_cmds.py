@@ -183,6 +183,23 @@ def status(conn: KeeperConn, name: str, namespace: str) -> None:
     if rows:
         click.echo("")
         emit(rows, "table")
+    shards = [
+        {
+            "cluster": p.cluster,
+            "shard": s.shard,
+            "layout": s.layout,
+            "ready": s.ready,
+            "rows": s.rows,
+            "table_mib": round(s.table_bytes / 2**20, 1),
+            "resident_mib": round(s.resident_bytes / 2**20, 1),
+            "node": s.node_id[:12],
+        }
+        for p in got.placements
+        for s in p.shards
+    ]
+    if shards:  # kind sharded: what each shard replica holds, measured in the replica
+        click.echo("")
+        emit(shards, "table")
 
 
 @app.command()

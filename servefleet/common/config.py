@@ -91,6 +91,13 @@ class Settings:
     #: Triton bootstrapper: restarts of a dead tritonserver inside one actor before the actor
     #: reports itself unhealthy (and the master replaces it).
     triton_max_restarts: int = 3
+    #: Sharded apps: where hash shards write their part files ("": beside the table file).
+    shard_cache_dir: str = ""
+    #: Sharded apps: hedged lookups a router may add per shard, as a fraction of its lookups there
+    #: (the extra load is bounded by it; 0 turns hedging off).
+    shard_hedge_budget: float = 0.25
+    #: Sharded apps: hedge delay (ms) while a shard's replicas have too few samples for a p95.
+    shard_hedge_default_ms: float = 50.0
     #: Data plane: CPU share a proxy actor asks Ray for.
     proxy_num_cpus: float = 0.0
     #: Seconds between a service's probes of what it depends on (etcd, Redis, Ray) for its health.

@@ -44,33 +44,46 @@ class FactorizationMachine:
 
     def check(self, ids: np.ndarray) -> np.ndarray:
         """ids as int64 [batch, num_fields]; InvalidArgument naming what is wrong otherwise."""
-        ids = np.asarray(ids)
-        if ids.dtype != np.int64:
-            raise InvalidArgument(f"feature ids must be INT64, got {ids.dtype}")
-        if ids.ndim != 2 or ids.shape[1] != self.num_fields:
-            raise InvalidArgument(
-                f"feature ids must have shape [batch, {self.num_fields}], got {list(ids.shape)}"
-            )
-        bad = np.flatnonzero((ids < 0) | (ids >= self.num_rows))
-        if bad.size:
-            example, field = divmod(int(bad[0]), self.num_fields)
-            raise InvalidArgument(
-                f"feature id {int(ids.reshape(-1)[bad[0]])} at example {example}, field {field} "
-                f"is outside [0, {self.num_rows})"
-            )
-        return ids
+        return check_ids(ids, num_fields=self.num_fields, num_rows=self.num_rows)
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
         """Unchecked float32 logits, in the same summation order as the C++ model."""
-        vectors = self.factors[ids]  # (batch, fields, dim)
-        sums = vectors.sum(axis=1)
-        pairs = 0.5 * ((sums * sums).sum(axis=1) - (vectors * vectors).sum(axis=(1, 2)))
-        return np.float32(self.bias) + self.linear[ids].sum(axis=1) + pairs
+        return pooled_logits(self.bias, self.linear[ids], self.factors[ids])
 
     def score(self, ids: np.ndarray) -> np.ndarray:
         """Click probabilities, float32 [batch]: the reference the C++ direct ingress must match."""
-        logits = self.logits(self.check(ids))
-        return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+        return sigmoid(self.logits(self.check(ids)))
+
+
+def check_ids(ids: np.ndarray, *, num_fields: int, num_rows: int) -> np.ndarray:
+    """ids as int64 [batch, num_fields] within [0, num_rows); InvalidArgument naming the first
+    wrong one otherwise (shared by the reference and the sharded router, so both say the same)."""
+    ids = np.asarray(ids)
+    if ids.dtype != np.int64:
+        raise InvalidArgument(f"feature ids must be INT64, got {ids.dtype}")
+    if ids.ndim != 2 or ids.shape[1] != num_fields:
+        raise InvalidArgument(f"feature ids must have shape [batch, {num_fields}], got {list(ids.shape)}")
+    bad = np.flatnonzero((ids < 0) | (ids >= num_rows))
+    if bad.size:
+        example, field = divmod(int(bad[0]), num_fields)
+        raise InvalidArgument(
+            f"feature id {int(ids.reshape(-1)[bad[0]])} at example {example}, field {field} "
+            f"is outside [0, {num_rows})"
+        )
+    return ids
+
+
+def pooled_logits(bias: float, linear: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """FM logits from looked-up rows: ``linear`` [batch, fields], ``vectors`` [batch, fields, dim],
+    both C-contiguous float32. One function for the reference and the sharded router's merge, so
+    rows gathered from shards score bit for bit like rows read from one table."""
+    sums = vectors.sum(axis=1)
+    pairs = 0.5 * ((sums * sums).sum(axis=1) - (vectors * vectors).sum(axis=(1, 2)))
+    return np.float32(bias) + linear.sum(axis=1) + pairs
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
 
 
 def random_model(
@@ -155,16 +168,50 @@ def export_model(model: FactorizationMachine, path: str | Path) -> Path:
     return path
 
 
-def load_model(path: str | Path) -> FactorizationMachine:
-    """Reads an exported model back (memory-mapped), for the Python reference and peers."""
-    raw = np.memmap(path, dtype=np.uint8, mode="r")
-    magic, fields, dim, rows, bias, _ = _HEADER.unpack(raw[: _HEADER.size].tobytes())
+@dataclass(frozen=True)
+class TableHeader:
+    """The header of an exported model: what a router needs without mapping any table."""
+
+    num_fields: int
+    dim: int
+    num_rows: int
+    bias: float
+
+    @property
+    def linear_offset(self) -> int:
+        return _HEADER.size
+
+    @property
+    def factors_offset(self) -> int:
+        return _HEADER.size + 4 * self.num_rows
+
+
+def read_header(path: str | Path) -> TableHeader:
+    """The checked header of a model file (InvalidArgument when it is not one)."""
+    try:
+        with Path(path).open("rb") as f:
+            head = f.read(_HEADER.size)
+            size = f.seek(0, 2)
+    except OSError as exc:
+        raise InvalidArgument(f"{path}: cannot read the model file: {exc.strerror or exc}") from None
+    if len(head) < _HEADER.size:
+        raise InvalidArgument(f"{path}: too short for a servefleet CTR model")
+    magic, fields, dim, rows, bias, _ = _HEADER.unpack(head)
     if magic != _MAGIC:
         raise InvalidArgument(f"{path}: not a servefleet CTR model")
-    tables = raw[_HEADER.size :].view("<f4")
-    if tables.size != rows * (1 + dim):
-        raise InvalidArgument(f"{path}: {tables.size} floats, header says {rows * (1 + dim)}")
-    return FactorizationMachine(fields, bias, tables[:rows], tables[rows:].reshape(rows, dim))
+    if size != _HEADER.size + 4 * rows * (1 + dim):
+        raise InvalidArgument(f"{path}: {size} bytes, header says {_HEADER.size + 4 * rows * (1 + dim)}")
+    return TableHeader(fields, dim, rows, bias)
+
+
+def load_model(path: str | Path) -> FactorizationMachine:
+    """Reads an exported model back (memory-mapped), for the Python reference and peers."""
+    header = read_header(path)
+    rows, dim = header.num_rows, header.dim
+    tables = np.memmap(path, dtype="<f4", mode="r", offset=header.linear_offset, shape=(rows * (1 + dim),))
+    return FactorizationMachine(
+        header.num_fields, header.bias, tables[:rows], tables[rows:].reshape(rows, dim)
+    )
 
 
 class CtrScorer:

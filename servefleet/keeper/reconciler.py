@@ -137,6 +137,7 @@ def summarize(
                 replicas=seen.replicas,
                 ready_replicas=seen.ready_replicas,
                 version=seen.version,
+                shards=seen.shards,
             )
         )
         if seen.error and seen.ready_replicas == 0:

@@ -20,7 +20,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.experimental import internal_kv
@@ -43,6 +43,9 @@ from servefleet.services.proxy import Proxy
 from servefleet.services.replica import Replica
 from servefleet.services.routing import ReplicaInfo, Routing
 from servefleet.services.triton.replica import TritonReplica
+
+if TYPE_CHECKING:
+    from servefleet.services.shard_router import ShardRouting
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +110,7 @@ class ReplicaState:
     failed_checks: int = 0
     starting: asyncio.Task[None] | None = None
     error: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)  # its last health-check answer
 
 
 @dataclass
@@ -119,6 +123,9 @@ class ProxyState:
 
 class ApplicationMaster:
     """Reconciles one application's replicas and proxies (runs as a detached Ray actor)."""
+
+    #: The ingress actor it keeps ``spec.proxies`` of (a sharded app's master keeps routers).
+    proxy_actor: Any = ProxyActor
 
     def __init__(self, app: bytes, *, cluster: str, discovery: str, redis: str = "") -> None:
         self.app = common_pb2.AppRef.FromString(app)
@@ -133,7 +140,7 @@ class ApplicationMaster:
         self._replicas: dict[str, ReplicaState] = {}
         self._proxies: dict[str, ProxyState] = {}
         self._routed: tuple[bytes, frozenset[str]] | None = None
-        self._routing: Routing | None = None
+        self._routing: Routing | ShardRouting | None = None
         self._start_failures = 0
         self._next_start = 0.0
         self.error = ""
@@ -179,7 +186,7 @@ class ApplicationMaster:
         )
         return status.SerializeToString()
 
-    async def routing(self) -> Routing | None:
+    async def routing(self) -> Routing | ShardRouting | None:
         """The table proxies serve from (a starting proxy pulls it; later ones are pushed)."""
         return self._routing
 
@@ -297,6 +304,7 @@ class ApplicationMaster:
                     _kill(replica.handle)
             else:
                 replica.failed_checks = 0
+                replica.stats = answer
         await self._check_proxies()
 
     async def _check_proxies(self) -> None:
@@ -414,7 +422,7 @@ class ApplicationMaster:
                 await asyncio.wait_for(_await(proxy.handle.stop.remote()), settings.shutdown_grace_s)
             _kill(proxy.handle)
         for name in sorted(wanted - set(self._proxies)):
-            handle = ProxyActor.options(
+            handle = self.proxy_actor.options(
                 name=name,
                 namespace=RAY_NAMESPACE,
                 lifetime="detached",

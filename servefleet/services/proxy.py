@@ -18,7 +18,7 @@ import logging
 import os
 import resource
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
@@ -272,10 +272,27 @@ def _timeout(context: grpc.aio.ServicerContext) -> float | None:
     return remaining
 
 
-class InferenceServicer:
-    """Thin gRPC layer over :class:`ProxyCore` (domain errors become statuses in the interceptor)."""
+class InferenceCore(Protocol):
+    """What :class:`InferenceServicer` serves from: a proxy's core or a sharded app's router core."""
 
-    def __init__(self, core: ProxyCore) -> None:
+    spec: common_pb2.ApplicationSpec
+
+    @property
+    def ready(self) -> bool: ...
+
+    def check_model(self, name: str, version: str = "") -> None: ...
+
+    def metadata(self, name: str) -> service_pb2.ModelMetadataResponse: ...
+
+    async def infer(self, raw: bytes, timeout_s: float | None) -> bytes: ...
+
+    def stream(self, raw: bytes, timeout_s: float | None) -> AsyncIterator[bytes]: ...
+
+
+class InferenceServicer:
+    """Thin gRPC layer over an :class:`InferenceCore` (domain errors become statuses in the interceptor)."""
+
+    def __init__(self, core: InferenceCore) -> None:
         self.core = core
 
     async def ServerLive(self, request: Any, context: Any) -> service_pb2.ServerLiveResponse:

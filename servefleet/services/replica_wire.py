@@ -10,6 +10,9 @@ from servefleet.common.errors import ServefleetError, error_for_status
 
 #: The replica's own gRPC service (raw bytes in and out: ModelInferRequest -> ModelInferResponse).
 REPLICA_SERVICE = "servefleet.Replica"
+#: A shard replica's lookup method: raw little-endian int64 keys in, float32 rows [k, 1 + dim] out
+#: (plain arrays both ways: nothing to encode or parse on the router's hot path).
+SHARD_LOOKUP = "/servefleet.Shard/Lookup"
 #: What a replica answers: ``(OK, response bytes)`` or ``(code, message)``.
 Answer = tuple[int, bytes | str]
 

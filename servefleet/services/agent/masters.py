@@ -27,11 +27,13 @@ from servefleet.services.actors import (
     replica_prefix,
 )
 from servefleet.services.master import ApplicationMaster
+from servefleet.services.sharded_master import ShardedMaster
 from servefleet.spec import app_ref, load_spec
 
 MasterActor = ray.remote(ApplicationMaster)
 #: Kinds this data plane runs.
-SERVED_KINDS = ("python", "direct", "triton")
+SERVED_KINDS = ("python", "direct", "triton", "sharded")
+ShardedMasterActor = ray.remote(ShardedMaster)
 #: Longest a status call may take before a master counts as unreachable (it may be restarting).
 STATUS_TIMEOUT_S = 10.0
 
@@ -59,7 +61,8 @@ async def apply(
     _upload_working_dir(spec)
     app = app_ref(spec)
     env = passed_env()
-    master: Any = MasterActor.options(
+    actor = ShardedMasterActor if spec.kind == "sharded" else MasterActor
+    master: Any = actor.options(
         name=master_name(app),
         namespace=RAY_NAMESPACE,
         lifetime="detached",

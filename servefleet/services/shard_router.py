@@ -1,0 +1,419 @@
+"""The ingress of a ``kind: sharded`` app: a KServe v2 router that fans each batch out to shards.
+
+``ShardRouterCore`` (plain, unit-tested with a fake transport) serves one request thus:
+
+1. check it (model, inputs, every key in ``[0, rows)``: INVALID_ARGUMENT names the first bad one);
+2. take the batch's distinct keys and split them by owning shard (:class:`Layout`);
+3. look them up on every shard hit *in parallel*, under the caller's deadline; per shard, the
+   replica is chosen by power of two choices on this router's in-flight count (``Router``);
+4. merge: pooling and the final scoring run here, bit for bit like the unsharded reference.
+
+Hedging: when a shard's first replica has not answered within that shard's recent p95 (the p95 of
+its *fastest* replica over the last lookups, so one slow replica cannot raise the bar it is judged
+by), a second lookup goes to another replica of the same shard and the first answer wins. Hedges
+spend a per-shard budget (``settings.shard_hedge_budget`` of its lookups, at most), so extra load
+is bounded; ``stats()`` counts them. The losing lookup is left to finish (bounded by the deadline):
+its latency keeps that replica's estimate honest and its in-flight count steers P2C away from it.
+
+A replica that is gone (UNAVAILABLE) or full costs a retry on another replica of its shard; a
+routing table from the master is swapped atomically, so requests that started on the old layout
+finish on it while new ones use the new one (resharding without failures).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2
+
+from servefleet.api import common_pb2, discovery_pb2
+from servefleet.common import telemetry
+from servefleet.common.config import settings
+from servefleet.common.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServefleetError,
+    Unavailable,
+)
+from servefleet.common.server import GrpcServer
+from servefleet.common.tensors import decode_request, encode_response
+from servefleet.direct import OUTPUT_NAME, ctr
+from servefleet.services.proxy import SERVICE, InferenceServicer, check_request, model_metadata, registrar
+from servefleet.services.replica_wire import SHARD_LOOKUP, error_for
+from servefleet.services.router import Router, Slot
+from servefleet.services.routing import ReplicaInfo
+from servefleet.services.sharding import Layout, merge_ctr
+from servefleet.services.transports import GrpcTransport, ReplicaGone, _answer_of
+from servefleet.spec import model_name
+
+#: Latency samples kept per shard replica (its recent p95 comes from these).
+WINDOW = 128
+#: Samples a replica needs before its p95 counts.
+MIN_SAMPLES = 16
+#: Hedge tokens a shard may bank (bounds a burst of hedges after a quiet spell).
+MAX_TOKENS = 10.0
+#: Caller without a deadline: how long a request may take at most.
+DEFAULT_DEADLINE_S = 60.0
+
+
+@dataclass(frozen=True)
+class ShardRouting:
+    """One epoch of a sharded app's table: spec, layout, and each shard's ready replicas."""
+
+    epoch: int
+    spec: bytes  # serialized ApplicationSpec
+    layout: Layout
+    shards: tuple[tuple[ReplicaInfo, ...], ...]  # index: shard number
+
+    @property
+    def replicas(self) -> tuple[ReplicaInfo, ...]:
+        return tuple(r for replicas in self.shards for r in replicas)
+
+
+class ShardTransport(Protocol):
+    """How a router reaches a shard replica (gRPC in production, a fake in unit tests)."""
+
+    async def lookup(self, replica: ReplicaInfo, keys: np.ndarray, timeout_s: float) -> np.ndarray:
+        """Rows of ``keys``; ReplicaGone when unreachable, a domain error otherwise."""
+        ...
+
+
+class GrpcShardTransport(GrpcTransport):
+    """Lookups over each shard replica's own gRPC port: raw arrays, one plain channel per address
+    (no client interceptors: they would double the cost of the router's hottest call)."""
+
+    async def lookup(self, replica: ReplicaInfo, keys: np.ndarray, timeout_s: float) -> np.ndarray:
+        call = self._channel(replica.address).unary_unary(SHARD_LOOKUP)
+        try:
+            rows: bytes = await call(keys.astype("<i8", copy=False).tobytes(), timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            status, message = _answer_of(exc)  # raises ReplicaGone when unreachable
+            raise error_for(status, str(message)) from None
+        return np.frombuffer(rows, dtype="<f4").reshape(len(keys), -1)
+
+
+@dataclass
+class ShardPool:
+    """One shard's replicas as this router sees them: P2C, latency windows, hedge budget, counts."""
+
+    shard: int
+    #: No node preference (node id ""): a shard's replicas are spread over nodes on purpose.
+    router: Router = field(default_factory=lambda: Router(""))
+    latencies: dict[str, deque[float]] = field(default_factory=dict)
+    tokens: float = MAX_TOKENS
+    lookups: int = 0
+    hedges: int = 0
+    hedge_wins: int = 0
+    retries: int = 0
+
+    def update(self, replicas: Iterable[ReplicaInfo]) -> None:
+        replicas = list(replicas)
+        self.router.update(replicas)
+        self.latencies = {r.name: self.latencies.get(r.name, deque(maxlen=WINDOW)) for r in replicas}
+
+    def observe(self, name: str, seconds: float) -> None:
+        window = self.latencies.get(name)
+        if window is not None:
+            window.append(seconds)
+
+    def hedge_delay(self) -> float:
+        """Seconds to wait before hedging: the p95 of this shard's fastest replica."""
+        p95s = [sorted(w)[int(0.95 * (len(w) - 1))] for w in self.latencies.values() if len(w) >= MIN_SAMPLES]
+        return min(p95s) if p95s else settings.shard_hedge_default_ms / 1000.0
+
+    def earn(self, budget: float) -> None:
+        self.tokens = min(MAX_TOKENS, self.tokens + budget)
+
+    def spend(self) -> bool:
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "lookups": self.lookups,
+            "hedges": self.hedges,
+            "hedge_wins": self.hedge_wins,
+            "retries": self.retries,
+            "hedge_delay_ms": round(self.hedge_delay() * 1000, 3),
+            "p50_ms": {n: round(1000 * sorted(w)[len(w) // 2], 3) for n, w in self.latencies.items() if w},
+        }
+
+
+class ShardRouterCore:
+    """Request path of one sharded app's router: check, split, fan out (hedged), merge."""
+
+    def __init__(self, transport: ShardTransport, *, hedge_budget: float | None = None) -> None:
+        self.transport = transport
+        self.hedge_budget = settings.shard_hedge_budget if hedge_budget is None else hedge_budget
+        self.routing: ShardRouting | None = None
+        self.spec = common_pb2.ApplicationSpec()
+        self.model_name = ""
+        self.header: ctr.TableHeader | None = None
+        self.pools: list[ShardPool] = []
+        self.requests = self.failures = 0
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def set_routing(self, routing: ShardRouting) -> bool:
+        """Adopt a newer table (older epochs are ignored). Same layout: pools (and their latency
+        history) carry over; a new layout gets new pools, while requests in flight keep the old."""
+        if self.routing is not None and routing.epoch <= self.routing.epoch:
+            return False
+        spec = common_pb2.ApplicationSpec.FromString(routing.spec)
+        header = ctr.read_header(spec.sharding.table)
+        same = self.routing is not None and self.routing.layout == routing.layout
+        pools = self.pools if same else [ShardPool(i) for i in range(routing.layout.shards)]
+        for pool, replicas in zip(pools, routing.shards, strict=True):
+            pool.update(replicas)
+        self.routing, self.spec, self.header, self.pools = routing, spec, header, pools
+        self.model_name = model_name(common_pb2.AppRef(namespace=spec.namespace, name=spec.name))
+        return True
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.pools) and all(len(p.router) for p in self.pools)
+
+    def check_model(self, name: str, version: str = "") -> None:
+        if not self.model_name or name != self.model_name:
+            raise NotFound(f"model {name!r} is not served here (this router serves {self.model_name!r})")
+        if version and version != self.spec.version:
+            raise NotFound(
+                f"model {name!r} version {version!r} is not served (serving {self.spec.version!r})"
+            )
+
+    def metadata(self, name: str) -> service_pb2.ModelMetadataResponse:
+        return model_metadata(self.spec)
+
+    async def respond(self, raw: bytes, timeout_s: float | None) -> service_pb2.ModelInferResponse:
+        """The response to one serialized request, or a domain error."""
+        routing, spec, header, pools = self.routing, self.spec, self.header, self.pools
+        if routing is None or header is None:
+            raise Unavailable("this router has no routing table yet")
+        try:
+            request = service_pb2.ModelInferRequest.FromString(raw)
+        except Exception as exc:
+            raise InvalidArgument(f"malformed ModelInferRequest: {exc}") from None
+        self.check_model(request.model_name, request.model_version)
+        check_request(request, spec)
+        inputs = decode_request(request)
+        key_input = spec.sharding.key_input
+        if key_input not in inputs:
+            raise InvalidArgument(f"missing input tensor {key_input!r} (the keys of the sharded table)")
+        ids = ctr.check_ids(inputs[key_input], num_fields=header.num_fields, num_rows=header.num_rows)
+        deadline = time.monotonic() + (DEFAULT_DEADLINE_S if timeout_s is None else timeout_s)
+        keys, inverse = np.unique(ids.reshape(-1), return_inverse=True)
+        groups = routing.layout.split(keys)
+        parts = await _all(self._lookup(pools[shard], keys[where], deadline) for shard, where in groups)
+        rows = np.empty((len(keys), 1 + header.dim), dtype=np.float32)
+        for (_, where), part in zip(groups, parts, strict=True):
+            rows[where] = part
+        scores = merge_ctr(header, (ids.shape[0], ids.shape[1]), inverse.reshape(-1), rows)
+        output = spec.outputs[0].name if spec.outputs else OUTPUT_NAME
+        return encode_response(
+            self.model_name, {output: scores}, model_version=spec.version, request_id=request.id
+        )
+
+    async def infer(self, raw: bytes, timeout_s: float | None) -> bytes:
+        self.requests += 1
+        try:
+            return (await self.respond(raw, timeout_s)).SerializeToString()
+        except ServefleetError:
+            self.failures += 1
+            raise
+
+    async def stream(self, raw: bytes, timeout_s: float | None) -> AsyncIterator[bytes]:
+        """One response per streamed request; errors travel in ``error_message``."""
+        try:
+            response = await self.respond(raw, timeout_s)
+            yield service_pb2.ModelStreamInferResponse(infer_response=response).SerializeToString()
+        except ServefleetError as exc:
+            yield service_pb2.ModelStreamInferResponse(error_message=str(exc)).SerializeToString()
+
+    async def _lookup(self, pool: ShardPool, keys: np.ndarray, deadline: float) -> np.ndarray:
+        """Rows of ``keys`` from one shard: P2C, a hedge past the shard's p95, retries elsewhere."""
+        pool.lookups += 1
+        pool.earn(self.hedge_budget)
+        tried: set[str] = set()
+        pending: dict[asyncio.Task[np.ndarray], bool] = {}  # attempt -> is it the hedge
+        last = "no replica is ready"
+
+        def launch(hedge: bool) -> bool:
+            slot = pool.router.choose(tried)
+            if slot is None:
+                return False
+            tried.add(slot.info.name)
+            task = asyncio.get_running_loop().create_task(self._attempt(pool, slot, keys, deadline))
+            pending[task] = hedge
+            return True
+
+        launch(False)
+        hedged, succeeded = False, False
+        try:
+            while pending:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise DeadlineExceeded(f"shard {pool.shard}: no answer within the deadline")
+                wait = remaining if hedged or not self.hedge_budget else min(remaining, pool.hedge_delay())
+                done, _ = await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    if not hedged and time.monotonic() < deadline:
+                        hedged = True
+                        if pool.spend() and launch(True):
+                            pool.hedges += 1
+                    continue
+                for task in done:
+                    hedge = pending.pop(task)
+                    error = task.exception()
+                    if error is None:
+                        pool.hedge_wins += hedge
+                        succeeded = True
+                        return task.result()
+                    if isinstance(error, ReplicaGone):
+                        last = f"replica gone ({error})"
+                    elif isinstance(error, ResourceExhausted):
+                        last = str(error)
+                    else:
+                        raise error
+                if not pending and len(tried) < settings.proxy_attempts and launch(False):
+                    pool.retries += 1
+            raise Unavailable(f"model {self.model_name}: shard {pool.shard}: no replica could answer: {last}")
+        finally:
+            for task in pending:  # losers of a won race finish on their own; otherwise stop them
+                if not succeeded:
+                    task.cancel()
+                self._background.add(task)
+                task.add_done_callback(self._settled)
+
+    async def _attempt(self, pool: ShardPool, slot: Slot, keys: np.ndarray, deadline: float) -> np.ndarray:
+        slot.in_flight += 1
+        began = time.monotonic()
+        try:
+            rows = await self.transport.lookup(slot.info, keys, max(deadline - began, 0.001))
+        except ReplicaGone:
+            pool.router.forget(slot.info.name)
+            raise
+        finally:
+            slot.in_flight -= 1
+        pool.observe(slot.info.name, time.monotonic() - began)
+        return rows
+
+    def _settled(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a lost race's failure is not an error of anyone's request
+
+    def stats(self) -> dict[str, Any]:
+        routing = self.routing
+        return {
+            "layout": routing.layout.name if routing else "",
+            "requests": self.requests,
+            "failures": self.failures,
+            "hedge_budget": self.hedge_budget,
+            "shards": [pool.stats() for pool in self.pools],
+            "hedges": sum(p.hedges for p in self.pools),
+            "lookups": sum(p.lookups for p in self.pools),
+        }
+
+
+async def _all(calls: Iterable[Awaitable[np.ndarray]]) -> list[np.ndarray]:
+    """Every call's result, in order; the first failure cancels the rest and is raised."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class ShardRouter:
+    """The router actor: serves KServe v2 on a free port, takes routing tables from the master
+    (pushed on change, pulled at start) and stays registered in discovery as kind ``proxy`` while
+    it can serve, so the SDK and ``tritonclient`` reach a sharded app like any other."""
+
+    def __init__(self, app: bytes, master: str, *, cluster: str, discovery: str, host: str = "") -> None:
+        import ray
+
+        telemetry.setup_tracing("servefleet-shard-router")
+        self.app = common_pb2.AppRef.FromString(app)
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.transport = GrpcShardTransport()
+        self.core = ShardRouterCore(self.transport)
+        host = host or ray.util.get_node_ip_address()
+        self._server = GrpcServer(
+            "shard-router", f"{host}:0", [registrar(InferenceServicer(self.core))], [SERVICE]
+        )
+        self._master, self._cluster, self._discovery = master, cluster, discovery
+        self._serving = asyncio.Event()
+        self._registered: asyncio.Task[None] | None = None
+        self._started = asyncio.get_running_loop().create_task(self._start())
+
+    async def _start(self) -> None:
+        import ray
+
+        from servefleet.services.actors import RAY_NAMESPACE
+
+        await self._server.start()
+        with contextlib.suppress(ValueError):  # master gone: it pushes a table when it is back
+            routing = await ray.get_actor(self._master, namespace=RAY_NAMESPACE).routing.remote()
+            if routing is not None:
+                self._adopt(routing)
+        if self._discovery:
+            self._registered = asyncio.create_task(self._stay_registered())
+
+    async def _stay_registered(self) -> None:
+        from servefleet.discovery.registration import registration
+
+        await self._serving.wait()
+        endpoint = discovery_pb2.Endpoint(
+            app=self.app,
+            kind="proxy",
+            address=self._server.address,
+            labels={"cluster": self._cluster, "node": self.node_id, "router": "sharded"},
+        )
+        async with registration(self._discovery, endpoint, ttl_s=settings.discovery_ttl_s):
+            await asyncio.Event().wait()
+
+    def _adopt(self, routing: ShardRouting) -> bool:
+        adopted = self.core.set_routing(routing)
+        if adopted:
+            # Channels of replicas gone from every table close once their calls are done.
+            self.transport.forget({r.address for r in routing.replicas})
+            if self.core.ready:
+                self._serving.set()
+        return adopted
+
+    async def address(self) -> str:
+        await self._started
+        return self._server.address
+
+    async def update(self, routing: ShardRouting) -> bool:
+        await self._started
+        return self._adopt(routing)
+
+    async def stats(self) -> dict[str, Any]:
+        """Requests, failures, and per shard: lookups, hedges (the extra load), wins, retries."""
+        return self.core.stats()
+
+    async def set_hedge_budget(self, budget: float) -> None:
+        """Operator knob (and the benchmark's switch): 0 turns hedging off."""
+        self.core.hedge_budget = max(0.0, budget)
+
+    async def stop(self) -> None:
+        """Deregister first (clients move away), then let in-flight calls finish."""
+        if self._registered is not None:
+            self._registered.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._registered
+        await self._server.stop()
