@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-from servefleet.discovery.testing import DiscoveryProcess
 
 from servefleet.api import common_pb2
 from servefleet.common.errors import InvalidArgument
@@ -25,6 +24,7 @@ from servefleet.sdk import AsyncClient
 from servefleet.services.actors import RAY_NAMESPACE
 from servefleet.services.agent import masters
 from servefleet.spec import app_ref
+from servefleet.testing import DiscoveryProcess
 from tests.integration.sharded.conftest import (
     FIELDS,
     ROWS,
