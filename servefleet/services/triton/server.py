@@ -25,7 +25,7 @@ from pathlib import Path
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from servefleet.common.config import grpc_options
+from servefleet.common.config import grpc_options, settings
 from servefleet.common.errors import FailedPrecondition
 from servefleet.common.net import free_port
 from servefleet.services.triton.install import TritonInstall
@@ -112,6 +112,10 @@ class TritonServer:
             f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false",
+            # Accept the keepalive pings of servefleet's (and the SDK's) channels: Triton's default
+            # (one idle ping per 5 min) answers them with GOAWAY too_many_pings, failing calls.
+            "--grpc-keepalive-permit-without-calls=1",
+            f"--grpc-http2-min-recv-ping-interval-without-data={settings.keepalive_time_ms // 2}",
         ]
         for key, value in sorted(self.args.items()):
             values = value.split(",") if key == "load-model" else [value]

@@ -175,6 +175,30 @@ async def test_sigkilled_server_costs_no_request_and_a_new_one_registers(
     await async_wait_for(_all_gone(pids), timeout=settings.shutdown_grace_s + 10, what=f"pids {pids} gone")
 
 
+async def test_a_hung_server_is_restarted(
+    ray_driver: str, discovery_server: DiscoveryProcess, client: AsyncClient, tmp_path: Path
+) -> None:
+    """A server that stops answering (SIGSTOP: alive, silent) fails its ServerLive probes and is
+    killed with its stubs and started again; the SDK keeps getting answers meanwhile."""
+    spec = triton_spec(versioned_repository(tmp_path, 1), "1")
+    await apply(spec, discovery_server.address, 1)
+    try:
+        name, victim = sorted((await replicas(spec)).items())[0]
+        os.kill(victim["pids"][0], signal.SIGSTOP)
+
+        async def restarted() -> bool:
+            stats = (await replicas(spec))[name]
+            return bool(stats["restarts"] == 1 and stats["pids"] and stats["pids"][0] != victim["pids"][0])
+
+        async with SdkLoad(client, concurrency=2) as load:
+            await async_wait_for(restarted, timeout=60, interval=0.2, what="hung server restarted")
+            await load.served(20)
+        assert load.failures == Counter(), load.failures
+        assert not any(pid_alive(pid) for pid in victim["pids"])
+    finally:
+        await masters.remove(app_ref(spec))
+
+
 async def test_rolling_update_to_a_new_repository_version_under_load(
     ray_driver: str, discovery_server: DiscoveryProcess, client: AsyncClient, tmp_path: Path
 ) -> None:
