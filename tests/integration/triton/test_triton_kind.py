@@ -5,6 +5,7 @@ update under load costs no request; the servers leave with their actors."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import urllib.request
@@ -79,8 +80,13 @@ async def replicas(spec: common_pb2.ApplicationSpec) -> dict[str, dict[str, Any]
         for a in ray.util.list_named_actors(all_namespaces=True)
         if a["namespace"] == RAY_NAMESPACE and a["name"].startswith(replica_prefix(app_ref(spec)))
     ]
-    handles = {name: ray.get_actor(name, namespace=RAY_NAMESPACE) for name in names}
-    return {name: await handle.stats.remote() for name, handle in handles.items()}
+    handles = {}
+    for name in names:
+        with contextlib.suppress(ValueError):  # gone since the listing
+            handles[name] = ray.get_actor(name, namespace=RAY_NAMESPACE)
+    answers = await asyncio.gather(*(h.stats.remote() for h in handles.values()), return_exceptions=True)
+    # An actor killed a moment ago may still be listed: only live replicas count.
+    return {name: a for name, a in zip(handles, answers, strict=True) if isinstance(a, dict)}
 
 
 async def triton_endpoints(client: AsyncClient) -> dict[str, discovery_pb2.Endpoint]:
@@ -195,6 +201,32 @@ async def test_a_hung_server_is_restarted(
             await load.served(20)
         assert load.failures == Counter(), load.failures
         assert not any(pid_alive(pid) for pid in victim["pids"])
+    finally:
+        await masters.remove(app_ref(spec))
+
+
+async def test_a_killed_actor_takes_its_server_along(
+    ray_driver: str, discovery_server: DiscoveryProcess, client: AsyncClient, tmp_path: Path
+) -> None:
+    """SIGKILL the replica actor itself (no drain, no cleanup code): its tritonserver and stubs die
+    with it (parent-death signal), and the master's replacement registers a new server."""
+    spec = triton_spec(versioned_repository(tmp_path, 1), "1")
+    await apply(spec, discovery_server.address, 1)
+    try:
+        before = await replicas(spec)
+        name, victim = sorted(before.items())[0]
+        actor_pid = await ray.get_actor(name, namespace=RAY_NAMESPACE).__ray_call__.remote(
+            lambda _: os.getpid()
+        )
+        os.kill(actor_pid, signal.SIGKILL)
+        await async_wait_for(_all_gone(victim["pids"]), timeout=10, what=f"pids {victim['pids']} gone")
+
+        async def replaced() -> bool:
+            now = await replicas(spec)
+            addresses = {s["address"] for s in now.values()}
+            return name not in now and len(now) == 2 and set(await triton_endpoints(client)) == addresses
+
+        await async_wait_for(replaced, timeout=120, interval=0.2, what="replacement registered")
     finally:
         await masters.remove(app_ref(spec))
 
