@@ -60,6 +60,8 @@ from servefleet.spec import model_name
 WINDOW = 128
 #: Samples a replica needs before its p95 counts.
 MIN_SAMPLES = 16
+#: New samples after which a shard's p95 is computed again.
+REFRESH = 8
 #: Hedge tokens a shard may bank (bounds a burst of hedges after a quiet spell).
 MAX_TOKENS = 10.0
 #: Caller without a deadline: how long a request may take at most.
@@ -99,6 +101,8 @@ class GrpcShardTransport(GrpcTransport):
         except grpc.aio.AioRpcError as exc:
             status, message = _answer_of(exc)  # raises ReplicaGone when unreachable
             raise error_for(status, str(message)) from None
+        except grpc.aio.UsageError as exc:  # its channel closed: the replica left the table
+            raise ReplicaGone(str(exc)) from exc
         return np.frombuffer(rows, dtype="<f4").reshape(len(keys), -1)
 
 
@@ -120,16 +124,27 @@ class ShardPool:
         replicas = list(replicas)
         self.router.update(replicas)
         self.latencies = {r.name: self.latencies.get(r.name, deque(maxlen=WINDOW)) for r in replicas}
+        self._delay = None
+
+    _delay: float | None = None  # hedge_delay, recomputed every REFRESH samples (sorting is not free)
+    _fresh: int = 0
 
     def observe(self, name: str, seconds: float) -> None:
         window = self.latencies.get(name)
         if window is not None:
             window.append(seconds)
+            self._fresh += 1
+            if self._fresh >= REFRESH:
+                self._delay, self._fresh = None, 0
 
     def hedge_delay(self) -> float:
         """Seconds to wait before hedging: the p95 of this shard's fastest replica."""
-        p95s = [sorted(w)[int(0.95 * (len(w) - 1))] for w in self.latencies.values() if len(w) >= MIN_SAMPLES]
-        return min(p95s) if p95s else settings.shard_hedge_default_ms / 1000.0
+        if self._delay is None:
+            p95s = [
+                sorted(w)[int(0.95 * (len(w) - 1))] for w in self.latencies.values() if len(w) >= MIN_SAMPLES
+            ]
+            self._delay = min(p95s) if p95s else settings.shard_hedge_default_ms / 1000.0
+        return self._delay
 
     def earn(self, budget: float) -> None:
         self.tokens = min(MAX_TOKENS, self.tokens + budget)
@@ -197,6 +212,18 @@ class ShardRouterCore:
 
     async def respond(self, raw: bytes, timeout_s: float | None) -> service_pb2.ModelInferResponse:
         """The response to one serialized request, or a domain error."""
+        routing, began = self.routing, time.monotonic()
+        try:
+            return await self._respond(raw, timeout_s)
+        except Unavailable:
+            if self.routing is routing:
+                raise
+            # The table changed while this request ran (a reshard, a replaced replica): the shards
+            # it used may be draining. Lookups are idempotent, so it runs again on the new table.
+            left = None if timeout_s is None else timeout_s - (time.monotonic() - began)
+            return await self._respond(raw, left)
+
+    async def _respond(self, raw: bytes, timeout_s: float | None) -> service_pb2.ModelInferResponse:
         routing, spec, header, pools = self.routing, self.spec, self.header, self.pools
         if routing is None or header is None:
             raise Unavailable("this router has no routing table yet")
@@ -331,10 +358,11 @@ async def _all(calls: Iterable[Awaitable[np.ndarray]]) -> list[np.ndarray]:
     tasks = [asyncio.ensure_future(c) for c in calls]
     try:
         return list(await asyncio.gather(*tasks))
-    finally:
+    except BaseException:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 class ShardRouter:

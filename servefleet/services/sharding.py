@@ -134,12 +134,17 @@ class ShardPart:
             self.path = str(build_hash_part(table, self.header, layout, shard, cache_dir=cache_dir))
             self.lo = 0
             rows = _read_part_header(self.path)
-            self.keys = np.memmap(self.path, dtype="<i8", mode="r", offset=_PART_HEADER.size, shape=(rows,))
+            self.keys = np.asarray(
+                np.memmap(self.path, dtype="<i8", mode="r", offset=_PART_HEADER.size, shape=(rows,))
+            )
             linear_at = _PART_HEADER.size + 8 * rows
             factors_at = linear_at + 4 * rows
         self.rows = rows
-        self.linear = np.memmap(self.path, dtype="<f4", mode="r", offset=linear_at, shape=(rows,))
-        self.factors = np.memmap(self.path, dtype="<f4", mode="r", offset=factors_at, shape=(rows, dim))
+        # Plain ndarray views of the maps: np.memmap's own __getitem__ costs more than the gather.
+        self.linear = np.asarray(np.memmap(self.path, dtype="<f4", mode="r", offset=linear_at, shape=(rows,)))
+        self.factors = np.asarray(
+            np.memmap(self.path, dtype="<f4", mode="r", offset=factors_at, shape=(rows, dim))
+        )
         self.table_bytes = rows * 4 * (1 + dim) + (rows * 8 if self.keys is not None else 0)
         # Fault every page in now: lookups never wait on the disk, and resident == the part.
         for array in (self.keys, self.linear, self.factors):

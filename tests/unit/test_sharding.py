@@ -181,7 +181,8 @@ async def test_a_slow_replica_is_hedged_to_its_sibling_within_the_budget(table: 
     assert pool.hedges > 0 and pool.hedge_wins > 0
     assert pool.hedges <= 0.5 * pool.lookups + 10  # the budget bounds the extra load
     p95 = {name: sorted(w)[int(0.95 * (len(w) - 1))] for name, w in pool.latencies.items()}
-    assert pool.hedge_delay() == p95["s0r1"] < p95["s0r0"]  # judged by the fast replica's p95
+    # Judged by the fast replica's p95 (recomputed every few samples), not the slow one's.
+    assert min(pool.latencies["s0r1"]) <= pool.hedge_delay() < p95["s0r0"]
 
 
 def test_hedge_delay_is_the_fastest_replicas_p95() -> None:
@@ -234,3 +235,39 @@ def test_sharding_defaults_and_replicas_per_shard() -> None:
         "ctr",
         "feature_ids",
     )
+
+
+def test_the_keeper_passes_each_shards_memory_on_to_app_status() -> None:
+    from servefleet.api import agent_pb2, keeper_pb2
+    from servefleet.api.common_pb2 import ShardStatus
+    from servefleet.keeper.reconciler import summarize
+    from servefleet.keeper.store import AppRecord
+
+    spec = load_spec(_sharded())
+    record = AppRecord(keeper_pb2.DesiredState(spec=spec, replicas=1), 7, keeper_pb2.ApplicationStatus())
+    shard = ShardStatus(shard=1, layout="range-2", rows=10, table_bytes=680, resident_bytes=680, ready=True)
+    seen = agent_pb2.MasterStatus(replicas=1, ready_replicas=1, version="1", revision=7, shards=[shard])
+    _, _, placements = summarize(record, {"c": seen})
+    assert list(placements[0].shards) == [shard]
+
+
+async def test_a_request_caught_by_a_reshard_runs_again_on_the_new_layout(
+    table: Path, reference: ctr.FactorizationMachine
+) -> None:
+    old, old_parts = _routing(table, "range", 2, 1)
+    new, new_parts = _routing(table, "range", 3, 1)
+    transport = PartTransport({**old_parts, **new_parts})
+    core = ShardRouterCore(transport, hedge_budget=0.0)
+    core.set_routing(old)
+
+    class Resharding(PartTransport):
+        async def lookup(self, replica: ReplicaInfo, keys: np.ndarray, timeout_s: float) -> np.ndarray:
+            if core.routing is old:  # the old layout drains while this request is under way
+                core.set_routing(new)
+                raise ReplicaGone("drained")
+            return await transport.lookup(replica, keys, timeout_s)
+
+    core.transport = Resharding(transport.parts)
+    ids = np.random.default_rng(9).integers(0, ROWS, size=(32, FIELDS), dtype=np.int64)
+    assert np.array_equal(_scores(await core.infer(_request(ids), 5.0)), reference.score(ids))
+    assert core.failures == 0 and core.routing is new
