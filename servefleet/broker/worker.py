@@ -35,12 +35,18 @@ from servefleet.api import common_pb2
 from servefleet.broker.core import app_name
 from servefleet.broker.queue import TRANSIENT_ERRORS, AppConfig, Entry, RedisStreamQueue, RequestQueue
 from servefleet.common.config import settings
+from servefleet.common.retry import Backoff, RetryPolicy
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[service_pb2.ModelInferRequest], Awaitable[service_pb2.ModelInferResponse]]
 TICKET_PARAMETER = "servefleet.ticket"
 T = TypeVar("T")
+#: Redis unreachable: try again after a capped, doubling, fully jittered pause (so a fleet of
+#: workers does not reconnect to a restarted Redis in step), for as long as it takes.
+REDIS_RETRY = RetryPolicy(
+    Backoff(initial_s=0.1, max_s=2.0), retry_on=lambda exc: isinstance(exc, TRANSIENT_ERRORS)
+)
 
 
 class PullWorker:
@@ -132,7 +138,7 @@ class PullWorker:
 
     async def _pull_loop(self) -> None:
         next_reclaim = 0.0
-        backoff = 0.1
+        failures = 0
         while not self._stopping:
             try:
                 await self._slot_free.wait()
@@ -156,17 +162,17 @@ class PullWorker:
                         self._spawn(entry)
                     else:
                         self._backlog.append(entry)
-                backoff = 0.1
+                failures = 0
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                await self._recover(exc, backoff)
-                backoff = min(backoff * 2, 2.0)
+                failures += 1
+                await self._recover(exc, REDIS_RETRY.backoff.delay(failures))
 
-    async def _recover(self, exc: Exception, backoff: float) -> None:
+    async def _recover(self, exc: Exception, pause: float) -> None:
         """Redis unreachable or restarted: wait, and recreate the consumer groups if they are gone."""
         log.warning("pull worker %s/%s: %s; retrying", self.app, self.consumer, exc)
-        await asyncio.sleep(backoff)
+        await asyncio.sleep(pause)
         if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
             with contextlib.suppress(Exception):
                 await self._queue.register_app(self.app, self._config)
@@ -197,14 +203,11 @@ class PullWorker:
 
     async def _persist(self, call: Callable[[], Awaitable[T]]) -> T:
         """Run a queue call until Redis answers: a result computed is never dropped for a blip."""
-        backoff = 0.1
-        while True:
-            try:
-                return await call()
-            except TRANSIENT_ERRORS as exc:
-                log.warning("pull worker %s/%s: redis: %s; retrying", self.app, self.consumer, exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+
+        def retrying(exc: BaseException, _: float) -> None:
+            log.warning("pull worker %s/%s: redis: %s; retrying", self.app, self.consumer, exc)
+
+        return await REDIS_RETRY.run(call, on_retry=retrying)
 
     async def _run(self, entry: Entry) -> None:
         """Run one started entry; its slot frees when the handler returns, and the result is

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import AsyncIterator
 
 import grpc
@@ -19,6 +18,7 @@ import grpc
 from servefleet.api import discovery_pb2, discovery_pb2_grpc
 from servefleet.common.config import grpc_options, settings
 from servefleet.common.errors import FailedPrecondition, from_rpc_error
+from servefleet.common.retry import Backoff, RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,11 @@ def _retryable(exc: BaseException) -> bool:
     )
 
 
-def _jittered(delay: float) -> float:
-    return delay * random.uniform(0.5, 1.0)
+def _raise_translated(exc: BaseException) -> None:
+    """A gRPC error leaves as the domain error of its status; anything else as it is."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        raise from_rpc_error(exc) from None
+    raise exc
 
 
 class Registration:
@@ -106,25 +109,19 @@ class Registration:
 
     async def _register_until_done(self, *, give_up_after: float | None) -> None:
         """Register, retrying while discovery or etcd is unreachable; raise other errors at once."""
-        loop = asyncio.get_running_loop()
-        deadline = None if give_up_after is None else loop.time() + give_up_after
-        delay = 0.1
-        while True:
-            try:
-                await self._register()
-                return
-            except Exception as exc:
-                if not _retryable(exc):
-                    if isinstance(exc, grpc.aio.AioRpcError):
-                        raise from_rpc_error(exc) from None
-                    raise
-                if deadline is not None and loop.time() + delay > deadline:
-                    if isinstance(exc, grpc.aio.AioRpcError):
-                        raise from_rpc_error(exc) from None
-                    raise
-                log.warning("discovery unreachable, retrying registration", extra={"error": str(exc)})
-            await asyncio.sleep(_jittered(delay))
-            delay = min(delay * 2, self._period)
+        policy = RetryPolicy(
+            Backoff(initial_s=0.1, max_s=self._period, jitter=0.5),
+            deadline_s=give_up_after,
+            retry_on=_retryable,
+        )
+
+        def retrying(exc: BaseException, _: float) -> None:
+            log.warning("discovery unreachable, retrying registration", extra={"error": str(exc)})
+
+        try:
+            await policy.run(self._register, on_retry=retrying)
+        except Exception as exc:
+            _raise_translated(exc)
 
     async def _keep_alive(self) -> None:
         """Renew forever; re-register after a lost lease; reopen the stream after any failure."""
@@ -144,7 +141,8 @@ class Registration:
                 raise
             except Exception as exc:
                 log.warning("keep-alive failed, retrying", extra={"error": str(exc)})
-                await asyncio.sleep(_jittered(min(self._period, 1.0)))
+                pause = min(self._period, 1.0)
+                await asyncio.sleep(Backoff(initial_s=pause, max_s=pause, jitter=0.5).delay(1))
             finally:
                 call.cancel()
 

@@ -2,17 +2,16 @@
 
 Per application the client holds one Watch stream (never polls) and its live endpoint set; each
 request picks an endpoint (power of two choices, see ``picker.py``) and, when the endpoint is
-unreachable, retries on another one within the caller's deadline.
+unreachable, retries on another one, and on all of them again after a pause, within the caller's
+deadline (``INFER_RETRY``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import threading
 from collections.abc import Awaitable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
@@ -32,6 +31,7 @@ from servefleet.common.errors import (
     Unavailable,
     from_rpc_error,
 )
+from servefleet.common.retry import Backoff, RetryPolicy, on_status
 from servefleet.common.telemetry import tracer
 from servefleet.discovery.names import parse_app
 from servefleet.sdk.broker_client import AsyncBrokerClient
@@ -43,21 +43,14 @@ from servefleet.spec import model_name
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Bounded, jittered retries of a request on another endpoint (idempotent inference only)."""
-
-    attempts: int = 3  # tries in all, the first included
-    backoff_s: float = 0.005
-    max_backoff_s: float = 0.2
-    codes: frozenset[grpc.StatusCode] = field(default=frozenset({grpc.StatusCode.UNAVAILABLE}))
-
-    def delay(self, attempt: int) -> float:
-        """Pause before try number ``attempt + 1`` (full jitter keeps clients from syncing up)."""
-        return random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2**attempt))
-
-
-NO_RETRY = RetryPolicy(attempts=1)
+#: What ``infer`` retries: UNAVAILABLE (the endpoint is gone, or has no replica right now) on
+#: another endpoint at once, and once every live endpoint has failed (or none is live) again after a
+#: jittered, capped pause that a change of the endpoint set cuts short, until the caller's deadline.
+#: Inference counts as idempotent; ``retry=False`` sends once. Other calls are not retried.
+INFER_RETRY = RetryPolicy(
+    Backoff(initial_s=0.005, max_s=0.5), retry_on=on_status(grpc.StatusCode.UNAVAILABLE)
+)
+NO_RETRY = RetryPolicy(Backoff(initial_s=0.0, max_s=0.0), attempts=1)
 
 
 class AsyncClient:
@@ -80,7 +73,7 @@ class AsyncClient:
     ) -> None:
         self._discovery = grpc.aio.insecure_channel(discovery, options=grpc_options())
         self._stub = discovery_pb2_grpc.DiscoveryStub(self._discovery)
-        self._retry = retry if isinstance(retry, RetryPolicy) else (RetryPolicy() if retry else NO_RETRY)
+        self._retry = retry if isinstance(retry, RetryPolicy) else (INFER_RETRY if retry else NO_RETRY)
         self._timeout = timeout
         self.picker = Picker(zone=zone)
         self._pool = ChannelPool()
@@ -147,7 +140,9 @@ class AsyncClient:
         metadata: Sequence[tuple[str, str]] = (),
     ) -> dict[str, np.ndarray]:
         """Run ``app`` on ``inputs``; raises the domain error (InvalidArgument, Unavailable, ...)
-        the endpoint answered. Unreachable endpoints are retried on others unless retry is off.
+        the endpoint answered. Retried as ``INFER_RETRY`` says (the client's policy) unless
+        ``retry=False``: an UNAVAILABLE endpoint is retried on others, and when all have failed
+        or none is live, again after a pause, until the deadline; only then does it raise.
         ``model``: the model_name to send (default :func:`served_model`)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self._timeout if timeout is None else timeout)
@@ -163,16 +158,29 @@ class AsyncClient:
         with tracer.start_as_current_span("servefleet.infer", kind=SpanKind.INTERNAL) as span:
             span.set_attribute("servefleet.app", model_name(ref))
             watch = await self._synced(app, max(0.0, deadline - loop.time()))
-            tried: set[str] = set()
-            for attempt in range(policy.attempts):
-                endpoint = await self._pick(app, watch, tried, deadline)
-                if endpoint is None:
-                    break
-                tried.add(endpoint.address)
-                request.model_name = model or served_model(endpoint, ref)
+            tried: set[str] = set()  # endpoints that failed since the set last changed or was retried
+            failures = 0
+            last: grpc.aio.AioRpcError | None = None
+            while True:
+                endpoint = self.picker.pick(watch.endpoints, exclude=tried)
                 left = deadline - loop.time()
+                if endpoint is None and last is None:  # none live yet: wait for one to appear
+                    if left <= 0 or not await watch.wait_changed(left):
+                        raise Unavailable(f"application {app!r} has no live endpoints")
+                    continue
+                if endpoint is None:
+                    # Every live endpoint failed this request (or none is left): pause, cut short
+                    # when the set changes, then try them all again, within the deadline.
+                    if left <= 0:
+                        raise from_rpc_error(last)
+                    await watch.wait_changed(min(policy.backoff.delay(failures), left))
+                    tried.clear()
+                    continue
                 if left <= 0:
+                    if last is not None:
+                        raise from_rpc_error(last)
                     raise DeadlineExceeded(f"deadline passed before trying {endpoint.address}")
+                request.model_name = model or served_model(endpoint, ref)
                 self.picker.started(endpoint.address)
                 start = loop.time()
                 try:
@@ -180,18 +188,18 @@ class AsyncClient:
                         request, timeout=left, metadata=tuple(metadata)
                     )
                 except grpc.aio.AioRpcError as exc:
-                    retryable = exc.code() in policy.codes
+                    retryable = policy.retries(exc)
                     timed_out = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                     self.picker.failed(
                         endpoint.address,
                         unavailable=retryable,
                         latency_s=loop.time() - start if timed_out else None,
                     )
-                    last: grpc.aio.AioRpcError = exc
-                    if not retryable or attempt + 1 >= policy.attempts:
+                    failures, last = failures + 1, exc
+                    if not retryable or not policy.allows(failures):
                         raise from_rpc_error(exc) from None
                     span.add_event("retry", {"endpoint": endpoint.address, "code": exc.code().name})
-                    await asyncio.sleep(min(policy.delay(attempt), max(0.0, deadline - loop.time())))
+                    tried.add(endpoint.address)
                     continue
                 except BaseException:  # cancelled by the caller: the request no longer counts
                     self.picker.failed(endpoint.address, unavailable=False)
@@ -199,7 +207,6 @@ class AsyncClient:
                 self.picker.succeeded(endpoint.address, loop.time() - start)
                 span.set_attribute("servefleet.endpoint", endpoint.address)
                 return tensors.decode_response(reply)
-            raise from_rpc_error(last)
 
     async def triton_client(
         self, app: str, *, timeout: float = 10.0

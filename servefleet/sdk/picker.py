@@ -17,7 +17,11 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from servefleet.api import discovery_pb2
+from servefleet.common.retry import Backoff
 
+#: How long an endpoint that just failed sits out: at least half the capped, doubling pause, so
+#: it really does sit out (not full jitter).
+ENDPOINT_BACKOFF = Backoff(initial_s=0.5, max_s=5.0, jitter=0.5)
 #: Cost of an endpoint nothing is known about yet, when no other endpoint has been measured.
 _DEFAULT_LATENCY_S = 0.001
 
@@ -43,15 +47,13 @@ class Picker:
         *,
         zone: str = "",
         decay_s: float = 10.0,
-        backoff_s: float = 0.5,
-        max_backoff_s: float = 5.0,
+        backoff: Backoff = ENDPOINT_BACKOFF,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
         self.zone = zone
         self._decay_s = decay_s
-        self._backoff_s = backoff_s
-        self._max_backoff_s = max_backoff_s
+        self._backoff = backoff
         self._clock = clock
         self._rng = rng or random.Random()
         self.stats: dict[str, EndpointStats] = {}
@@ -129,8 +131,7 @@ class Picker:
         if not unavailable:
             return
         stats.failures += 1
-        backoff = min(self._max_backoff_s, self._backoff_s * 2 ** (stats.failures - 1))
-        stats.backoff_until = self._clock() + backoff * self._rng.uniform(0.5, 1.0)
+        stats.backoff_until = self._clock() + self._backoff.delay(stats.failures, self._rng)
 
     def forget(self, addresses: Collection[str]) -> None:
         for address in addresses:

@@ -9,17 +9,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Callable
 
 import grpc
 
 from servefleet.api import common_pb2, discovery_pb2, discovery_pb2_grpc
 from servefleet.common.errors import ServefleetError, from_rpc_error
+from servefleet.common.retry import Backoff
 
 log = logging.getLogger(__name__)
 
 Event = discovery_pb2.WatchEvent
+#: Pause before reopening a broken Watch stream (reset by the first event that arrives).
+WATCH_BACKOFF = Backoff(initial_s=0.05, max_s=2.0, jitter=0.5)
 #: Called with the endpoints an event removed (their channels can be closed).
 OnRemoved = Callable[[list[discovery_pb2.Endpoint]], None]
 
@@ -60,7 +62,7 @@ class AppWatch:
         app: common_pb2.AppRef,
         *,
         on_removed: OnRemoved | None = None,
-        max_backoff_s: float = 2.0,
+        backoff: Backoff = WATCH_BACKOFF,
     ) -> None:
         self.app = app
         self.state = EndpointSet()
@@ -68,7 +70,7 @@ class AppWatch:
         self.connected = False
         self._stub = stub
         self._on_removed = on_removed
-        self._max_backoff_s = max_backoff_s
+        self._backoff = backoff
         self._changed = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name=f"watch-{app.namespace}/{app.name}")
 
@@ -98,7 +100,7 @@ class AppWatch:
         self._changed = asyncio.Event()
 
     async def _run(self) -> None:
-        delay = 0.05
+        failures = 0
         while True:
             try:
                 call = self._stub.Watch(
@@ -106,7 +108,7 @@ class AppWatch:
                 )
                 async for event in call:
                     self.connected = True
-                    delay = 0.05
+                    failures = 0
                     removed = self.state.apply(event)
                     if removed and self._on_removed is not None:
                         self._on_removed(removed)
@@ -118,8 +120,8 @@ class AppWatch:
                     return
                 log.info("discovery watch broke; resuming", extra={"error": exc.details()})
             self.connected = False
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, self._max_backoff_s)
+            failures += 1
+            await asyncio.sleep(self._backoff.delay(failures))
 
     async def close(self) -> None:
         self._task.cancel()

@@ -27,6 +27,7 @@ from ray.experimental import internal_kv
 
 from servefleet.api import agent_pb2, common_pb2
 from servefleet.common.config import settings
+from servefleet.common.retry import Backoff
 from servefleet.services.actors import (
     RAY_NAMESPACE,
     app_key,
@@ -56,6 +57,9 @@ TritonReplicaActor = ray.remote(TritonReplica)
 SELF_REGISTERING: dict[str, Any] = {"direct": DirectReplicaActor, "triton": TritonReplicaActor}
 ProxyActor = ray.remote(Proxy)
 _GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+#: After a replica failed to start, the next start waits 2, 4, 8 ... 30 s (a broken image or
+#: import path must not spin the cluster).
+REPLICA_START_BACKOFF = Backoff(initial_s=2.0, max_s=30.0, jitter=0.0)
 
 
 def generation(spec: common_pb2.ApplicationSpec) -> str:
@@ -368,7 +372,7 @@ class ApplicationMaster:
         self._forget(replica)
         _kill(replica.handle)
         self._start_failures += 1
-        self._next_start = time.monotonic() + min(2.0**self._start_failures, 30.0)
+        self._next_start = time.monotonic() + REPLICA_START_BACKOFF.delay(self._start_failures)
         self._wake.set()
 
     def _forget(self, replica: ReplicaState) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import collections
 import random
 
-import grpc
-
 from servefleet.api import discovery_pb2
-from servefleet.sdk.client import RetryPolicy
+from servefleet.common.errors import InvalidArgument, Unavailable
+from servefleet.common.retry import Backoff
+from servefleet.sdk.client import INFER_RETRY, NO_RETRY
 from servefleet.sdk.picker import Picker
 from servefleet.sdk.watch import EndpointSet
 
@@ -84,7 +84,7 @@ def test_zone_preference_falls_back_when_the_zone_is_unusable() -> None:
 
 def test_failed_endpoint_backs_off_then_returns() -> None:
     clock = Clock()
-    p = picker(clock, backoff_s=1.0)
+    p = picker(clock, backoff=Backoff(initial_s=1.0, max_s=5.0, jitter=0.5))
     endpoints = [ep(1), ep(2)]
     p.started("h:1"), p.failed("h:1", unavailable=True)
     assert split(p, endpoints)["e1"] == 0
@@ -95,10 +95,22 @@ def test_failed_endpoint_backs_off_then_returns() -> None:
     assert p.pick(endpoints, exclude={"h:1", "h:2"}) is None
 
 
-def test_retry_policy_delays_are_bounded() -> None:
-    policy = RetryPolicy(attempts=5, backoff_s=0.01, max_backoff_s=0.05)
-    assert all(0 <= policy.delay(a) <= 0.05 for a in range(10) for _ in range(50))
-    assert policy.codes == frozenset({grpc.StatusCode.UNAVAILABLE})
+def test_infer_retry_policy_retries_unavailable_only_until_the_deadline() -> None:
+    assert INFER_RETRY.attempts is None  # bounded by the caller's deadline, not a count
+    assert all(0 <= INFER_RETRY.backoff.delay(a) <= 0.5 for a in range(10) for _ in range(50))
+    assert INFER_RETRY.retries(Unavailable("gone"))
+    assert not INFER_RETRY.retries(InvalidArgument("bad input"))
+    assert not NO_RETRY.allows(1)
+
+
+def test_thousands_of_failures_do_not_overflow_the_backoff() -> None:
+    """The picker's backoff once computed ``0.5 * 2 ** (failures - 1)``: OverflowError after ~1000."""
+    clock = Clock()
+    p = picker(clock)
+    for _ in range(5000):
+        p.started("h:1"), p.failed("h:1", unavailable=True)
+    assert p.stats["h:1"].failures == 5000
+    assert clock.now + 2.5 <= p.stats["h:1"].backoff_until <= clock.now + 5.0  # the cap, half-jittered
 
 
 def test_endpoint_set_applies_snapshot_and_deltas() -> None:

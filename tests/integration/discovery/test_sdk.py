@@ -190,3 +190,23 @@ async def test_deadline_and_cancellation_release_the_endpoint(
         await asyncio.wait_for(client.infer("s7", X), 0.1)
     assert client.picker.stats[slow.address].in_flight == 0
     assert client.picker.stats[slow.address].backoff_until == 0.0  # slow is not dead
+
+
+async def test_only_endpoint_killed_and_back_within_the_deadline_fails_nothing(
+    client: AsyncClient, discovery: DiscoveryProcess, endpoints: list[EndpointProcess]
+) -> None:
+    """Every endpoint down (then none live once its lease ends): requests wait, retrying with
+    backoff and woken by the watch, and succeed when it is back before their deadline."""
+    only = start(endpoints, discovery.address, "s8", "s8-a")
+    await wait_ids(client, "s8", {"s8-a"})
+    await load(client, "s8", 10, 2)
+    only.kill()
+    # Requests in flight while it is down: dead address first, then an empty set (TTL_S later).
+    calls = [asyncio.create_task(served_by(client, "s8", timeout=30.0)) for _ in range(8)]
+    await asyncio.sleep(TTL_S + 1.0)
+    assert not any(call.done() for call in calls)  # still retrying, not failed
+    await asyncio.to_thread(only.start)  # back, same id and address
+    assert await asyncio.gather(*calls) == ["s8-a"] * 8
+    only.kill()
+    with pytest.raises(Unavailable):  # retry=False: one try, no waiting for it to come back
+        await client.infer("s8", X, retry=False, timeout=30.0)

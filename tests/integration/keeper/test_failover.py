@@ -108,11 +108,6 @@ class CallsFailed(AssertionError):
     """SDK calls failed although their deadline outlived the move."""
 
 
-# The keeper's part (the move) is asserted either way; calls survive it only once the SDK keeps
-# trying until the caller's deadline when every endpoint fails (issue 11): remove this mark then.
-@pytest.mark.xfail(
-    raises=CallsFailed, strict=True, reason="SDK retry-until-deadline (issue 11) not on main yet"
-)
 def test_sigkill_a_clusters_ray_head_and_agent_under_sdk_load_moves_the_app_losing_no_call(
     fleet: Fleet,
 ) -> None:
