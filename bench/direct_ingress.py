@@ -37,17 +37,18 @@ import ray
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from servefleet.api import common_pb2
+from servefleet.common.appid import AppId
 from servefleet.common.config import grpc_options
 from servefleet.common.errors import ServefleetError
 from servefleet.common.net import free_port, wait_for
 from servefleet.common.tensors import decode_request, encode_request, encode_response
 from servefleet.direct import INPUT_NAME, DirectServer, ctr, run_load
 from servefleet.services.agent import masters
-from servefleet.spec import load_spec, model_name
+from servefleet.spec import load_spec
 from servefleet.testing import RayCluster
 
 APP = common_pb2.AppRef(namespace="recs", name="ctr")
-MODEL = model_name(APP)
+MODEL = AppId.parse(APP).model_name
 BATCHES = (1, 64)
 
 

@@ -23,6 +23,7 @@ from _report import write_report
 
 from servefleet import AsyncClient
 from servefleet.api import discovery_pb2, discovery_pb2_grpc
+from servefleet.common.appid import AppId
 from servefleet.common.config import grpc_options
 from servefleet.discovery import names
 from servefleet.discovery.core import connect_etcd
@@ -36,7 +37,7 @@ def percentile(samples: list[float], q: float) -> float:
 
 async def register_many(stub: discovery_pb2_grpc.DiscoveryStub, app: str, count: int) -> int:
     """``count`` endpoints on one shared lease (one keep-alive for the lot, as a node agent would)."""
-    ref = names.parse_app(app)
+    ref = AppId.parse(app).ref()
     first = await stub.Register(
         discovery_pb2.RegisterRequest(
             endpoint=discovery_pb2.Endpoint(app=ref, kind="proxy", address="127.0.0.1:1"), ttl_s=300
@@ -63,7 +64,7 @@ async def sdk_propagation(
     stub: discovery_pb2_grpc.DiscoveryStub, client: AsyncClient, app: str, samples: int
 ) -> list[float]:
     """Seconds from sending Register to the new endpoint being in the SDK's set."""
-    ref = names.parse_app(app)
+    ref = AppId.parse(app).ref()
     await client.endpoints(app, timeout=60)
     watch = client.watch(ref)
     out = []
@@ -84,7 +85,7 @@ async def sdk_propagation(
 
 async def etcd_propagation(etcd: aetcd.Client, app: str, samples: int) -> list[float]:
     """Peer: seconds from an etcd put to its event on an etcd watch of the same prefix."""
-    prefix = names.watch_prefix(names.parse_app(app))
+    prefix = names.watch_prefix(AppId.parse(app).ref())
     watch = await etcd.watch_prefix(prefix + b"peer-")
     events = watch.__aiter__()
     out = []
@@ -135,8 +136,8 @@ async def run(sizes: list[int], samples: int, seconds: float, concurrency: int) 
                 register_s = time.perf_counter() - started
                 sdk = await sdk_propagation(stub, client, app, samples)
                 peer = await etcd_propagation(etcd, app, samples)
-                request = discovery_pb2.ResolveRequest(app=names.parse_app(app))
-                prefix = names.watch_prefix(names.parse_app(app))
+                request = discovery_pb2.ResolveRequest(app=AppId.parse(app).ref())
+                prefix = names.watch_prefix(AppId.parse(app).ref())
                 resolve_rps = await rate(functools.partial(stub.Resolve, request), seconds, concurrency)
                 etcd_rps = await rate(functools.partial(etcd.get_prefix, prefix), seconds, concurrency)
                 figures.append(

@@ -27,6 +27,7 @@ import grpc
 from _report import write_report
 
 from servefleet.api import agent_pb2, agent_pb2_grpc, common_pb2, keeper_pb2, keeper_pb2_grpc
+from servefleet.common.appid import AppId
 from servefleet.common.config import grpc_options
 from servefleet.keeper.store import KeeperStore
 from servefleet.spec import load_spec
@@ -141,13 +142,15 @@ async def to_running(keeper: str, token: str, agent: str, samples: int) -> dict[
             started = time.perf_counter()
             await stub.SubmitApplication(keeper_pb2.SubmitApplicationRequest(spec=spec), metadata=md)
             async for event in stub.WatchApplication(
-                keeper_pb2.WatchApplicationRequest(app=spec_ref(spec)), metadata=md
+                keeper_pb2.WatchApplicationRequest(app=AppId.parse(spec).ref()), metadata=md
             ):
                 if event.state in (AppState.RUNNING, AppState.FAILED):
                     assert event.state == AppState.RUNNING, event.reason
                     break
             via_keeper.append(time.perf_counter() - started)
-            await stub.DeleteApplication(keeper_pb2.DeleteApplicationRequest(app=spec_ref(spec)), metadata=md)
+            await stub.DeleteApplication(
+                keeper_pb2.DeleteApplicationRequest(app=AppId.parse(spec).ref()), metadata=md
+            )
 
             spec.name = f"direct-{n}"
             started = time.perf_counter()
@@ -156,13 +159,15 @@ async def to_running(keeper: str, token: str, agent: str, samples: int) -> dict[
             )
             while True:
                 seen = await agent_stub.GetApplicationState(
-                    agent_pb2.GetApplicationStateRequest(app=spec_ref(spec))
+                    agent_pb2.GetApplicationStateRequest(app=AppId.parse(spec).ref())
                 )
                 if seen.ready_replicas >= 1 and seen.proxy_addresses:
                     break
                 await asyncio.sleep(0.02)
             direct.append(time.perf_counter() - started)
-            await agent_stub.RemoveApplication(agent_pb2.RemoveApplicationRequest(app=spec_ref(spec)))
+            await agent_stub.RemoveApplication(
+                agent_pb2.RemoveApplicationRequest(app=AppId.parse(spec).ref())
+            )
     keeper_s, direct_s = statistics.median(via_keeper), statistics.median(direct)
     return {
         "samples": samples,
@@ -170,10 +175,6 @@ async def to_running(keeper: str, token: str, agent: str, samples: int) -> dict[
         "direct_apply_to_ready_s": round(direct_s, 3),
         "ratio_submit_to_running_vs_direct_apply": round(keeper_s / direct_s, 3),
     }
-
-
-def spec_ref(spec: common_pb2.ApplicationSpec) -> common_pb2.AppRef:
-    return common_pb2.AppRef(namespace=spec.namespace, name=spec.name)
 
 
 def main() -> None:

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ for th
 from _report import RESULTS_DIR, write_report
 
 from examples.echo import Echo
+from servefleet.common.appid import AppId
 from servefleet.common.config import grpc_options
 from servefleet.common.net import free_port, tcp_open, wait_for
 from servefleet.common.tensors import decode_request, encode_request, encode_response
@@ -138,7 +139,7 @@ def limit_server() -> Iterator[str]:
 
 async def servefleet_app() -> tuple[str, dict[str, Any]]:
     from servefleet.services.agent import masters
-    from servefleet.spec import app_ref, load_spec
+    from servefleet.spec import load_spec
 
     spec = load_spec(
         {
@@ -155,9 +156,11 @@ async def servefleet_app() -> tuple[str, dict[str, Any]]:
     await masters.apply(spec, 1, 1, cluster="bench", discovery="")
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
-        status = await masters.status(app_ref(spec))
+        status = await masters.status(AppId.parse(spec).ref())
         if status is not None and status.ready_replicas == 1 and status.proxy_addresses:
-            pids = {"replica": [s["pid"] for s in (await masters.replica_stats(app_ref(spec))).values()]}
+            pids = {
+                "replica": [s["pid"] for s in (await masters.replica_stats(AppId.parse(spec).ref())).values()]
+            }
             return status.proxy_addresses[0], pids
         await asyncio.sleep(0.2)
     raise TimeoutError("servefleet app did not become ready")

@@ -39,12 +39,13 @@ import ray
 
 # isort: on
 from servefleet.api import common_pb2
+from servefleet.common.appid import AppId
 from servefleet.common.tensors import encode_request
 from servefleet.direct import INPUT_NAME, OUTPUT_NAME, ctr, run_load
 from servefleet.services.actors import RAY_NAMESPACE, proxy_prefix
 from servefleet.services.agent import masters
 from servefleet.services.sharding import Layout, ShardPart
-from servefleet.spec import load_spec, model_name
+from servefleet.spec import load_spec
 from servefleet.testing import RayCluster
 
 ROWS, FIELDS, DIM = 1 << 20, 16, 16
@@ -100,7 +101,7 @@ async def deploy(spec: common_pb2.ApplicationSpec, ready: int) -> str:
 
 def request_bytes(app: common_pb2.AppRef, batch: int) -> bytes:
     ids = np.random.default_rng(batch).integers(0, ROWS, size=(batch, FIELDS), dtype=np.int64)
-    return encode_request(model_name(app), {INPUT_NAME: ids}).SerializeToString()
+    return encode_request(AppId.parse(app).model_name, {INPUT_NAME: ids}).SerializeToString()
 
 
 def run(address: str, request: bytes, seconds: float) -> dict[str, Any]:

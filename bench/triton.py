@@ -37,13 +37,14 @@ import servefleet  # noqa: F401 - before Ray: keeps Ray on loopback (servefleet/
 import ray
 
 # isort: on
+from servefleet.common.appid import AppId
 from servefleet.common.tensors import encode_request
 from servefleet.direct import run_load
 from servefleet.services.actors import RAY_NAMESPACE, replica_prefix
 from servefleet.services.agent import masters
 from servefleet.services.triton.install import find
 from servefleet.services.triton.server import TritonServer
-from servefleet.spec import app_ref, load_spec
+from servefleet.spec import load_spec
 from servefleet.testing import RayCluster
 
 REPOSITORY = Path(__file__).resolve().parents[1] / "examples" / "triton" / "models"
@@ -75,7 +76,7 @@ async def deploy(spec: Any) -> tuple[str, str]:
     """Deploy ``spec``; returns the (replica, proxy) addresses."""
     await masters.apply(spec, 1, 1, cluster="bench", discovery="")
     for _ in range(1800):
-        status = await masters.status(app_ref(spec))
+        status = await masters.status(AppId.parse(spec).ref())
         if status is not None and status.ready_replicas == 1 and status.proxy_addresses:
             break
         await asyncio.sleep(0.1)
@@ -84,7 +85,7 @@ async def deploy(spec: Any) -> tuple[str, str]:
     [name] = [
         a["name"]
         for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["namespace"] == RAY_NAMESPACE and a["name"].startswith(replica_prefix(app_ref(spec)))
+        if a["namespace"] == RAY_NAMESPACE and a["name"].startswith(replica_prefix(AppId.parse(spec).ref()))
     ]
     info = await ray.get_actor(name, namespace=RAY_NAMESPACE).ready.remote()
     return str(info["address"]), str(status.proxy_addresses[0])
@@ -123,7 +124,7 @@ def main() -> None:
             for concurrency in CONCURRENCY:
                 for path in PATHS[rep:] + PATHS[:rep]:
                     reps[f"{path}_c{concurrency}"].append(measure(addresses[path], concurrency, seconds))
-        asyncio.run(masters.remove(app_ref(SPEC)))
+        asyncio.run(masters.remove(AppId.parse(SPEC).ref()))
     finally:
         ray.shutdown()
         cluster.cleanup()

@@ -23,10 +23,10 @@ import yaml
 from google.protobuf import json_format
 
 from servefleet.api import common_pb2
+from servefleet.common.appid import DEFAULT_NAMESPACE, check_name
 from servefleet.common.errors import InvalidArgument
 from servefleet.common.tensors import DTYPES
 
-DEFAULT_NAMESPACE = "default"
 DEFAULT_VERSION = "1"
 DEFAULT_KIND = "python"
 #: Kinds the platform knows; only "python" is served by the data plane today.
@@ -62,7 +62,6 @@ TRITON_ARGS: dict[str, str] = {
     "rate-limit": r"off|execution_count",
 }
 
-_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _IMPORT_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?)?B?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {
@@ -146,9 +145,9 @@ def validate(spec: ApplicationSpec) -> ApplicationSpec:
     """Check every field and fill defaults in place; returns ``spec``. Raises InvalidArgument."""
     if not spec.name:
         raise InvalidArgument("spec.name: required")
-    _check_name(spec.name, "spec.name")
+    check_name(spec.name, "spec.name")
     spec.namespace = spec.namespace or DEFAULT_NAMESPACE
-    _check_name(spec.namespace, "spec.namespace")
+    check_name(spec.namespace, "spec.namespace")
     spec.version = spec.version or DEFAULT_VERSION
     spec.kind = spec.kind or DEFAULT_KIND
     if spec.kind not in KINDS:
@@ -199,22 +198,6 @@ def spec_to_dict(spec: ApplicationSpec) -> dict[str, Any]:
 def struct_to_python(struct: Any) -> dict[str, Any]:
     """init_args as Python values; Struct numbers are doubles, so whole numbers come back as int."""
     return {k: _unfloat(v) for k, v in json_format.MessageToDict(struct).items()}
-
-
-def app_ref(spec: ApplicationSpec) -> common_pb2.AppRef:
-    return common_pb2.AppRef(namespace=spec.namespace or DEFAULT_NAMESPACE, name=spec.name)
-
-
-def model_name(app: common_pb2.AppRef) -> str:
-    """The KServe ``model_name`` of an app: ``name`` in namespace default, else ``namespace/name``."""
-    namespace = app.namespace or DEFAULT_NAMESPACE
-    return app.name if namespace == DEFAULT_NAMESPACE else f"{namespace}/{app.name}"
-
-
-def parse_model_name(name: str) -> common_pb2.AppRef:
-    """Inverse of :func:`model_name`."""
-    namespace, _, short = name.rpartition("/")
-    return common_pb2.AppRef(namespace=namespace or DEFAULT_NAMESPACE, name=short)
 
 
 def parse_size(value: Any, field: str) -> int:
@@ -282,14 +265,6 @@ def _parse_error(message: str) -> str:
     """json_format's "Failed to parse X field: why" as "spec.X: why" (X is the innermost field)."""
     match = re.match(r"Failed to parse (\S+) field: (.*)", message, re.DOTALL)
     return f"spec.{match.group(1)}: {match.group(2)}" if match else f"spec: {message}"
-
-
-def _check_name(value: str, field: str) -> None:
-    if not _NAME_RE.match(value):
-        raise InvalidArgument(
-            f"{field}: {value!r} must be 1-63 lowercase letters, digits or '-', "
-            "starting and ending with a letter or digit"
-        )
 
 
 def _check_tensors(tensors: Any, path: str) -> None:

@@ -47,31 +47,15 @@ from tritonclient.grpc import service_pb2
 
 from servefleet.api import broker_pb2, common_pb2
 from servefleet.broker.queue import AppConfig, RequestQueue, State, band_of
+from servefleet.common.appid import AppId
 from servefleet.common.config import settings
 from servefleet.common.errors import InvalidArgument, NotFound
 
 FINAL = frozenset({State.DONE, State.FAILED, State.EXPIRED, State.CANCELLED})
 _TICKET = re.compile(r"^[0-9a-f]{32}$")
-_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,126}[a-z0-9])?$")
 #: Waiters re-read the ticket at least this often, in case a change event was lost (Redis
 #: restarted, pub/sub reconnecting): it bounds the extra latency of a lost event.
 _REPOLL_S = 5.0
-
-
-def app_name(app: common_pb2.AppRef | str) -> str:
-    """Canonical ``namespace/name`` of an app; InvalidArgument naming what is wrong."""
-    namespace, name = (
-        (app.namespace, app.name)
-        if isinstance(app, common_pb2.AppRef)
-        else (app.split("/", 1) if "/" in app else ("", app))
-    )
-    for what, value in (("namespace", namespace), ("name", name)):
-        if not _NAME.match(value):
-            raise InvalidArgument(
-                f"app {what} {value!r} must be 1-128 lowercase letters, digits, '.', '_' or '-', "
-                "starting and ending with a letter or digit"
-            )
-    return f"{namespace}/{name}"
 
 
 def check_ticket(ticket: str) -> str:
@@ -88,10 +72,10 @@ class BrokerCore:
 
     async def register_app(self, app: common_pb2.AppRef | str, config: AppConfig | None = None) -> None:
         """Enable an app for async requests (its workers do this on start)."""
-        await self.queue.register_app(app_name(app), config or AppConfig())
+        await self.queue.register_app(AppId.parse(app).key, config or AppConfig())
 
     async def submit(self, request: broker_pb2.SubmitRequest) -> broker_pb2.SubmitResponse:
-        app = app_name(request.app)
+        app = AppId.parse(request.app).key
         payload = request.infer_request
         if not payload:
             raise InvalidArgument("infer_request is empty: send a serialized inference.ModelInferRequest")
@@ -167,7 +151,7 @@ class BrokerCore:
         return status
 
     async def stats(self, app: common_pb2.AppRef | str) -> broker_pb2.QueueStatsResponse:
-        return await self.queue.stats(app_name(app))
+        return await self.queue.stats(AppId.parse(app).key)
 
     async def close(self) -> None:
         await self.queue.close()

@@ -32,8 +32,8 @@ from redis.exceptions import ResponseError
 from tritonclient.grpc import service_pb2
 
 from servefleet.api import common_pb2
-from servefleet.broker.core import app_name
 from servefleet.broker.queue import TRANSIENT_ERRORS, AppConfig, Entry, RedisStreamQueue, RequestQueue
+from servefleet.common.appid import AppId
 from servefleet.common.config import settings
 from servefleet.common.retry import Backoff, RetryPolicy
 
@@ -79,7 +79,7 @@ class PullWorker:
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
-        self.app = app_name(app)
+        self.app = AppId.parse(app).key
         self.consumer = consumer
         self.slots = slots
         self._handler = handler

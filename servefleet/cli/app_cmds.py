@@ -15,6 +15,7 @@ from servefleet import spec as specs
 from servefleet.api import common_pb2, discovery_pb2, discovery_pb2_grpc, keeper_pb2
 from servefleet.cli.common import emit, one_line_errors
 from servefleet.cli.keeper_conn import KeeperConn, app_row, keeper_command, stack_address, to_dict
+from servefleet.common.appid import AppId
 from servefleet.common.config import grpc_options
 from servefleet.common.tensors import DTYPES, datatype_of
 from servefleet.sdk import Client
@@ -24,6 +25,7 @@ AppState = keeper_pb2.AppState
 #: Where deploy/update stop following: the app serves, or it cannot.
 SETTLED: set[int] = {AppState.RUNNING, AppState.FAILED, AppState.DELETED}
 
+AppRef = common_pb2.AppRef
 namespace_option = click.option(
     "--namespace", "-n", default="", help="Application namespace (default: 'default', or a tenant's own)."
 )
@@ -32,10 +34,6 @@ namespace_option = click.option(
 @click.group()
 def app() -> None:
     """Deploy and manage applications through the keeper."""
-
-
-def _ref(name: str, namespace: str) -> common_pb2.AppRef:
-    return common_pb2.AppRef(namespace=namespace or specs.DEFAULT_NAMESPACE, name=name)
 
 
 def _show(conn: KeeperConn, statuses: Iterable[keeper_pb2.ApplicationStatus]) -> None:
@@ -132,7 +130,7 @@ def update(conn: KeeperConn, spec_file: Path, revision: int, wait: bool, timeout
     spec = specs.load_spec(spec_file)
     if not revision:
         current = conn.stub.GetApplication(
-            keeper_pb2.GetApplicationRequest(app=specs.app_ref(spec)), metadata=conn.md
+            keeper_pb2.GetApplicationRequest(app=AppId.parse(spec).ref()), metadata=conn.md
         )
         revision = current.revision
     updated = conn.stub.UpdateApplication(
@@ -170,7 +168,8 @@ def list_(conn: KeeperConn, namespace: str, label: tuple[str, ...], state: str |
 def status(conn: KeeperConn, name: str, namespace: str) -> None:
     """One application's state, reason and placements."""
     got = conn.stub.GetApplication(
-        keeper_pb2.GetApplicationRequest(app=_ref(name, namespace)), metadata=conn.md
+        keeper_pb2.GetApplicationRequest(app=AppId.parse(AppRef(namespace=namespace, name=name)).ref()),
+        metadata=conn.md,
     )
     if conn.output == "json":
         emit([to_dict(got)], "json")
@@ -210,7 +209,9 @@ def status(conn: KeeperConn, name: str, namespace: str) -> None:
 @one_line_errors
 def scale(conn: KeeperConn, name: str, replicas: int, namespace: str) -> None:
     """Set REPLICAS per cluster."""
-    request = keeper_pb2.ScaleApplicationRequest(app=_ref(name, namespace), replicas=replicas)
+    request = keeper_pb2.ScaleApplicationRequest(
+        app=AppId.parse(AppRef(namespace=namespace, name=name)).ref(), replicas=replicas
+    )
     _show(conn, [conn.stub.ScaleApplication(request, metadata=conn.md)])
 
 
@@ -223,7 +224,7 @@ def scale(conn: KeeperConn, name: str, replicas: int, namespace: str) -> None:
 @one_line_errors
 def delete(conn: KeeperConn, name: str, namespace: str, wait: bool, timeout: float) -> None:
     """Remove the application from every cluster."""
-    ref = _ref(name, namespace)
+    ref = AppId.parse(AppRef(namespace=namespace, name=name)).ref()
     deleting = conn.stub.DeleteApplication(keeper_pb2.DeleteApplicationRequest(app=ref), metadata=conn.md)
     if wait:
         _follow(conn, ref, timeout, {AppState.DELETED})
@@ -239,7 +240,7 @@ def delete(conn: KeeperConn, name: str, namespace: str, wait: bool, timeout: flo
 @one_line_errors
 def watch(conn: KeeperConn, name: str, namespace: str, timeout: float) -> None:
     """Print status events as they happen, until DELETED (Ctrl-C to stop)."""
-    _follow(conn, _ref(name, namespace), timeout, {AppState.DELETED})
+    _follow(conn, AppId.parse(AppRef(namespace=namespace, name=name)).ref(), timeout, {AppState.DELETED})
 
 
 @app.command()
@@ -251,7 +252,7 @@ def watch(conn: KeeperConn, name: str, namespace: str, timeout: float) -> None:
 @one_line_errors
 def endpoints(conn: KeeperConn, name: str, namespace: str, discovery: str | None, kind: str) -> None:
     """Live endpoints of an application, as discovery knows them now."""
-    ref = _ref(name, namespace)
+    ref = AppId.parse(AppRef(namespace=namespace, name=name)).ref()
     conn.stub.GetApplication(keeper_pb2.GetApplicationRequest(app=ref), metadata=conn.md)  # visibility check
     address = discovery or stack_address(conn.state_dir, "discovery", "--discovery")
     with grpc.insecure_channel(address, options=grpc_options()) as channel:
@@ -311,7 +312,7 @@ def infer(
     conn: KeeperConn, name: str, namespace: str, inputs: tuple[str, ...], requests: int, discovery: str | None
 ) -> None:
     """Call the application through the SDK (discovery picks the endpoint) and print its outputs."""
-    ref = _ref(name, namespace)
+    ref = AppId.parse(AppRef(namespace=namespace, name=name)).ref()
     conn.stub.GetApplication(keeper_pb2.GetApplicationRequest(app=ref), metadata=conn.md)  # visibility check
     app_name = f"{ref.namespace}/{ref.name}"
     latencies: list[float] = []

@@ -23,6 +23,7 @@ from aetcd import utils as etcd_utils
 from google.protobuf.message import DecodeError
 
 from servefleet.api import common_pb2, discovery_pb2
+from servefleet.common.appid import AppId
 from servefleet.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from servefleet.common.net import split_address
 from servefleet.discovery import names
@@ -215,7 +216,7 @@ class DiscoveryCore:
     async def resolve(
         self, app: common_pb2.AppRef, *, kind: str = "", label_filter: Mapping[str, str] | None = None
     ) -> discovery_pb2.ResolveResponse:
-        values, revision = await self._range(names.watch_prefix(names.parse_app(app)))
+        values, revision = await self._range(names.watch_prefix(AppId.parse(app).ref()))
         reply = with_endpoints(discovery_pb2.ResolveResponse(revision=revision), values)
         if not kind and not label_filter:
             return reply

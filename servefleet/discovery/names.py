@@ -1,7 +1,7 @@
-"""Application names, endpoint validation and the etcd key layout of discovery.
+"""Endpoint validation and the etcd key layout of discovery (applications are ``AppId``s).
 
 Pure functions shared by the discovery service, the registration helper and the SDK, so an
-application is parsed and an endpoint is checked the same way on both sides of the wire.
+endpoint is checked the same way on both sides of the wire.
 """
 
 from __future__ import annotations
@@ -10,38 +10,26 @@ import math
 import re
 
 from servefleet.api import common_pb2, discovery_pb2
+from servefleet.common.appid import DEFAULT_NAMESPACE, AppId, check_name
 from servefleet.common.config import settings
 from servefleet.common.errors import InvalidArgument
 from servefleet.common.net import split_address
-from servefleet.spec import DEFAULT_NAMESPACE
 
-# DNS-label-like, plus dots and underscores; never "/" so a name is exactly one key segment.
-_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
+# Endpoint ids and kinds (chosen by servers, not by the application naming rule): DNS-label-like,
+# plus dots, underscores and capitals; never "/" so an id is exactly one key segment.
+_SEGMENT = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 
 
-def check_name(what: str, value: str) -> str:
-    """``value`` when it is a valid name segment; InvalidArgument saying what is wrong otherwise."""
+def check_segment(what: str, value: str) -> str:
+    """``value`` when it is a valid endpoint id or kind; InvalidArgument saying what is wrong."""
     if not value:
         raise InvalidArgument(f"{what} is empty")
-    if not _NAME.match(value):
+    if not _SEGMENT.match(value):
         raise InvalidArgument(
             f"{what} {value!r} is not a valid name: use 1-63 letters, digits, '.', '_' or '-', "
             "starting and ending with a letter or digit"
         )
     return value
-
-
-def parse_app(app: str | common_pb2.AppRef) -> common_pb2.AppRef:
-    """``"namespace/name"`` or ``"name"`` (namespace ``default``) -> a validated AppRef."""
-    if isinstance(app, common_pb2.AppRef):
-        namespace, name = app.namespace or DEFAULT_NAMESPACE, app.name
-    else:
-        namespace, sep, name = app.rpartition("/")
-        namespace = namespace if sep else DEFAULT_NAMESPACE
-    return common_pb2.AppRef(
-        namespace=check_name("application namespace", namespace),
-        name=check_name("application name", name),
-    )
 
 
 def root() -> bytes:
@@ -52,15 +40,14 @@ def watch_prefix(app: common_pb2.AppRef) -> bytes:
     """Key prefix for one application, one namespace (empty name) or everything (both empty)."""
     if not app.name and not app.namespace:
         return root()
-    namespace = check_name("application namespace", app.namespace or DEFAULT_NAMESPACE)
     if not app.name:
+        namespace = check_name(app.namespace or DEFAULT_NAMESPACE, "application namespace")
         return root() + f"{namespace}/".encode()
-    ref = parse_app(app)
-    return root() + f"{ref.namespace}/{ref.name}/".encode()
+    return root() + f"{AppId.parse(app).key}/".encode()
 
 
 def endpoint_key(app: common_pb2.AppRef, endpoint_id: str) -> bytes:
-    return watch_prefix(parse_app(app)) + check_name("endpoint id", endpoint_id).encode()
+    return root() + f"{AppId.parse(app).key}/{check_segment('endpoint id', endpoint_id)}".encode()
 
 
 def endpoint_from_key(key: bytes) -> discovery_pb2.Endpoint:
@@ -83,10 +70,10 @@ def check_endpoint(endpoint: discovery_pb2.Endpoint) -> discovery_pb2.Endpoint:
     """A normalised copy of ``endpoint`` (namespace filled in); InvalidArgument on the first problem."""
     out = discovery_pb2.Endpoint()
     out.CopyFrom(endpoint)
-    out.app.CopyFrom(parse_app(endpoint.app))
+    out.app.CopyFrom(AppId.parse(endpoint.app).ref())
     if endpoint.id:
-        check_name("endpoint id", endpoint.id)
-    check_name("endpoint kind", endpoint.kind)
+        check_segment("endpoint id", endpoint.id)
+    check_segment("endpoint kind", endpoint.kind)
     try:
         split_address(endpoint.address)
     except ValueError as exc:

@@ -16,11 +16,12 @@ from pathlib import Path
 
 from servefleet import spec as specs
 from servefleet.api import common_pb2, keeper_pb2
+from servefleet.common.appid import DEFAULT_NAMESPACE, AppId, check_name
 from servefleet.common.config import settings
 from servefleet.common.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
 from servefleet.keeper import placement, policy
 from servefleet.keeper.auth import ADMIN, ROLES, TENANT, Principal, hash_token, new_token
-from servefleet.keeper.store import AppRecord, KeeperStore, QuotaFence, QuotaRace, app_key, cancel_watch
+from servefleet.keeper.store import AppRecord, KeeperStore, QuotaFence, QuotaRace, cancel_watch
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,10 @@ class Keeper:
             except QuotaRace:
                 continue  # another write of this tenant committed after our check: check again
         status.revision = revision
-        log.info("application submitted", extra={"app": app_key(specs.app_ref(spec)), "revision": revision})
+        log.info(
+            "application submitted",
+            extra={"app": AppId.parse(spec).key, "revision": revision},
+        )
         return AppRecord(desired, revision, status).view()
 
     async def get(self, who: Principal, ref: common_pb2.AppRef) -> keeper_pb2.ApplicationStatus:
@@ -82,7 +86,7 @@ class Keeper:
                 if len(out.applications) == size:
                     out.next_page_token = after
                     return out
-                after = app_key(record.ref)
+                after = AppId.parse(record.ref).key
                 if self._matches(record, request):
                     out.applications.append(record.view())
             if not page.next_key:
@@ -100,10 +104,10 @@ class Keeper:
     ) -> keeper_pb2.ApplicationStatus:
         """New version or resources: CAS on the revision; the reconciler rolls it out."""
         spec = self._checked(who, spec, existing=True)
-        record = await self._record(who, specs.app_ref(spec))
+        record = await self._record(who, AppId.parse(spec).ref())
         if expected_revision <= 0:
             raise FailedPrecondition(
-                f"expected_revision is required to update {app_key(record.ref)} "
+                f"expected_revision is required to update {AppId.parse(record.ref).key} "
                 f"(current revision {record.revision})"
             )
         self._not_deleting(record)
@@ -136,7 +140,7 @@ class Keeper:
             if not rng.min <= replicas <= rng.max:
                 raise InvalidArgument(
                     f"replicas: {replicas} is outside the range [{rng.min}, {rng.max}] of "
-                    f"{app_key(record.ref)}; update the spec's replicas to widen it"
+                    f"{AppId.parse(record.ref).key}; update the spec's replicas to widen it"
                 )
             desired = keeper_pb2.DesiredState()
             desired.CopyFrom(record.desired)
@@ -234,11 +238,11 @@ class Keeper:
         self, who: Principal, request: keeper_pb2.CreateTenantRequest
     ) -> keeper_pb2.TenantInfo:
         who.require_admin("creating a tenant")
-        specs_check_name(request.tenant, "tenant")
+        check_name(request.tenant, "tenant")
         if not request.namespaces:
             raise InvalidArgument("namespaces: a tenant needs at least one namespace")
         for ns in request.namespaces:
-            specs_check_name(ns, "namespaces")
+            check_name(ns, "namespaces")
         info = keeper_pb2.TenantInfo(
             tenant=request.tenant, namespaces=request.namespaces, quota=request.quota
         )
@@ -305,8 +309,8 @@ class Keeper:
         spec = specs.load_spec(spec)
         if existing:
             who.require_visible(spec.namespace, spec.name)
-        if not who.is_admin and spec.namespace == specs.DEFAULT_NAMESPACE and who.namespaces:
-            if specs.DEFAULT_NAMESPACE not in who.namespaces:
+        if not who.is_admin and spec.namespace == DEFAULT_NAMESPACE and who.namespaces:
+            if DEFAULT_NAMESPACE not in who.namespaces:
                 spec.namespace = who.namespaces[0]  # a tenant's apps default to its first namespace
         who.require_namespace(spec.namespace)
         policy.check_sources(spec)
@@ -315,17 +319,17 @@ class Keeper:
     async def _record(self, who: Principal, ref: common_pb2.AppRef) -> AppRecord:
         if not ref.name:
             raise InvalidArgument("app.name: required")
-        ref = common_pb2.AppRef(namespace=ref.namespace or specs.DEFAULT_NAMESPACE, name=ref.name)
+        ref = AppId.parse(ref).ref()
         who.require_visible(ref.namespace, ref.name)
         record = await self.store.get_app(ref)
         if record is None:
-            raise NotFound(f"application {app_key(ref)} not found")
+            raise NotFound(f"application {AppId.parse(ref).key} not found")
         return record
 
     @staticmethod
     def _not_deleting(record: AppRecord) -> None:
         if record.desired.deleting:
-            raise FailedPrecondition(f"application {app_key(record.ref)} is being deleted")
+            raise FailedPrecondition(f"application {AppId.parse(record.ref).key} is being deleted")
 
     async def _check_quota(self, who: Principal, change: policy.Usage) -> QuotaFence | None:
         """RESOURCE_EXHAUSTED when ``change`` would pass the tenant's quota; otherwise the fence the
@@ -343,13 +347,3 @@ class Keeper:
         current = policy.usage_total(r.desired for r in page.apps)
         policy.check_quota(who.tenant, limits, current, change)
         return fence
-
-
-def specs_check_name(value: str, field: str) -> None:
-    """Tenant and namespace names follow the same rule as application names."""
-    if not value:
-        raise InvalidArgument(f"{field}: required")
-    try:
-        specs.validate(common_pb2.ApplicationSpec(name=value, import_path="m:C"))
-    except InvalidArgument as exc:
-        raise InvalidArgument(str(exc).replace("spec.name", field)) from None

@@ -24,9 +24,10 @@ from typing import Any
 import grpc
 
 from servefleet.api import agent_pb2, agent_pb2_grpc, common_pb2, keeper_pb2
+from servefleet.common.appid import AppId
 from servefleet.common.config import grpc_options, settings
 from servefleet.keeper import placement
-from servefleet.keeper.store import AppRecord, KeeperStore, app_key, cancel_watch
+from servefleet.keeper.store import AppRecord, KeeperStore, cancel_watch
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ class Reconciler:
         of them reads nothing from etcd. A broken watch ends the run (and this keeper's lead); the
         next leader starts from a fresh snapshot."""
         records, revision = await self.store.all_apps()
-        self._apps = {app_key(r.ref): r for r in records}
+        self._apps = {AppId.parse(r.ref).key: r for r in records}
         watch = await self.store.watch_apps(revision)
         follower = asyncio.create_task(self._follow(watch))
         try:
@@ -317,16 +318,16 @@ class Reconciler:
                 return self._move(record, clusters, kept, gone, decision.clusters, fence)
             log.warning(
                 "cannot move an app off a silent cluster",
-                extra={"app": app_key(record.ref), "clusters": gone, "reason": decision.reason},
+                extra={"app": AppId.parse(record.ref).key, "clusters": gone, "reason": decision.reason},
             )
         if placed:
             return self._converge(record, clusters, placed, fence)
         decision = placement.place(record.desired.spec, record.desired.replicas, clusters.values(), free)
         if decision.clusters:
-            self._unplaceable.pop(app_key(record.ref), None)
+            self._unplaceable.pop(AppId.parse(record.ref).key, None)
             return self._place(record, clusters, decision.clusters, fence)
         reason = f"unplaceable: {decision.reason}"
-        self._unplaceable[app_key(record.ref)] = (record.revision, self._registry)
+        self._unplaceable[AppId.parse(record.ref).key] = (record.revision, self._registry)
         if _unchanged(record, AppState.PENDING, reason, []):
             return None
         return self._write(record, AppState.PENDING, reason, [], fence)
@@ -366,7 +367,9 @@ class Reconciler:
         reason = f"cluster(s) {', '.join(gone)} silent: moved to {', '.join(to)}"
         chosen = [p for p in record.status.placements if p.cluster in kept]
         chosen += [keeper_pb2.ClusterPlacement(cluster=c) for c in to]
-        log.warning("moving application off silent clusters", extra={"app": app_key(record.ref), "to": to})
+        log.warning(
+            "moving application off silent clusters", extra={"app": AppId.parse(record.ref).key, "to": to}
+        )
         if await self._write(record, AppState.DEGRADED, reason, chosen, fence):
             await self._converge(record, clusters, placed, fence)
 
@@ -374,13 +377,13 @@ class Reconciler:
         """Remove the masters ``cluster`` runs for apps not placed there (moved away while it was
         silent, or deleted meanwhile): their replicas and proxies would serve a stale copy."""
         for master in await self.agents.masters(cluster.agent_address):
-            cached = self._apps.get(app_key(master.app))
+            cached = self._apps.get(AppId.parse(master.app).key)
             if cached is not None and cluster.name in {p.cluster for p in cached.status.placements}:
                 continue
             if cached is not None and not cached.status.placements and not cached.desired.deleting:
                 continue  # not placed yet: its first placement may still choose this cluster
             log.warning(
-                "removing a stale master", extra={"app": app_key(master.app), "cluster": cluster.name}
+                "removing a stale master", extra={"app": AppId.parse(master.app).key, "cluster": cluster.name}
             )
             await self.agents.remove(cluster.agent_address, master.app)
 
@@ -433,7 +436,7 @@ class Reconciler:
             return
         if await self._write(record, AppState.DELETED, "removed from every cluster", [], fence):
             await self.store.remove_app(record.ref, revision=record.revision, fence=fence)
-            log.info("application deleted", extra={"app": app_key(record.ref)})
+            log.info("application deleted", extra={"app": AppId.parse(record.ref).key})
 
     async def _write(
         self,
@@ -457,12 +460,12 @@ class Reconciler:
         if not await self.store.write_status(record.ref, status, revision=record.revision, fence=fence):
             return False
         record.status = status
-        cached = self._apps.get(app_key(record.ref))
+        cached = self._apps.get(AppId.parse(record.ref).key)
         if cached is not None and cached.revision == record.revision:
             cached.status = status  # before the watch echoes it: the next pass must see placements
         if state != old.state:
             log.info(
                 "application state",
-                extra={"app": app_key(record.ref), "state": AppState.Name(state), "reason": reason},
+                extra={"app": AppId.parse(record.ref).key, "state": AppState.Name(state), "reason": reason},
             )
         return True

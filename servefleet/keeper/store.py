@@ -26,15 +26,12 @@ import aetcd
 from aetcd import rpc
 
 from servefleet.api import common_pb2, keeper_pb2
+from servefleet.common.appid import AppId
 from servefleet.common.config import settings
 from servefleet.common.errors import AlreadyExists, Conflict, NotFound
 from servefleet.common.net import split_address
 
 AppRef = common_pb2.AppRef
-
-
-def app_key(ref: AppRef) -> str:
-    return f"{ref.namespace}/{ref.name}"
 
 
 @dataclass
@@ -186,10 +183,11 @@ class KeeperStore:
             current = keeper_pb2.DesiredState.FromString(responses[0][0][0])
             if current.deleting:
                 raise AlreadyExists(
-                    f"application {app_key(ref)} is still being deleted; submit it again soon"
+                    f"application {AppId.parse(ref).key} is still being deleted; submit it again soon"
                 )
+            revision = responses[0][0][1].mod_revision
             raise AlreadyExists(
-                f"application {app_key(ref)} already exists (revision {responses[0][0][1].mod_revision}); "
+                f"application {AppId.parse(ref).key} already exists (revision {revision}); "
                 "use update to change it"
             )
         return int(responses[0].response_put.header.revision)
@@ -211,12 +209,12 @@ class KeeperStore:
         if ok:
             return int(responses[0].response_put.header.revision)
         if not responses[0]:
-            raise NotFound(f"application {app_key(ref)} not found")
+            raise NotFound(f"application {AppId.parse(ref).key} not found")
         current = responses[0][0][1].mod_revision
         if current == expected_revision:
             self._check_fence(fence, responses[1])
         raise Conflict(
-            f"application {app_key(ref)} changed: you sent revision {expected_revision}, "
+            f"application {AppId.parse(ref).key} changed: you sent revision {expected_revision}, "
             f"current revision is {current}; read it again and retry"
         )
 
@@ -260,7 +258,7 @@ class KeeperStore:
                 continue
             async for record in self._scan_apps(start, end):
                 if limit and len(out) == limit:
-                    return Page(out, app_key(out[-1].ref))
+                    return Page(out, AppId.parse(out[-1].ref).key)
                 out.append(record)
         return Page(out, "")
 

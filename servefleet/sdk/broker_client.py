@@ -22,6 +22,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2
 
 from servefleet.api import broker_pb2, broker_pb2_grpc, common_pb2
+from servefleet.common.appid import AppId
 from servefleet.common.config import grpc_options
 from servefleet.common.errors import Cancelled, DeadlineExceeded, Internal, NotFound, from_rpc_error
 from servefleet.common.tensors import decode_response, encode_request
@@ -51,14 +52,6 @@ _FINAL_ERRORS: dict[int, type[Exception]] = {
 }
 
 
-def app_ref(app: common_pb2.AppRef | str) -> common_pb2.AppRef:
-    """``"namespace/name"`` (or an AppRef) -> AppRef."""
-    if isinstance(app, common_pb2.AppRef):
-        return app
-    namespace, _, name = app.rpartition("/")
-    return common_pb2.AppRef(namespace=namespace, name=name)
-
-
 async def _call(call: Awaitable[T]) -> T:
     """Await one RPC; a status comes back as the matching servefleet domain error."""
     try:
@@ -84,7 +77,7 @@ class AsyncBrokerClient:
         ttl_s: int = 0,
     ) -> str:
         """Queue one request; returns its ticket (the same one again for a repeated idempotency key)."""
-        ref = app_ref(app)
+        ref = AppId.parse(app).ref()
         request = encode_request(ref.name, inputs)
         return (await self.submit_request(ref, request, priority, idempotency_key, ttl_s)).ticket
 
@@ -98,7 +91,7 @@ class AsyncBrokerClient:
     ) -> broker_pb2.SubmitResponse:
         """Submit an already built ModelInferRequest."""
         message = broker_pb2.SubmitRequest(
-            app=app_ref(app),
+            app=AppId.parse(app).ref(),
             infer_request=request.SerializeToString(),
             priority=priority,
             idempotency_key=idempotency_key,
@@ -131,7 +124,7 @@ class AsyncBrokerClient:
         return await _call(self._stub.Cancel(broker_pb2.CancelRequest(ticket=ticket)))
 
     async def stats(self, app: common_pb2.AppRef | str) -> broker_pb2.QueueStatsResponse:
-        return await _call(self._stub.QueueStats(broker_pb2.QueueStatsRequest(app=app_ref(app))))
+        return await _call(self._stub.QueueStats(broker_pb2.QueueStatsRequest(app=AppId.parse(app).ref())))
 
     async def close(self) -> None:
         await self._channel.close()

@@ -23,6 +23,7 @@ from opentelemetry.trace import SpanKind
 
 from servefleet.api import common_pb2, discovery_pb2, discovery_pb2_grpc
 from servefleet.common import tensors
+from servefleet.common.appid import AppId
 from servefleet.common.config import grpc_options
 from servefleet.common.errors import (
     DeadlineExceeded,
@@ -33,12 +34,10 @@ from servefleet.common.errors import (
 )
 from servefleet.common.retry import Backoff, RetryPolicy, on_status
 from servefleet.common.telemetry import tracer
-from servefleet.discovery.names import parse_app
 from servefleet.sdk.broker_client import AsyncBrokerClient
 from servefleet.sdk.picker import Picker
 from servefleet.sdk.pool import ChannelPool
 from servefleet.sdk.watch import AppWatch
-from servefleet.spec import model_name
 
 T = TypeVar("T")
 
@@ -90,7 +89,7 @@ class AsyncClient:
     def watch(self, app: str | common_pb2.AppRef) -> AppWatch:
         """The live endpoint set of ``app`` (its Watch stream starts on first use): for callers
         that want ``wait_changed`` or the revision, not just a list."""
-        app = parse_app(app)
+        app = AppId.parse(app).ref()
         key = (app.namespace, app.name)
         watch = self._watches.get(key)
         if watch is None:
@@ -147,16 +146,17 @@ class AsyncClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self._timeout if timeout is None else timeout)
         policy = self._retry if retry is None else (self._retry if retry else NO_RETRY)
-        ref = parse_app(app)
+        app_id = AppId.parse(app)
+        ref = app_id.ref()
         request = tensors.encode_request(
-            model_name(ref),
+            app_id.model_name,
             inputs,
             model_version=model_version,
             request_id=request_id,
             outputs=list(outputs) if outputs else None,
         )
         with tracer.start_as_current_span("servefleet.infer", kind=SpanKind.INTERNAL) as span:
-            span.set_attribute("servefleet.app", model_name(ref))
+            span.set_attribute("servefleet.app", app_id.model_name)
             watch = await self._synced(app, max(0.0, deadline - loop.time()))
             tried: set[str] = set()  # endpoints that failed since the set last changed or was retried
             failures = 0
@@ -239,7 +239,7 @@ class AsyncClient:
     ) -> str:
         """Queue a long request on the async broker; returns its ticket at once."""
         return await self._broker_client().submit(
-            parse_app(app), inputs, priority=priority, idempotency_key=idempotency_key, ttl_s=ttl_s
+            AppId.parse(app).ref(), inputs, priority=priority, idempotency_key=idempotency_key, ttl_s=ttl_s
         )
 
     async def result(self, ticket: str, *, timeout: float | None = None) -> dict[str, np.ndarray]:
@@ -262,7 +262,7 @@ def served_model(endpoint: discovery_pb2.Endpoint, app: common_pb2.AppRef) -> st
     """The model_name an endpoint serves ``app`` under: the app's own name, except on a Triton
     endpoint, whose models keep their repository names (label ``models``): its only model, or
     the one named like the app. InvalidArgument when that does not say which."""
-    name = model_name(app)
+    name = AppId.parse(app).model_name
     if endpoint.kind != "triton":
         return name
     models = [m for m in endpoint.labels.get("models", "").split(",") if m]

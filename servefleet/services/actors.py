@@ -7,6 +7,7 @@ import os
 import time
 
 from servefleet.api import common_pb2
+from servefleet.common.appid import AppId
 
 #: Ray namespace of every data-plane actor (masters, replicas, proxies).
 RAY_NAMESPACE = "servefleet"
@@ -17,20 +18,16 @@ PROXY_PREFIX = "proxy:"
 PASSED_ENV_PREFIXES = ("OTEL_", "SERVEFLEET_")
 
 
-def app_key(app: common_pb2.AppRef) -> str:
-    return f"{app.namespace or 'default'}/{app.name}"
-
-
 def master_name(app: common_pb2.AppRef) -> str:
-    return MASTER_PREFIX + app_key(app)
+    return MASTER_PREFIX + AppId.parse(app).key
 
 
 def replica_prefix(app: common_pb2.AppRef) -> str:
-    return f"{REPLICA_PREFIX}{app_key(app)}:"
+    return f"{REPLICA_PREFIX}{AppId.parse(app).key}:"
 
 
 def proxy_prefix(app: common_pb2.AppRef) -> str:
-    return f"{PROXY_PREFIX}{app_key(app)}:"
+    return f"{PROXY_PREFIX}{AppId.parse(app).key}:"
 
 
 def replica_name(app: common_pb2.AppRef, generation: str) -> str:
@@ -50,8 +47,7 @@ def proxy_name(app: common_pb2.AppRef, index: int) -> str:
 
 
 def app_from_master_name(name: str) -> common_pb2.AppRef:
-    namespace, _, short = name.removeprefix(MASTER_PREFIX).partition("/")
-    return common_pb2.AppRef(namespace=namespace, name=short)
+    return AppId.parse(name.removeprefix(MASTER_PREFIX)).ref()
 
 
 #: ...except these: each actor names itself (servefleet-proxy, servefleet-replica).

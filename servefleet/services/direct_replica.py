@@ -17,10 +17,11 @@ import asyncio
 from typing import Any
 
 from servefleet.api import common_pb2, discovery_pb2
+from servefleet.common.appid import AppId
 from servefleet.common.config import settings
 from servefleet.common.errors import InvalidArgument
 from servefleet.services.endpoint import Registered, placement_labels
-from servefleet.spec import app_ref, model_name, struct_to_python
+from servefleet.spec import struct_to_python
 
 
 class DirectReplica:
@@ -40,13 +41,13 @@ class DirectReplica:
                 "kind 'direct' needs init_args.model_path (a servefleet.direct.ctr model file)"
             )
         self.name = name
-        self.app = app_ref(spec)
+        self.app = AppId.parse(spec).ref()
         self.version = spec.version
         self.capacity = spec.max_concurrency + spec.max_queued
         self.node_id = ray.get_runtime_context().get_node_id()
         self.labels = placement_labels(cluster)
         self.server = DirectServer()
-        self.server.load_model(str(args["model_path"]), model_name(self.app), self.version)
+        self.server.load_model(str(args["model_path"]), AppId.parse(self.app).model_name, self.version)
         port = self.server.start(f"{host}:0", workers=int(args.get("workers", settings.direct_workers)))
         self.address = f"{host}:{port}"
         self.draining = False

@@ -26,11 +26,11 @@ import ray
 from ray.experimental import internal_kv
 
 from servefleet.api import agent_pb2, common_pb2
+from servefleet.common.appid import AppId
 from servefleet.common.config import settings
 from servefleet.common.retry import Backoff
 from servefleet.services.actors import (
     RAY_NAMESPACE,
-    app_key,
     master_name,
     passed_env,
     proxy_name,
@@ -136,7 +136,7 @@ class ApplicationMaster:
         self.cluster = cluster
         self.discovery = discovery
         self.redis = redis
-        self._kv_key = f"desired:{app_key(self.app)}".encode()
+        self._kv_key = f"desired:{AppId.parse(self.app).key}".encode()
         self.spec: common_pb2.ApplicationSpec | None = None
         self.replica_count = 0
         self.revision = -1
@@ -249,7 +249,7 @@ class ApplicationMaster:
             else:
                 self._track_proxy(ProxyState(name, handle))
         self.adopted = {"replicas": len(self._replicas), "proxies": len(self._proxies)}
-        log.info("master %s adopted %s", app_key(self.app), self.adopted)
+        log.info("master %s adopted %s", AppId.parse(self.app).key, self.adopted)
 
     async def _run(self) -> None:
         # Learn which adopted replicas are alive before publishing anything: a table built
@@ -260,7 +260,7 @@ class ApplicationMaster:
                 await self._reconcile()
                 self.error = "" if not self._start_failures else self.error
             except Exception as exc:
-                log.exception("reconcile of %s failed", app_key(self.app))
+                log.exception("reconcile of %s failed", AppId.parse(self.app).key)
                 self.error = f"reconcile: {type(exc).__name__}: {exc}"
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -368,7 +368,7 @@ class ApplicationMaster:
     def _start_failed(self, replica: ReplicaState, exc: BaseException) -> None:
         cause = getattr(exc, "cause", None) or exc
         self.error = f"replica failed to start: {type(cause).__name__}: {cause}"
-        log.warning("replica %s of %s: %s", replica.name, app_key(self.app), self.error)
+        log.warning("replica %s of %s: %s", replica.name, AppId.parse(self.app).key, self.error)
         self._forget(replica)
         _kill(replica.handle)
         self._start_failures += 1

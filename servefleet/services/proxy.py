@@ -27,6 +27,7 @@ from tritonclient.grpc import service_pb2
 import servefleet
 from servefleet.api import common_pb2, discovery_pb2
 from servefleet.common import telemetry
+from servefleet.common.appid import AppId
 from servefleet.common.config import settings
 from servefleet.common.errors import (
     DeadlineExceeded,
@@ -48,7 +49,6 @@ from servefleet.services.transports import (
     ReplicaGone,
     ReplicaTransport,
 )
-from servefleet.spec import model_name
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def model_metadata(spec: common_pb2.ApplicationSpec) -> service_pb2.ModelMetadat
         ]
 
     return service_pb2.ModelMetadataResponse(
-        name=model_name(common_pb2.AppRef(namespace=spec.namespace, name=spec.name)),
+        name=AppId.parse(spec).model_name,
         versions=[spec.version],
         platform=f"servefleet_{spec.kind}",
         inputs=tensors(spec.inputs),

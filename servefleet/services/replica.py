@@ -30,12 +30,13 @@ from tritonclient.grpc import service_pb2
 
 from servefleet.api import common_pb2
 from servefleet.common import telemetry
+from servefleet.common.appid import AppId
 from servefleet.common.config import grpc_options
 from servefleet.common.errors import InvalidArgument, ServefleetError
 from servefleet.common.tensors import decode_request, encode_response
 from servefleet.services.batching import Batcher
 from servefleet.services.replica_wire import CODES, OK, REPLICA_SERVICE, Answer, code
-from servefleet.spec import app_ref, model_name, struct_to_python
+from servefleet.spec import struct_to_python
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class Replica:
         telemetry.setup_tracing("servefleet-replica")
         self.name = name
         self.version = spec.version
-        self.model_name = model_name(app_ref(spec))
+        self.model_name = AppId.parse(AppId.parse(spec).ref()).model_name
         self.capacity = spec.max_concurrency + spec.max_queued
         self._model = import_object(spec.import_path)(**struct_to_python(spec.init_args))
         call = type(self._model).__call__
@@ -284,7 +285,7 @@ class Replica:
 
         return PullWorker(
             redis,
-            app_ref(spec),
+            AppId.parse(spec).ref(),
             consumer=self.name,
             slots=spec.max_concurrency,
             handler=self._broker_request,

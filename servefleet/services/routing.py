@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from servefleet.api import common_pb2
+from servefleet.common.appid import AppId
 from servefleet.services.replica_wire import REPLICA_SERVICE
-from servefleet.spec import model_name
 
 
 @dataclass(frozen=True)
@@ -36,4 +36,4 @@ class Routing:
     @property
     def model_name(self) -> str:
         spec = common_pb2.ApplicationSpec.FromString(self.spec)
-        return model_name(common_pb2.AppRef(namespace=spec.namespace, name=spec.name))
+        return AppId.parse(spec).model_name

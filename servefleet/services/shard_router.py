@@ -36,6 +36,7 @@ from tritonclient.grpc import service_pb2
 
 from servefleet.api import common_pb2, discovery_pb2
 from servefleet.common import telemetry
+from servefleet.common.appid import AppId
 from servefleet.common.config import settings
 from servefleet.common.errors import (
     DeadlineExceeded,
@@ -54,7 +55,6 @@ from servefleet.services.router import Router, Slot
 from servefleet.services.routing import ReplicaInfo
 from servefleet.services.sharding import Layout, merge_ctr
 from servefleet.services.transports import GrpcTransport, ReplicaGone, _answer_of
-from servefleet.spec import model_name
 
 #: Latency samples kept per shard replica (its recent p95 comes from these).
 WINDOW = 128
@@ -192,7 +192,7 @@ class ShardRouterCore:
         for pool, replicas in zip(pools, routing.shards, strict=True):
             pool.update(replicas)
         self.routing, self.spec, self.header, self.pools = routing, spec, header, pools
-        self.model_name = model_name(common_pb2.AppRef(namespace=spec.namespace, name=spec.name))
+        self.model_name = AppId.parse(spec).model_name
         return True
 
     @property

@@ -23,7 +23,8 @@ import ray
 from ray.experimental import internal_kv
 
 from servefleet.api import agent_pb2, common_pb2
-from servefleet.services.actors import RAY_NAMESPACE, app_key, replica_prefix
+from servefleet.common.appid import AppId
+from servefleet.services.actors import RAY_NAMESPACE, replica_prefix
 from servefleet.services.master import ApplicationMaster, ReplicaState, actor_options, generation
 from servefleet.services.shard import Shard, layout_of
 from servefleet.services.shard_router import ShardRouter, ShardRouting
@@ -48,7 +49,7 @@ class ShardedMaster(ApplicationMaster):
     proxy_actor = RouterActor
 
     def __init__(self, app: bytes, *, cluster: str, discovery: str, redis: str = "") -> None:
-        self._layouts_key = f"layouts:{app_key(common_pb2.AppRef.FromString(app))}".encode()
+        self._layouts_key = f"layouts:{AppId.parse(common_pb2.AppRef.FromString(app)).key}".encode()
         stored = internal_kv._internal_kv_get(self._layouts_key, namespace=RAY_NAMESPACE)
         book = json.loads(stored) if stored else {}
         #: generation -> serialized spec, for every layout that may still be serving.

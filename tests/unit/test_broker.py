@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from servefleet.api import broker_pb2, common_pb2
-from servefleet.broker.core import BrokerCore, app_name, check_ticket
+from servefleet.broker.core import BrokerCore, check_ticket
 from servefleet.broker.queue import AppConfig, Entry, NextChange, RequestQueue, band_of
 from servefleet.common.config import settings
 from servefleet.common.errors import InvalidArgument, NotFound
@@ -82,11 +82,7 @@ def submit_request(**kwargs: object) -> broker_pb2.SubmitRequest:
     return broker_pb2.SubmitRequest(**fields)  # type: ignore[arg-type]
 
 
-def test_app_names_and_tickets() -> None:
-    assert app_name("team/llm") == app_name(common_pb2.AppRef(namespace="team", name="llm")) == "team/llm"
-    for bad in ("llm", "Team/llm", "team/", "team/a b", "team/-x", "a/b/c"):
-        with pytest.raises(InvalidArgument):
-            app_name(bad)
+def test_tickets() -> None:
     assert check_ticket("ab" * 16) == "ab" * 16
     for bad in ("", "xyz", "AB" * 16, "a" * 33):
         with pytest.raises(InvalidArgument, match="malformed"):
@@ -102,7 +98,7 @@ def test_app_names_and_tickets() -> None:
         ({"ttl_s": -1}, "out of range"),
         ({"ttl_s": settings.broker_max_result_ttl_s + 1}, "out of range"),
         ({"idempotency_key": "k" * 257}, "longer than 256"),
-        ({"app": common_pb2.AppRef(namespace="", name="llm")}, "namespace"),
+        ({"app": common_pb2.AppRef(namespace="Team", name="llm")}, "namespace"),
     ],
 )
 async def test_submit_rejects_bad_input_before_queueing(change: dict[str, object], message: str) -> None:
@@ -110,6 +106,12 @@ async def test_submit_rejects_bad_input_before_queueing(change: dict[str, object
     with pytest.raises(InvalidArgument, match=message):
         await BrokerCore(queue).submit(submit_request(**change))
     assert queue.submitted == []
+
+
+async def test_an_app_without_namespace_is_in_namespace_default() -> None:
+    queue = FakeQueue()
+    await BrokerCore(queue).submit(submit_request(app=common_pb2.AppRef(name="llm")))
+    assert queue.submitted[0][0] == "default/llm"
 
 
 async def test_priority_maps_to_three_bands() -> None:

@@ -6,6 +6,7 @@ import pytest
 from aetcd import rpc
 
 from servefleet.api import common_pb2, discovery_pb2
+from servefleet.common.appid import AppId
 from servefleet.common.errors import InvalidArgument
 from servefleet.discovery import names
 from servefleet.discovery.core import group_changes, matches, with_endpoints
@@ -13,20 +14,8 @@ from servefleet.discovery.core import group_changes, matches, with_endpoints
 Event = discovery_pb2.WatchEvent
 
 
-def test_parse_app_defaults_the_namespace() -> None:
-    assert names.parse_app("m") == common_pb2.AppRef(namespace="default", name="m")
-    assert names.parse_app("team/m") == common_pb2.AppRef(namespace="team", name="m")
-    assert names.parse_app(common_pb2.AppRef(name="m")).namespace == "default"
-
-
-@pytest.mark.parametrize("app", ["", "/", "a/", "a/b/c", "-x", "x" * 64, "sp ace", "ns/na\u00efve"])
-def test_parse_app_rejects_bad_names(app: str) -> None:
-    with pytest.raises(InvalidArgument):
-        names.parse_app(app)
-
-
 def test_keys_round_trip_and_prefixes_nest() -> None:
-    app = names.parse_app("team/m")
+    app = AppId.parse("team/m").ref()
     key = names.endpoint_key(app, "e1")
     back = names.endpoint_from_key(key)
     assert (back.app, back.id) == (app, "e1")
@@ -34,7 +23,7 @@ def test_keys_round_trip_and_prefixes_nest() -> None:
     assert names.watch_prefix(app).startswith(names.watch_prefix(common_pb2.AppRef(namespace="team")))
     assert names.watch_prefix(common_pb2.AppRef()) == names.root()
     # "team/m" must not match "team/m2": every prefix ends with a separator.
-    assert not names.endpoint_key(names.parse_app("team/m2"), "e1").startswith(names.watch_prefix(app))
+    assert not names.endpoint_key(AppId.parse("team/m2").ref(), "e1").startswith(names.watch_prefix(app))
 
 
 def test_check_ttl_range() -> None:
@@ -76,7 +65,7 @@ def _delete(endpoint: discovery_pb2.Endpoint, revision: int, *, with_prev: bool)
 
 
 def test_group_changes_maps_kinds_and_merges_one_revision() -> None:
-    app = names.parse_app("m")
+    app = AppId.parse("m").ref()
     a, b, c = (discovery_pb2.Endpoint(id=i, app=app, kind="proxy", address="h:1") for i in "abc")
     events = group_changes(
         [

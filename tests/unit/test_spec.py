@@ -10,10 +10,7 @@ from servefleet.api import common_pb2
 from servefleet.common.errors import InvalidArgument
 from servefleet.spec import (
     DEFAULT_NUM_CPUS,
-    app_ref,
     load_spec,
-    model_name,
-    parse_model_name,
     spec_to_dict,
     struct_to_python,
 )
@@ -127,14 +124,6 @@ def test_unreadable_file_is_invalid_argument(tmp_path: Path) -> None:
     bad.write_text("name: [unclosed")
     with pytest.raises(InvalidArgument, match="not valid YAML"):
         load_spec(bad)
-
-
-def test_model_name_round_trip() -> None:
-    for namespace, name, wire in (("default", "iris", "iris"), ("team-a", "iris", "team-a/iris")):
-        ref = common_pb2.AppRef(namespace=namespace, name=name)
-        assert model_name(ref) == wire
-        assert parse_model_name(wire) == ref
-    assert app_ref(load_spec(_minimal())) == common_pb2.AppRef(namespace="default", name="m")
 
 
 def test_relative_working_dir_resolves_against_the_spec_file(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import ray
 
 from servefleet.api import agent_pb2, common_pb2
+from servefleet.common.appid import AppId
 from servefleet.common.config import settings
 from servefleet.common.errors import FailedPrecondition
 from servefleet.services.actors import (
@@ -28,7 +29,7 @@ from servefleet.services.actors import (
 )
 from servefleet.services.master import ApplicationMaster
 from servefleet.services.sharded_master import ShardedMaster
-from servefleet.spec import app_ref, load_spec
+from servefleet.spec import load_spec
 
 MasterActor = ray.remote(ApplicationMaster)
 #: Kinds this data plane runs.
@@ -59,7 +60,7 @@ async def apply(
             f"spec.kind {spec.kind!r}: this cluster's data plane serves {', '.join(SERVED_KINDS)} apps"
         )
     _upload_working_dir(spec)
-    app = app_ref(spec)
+    app = AppId.parse(spec).ref()
     env = passed_env()
     actor = ShardedMasterActor if spec.kind == "sharded" else MasterActor
     master: Any = actor.options(

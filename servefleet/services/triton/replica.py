@@ -27,6 +27,7 @@ import grpc
 from tritonclient.grpc import service_pb2
 
 from servefleet.api import common_pb2, discovery_pb2
+from servefleet.common.appid import AppId
 from servefleet.common.config import settings
 from servefleet.common.errors import Unavailable
 from servefleet.services.endpoint import Registered, placement_labels
@@ -34,7 +35,6 @@ from servefleet.services.replica_wire import OK, code
 from servefleet.services.triton import install
 from servefleet.services.triton.metrics import Totals, inference_families, totals
 from servefleet.services.triton.server import TritonServer
-from servefleet.spec import app_ref
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class TritonReplica:
 
         spec = common_pb2.ApplicationSpec.FromString(spec_bytes)
         self.name = name
-        self.app = app_ref(spec)
+        self.app = AppId.parse(spec).ref()
         self.version = spec.version
         self.capacity = spec.max_concurrency + spec.max_queued
         self.node_id = ray.get_runtime_context().get_node_id()

@@ -19,9 +19,10 @@ from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
 from servefleet.api import agent_pb2, common_pb2
+from servefleet.common.appid import AppId
 from servefleet.common.net import async_wait_for
 from servefleet.services.agent import masters
-from servefleet.spec import app_ref, load_spec
+from servefleet.spec import load_spec
 from servefleet.testing import DiscoveryProcess, EtcdProcess, RayCluster
 
 EXAMPLES = Path(__file__).parents[3] / "examples"
@@ -60,7 +61,7 @@ async def deploy(
     await masters.apply(spec, replicas, revision, cluster=CLUSTER, discovery=discovery, redis=redis)
 
     async def settled() -> agent_pb2.MasterStatus | None:
-        status = await masters.status(app_ref(spec))
+        status = await masters.status(AppId.parse(spec).ref())
         done = (
             status is not None
             and status.ready_replicas == replicas
@@ -83,7 +84,7 @@ async def deployed(ray_driver: str, discovery_server: DiscoveryProcess) -> Async
     async def _deploy(
         spec: common_pb2.ApplicationSpec, replicas: int = 1, *, redis: str = ""
     ) -> agent_pb2.MasterStatus:
-        apps.append(app_ref(spec))
+        apps.append(AppId.parse(spec).ref())
         return await deploy(spec, replicas, discovery_server.address, redis=redis)
 
     yield _deploy

@@ -12,10 +12,10 @@ import tritonclient.grpc.aio as aioclient
 from servefleet.broker.core import BrokerCore
 from servefleet.broker.queue import RedisStreamQueue
 from servefleet.broker.servicer import broker_server
+from servefleet.common.appid import AppId
 from servefleet.common.errors import NotFound
 from servefleet.common.net import async_wait_for
 from servefleet.sdk.broker_client import AsyncBrokerClient
-from servefleet.spec import app_ref
 from servefleet.testing import RedisProcess
 
 from .conftest import example_spec, iris_input
@@ -33,7 +33,7 @@ async def test_async_app_serves_broker_and_proxy(
     await server.start()
     client = AsyncBrokerClient(server.address)
     try:
-        app = app_ref(spec)
+        app = AppId.parse(spec).ref()
 
         async def workers_registered() -> bool:
             try:

@@ -15,10 +15,10 @@ from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
 from servefleet.api import discovery_pb2, discovery_pb2_grpc
+from servefleet.common.appid import AppId
 from servefleet.common.net import async_wait_for
 from servefleet.services.actors import RAY_NAMESPACE, master_name
 from servefleet.services.agent import masters
-from servefleet.spec import app_ref
 
 from .conftest import CLUSTER, example_spec, iris_input, x_input
 
@@ -51,7 +51,9 @@ async def test_aio_tritonclient_and_discovery_registration(deployed: Any, discov
         assert result.as_numpy("label").tolist() == [2]
     async with grpc.aio.insecure_channel(discovery_server.address) as channel:
         stub = discovery_pb2_grpc.DiscoveryStub(channel)
-        resolved = await stub.Resolve(discovery_pb2.ResolveRequest(app=app_ref(example_spec("iris"))))
+        resolved = await stub.Resolve(
+            discovery_pb2.ResolveRequest(app=AppId.parse(example_spec("iris")).ref())
+        )
     [endpoint] = [e for e in resolved.endpoints if e.kind == "proxy"]
     assert endpoint.address == status.proxy_addresses[0]
     assert endpoint.labels["cluster"] == CLUSTER and endpoint.labels["node"]
@@ -119,8 +121,8 @@ async def test_runtime_env_and_working_dir(deployed: Any) -> None:
 async def test_restarted_master_adopts_live_replicas(deployed: Any) -> None:
     spec = example_spec("iris", name="iris-restart")
     status = await deployed(spec, 2)
-    before = set(await masters.replica_stats(app_ref(spec)))
-    master = ray.get_actor(master_name(app_ref(spec)), namespace=RAY_NAMESPACE)
+    before = set(await masters.replica_stats(AppId.parse(spec).ref()))
+    master = ray.get_actor(master_name(AppId.parse(spec).ref()), namespace=RAY_NAMESPACE)
     old_pid = (await master.info.remote())["pid"]
     ray.kill(master, no_restart=False)
 
@@ -134,8 +136,8 @@ async def test_restarted_master_adopts_live_replicas(deployed: Any) -> None:
     async def adopted() -> bool:
         """The same replicas ready under the restarted master (new ones would have new names)."""
         try:
-            now = await masters.status(app_ref(spec))
-            names = set(await masters.replica_stats(app_ref(spec)))
+            now = await masters.status(AppId.parse(spec).ref())
+            names = set(await masters.replica_stats(AppId.parse(spec).ref()))
         except Exception:
             return False
         return now is not None and now.ready_replicas == 2 and not now.updating and names == before

@@ -13,10 +13,10 @@ import ray
 import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
+from servefleet.common.appid import AppId
 from servefleet.common.net import async_wait_for
 from servefleet.services.actors import RAY_NAMESPACE, proxy_prefix
 from servefleet.services.agent import masters
-from servefleet.spec import app_ref
 
 from .conftest import CLUSTER, Load, example_spec, iris_input, x_input
 
@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 async def test_killed_replica_is_replaced_and_no_request_hangs(deployed: Any) -> None:
     spec = example_spec("latency", name="latency-kill")
     status = await deployed(spec, 2)
-    app = app_ref(spec)
+    app = AppId.parse(spec).ref()
     before = set(await masters.replica_stats(app))
     async with Load(status.proxy_addresses[0], spec.name, lambda: [x_input()], concurrency=8) as load:
         await load.wait_for_requests(100)
@@ -57,7 +57,7 @@ async def test_rollout_under_load_fails_nothing_and_ends_on_v2(deployed: Any, di
         await masters.apply(v2, 2, 2, cluster=CLUSTER, discovery=discovery_server.address)
 
         async def rolled() -> bool:
-            now = await masters.status(app_ref(v2))
+            now = await masters.status(AppId.parse(v2).ref())
             return now is not None and now.version == "2" and now.ready_replicas == 2 and not now.updating
 
         await async_wait_for(rolled, timeout=180, interval=0.2, what="rollout to v2")
@@ -79,7 +79,7 @@ async def test_over_limit_load_is_refused_fast_with_bounded_memory(deployed: Any
     spec = example_spec("latency", name="latency-full", max_concurrency=2, max_queued=2)
     spec.init_args.update({"min_ms": 300, "max_ms": 300})
     status = await deployed(spec, 1)
-    app = app_ref(spec)
+    app = AppId.parse(spec).ref()
     proxy = ray.get_actor(proxy_prefix(app) + "0", namespace=RAY_NAMESPACE)
     before = await proxy.stats.remote()
     outcomes: list[tuple[str, float]] = []
@@ -126,7 +126,7 @@ async def test_over_limit_load_is_refused_fast_with_bounded_memory(deployed: Any
 async def test_restarted_proxy_serves_again_at_its_new_address(deployed: Any) -> None:
     spec = example_spec("iris", name="iris-proxy-restart")
     status = await deployed(spec, 1)
-    app = app_ref(spec)
+    app = AppId.parse(spec).ref()
     ray.kill(ray.get_actor(proxy_prefix(app) + "0", namespace=RAY_NAMESPACE), no_restart=False)
 
     async def moved() -> str:

@@ -13,13 +13,14 @@ import pytest
 import ray
 
 from servefleet.api import common_pb2, discovery_pb2
+from servefleet.common.appid import AppId
 from servefleet.common.config import settings
 from servefleet.common.net import async_wait_for
 from servefleet.direct import INPUT_NAME, OUTPUT_NAME, ctr
 from servefleet.sdk import AsyncClient
 from servefleet.services.actors import RAY_NAMESPACE, replica_prefix
 from servefleet.services.agent import masters
-from servefleet.spec import app_ref, load_spec
+from servefleet.spec import load_spec
 from servefleet.testing import DiscoveryProcess
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -55,21 +56,21 @@ async def deployed(
     spec = direct_spec(ctr_model_path)
     await masters.apply(spec, 2, 1, cluster="direct-cluster", discovery=discovery_server.address)
     yield spec
-    await masters.remove(app_ref(spec))
+    await masters.remove(AppId.parse(spec).ref())
 
 
 async def _replicas(spec: common_pb2.ApplicationSpec) -> dict[str, str]:
     """Replica actor name -> its server's address, once the master has both replicas ready."""
 
     async def ready() -> bool:
-        status = await masters.status(app_ref(spec))
+        status = await masters.status(AppId.parse(spec).ref())
         return status is not None and status.ready_replicas == 2
 
     await async_wait_for(ready, timeout=120, interval=0.1, what="2 direct replicas ready")
     names = [
         a["name"]
         for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["namespace"] == RAY_NAMESPACE and a["name"].startswith(replica_prefix(app_ref(spec)))
+        if a["namespace"] == RAY_NAMESPACE and a["name"].startswith(replica_prefix(AppId.parse(spec).ref()))
     ]
     handles = {name: ray.get_actor(name, namespace=RAY_NAMESPACE) for name in names}
     return {name: (await handle.ready.remote())["address"] for name, handle in handles.items()}
@@ -95,7 +96,7 @@ async def test_sdk_and_tritonclient_get_reference_scores_without_a_proxy(
     assert len(replicas) == 2
     for endpoint in await _seen(client, set(replicas.values())):
         assert endpoint.labels["cluster"] == "direct-cluster" and endpoint.labels["node"]
-    status = await masters.status(app_ref(deployed))
+    status = await masters.status(AppId.parse(deployed).ref())
     assert status is not None and not status.proxy_addresses
 
     ids = np.random.default_rng(7).integers(0, 1 << 20, size=(64, 16), dtype=np.int64)
@@ -160,7 +161,7 @@ async def test_scaling_down_and_removing_deregister_at_once(
     await async_wait_for(
         lambda: _count(client, 1), timeout=settings.discovery_ttl_s - 1, interval=0.05, what="scale to 1"
     )
-    await masters.remove(app_ref(spec))
+    await masters.remove(AppId.parse(spec).ref())
     await async_wait_for(
         lambda: _count(client, 0), timeout=settings.discovery_ttl_s - 1, interval=0.05, what="deregistration"
     )

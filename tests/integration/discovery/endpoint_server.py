@@ -13,16 +13,15 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from servefleet.api import discovery_pb2
 from servefleet.common import tensors
+from servefleet.common.appid import AppId
 from servefleet.common.errors import InvalidArgument, NotFound
 from servefleet.common.server import GrpcServer
-from servefleet.discovery.names import parse_app
 from servefleet.discovery.registration import registration
-from servefleet.spec import model_name
 
 
 class Echo(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, app: str, endpoint_id: str, delay_s: float) -> None:
-        self.model = model_name(parse_app(app))
+        self.model = AppId.parse(AppId.parse(app).ref()).model_name
         self.endpoint_id = endpoint_id
         self.delay_s = delay_s
 
@@ -62,7 +61,7 @@ async def main(args: argparse.Namespace) -> None:
     await server.start()
     endpoint = discovery_pb2.Endpoint(
         id=args.id,
-        app=parse_app(args.app),
+        app=AppId.parse(args.app).ref(),
         kind="triton",
         address=server.address,
         labels={"zone": args.zone} if args.zone else {},

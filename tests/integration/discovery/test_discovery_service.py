@@ -139,9 +139,9 @@ async def test_compacted_revision_gets_flagged_fresh_snapshot(
         (discovery_pb2.RegisterRequest(endpoint=endpoint("t5/m", 1)), None),
         (
             discovery_pb2.RegisterRequest(endpoint=discovery_pb2.Endpoint(kind="proxy", address="h:1")),
-            "name is empty",
+            "application name: required",
         ),
-        (discovery_pb2.RegisterRequest(endpoint=endpoint("t5/bad name", 1)), "not a valid name"),
+        (discovery_pb2.RegisterRequest(endpoint=endpoint("t5/bad name", 1)), "must be 1-63 lowercase"),
         (discovery_pb2.RegisterRequest(endpoint=endpoint("t5/m", 1, address="no-port")), "not host:port"),
         (discovery_pb2.RegisterRequest(endpoint=endpoint("t5/m", 1, kind="")), "kind is empty"),
         (discovery_pb2.RegisterRequest(endpoint=endpoint("t5/m", 1, weight=-1)), "weight"),

@@ -9,21 +9,21 @@ import grpc
 import pytest
 
 from servefleet.api import discovery_pb2, discovery_pb2_grpc
+from servefleet.common.appid import AppId
 from servefleet.common.errors import InvalidArgument
 from servefleet.common.net import async_wait_for
-from servefleet.discovery.names import parse_app
 from servefleet.discovery.registration import registration
 from servefleet.testing import DiscoveryProcess, EtcdProcess
 
 
 def endpoint(app: str, address: str = "127.0.0.1:7001") -> discovery_pb2.Endpoint:
-    return discovery_pb2.Endpoint(app=parse_app(app), kind="proxy", address=address)
+    return discovery_pb2.Endpoint(app=AppId.parse(app).ref(), kind="proxy", address=address)
 
 
 async def resolve_ids(address: str, app: str) -> list[str]:
     async with grpc.aio.insecure_channel(address) as channel:
         reply = await discovery_pb2_grpc.DiscoveryStub(channel).Resolve(
-            discovery_pb2.ResolveRequest(app=parse_app(app))
+            discovery_pb2.ResolveRequest(app=AppId.parse(app).ref())
         )
     return [e.id for e in reply.endpoints]
 

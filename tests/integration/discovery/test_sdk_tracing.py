@@ -9,9 +9,9 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from servefleet import AsyncClient
 from servefleet.api import discovery_pb2
 from servefleet.common import tensors
+from servefleet.common.appid import AppId
 from servefleet.common.net import async_wait_for
 from servefleet.common.telemetry import setup_tracing, tracer
-from servefleet.discovery.names import parse_app
 from servefleet.discovery.registration import registration
 from servefleet.testing import DiscoveryProcess
 
@@ -34,7 +34,9 @@ async def test_trace_context_reaches_the_endpoint(discovery: DiscoveryProcess) -
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(recorder, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    endpoint = discovery_pb2.Endpoint(app=parse_app("traced"), kind="proxy", address=f"127.0.0.1:{port}")
+    endpoint = discovery_pb2.Endpoint(
+        app=AppId.parse("traced").ref(), kind="proxy", address=f"127.0.0.1:{port}"
+    )
     try:
         async with registration(discovery.address, endpoint), AsyncClient(discovery.address) as client:
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import grpc
 
 from servefleet.api import common_pb2, keeper_pb2, keeper_pb2_grpc
+from servefleet.common.appid import AppId
 from servefleet.common.net import async_wait_for
 from servefleet.keeper.store import KeeperStore
 from tests.integration.keeper.conftest import Procs, bearer
@@ -29,7 +30,7 @@ async def test_follower_serves_and_takes_over_when_the_leader_dies(procs: Procs)
             before = common_pb2.ApplicationSpec(name="before", import_path="examples.iris:IrisClassifier")
             await stub.SubmitApplication(keeper_pb2.SubmitApplicationRequest(spec=before), metadata=md)
             got = await stub.GetApplication(
-                keeper_pb2.GetApplicationRequest(app=spec_ref(before)), metadata=md
+                keeper_pb2.GetApplicationRequest(app=AppId.parse(before).ref()), metadata=md
             )
             assert got.state == AppState.PENDING  # the follower serves reads and writes
             leading.kill()
@@ -43,7 +44,7 @@ async def test_follower_serves_and_takes_over_when_the_leader_dies(procs: Procs)
 
             async def reconciled() -> str:
                 got = await stub.GetApplication(
-                    keeper_pb2.GetApplicationRequest(app=spec_ref(after)), metadata=md
+                    keeper_pb2.GetApplicationRequest(app=AppId.parse(after).ref()), metadata=md
                 )
                 return got.reason if got.reason.startswith("unplaceable") else ""
 
@@ -51,7 +52,3 @@ async def test_follower_serves_and_takes_over_when_the_leader_dies(procs: Procs)
             assert "no cluster is registered" in str(reason)
     finally:
         await store.close()
-
-
-def spec_ref(spec: common_pb2.ApplicationSpec) -> common_pb2.AppRef:
-    return common_pb2.AppRef(namespace="default", name=spec.name)

@@ -26,12 +26,13 @@ import pytest
 import ray
 
 from servefleet.api import agent_pb2, common_pb2
+from servefleet.common.appid import AppId
 from servefleet.common.errors import ServefleetError
 from servefleet.common.net import async_wait_for, free_port
 from servefleet.direct import INPUT_NAME, OUTPUT_NAME, ctr
 from servefleet.sdk import AsyncClient
 from servefleet.services.agent import masters
-from servefleet.spec import app_ref, load_spec
+from servefleet.spec import load_spec
 from servefleet.testing import ManagedProcess, RayCluster
 
 # The data plane's fixtures (a discovery process, this process as a Ray driver), shared, not copied.
@@ -144,7 +145,7 @@ async def settled(spec: common_pb2.ApplicationSpec, *, timeout: float = 240) -> 
     layout = f"{spec.sharding.partitioning}-{spec.sharding.shards}"
 
     async def done() -> agent_pb2.MasterStatus | None:
-        status = await masters.status(app_ref(spec))
+        status = await masters.status(AppId.parse(spec).ref())
         ok = (
             status is not None
             and status.ready_replicas == spec.replicas.initial
@@ -169,7 +170,7 @@ async def client(discovery_server: Any) -> AsyncIterator[AsyncClient]:
 def router_of(spec: common_pb2.ApplicationSpec) -> Any:
     from servefleet.services.actors import RAY_NAMESPACE, proxy_prefix
 
-    return ray.get_actor(f"{proxy_prefix(app_ref(spec))}0", namespace=RAY_NAMESPACE)
+    return ray.get_actor(f"{proxy_prefix(AppId.parse(spec).ref())}0", namespace=RAY_NAMESPACE)
 
 
 @dataclass

@@ -17,13 +17,13 @@ import pytest
 import ray
 
 from servefleet.api import common_pb2
+from servefleet.common.appid import AppId
 from servefleet.common.errors import InvalidArgument
 from servefleet.common.net import async_wait_for
 from servefleet.direct import INPUT_NAME, OUTPUT_NAME, ctr
 from servefleet.sdk import AsyncClient
 from servefleet.services.actors import RAY_NAMESPACE
 from servefleet.services.agent import masters
-from servefleet.spec import app_ref
 from servefleet.testing import DiscoveryProcess
 from tests.integration.sharded.conftest import (
     FIELDS,
@@ -48,7 +48,7 @@ async def sharded(
     await apply(spec, discovery_server.address)
     await settled(spec)
     yield spec
-    await masters.remove(app_ref(spec))
+    await masters.remove(AppId.parse(spec).ref())
 
 
 async def test_scores_equal_the_unsharded_reference_for_batches_of_1_to_1000(
@@ -79,7 +79,7 @@ async def test_a_key_out_of_range_is_invalid_argument(
 async def test_each_shard_actor_holds_a_quarter_of_the_table_on_two_nodes(
     sharded: common_pb2.ApplicationSpec, two_nodes: list[str]
 ) -> None:
-    status = await masters.status(app_ref(sharded))
+    status = await masters.status(AppId.parse(sharded).ref())
     assert status is not None and len(status.shards) == 8
     assert {s.shard for s in status.shards} == {0, 1, 2, 3}
     assert len({s.node_id for s in status.shards}) == 2  # spread over both nodes
@@ -98,23 +98,23 @@ async def test_an_unsharded_table_over_the_actor_memory_limit_is_refused_precise
     try:
 
         async def refused() -> str | None:
-            status = await masters.status(app_ref(spec))
+            status = await masters.status(AppId.parse(spec).ref())
             return status.error if status is not None and "memory limit" in status.error else None
 
         error = await async_wait_for(refused, timeout=120, interval=0.3, what="the whole table refused")
         assert "needs 68.0 MiB of table, above its memory limit 24.0 MiB" in str(error)
         assert "raise spec.sharding.shards" in str(error)
-        status = await masters.status(app_ref(spec))
+        status = await masters.status(AppId.parse(spec).ref())
         assert status is not None and status.ready_replicas == 0
     finally:
-        await masters.remove(app_ref(spec))
+        await masters.remove(AppId.parse(spec).ref())
 
 
 async def test_one_replica_10x_slower_is_hedged_within_2x_of_the_healthy_p99(
     sharded: common_pb2.ApplicationSpec, client: AsyncClient, reference: ctr.FactorizationMachine
 ) -> None:
     router = router_of(sharded)
-    status = await masters.status(app_ref(sharded))
+    status = await masters.status(AppId.parse(sharded).ref())
     assert status is not None
     slow_name = next(s.replica for s in status.shards if s.shard == 0)
     slow = ray.get_actor(slow_name, namespace=RAY_NAMESPACE)
@@ -146,7 +146,7 @@ async def test_one_replica_10x_slower_is_hedged_within_2x_of_the_healthy_p99(
 async def test_sigkill_of_a_shard_replica_under_load_fails_no_request(
     sharded: common_pb2.ApplicationSpec, client: AsyncClient, reference: ctr.FactorizationMachine
 ) -> None:
-    status = await masters.status(app_ref(sharded))
+    status = await masters.status(AppId.parse(sharded).ref())
     assert status is not None
     victim_name = next(s.replica for s in status.shards if s.shard == 2)
     victim = ray.get_actor(victim_name, namespace=RAY_NAMESPACE)
@@ -157,7 +157,7 @@ async def test_sigkill_of_a_shard_replica_under_load_fails_no_request(
         await load.wait_for_requests(100)
 
         async def replaced() -> bool:
-            now = await masters.status(app_ref(sharded))
+            now = await masters.status(AppId.parse(sharded).ref())
             names = {s.replica for s in now.shards if s.ready} if now else set()
             return (
                 now is not None and victim_name not in names and len(names) == 8 and now.ready_replicas == 2
@@ -191,8 +191,8 @@ async def test_resharding_2_to_4_under_load_fails_no_request_and_answers_the_sam
             assert (await router.stats.remote())["layout"] == "range-4"
             await load.wait_for_requests(50)
         assert load.failures == {} and load.wrong == 0 and load.ok >= 100
-        status = await masters.status(app_ref(spec))
+        status = await masters.status(AppId.parse(spec).ref())
         assert status is not None and sorted(s.shard for s in status.shards) == [0, 1, 2, 3]
         await asyncio.sleep(0)
     finally:
-        await masters.remove(app_ref(spec))
+        await masters.remove(AppId.parse(spec).ref())

@@ -23,13 +23,14 @@ from tritonclient.utils import InferenceServerException
 
 from servefleet.api import common_pb2, discovery_pb2
 from servefleet.common import tensors
+from servefleet.common.appid import AppId
 from servefleet.common.config import settings
 from servefleet.common.errors import ServefleetError
 from servefleet.common.net import async_wait_for
 from servefleet.sdk import AsyncClient
 from servefleet.services.actors import RAY_NAMESPACE, replica_prefix
 from servefleet.services.agent import masters
-from servefleet.spec import app_ref, load_spec
+from servefleet.spec import load_spec
 from servefleet.testing import DiscoveryProcess
 from tests.integration.triton.conftest import MODEL, add_sub_inputs, pid_alive, versioned_repository
 
@@ -62,7 +63,7 @@ async def apply(spec: common_pb2.ApplicationSpec, discovery: str, revision: int)
     await masters.apply(spec, 2, revision, cluster=CLUSTER, discovery=discovery)
 
     async def settled() -> bool:
-        status = await masters.status(app_ref(spec))
+        status = await masters.status(AppId.parse(spec).ref())
         return (
             status is not None
             and status.ready_replicas == 2
@@ -78,7 +79,7 @@ async def replicas(spec: common_pb2.ApplicationSpec) -> dict[str, dict[str, Any]
     names = [
         a["name"]
         for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["namespace"] == RAY_NAMESPACE and a["name"].startswith(replica_prefix(app_ref(spec)))
+        if a["namespace"] == RAY_NAMESPACE and a["name"].startswith(replica_prefix(AppId.parse(spec).ref()))
     ]
     handles = {}
     for name in names:
@@ -176,7 +177,7 @@ async def test_sigkilled_server_costs_no_request_and_a_new_one_registers(
         assert not any(pid_alive(pid) for pid in victim["pids"])
     finally:
         pids = [pid for stats in (await replicas(spec)).values() for pid in stats["pids"]]
-        await masters.remove(app_ref(spec))
+        await masters.remove(AppId.parse(spec).ref())
     # Removing the app leaves no tritonserver (nor stub) behind: checked by the recorded pids.
     await async_wait_for(_all_gone(pids), timeout=settings.shutdown_grace_s + 10, what=f"pids {pids} gone")
 
@@ -202,7 +203,7 @@ async def test_a_hung_server_is_restarted(
         assert load.failures == Counter(), load.failures
         assert not any(pid_alive(pid) for pid in victim["pids"])
     finally:
-        await masters.remove(app_ref(spec))
+        await masters.remove(AppId.parse(spec).ref())
 
 
 async def test_a_killed_actor_takes_its_server_along(
@@ -228,7 +229,7 @@ async def test_a_killed_actor_takes_its_server_along(
 
         await async_wait_for(replaced, timeout=120, interval=0.2, what="replacement registered")
     finally:
-        await masters.remove(app_ref(spec))
+        await masters.remove(AppId.parse(spec).ref())
 
 
 async def test_rolling_update_to_a_new_repository_version_under_load(
@@ -250,7 +251,7 @@ async def test_rolling_update_to_a_new_repository_version_under_load(
         assert load.failures == Counter(), load.failures
         assert load.versions["x1"] > 0 and load.versions["x3"] > 0
     finally:
-        await masters.remove(app_ref(v1))
+        await masters.remove(AppId.parse(v1).ref())
 
 
 async def _exactly(client: AsyncClient, addresses: set[str]) -> dict[str, discovery_pb2.Endpoint] | None:
@@ -272,7 +273,7 @@ async def test_proxies_route_to_triton_and_pass_its_statuses_through(
     spec.proxies = 1
     await apply(spec, discovery_server.address, 1)
     try:
-        status = await masters.status(app_ref(spec))
+        status = await masters.status(AppId.parse(spec).ref())
         assert status is not None and len(status.proxy_addresses) == 1
         # Discovery hands out the Triton servers only; the proxy serves whoever knows its address.
         assert {e.kind for e in await client.endpoints(APP)} == {"triton"}
@@ -304,7 +305,7 @@ async def test_proxies_route_to_triton_and_pass_its_statuses_through(
         status_code, message = await handle.infer.remote(request, {}, 10.0)
         assert status_code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "must match" in message
     finally:
-        await masters.remove(app_ref(spec))
+        await masters.remove(AppId.parse(spec).ref())
 
 
 def _scrape(address: str) -> bytes:
