@@ -25,7 +25,8 @@ import grpc
 
 from servefleet.api import agent_pb2, agent_pb2_grpc, common_pb2, keeper_pb2
 from servefleet.common.appid import AppId
-from servefleet.common.config import grpc_options, settings
+from servefleet.common.channels import ChannelCache
+from servefleet.common.config import settings
 from servefleet.keeper import placement
 from servefleet.keeper.store import AppRecord, KeeperStore, cancel_watch
 
@@ -44,13 +45,10 @@ class Agents:
         #: Reads answer at once from a live agent; a hung one (paused, partitioned) must not hold
         #: an app's reconcile step for long, or moving it off that cluster would wait too.
         self.read_timeout_s = min(read_timeout_s, timeout_s)
-        self._stubs: dict[str, tuple[grpc.aio.Channel, agent_pb2_grpc.ClusterAgentStub]] = {}
+        self._channels = ChannelCache()
 
     def stub(self, address: str) -> agent_pb2_grpc.ClusterAgentStub:
-        if address not in self._stubs:
-            channel = grpc.aio.insecure_channel(address, options=grpc_options())
-            self._stubs[address] = (channel, agent_pb2_grpc.ClusterAgentStub(channel))
-        return self._stubs[address][1]
+        return self._channels.stub(address, agent_pb2_grpc.ClusterAgentStub)
 
     async def state(self, address: str, ref: common_pb2.AppRef) -> agent_pb2.MasterStatus | None:
         try:
@@ -80,9 +78,7 @@ class Agents:
         )
 
     async def close(self) -> None:
-        for channel, _ in self._stubs.values():
-            await channel.close()
-        self._stubs.clear()
+        await self._channels.close()
 
 
 def _fingerprint(clusters: Iterable[keeper_pb2.ClusterInfo]) -> int:

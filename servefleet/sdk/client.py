@@ -20,10 +20,12 @@ import tritonclient.grpc
 import tritonclient.grpc.aio
 from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind
+from tritonclient.grpc.service_pb2_grpc import GRPCInferenceServiceStub
 
 from servefleet.api import common_pb2, discovery_pb2, discovery_pb2_grpc
 from servefleet.common import tensors
 from servefleet.common.appid import AppId
+from servefleet.common.channels import ChannelCache
 from servefleet.common.config import grpc_options
 from servefleet.common.errors import (
     DeadlineExceeded,
@@ -33,10 +35,9 @@ from servefleet.common.errors import (
     from_rpc_error,
 )
 from servefleet.common.retry import Backoff, RetryPolicy, on_status
-from servefleet.common.telemetry import tracer
+from servefleet.common.telemetry import aio_client_interceptors, tracer
 from servefleet.sdk.broker_client import AsyncBrokerClient
 from servefleet.sdk.picker import Picker
-from servefleet.sdk.pool import ChannelPool
 from servefleet.sdk.watch import AppWatch
 
 T = TypeVar("T")
@@ -75,7 +76,7 @@ class AsyncClient:
         self._retry = retry if isinstance(retry, RetryPolicy) else (INFER_RETRY if retry else NO_RETRY)
         self._timeout = timeout
         self.picker = Picker(zone=zone)
-        self._pool = ChannelPool()
+        self._pool = ChannelCache(interceptors=aio_client_interceptors())
         self._watches: dict[tuple[str, str], AppWatch] = {}
         self._broker_address = broker
         self._broker: AsyncBrokerClient | None = None
@@ -184,7 +185,7 @@ class AsyncClient:
                 self.picker.started(endpoint.address)
                 start = loop.time()
                 try:
-                    reply = await self._pool.stub(endpoint.address).ModelInfer(
+                    reply = await self._pool.stub(endpoint.address, GRPCInferenceServiceStub).ModelInfer(
                         request, timeout=left, metadata=tuple(metadata)
                     )
                 except grpc.aio.AioRpcError as exc:

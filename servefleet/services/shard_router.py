@@ -95,7 +95,7 @@ class GrpcShardTransport(GrpcTransport):
     (no client interceptors: they would double the cost of the router's hottest call)."""
 
     async def lookup(self, replica: ReplicaInfo, keys: np.ndarray, timeout_s: float) -> np.ndarray:
-        call = self._channel(replica.address).unary_unary(SHARD_LOOKUP)
+        call = self._channels.channel(replica.address).unary_unary(SHARD_LOOKUP)
         try:
             rows: bytes = await call(keys.astype("<i8", copy=False).tobytes(), timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:

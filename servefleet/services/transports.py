@@ -10,7 +10,8 @@ from typing import Protocol
 
 import grpc
 
-from servefleet.common.config import grpc_options, settings
+from servefleet.common.channels import ChannelCache
+from servefleet.common.config import settings
 from servefleet.services.replica_wire import OK, REPLICA_SERVICE, Answer, code
 from servefleet.services.routing import ReplicaInfo
 
@@ -73,26 +74,18 @@ class GrpcTransport:
     failure (UNAVAILABLE) means the replica is gone."""
 
     def __init__(self) -> None:
-        self._channels: dict[str, grpc.aio.Channel] = {}
-
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=grpc_options())
-        return channel
+        # A drained replica still finishes what it holds: its channel closes after that grace.
+        grace = settings.replica_drain_timeout_s + settings.shutdown_grace_s
+        self._channels = ChannelCache(close_grace_s=grace)
 
     def forget(self, live: set[str]) -> None:
-        """Close channels of replicas no longer in the table, once their calls are done (closing
-        a channel cancels its calls, and a drained replica still finishes what it holds)."""
-        for address in set(self._channels) - live:
-            channel = self._channels.pop(address)
-            grace = settings.replica_drain_timeout_s + settings.shutdown_grace_s
-            asyncio.get_running_loop().create_task(channel.close(grace))
+        """Close channels of replicas no longer in the table, once their calls are done."""
+        self._channels.retain(live)
 
     async def infer(
         self, replica: ReplicaInfo, request: bytes, carrier: dict[str, str], timeout_s: float | None
     ) -> Answer:
-        call = self._channel(replica.address).unary_unary(replica.infer_method)
+        call = self._channels.channel(replica.address).unary_unary(replica.infer_method)
         try:
             answer: bytes = await call(request, timeout=timeout_s, metadata=tuple(carrier.items()))
             return OK, answer
@@ -102,7 +95,7 @@ class GrpcTransport:
     async def stream(
         self, replica: ReplicaInfo, request: bytes, carrier: dict[str, str], timeout_s: float | None
     ) -> AsyncIterator[Answer]:
-        call = self._channel(replica.address).unary_stream(f"/{REPLICA_SERVICE}/Stream")
+        call = self._channels.channel(replica.address).unary_stream(f"/{REPLICA_SERVICE}/Stream")
         try:
             async for chunk in call(request, timeout=timeout_s, metadata=tuple(carrier.items())):
                 yield OK, chunk
