@@ -31,11 +31,11 @@ from tritonclient.grpc import service_pb2
 from servefleet.api import common_pb2
 from servefleet.common import telemetry
 from servefleet.common.appid import AppId
-from servefleet.common.config import grpc_options
 from servefleet.common.errors import InvalidArgument, ServefleetError
+from servefleet.common.server import GrpcServer
 from servefleet.common.tensors import decode_request, encode_response
 from servefleet.services.batching import Batcher
-from servefleet.services.replica_wire import CODES, OK, REPLICA_SERVICE, Answer, code
+from servefleet.services.replica_wire import CODES, OK, REPLICA_SERVICE, Answer, code, error_for
 from servefleet.spec import struct_to_python
 
 log = logging.getLogger(__name__)
@@ -91,9 +91,8 @@ class Replica:
         self.draining = False
         self._idle = asyncio.Event()
         self._idle.set()
-        self._server = grpc.aio.server(options=grpc_options())
-        self._server.add_generic_rpc_handlers((self._handlers(),))
-        self._port = self._server.add_insecure_port("127.0.0.1:0")
+        # The platform's server: gRPC health, the error-mapping and tracing interceptor, keepalive.
+        self._server = GrpcServer("replica", "127.0.0.1:0", [self._register], [REPLICA_SERVICE])
         self._serving = asyncio.get_running_loop().create_task(self._server.start())
         self._worker: Any = None
         if spec.async_mode.enabled and redis:
@@ -150,7 +149,7 @@ class Replica:
     @property
     def address(self) -> str:
         """The replica's own gRPC endpoint (loopback: for proxies on this node)."""
-        return f"127.0.0.1:{self._port}"
+        return self._server.address
 
     async def serving(self) -> None:
         await self._serving
@@ -204,26 +203,27 @@ class Replica:
 
     # ---- the same calls over the replica's own gRPC endpoint (same-node proxies) -----------
 
-    def _handlers(self) -> grpc.GenericRpcHandler:
+    def _register(self, server: grpc.aio.Server) -> None:
         """Raw-bytes methods: the proxy's deadline and cancellation arrive as gRPC's own."""
-        return grpc.method_handlers_generic_handler(
+        handlers = grpc.method_handlers_generic_handler(
             REPLICA_SERVICE,
             {
                 "Infer": grpc.unary_unary_rpc_method_handler(self._grpc_infer),
                 "Stream": grpc.unary_stream_rpc_method_handler(self._grpc_stream),
             },
         )
+        server.add_generic_rpc_handlers((handlers,))
 
     async def _grpc_infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         status, payload = await self.infer(request, _carrier(context), context.time_remaining())
         if status != OK:
-            await context.abort(CODES[status], str(payload))
+            raise error_for(status, str(payload))  # the server's interceptor answers its status
         return payload  # type: ignore[return-value]
 
     async def _grpc_stream(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         async for status, payload in self.stream(request, _carrier(context), context.time_remaining()):
             if status != OK:
-                await context.abort(CODES[status], str(payload))
+                raise error_for(status, str(payload))
             yield payload  # type: ignore[misc]
 
     # ---- internals --------------------------------------------------------------------------

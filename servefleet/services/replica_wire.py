@@ -1,6 +1,11 @@
 """How a proxy and a replica talk: the replica's own gRPC service, and answers as
 ``(status code, payload)`` tuples (cheap to pickle across a Ray call; payload is the serialized
-ModelInferResponse on OK, the error message otherwise)."""
+ModelInferResponse on OK, the error message otherwise).
+
+A replica's error has one form from the replica to the SDK: a domain error (``common.errors``)
+with one code and one message. It travels as ``(code, message)`` over Ray, as status and details
+over gRPC (the replica's and the proxy's ``GrpcServer`` interceptor), and ``common.errors``' one
+table turns it back into the same class with the same message at the proxy and in the SDK."""
 
 from __future__ import annotations
 

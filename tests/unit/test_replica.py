@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2
 
 from servefleet.common.errors import InvalidArgument
@@ -125,3 +126,9 @@ async def test_grpc_endpoint_carries_status_and_bytes(replica: Callable[..., Rep
     assert status == OK and y_of(payload) == [4.0]
     status, message = await transport.infer(info, x_request(-1), {}, 5.0)
     assert status == code(grpc.StatusCode.INTERNAL) and "refuses" in str(message)
+    # One form: the same code and message as the Ray path's answer for the same request.
+    assert (status, message) == await r.infer(x_request(-1), {}, 5.0)
+    # The replica's server is the platform's GrpcServer: it answers gRPC health.
+    async with grpc.aio.insecure_channel(r.address) as channel:
+        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
