@@ -62,7 +62,7 @@ async def main(args: argparse.Namespace) -> None:
     endpoint = discovery_pb2.Endpoint(
         id=args.id,
         app=AppId.parse(args.app).ref(),
-        kind="triton",
+        kind="proxy",  # a plain KServe endpoint: it serves the app under its own model name
         address=server.address,
         labels={"zone": args.zone} if args.zone else {},
         weight=args.weight,
