@@ -322,11 +322,22 @@ class Client:
     def result(self, ticket: str, *, timeout: float | None = None) -> dict[str, np.ndarray]:
         return self._run(self.aio.result(ticket, timeout=timeout))
 
+    async def _shutdown(self) -> None:
+        """Close the client, then end what is still running on its loop (a channel closing with
+        grace, a gRPC callback) the way ``asyncio.run`` does, so closing the loop destroys no
+        pending task ("Task was destroyed but it is pending!" after ``app infer``)."""
+        await self.aio.close()
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in rest:
+            task.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
+        await asyncio.get_running_loop().shutdown_asyncgens()
+
     def close(self) -> None:
         if self._loop.is_closed():
             return
         with contextlib.suppress(RuntimeError):
-            self._run(self.aio.close())
+            self._run(self._shutdown())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
         self._loop.close()
