@@ -28,6 +28,7 @@ from pathlib import Path
 from servefleet import stack
 from servefleet.common.config import settings
 from servefleet.common.logs import setup_logging
+from servefleet.common.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,8 @@ class Supervisor:
         self._children: dict[int, subprocess.Popen[bytes]] = {}  # the processes it started itself
 
     def _delay(self, failures: int) -> float:
-        base = settings.supervisor_backoff_s * 2 ** min(failures, 16)  # capped exponent: no overflow
-        return min(settings.supervisor_max_backoff_s, base) * self._rng.uniform(0.5, 1.0)
+        backoff = Backoff(settings.supervisor_backoff_s, settings.supervisor_max_backoff_s, jitter=0.5)
+        return backoff.delay(failures + 1, self._rng)  # base * 2**failures, capped, half-jittered
 
     def check(self) -> list[str]:
         """Restart every started part whose process is gone and whose backoff has passed; returns
