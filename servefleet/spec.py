@@ -26,11 +26,12 @@ from servefleet.api import common_pb2
 from servefleet.common.appid import DEFAULT_NAMESPACE, check_name
 from servefleet.common.errors import InvalidArgument
 from servefleet.common.tensors import DTYPES
+from servefleet.pipeline_spec import STAGE_SEPARATOR
 
 DEFAULT_VERSION = "1"
 DEFAULT_KIND = "python"
 #: Kinds the platform knows; only "python" is served by the data plane today.
-KINDS = ("python", "direct", "triton", "sharded")
+KINDS = ("python", "direct", "triton", "sharded", "pipeline")
 #: kind "sharded": how keys map to shards, and how the router merges looked-up rows.
 PARTITIONINGS = ("range", "hash")
 MERGES = ("ctr",)
@@ -93,8 +94,9 @@ def load_spec(source: str | Path | Mapping[str, Any] | ApplicationSpec) -> Appli
             raise InvalidArgument(f"spec file {str(path)!r}: {exc.strerror or exc}") from None
         except yaml.YAMLError as exc:
             raise InvalidArgument(f"spec file {str(path)!r} is not valid YAML: {exc}") from None
-        if isinstance(data, dict) and _is_local_relative(data.get("working_dir")):
-            data["working_dir"] = str((path.parent / data["working_dir"]).resolve())
+        for deployment in [data, *data.get("stages", [])] if isinstance(data, dict) else []:
+            if isinstance(deployment, dict) and _is_local_relative(deployment.get("working_dir")):
+                deployment["working_dir"] = str((path.parent / deployment["working_dir"]).resolve())
         source = data
     if not isinstance(source, Mapping):
         raise InvalidArgument(f"spec: expected a mapping, got {type(source).__name__}")
@@ -103,8 +105,26 @@ def load_spec(source: str | Path | Mapping[str, Any] | ApplicationSpec) -> Appli
 
 def from_dict(data: Mapping[str, Any]) -> ApplicationSpec:
     """Parse a mapping into a spec (no defaults filled; call ``validate`` for that)."""
+    data = _shorthands(data, "spec")
+    _check_keys(data, ApplicationSpec.DESCRIPTOR, "spec")
+    spec = ApplicationSpec()
+    try:
+        json_format.ParseDict(data, spec, ignore_unknown_fields=False)
+    except json_format.ParseError as exc:
+        raise InvalidArgument(_parse_error(str(exc))) from None
+    return spec
+
+
+def _shorthands(data: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """The YAML shorthands (integer replicas, ``512Mi``, top-level batching, ``async``) spelled out,
+    in the spec and in each pipeline stage."""
     data = dict(data)
-    batching = dict(_mapping(data.pop("batching", None) or {}, "spec.batching"))
+    if isinstance(data.get("stages"), list):
+        data["stages"] = [
+            _shorthands(_mapping(stage, f"{path}.stages[{i}]"), f"{path}.stages[{i}]")
+            for i, stage in enumerate(data["stages"])
+        ]
+    batching = dict(_mapping(data.pop("batching", None) or {}, f"{path}.batching"))
     for key in ("max_batch_size", "batch_wait_timeout_ms"):
         if key in data:
             batching[key] = data.pop(key)
@@ -125,20 +145,17 @@ def from_dict(data: Mapping[str, Any]) -> ApplicationSpec:
         data["triton"] = triton
     resources = data.get("resources")
     if isinstance(resources, Mapping) and "memory" in resources:
-        data["resources"] = {**resources, "memory": parse_size(resources["memory"], "spec.resources.memory")}
+        data["resources"] = {
+            **resources,
+            "memory": parse_size(resources["memory"], f"{path}.resources.memory"),
+        }
     runtime_env = data.get("runtime_env")
     if isinstance(runtime_env, Mapping) and isinstance(runtime_env.get("env_vars"), Mapping):
         env = {str(k): _scalar_str(v) for k, v in runtime_env["env_vars"].items()}
         data["runtime_env"] = {**runtime_env, "env_vars": env}
     if isinstance(data.get("labels"), Mapping):
         data["labels"] = {str(k): _scalar_str(v) for k, v in data["labels"].items()}
-    _check_keys(data, ApplicationSpec.DESCRIPTOR, "spec")
-    spec = ApplicationSpec()
-    try:
-        json_format.ParseDict(data, spec, ignore_unknown_fields=False)
-    except json_format.ParseError as exc:
-        raise InvalidArgument(_parse_error(str(exc))) from None
-    return spec
+    return data
 
 
 def validate(spec: ApplicationSpec) -> ApplicationSpec:
@@ -146,12 +163,20 @@ def validate(spec: ApplicationSpec) -> ApplicationSpec:
     if not spec.name:
         raise InvalidArgument("spec.name: required")
     check_name(spec.name, "spec.name")
+    if STAGE_SEPARATOR in spec.name:
+        raise InvalidArgument(f"spec.name: {spec.name!r}: '--' is reserved for pipeline stages (app--stage)")
     spec.namespace = spec.namespace or DEFAULT_NAMESPACE
     check_name(spec.namespace, "spec.namespace")
     spec.version = spec.version or DEFAULT_VERSION
     spec.kind = spec.kind or DEFAULT_KIND
     if spec.kind not in KINDS:
         raise InvalidArgument(f"spec.kind: {spec.kind!r} is not one of {', '.join(KINDS)}")
+    if spec.kind == "pipeline":
+        from servefleet.pipeline_spec import check_pipeline  # it validates each stage with this module
+
+        check_pipeline(spec)
+    elif spec.stages or spec.edges:
+        raise InvalidArgument(f"spec.stages: only kind 'pipeline' has stages (kind is {spec.kind!r})")
     if spec.kind == "python" and not spec.import_path:
         raise InvalidArgument("spec.import_path: required for kind 'python' (module:Class)")
     if spec.import_path and not _IMPORT_RE.match(spec.import_path):

@@ -61,6 +61,8 @@ class StackConfig:
     base_port: int = 7400
     host: str = "127.0.0.1"
     ray_num_cpus: int = 2
+    #: Custom resources of the local Ray head, e.g. {"accelerator": 1} to place a pipeline's model stage.
+    ray_resources: dict[str, float] = field(default_factory=dict)
     etcd: str | None = None  # external addresses: start nothing for these
     redis: str | None = None
     ray: str | None = None
@@ -142,6 +144,7 @@ def plan(config: StackConfig) -> list[Part]:
                     temp_dir=ray_temp_dir(state),
                     worker_ports=(base + RAY_WORKER_PORTS[0], base + RAY_WORKER_PORTS[1]),
                     host=host,
+                    resources=config.ray_resources,
                 ),
             )
         )

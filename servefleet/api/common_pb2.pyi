@@ -156,7 +156,7 @@ class ShardStatus(_message.Message):
     def __init__(self, shard: _Optional[int] = ..., replica: _Optional[str] = ..., node_id: _Optional[str] = ..., layout: _Optional[str] = ..., rows: _Optional[int] = ..., table_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., ready: _Optional[bool] = ...) -> None: ...
 
 class ApplicationSpec(_message.Message):
-    __slots__ = ("name", "namespace", "version", "import_path", "init_args", "working_dir", "runtime_env", "inputs", "outputs", "resources", "replicas", "max_concurrency", "max_queued", "proxies", "kind", "batching", "async_mode", "placement", "labels", "triton", "sharding")
+    __slots__ = ("name", "namespace", "version", "import_path", "init_args", "working_dir", "runtime_env", "inputs", "outputs", "resources", "replicas", "max_concurrency", "max_queued", "proxies", "kind", "batching", "async_mode", "placement", "labels", "triton", "sharding", "stages", "edges")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +185,8 @@ class ApplicationSpec(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     TRITON_FIELD_NUMBER: _ClassVar[int]
     SHARDING_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    EDGES_FIELD_NUMBER: _ClassVar[int]
     name: str
     namespace: str
     version: str
@@ -206,4 +208,14 @@ class ApplicationSpec(_message.Message):
     labels: _containers.ScalarMap[str, str]
     triton: TritonConfig
     sharding: ShardingConfig
-    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., version: _Optional[str] = ..., import_path: _Optional[str] = ..., init_args: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., working_dir: _Optional[str] = ..., runtime_env: _Optional[_Union[RuntimeEnv, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., replicas: _Optional[_Union[ReplicaRange, _Mapping]] = ..., max_concurrency: _Optional[int] = ..., max_queued: _Optional[int] = ..., proxies: _Optional[int] = ..., kind: _Optional[str] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., async_mode: _Optional[_Union[AsyncConfig, _Mapping]] = ..., placement: _Optional[_Union[PlacementConstraints, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., triton: _Optional[_Union[TritonConfig, _Mapping]] = ..., sharding: _Optional[_Union[ShardingConfig, _Mapping]] = ...) -> None: ...
+    stages: _containers.RepeatedCompositeFieldContainer[ApplicationSpec]
+    edges: _containers.RepeatedCompositeFieldContainer[StageEdge]
+    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., version: _Optional[str] = ..., import_path: _Optional[str] = ..., init_args: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., working_dir: _Optional[str] = ..., runtime_env: _Optional[_Union[RuntimeEnv, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., replicas: _Optional[_Union[ReplicaRange, _Mapping]] = ..., max_concurrency: _Optional[int] = ..., max_queued: _Optional[int] = ..., proxies: _Optional[int] = ..., kind: _Optional[str] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., async_mode: _Optional[_Union[AsyncConfig, _Mapping]] = ..., placement: _Optional[_Union[PlacementConstraints, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., triton: _Optional[_Union[TritonConfig, _Mapping]] = ..., sharding: _Optional[_Union[ShardingConfig, _Mapping]] = ..., stages: _Optional[_Iterable[_Union[ApplicationSpec, _Mapping]]] = ..., edges: _Optional[_Iterable[_Union[StageEdge, _Mapping]]] = ...) -> None: ...
+
+class StageEdge(_message.Message):
+    __slots__ = ("caller", "callee")
+    CALLER_FIELD_NUMBER: _ClassVar[int]
+    CALLEE_FIELD_NUMBER: _ClassVar[int]
+    caller: str
+    callee: str
+    def __init__(self, caller: _Optional[str] = ..., callee: _Optional[str] = ...) -> None: ...

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import time
@@ -15,6 +16,16 @@ from servefleet.cli.common import emit, one_line_errors, output_option, state_di
 
 def _progress(message: str) -> None:
     click.echo(f"  {message}", err=True)
+
+
+def _resources(text: str) -> dict[str, float]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--ray-resources") from None
+    if not isinstance(value, dict) or not all(isinstance(v, int | float) for v in value.values()):
+        raise click.BadParameter('expected {"name": amount, ...}', param_hint="--ray-resources")
+    return {str(k): float(v) for k, v in value.items()}
 
 
 @click.command()
@@ -32,6 +43,12 @@ def _progress(message: str) -> None:
     default=2,
     show_default=True,
     help="CPUs the local Ray head offers to actors.",
+)
+@click.option(
+    "--ray-resources",
+    default="{}",
+    metavar="JSON",
+    help="Custom resources the local Ray head offers, e.g. '{\"accelerator\": 1}' (examples/llm.yaml).",
 )
 @click.option("--etcd", "etcd_address", metavar="HOST:PORT", help="Use this etcd instead of starting one.")
 @click.option("--redis", "redis_address", metavar="HOST:PORT", help="Use this Redis instead of starting one.")
@@ -51,6 +68,7 @@ def up(
     state_dir: Path,
     base_port: int,
     ray_num_cpus: int,
+    ray_resources: str,
     etcd_address: str | None,
     redis_address: str | None,
     ray_address: str | None,
@@ -62,6 +80,7 @@ def up(
         state_dir=state_dir,
         base_port=base_port,
         ray_num_cpus=ray_num_cpus,
+        ray_resources=_resources(ray_resources),
         etcd=etcd_address,
         redis=redis_address,
         ray=ray_address,

@@ -143,8 +143,11 @@ def encode_request(
     model_version: str = "",
     request_id: str = "",
     outputs: list[str] | None = None,
+    parameters: Mapping[str, Parameter] | None = None,
 ) -> service_pb2.ModelInferRequest:
     request = service_pb2.ModelInferRequest(model_name=model_name, model_version=model_version, id=request_id)
+    for key, value in (parameters or {}).items():
+        set_parameter(request.parameters[key], value, key)
     for name, array in inputs.items():
         array = np.asarray(array)
         request.inputs.add(name=name, datatype=datatype_of(array), shape=array.shape)
@@ -152,6 +155,33 @@ def encode_request(
     for name in outputs or ():
         request.outputs.add(name=name)
     return request
+
+
+Parameter = bool | int | float | str
+
+
+def set_parameter(slot: service_pb2.InferParameter, value: Parameter, key: str) -> None:
+    """A KServe request parameter from a Python scalar (bool before int: bool is an int)."""
+    if isinstance(value, bool):
+        slot.bool_param = value
+    elif isinstance(value, int):
+        slot.int64_param = value
+    elif isinstance(value, float):
+        slot.double_param = value
+    elif isinstance(value, str):
+        slot.string_param = value
+    else:
+        raise InvalidArgument(f"parameter {key!r}: {type(value).__name__} is not bool, int, float or str")
+
+
+def decode_parameters(request: service_pb2.ModelInferRequest) -> dict[str, Parameter]:
+    """The request's KServe parameters as Python scalars."""
+    out: dict[str, Parameter] = {}
+    for key, slot in request.parameters.items():
+        which = slot.WhichOneof("parameter_choice")
+        if which is not None:
+            out[key] = getattr(slot, which)
+    return out
 
 
 def encode_response(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Awaitable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Coroutine, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -30,6 +30,7 @@ from servefleet.common.config import grpc_options
 from servefleet.common.errors import (
     DeadlineExceeded,
     FailedPrecondition,
+    Internal,
     InvalidArgument,
     Unavailable,
     from_rpc_error,
@@ -138,12 +139,14 @@ class AsyncClient:
         timeout: float | None = None,
         retry: bool | None = None,
         metadata: Sequence[tuple[str, str]] = (),
+        parameters: Mapping[str, tensors.Parameter] | None = None,
     ) -> dict[str, np.ndarray]:
         """Run ``app`` on ``inputs``; raises the domain error (InvalidArgument, Unavailable, ...)
         the endpoint answered. Retried as ``INFER_RETRY`` says (the client's policy) unless
         ``retry=False``: an UNAVAILABLE endpoint is retried on others, and when all have failed
         or none is live, again after a pause, until the deadline; only then does it raise.
-        ``model``: the model_name to send (default :func:`served_model`)."""
+        ``model``: the model_name to send (default :func:`served_model`). ``parameters``: KServe
+        request parameters (e.g. ``{"cache": False}`` for an LLM pipeline)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self._timeout if timeout is None else timeout)
         policy = self._retry if retry is None else (self._retry if retry else NO_RETRY)
@@ -155,6 +158,7 @@ class AsyncClient:
             model_version=model_version,
             request_id=request_id,
             outputs=list(outputs) if outputs else None,
+            parameters=parameters,
         )
         with tracer.start_as_current_span("servefleet.infer", kind=SpanKind.INTERNAL) as span:
             span.set_attribute("servefleet.app", app_id.model_name)
@@ -208,6 +212,55 @@ class AsyncClient:
                 self.picker.succeeded(endpoint.address, loop.time() - start)
                 span.set_attribute("servefleet.endpoint", endpoint.address)
                 return tensors.decode_response(reply)
+
+    async def stream(
+        self,
+        app: str,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        timeout: float | None = None,
+        parameters: Mapping[str, tensors.Parameter] | None = None,
+        request_id: str = "",
+    ) -> AsyncGenerator[dict[str, np.ndarray], None]:
+        """ModelStreamInfer: each response of a streaming model as it arrives (one for others).
+
+        An UNAVAILABLE endpoint is retried on another one (the client's policy) before the first
+        response only: once tokens came, a retry would repeat them. KServe v2 reports a failure
+        inside a stream as a message without a status code, so it raises ``Internal`` with it.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self._timeout if timeout is None else timeout)
+        app_id = AppId.parse(app)
+        request = tensors.encode_request(
+            app_id.model_name, inputs, request_id=request_id, parameters=parameters
+        )
+        watch = await self._synced(app, max(0.0, deadline - loop.time()))
+        tried: set[str] = set()
+        failures = 0
+        while True:
+            endpoint = await self._pick(app, watch, tried, deadline)
+            if endpoint is None:  # every live endpoint failed before it answered
+                raise Unavailable(f"application {app!r}: no endpoint could take the stream")
+            tried.add(endpoint.address)
+            request.model_name = served_model(endpoint, app_id.ref())
+            stub = self._pool.stub(endpoint.address, GRPCInferenceServiceStub)
+            call = stub.ModelStreamInfer(_once(request), timeout=max(0.0, deadline - loop.time()))
+            sent = False
+            try:
+                async for response in call:
+                    if response.error_message:
+                        raise Internal(f"{app}: {response.error_message}")
+                    sent = True
+                    yield tensors.decode_response(response.infer_response)
+                return
+            except grpc.aio.AioRpcError as exc:
+                failures += 1
+                retryable = self._retry.retries(exc)
+                self.picker.failed(endpoint.address, unavailable=retryable)
+                if sent or not retryable or not self._retry.allows(failures):
+                    raise from_rpc_error(exc) from None
+            finally:
+                call.cancel()
 
     async def triton_client(
         self, app: str, *, timeout: float = 10.0
@@ -272,6 +325,11 @@ def served_model(endpoint: discovery_pb2.Endpoint, app: common_pb2.AppRef) -> st
     raise InvalidArgument(f"application {name!r} serves Triton models {models}: pass model=NAME")
 
 
+async def _once(request: Any) -> AsyncIterator[Any]:
+    """A request stream of one message (the call half-closes after it)."""
+    yield request
+
+
 async def _in_context(ctx: otel_context.Context, work: Awaitable[T]) -> T:
     """Run ``work`` under the caller thread's trace context (it does not cross threads by itself)."""
     token = otel_context.attach(ctx)
@@ -311,6 +369,24 @@ class Client:
     def infer(self, app: str, inputs: Mapping[str, np.ndarray], **kwargs: Any) -> dict[str, np.ndarray]:
         """See :meth:`AsyncClient.infer` (same keyword arguments)."""
         return self._run(self.aio.infer(app, inputs, **kwargs))
+
+    def stream(
+        self, app: str, inputs: Mapping[str, np.ndarray], **kwargs: Any
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """See :meth:`AsyncClient.stream`; each response as it arrives."""
+        chunks = self.aio.stream(app, inputs, **kwargs)
+
+        async def step() -> dict[str, np.ndarray]:
+            return await anext(chunks)
+
+        try:
+            while True:
+                try:
+                    yield self._run(step())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._run(chunks.aclose())
 
     def triton_client(self, app: str, *, timeout: float = 10.0) -> tritonclient.grpc.InferenceServerClient:
         """A ready, blocking tritonclient for the endpoint the picker chooses now."""

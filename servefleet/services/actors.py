@@ -8,6 +8,7 @@ import time
 
 from servefleet.api import common_pb2
 from servefleet.common.appid import AppId
+from servefleet.pipeline_spec import STAGE_SEPARATOR
 
 #: Ray namespace of every data-plane actor (masters, replicas, proxies).
 RAY_NAMESPACE = "servefleet"
@@ -28,6 +29,11 @@ def replica_prefix(app: common_pb2.AppRef) -> str:
 
 def proxy_prefix(app: common_pb2.AppRef) -> str:
     return f"{PROXY_PREFIX}{AppId.parse(app).key}:"
+
+
+def stage_replica_prefix(pipeline: common_pb2.AppRef) -> str:
+    """Replicas of a pipeline's non-entry stages (apps ``name--stage``; no app name has "--")."""
+    return f"{REPLICA_PREFIX}{AppId.parse(pipeline).key}{STAGE_SEPARATOR}"
 
 
 def replica_name(app: common_pb2.AppRef, generation: str) -> str:

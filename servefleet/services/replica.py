@@ -13,6 +13,7 @@ RESOURCE_EXHAUSTED at once, so memory stays bounded whatever the offered load.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import importlib
 import inspect
 import logging
@@ -21,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -34,12 +35,14 @@ from servefleet.common.appid import AppId
 from servefleet.common.errors import InvalidArgument, ServefleetError
 from servefleet.common.server import GrpcServer
 from servefleet.common.tensors import decode_request, encode_response
+from servefleet.services import context
 from servefleet.services.batching import Batcher
 from servefleet.services.replica_wire import CODES, OK, REPLICA_SERVICE, Answer, code, error_for
 from servefleet.spec import struct_to_python
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 Tensors = dict[str, np.ndarray]
 
 _EWMA_ALPHA = 0.2
@@ -71,9 +74,20 @@ class Replica:
         self.version = spec.version
         self.model_name = AppId.parse(AppId.parse(spec).ref()).model_name
         self.capacity = spec.max_concurrency + spec.max_queued
-        self._model = import_object(spec.import_path)(**struct_to_python(spec.init_args))
+        context.set_deployment(context.Deployment(AppId.parse(spec).ref(), spec.version, redis))
+        kwargs = struct_to_python(spec.init_args)
+        if spec.edges:  # a pipeline stage: a handle per stage it calls, as keyword arguments
+            from servefleet.services.stages import stage_handles
+
+            kwargs.update(stage_handles(spec))
+        self._model = import_object(spec.import_path)(**kwargs)
         call = type(self._model).__call__
-        self.streaming = inspect.isgeneratorfunction(call) or inspect.isasyncgenfunction(call)
+        # A generator __call__ streams; a model with a `stream` generator method serves
+        # ModelStreamInfer from it and ModelInfer from __call__.
+        self._produce = getattr(self._model, "stream", None)
+        if self._produce is None and (inspect.isgeneratorfunction(call) or inspect.isasyncgenfunction(call)):
+            self._produce = self._model
+        self.streaming = self._produce is not None
         self._executor = ThreadPoolExecutor(max_workers=spec.max_concurrency, thread_name_prefix="model")
         self._slots = asyncio.Semaphore(spec.max_concurrency)
         self._batcher: Batcher | None = None
@@ -171,7 +185,8 @@ class Replica:
                 async with asyncio.timeout(timeout_s):
                     async with self._slots:
                         parsed = service_pb2.ModelInferRequest.FromString(request)
-                        outputs = await self._infer(decode_request(parsed))
+                        with context.serving(context.RequestContext.of(parsed, timeout_s)):
+                            outputs = await self._infer(decode_request(parsed))
                         response = encode_response(
                             self.model_name, outputs, model_version=self.version, request_id=parsed.id
                         )
@@ -192,7 +207,7 @@ class Replica:
                     parsed = service_pb2.ModelInferRequest.FromString(request)
                     inputs = decode_request(parsed)
                     chunks = self._chunks(inputs) if self.streaming else self._single(inputs)
-                    async for outputs in chunks:
+                    async for outputs in _within(context.RequestContext.of(parsed, timeout_s), chunks):
                         response = encode_response(
                             self.model_name, outputs, model_version=self.version, request_id=parsed.id
                         )
@@ -259,7 +274,11 @@ class Replica:
         if inspect.iscoroutinefunction(type(self._model).__call__):
             result = await self._model(inputs)
         else:
-            result = await asyncio.get_running_loop().run_in_executor(self._executor, self._model, inputs)
+            # copy_context: the model's thread sees the request context and the trace span.
+            call = contextvars.copy_context().run
+            result = await asyncio.get_running_loop().run_in_executor(
+                self._executor, call, self._model, inputs
+            )
             if inspect.isawaitable(result):
                 result = await result
         return _as_outputs(result, self.model_name)
@@ -268,7 +287,8 @@ class Replica:
         yield await self._infer(inputs)
 
     async def _chunks(self, inputs: Tensors) -> AsyncIterator[Tensors]:
-        produced = self._model(inputs)
+        assert self._produce is not None
+        produced = self._produce(inputs)
         if inspect.isasyncgen(produced):
             async for chunk in produced:
                 yield _as_outputs(chunk, self.model_name)
@@ -294,7 +314,8 @@ class Replica:
 
     async def _broker_request(self, request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
         async with self._slots:
-            outputs = await self._infer(decode_request(request))
+            with context.serving(context.RequestContext.of(request, None)):
+                outputs = await self._infer(decode_request(request))
         return encode_response(self.model_name, outputs, model_version=self.version, request_id=request.id)
 
 
@@ -348,6 +369,19 @@ class _Admission(AbstractContextManager["Span | Answer"]):
 
 def _carrier(context: grpc.aio.ServicerContext) -> dict[str, str]:
     return {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+
+
+async def _within(request: context.RequestContext, chunks: AsyncIterator[T]) -> AsyncIterator[T]:
+    """Each chunk produced with the request current (set per step: a generator may be resumed
+    from another task, and a context variable must be reset where it was set)."""
+    iterator = aiter(chunks)
+    while True:
+        with context.serving(request):
+            try:
+                chunk = await anext(iterator)
+            except StopAsyncIteration:
+                return
+        yield chunk
 
 
 def _as_outputs(result: Any, name: str) -> Tensors:

@@ -26,14 +26,17 @@ from servefleet.services.actors import (
     passed_env,
     proxy_prefix,
     replica_prefix,
+    stage_replica_prefix,
 )
 from servefleet.services.master import ApplicationMaster
+from servefleet.services.pipeline import PipelineMaster
 from servefleet.services.sharded_master import ShardedMaster
 from servefleet.spec import load_spec
 
 MasterActor = ray.remote(ApplicationMaster)
+PipelineMasterActor = ray.remote(PipelineMaster)
 #: Kinds this data plane runs.
-SERVED_KINDS = ("python", "direct", "triton", "sharded")
+SERVED_KINDS = ("python", "direct", "triton", "sharded", "pipeline")
 ShardedMasterActor = ray.remote(ShardedMaster)
 #: Longest a status call may take before a master counts as unreachable (it may be restarting).
 STATUS_TIMEOUT_S = 10.0
@@ -59,10 +62,11 @@ async def apply(
         raise FailedPrecondition(
             f"spec.kind {spec.kind!r}: this cluster's data plane serves {', '.join(SERVED_KINDS)} apps"
         )
-    _upload_working_dir(spec)
+    for deployment in (spec, *spec.stages):
+        _upload_working_dir(deployment)
     app = AppId.parse(spec).ref()
     env = passed_env()
-    actor = ShardedMasterActor if spec.kind == "sharded" else MasterActor
+    actor = {"sharded": ShardedMasterActor, "pipeline": PipelineMasterActor}.get(spec.kind, MasterActor)
     master: Any = actor.options(
         name=master_name(app),
         namespace=RAY_NAMESPACE,
@@ -90,7 +94,7 @@ async def remove(app: common_pb2.AppRef) -> bool:
             ray.kill(master, no_restart=True)
         removed = True
     # Anything the master could not reach (or a master that was already gone) left behind.
-    for name in _named(replica_prefix(app), proxy_prefix(app)):
+    for name in _named(replica_prefix(app), proxy_prefix(app), stage_replica_prefix(app)):
         with contextlib.suppress(ValueError):
             ray.kill(ray.get_actor(name, namespace=RAY_NAMESPACE), no_restart=True)
             removed = True

@@ -1,0 +1,242 @@
+"""The LLM pipeline of examples/llm.yaml on two real Ray nodes, real Redis and discovery, called
+through the SDK: placement per stage resources, the semantic cache's hits, misses and isolation,
+streaming, deadlines and backpressure across stages, and a cache replica SIGKILLed under load."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import ray
+import redis
+
+from servefleet.common.appid import AppId
+from servefleet.common.errors import DeadlineExceeded, ResourceExhausted
+from servefleet.common.net import async_wait_for
+from servefleet.sdk import AsyncClient
+from servefleet.services.actors import RAY_NAMESPACE, replica_prefix, stage_replica_prefix
+from servefleet.services.agent import masters
+from servefleet.testing import DiscoveryProcess, RedisProcess
+
+from .conftest import pipeline_spec
+
+pytestmark = pytest.mark.ray
+
+PAIRS = Path(__file__).parents[2] / "data" / "semantic_cache_pairs.jsonl"
+
+
+def prompt(text: str) -> dict[str, np.ndarray]:
+    return {"prompt": np.array([text.encode()], np.object_)}
+
+
+def text_of(out: dict[str, np.ndarray]) -> str:
+    return bytes(out["text"][0]).decode()
+
+
+def labelled(kind: str) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in PAIRS.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["kind"] == kind]
+
+
+async def replicas_of(prefix: str) -> dict[str, dict[str, Any]]:
+    """Each live replica whose name starts with ``prefix``: its ready() info and stats()."""
+    out = {}
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] == RAY_NAMESPACE and entry["name"].startswith(prefix):
+            handle = ray.get_actor(entry["name"], namespace=RAY_NAMESPACE)
+            out[entry["name"]] = {**await handle.ready.remote(), **await handle.stats.remote()}
+    return out
+
+
+@pytest.fixture(scope="module")
+async def llm(
+    accelerator_node: str, discovery_server: DiscoveryProcess, cache_redis: RedisProcess
+) -> AsyncIterator[Any]:
+    """One deployed pipeline for the module (deploying costs tens of seconds on this box)."""
+    from .conftest import deploy_pipeline
+
+    spec = pipeline_spec()
+    await deploy_pipeline(spec, discovery_server.address, cache_redis.address)
+    yield spec
+    await masters.remove(AppId.parse(spec).ref())
+
+
+@pytest.fixture
+async def client(discovery_server: DiscoveryProcess) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(discovery_server.address, timeout=60.0) as sdk:
+        yield sdk
+
+
+async def test_each_stage_is_placed_by_its_resources(llm: Any, accelerator_node: str) -> None:
+    app = AppId.parse(llm).ref()
+    cache = await replicas_of(replica_prefix(app))
+    model = await replicas_of(stage_replica_prefix(app))
+    assert len(cache) == 2 and len(model) == 1
+    assert {r["node_id"] for r in model.values()} == {accelerator_node}  # the only node offering it
+    # The cache stage asks for CPU only: Ray may place it on either node (both have CPUs).
+    assert {r["node_id"] for r in cache.values()} <= {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+
+
+async def test_miss_runs_model_and_stores_then_paraphrase_hits(
+    llm: Any, client: AsyncClient, cache_redis: RedisProcess
+) -> None:
+    r = redis.Redis.from_url(f"redis://{cache_redis.address}")
+    before = r.zcard("sfc:{default/llm}:lru")
+    miss = await client.infer("llm", prompt("What is the capital of France?"))
+    assert not miss["cache_hit"][0] and text_of(miss)
+    assert r.zcard("sfc:{default/llm}:lru") == before + 1  # the model's answer was stored
+    again = await client.infer("llm", prompt("What is the capital of France?"))
+    assert again["cache_hit"][0] and again["similarity"][0] > 0.99 and text_of(again) == text_of(miss)
+    paraphrase = await client.infer("llm", prompt("Which city is the capital of France?"))
+    assert paraphrase["cache_hit"][0], paraphrase["similarity"]
+    assert text_of(paraphrase) == text_of(miss)
+    skipped = await client.infer("llm", prompt("What is the capital of France?"), parameters={"cache": False})
+    assert not skipped["cache_hit"][0]
+
+
+async def test_near_misses_from_the_labelled_set_miss(llm: Any, client: AsyncClient) -> None:
+    for kind in ("negation", "swapped_entities", "different_number"):
+        pair = labelled(kind)[0]
+        first = await client.infer("llm", prompt(pair["a"]), parameters={"tenant": f"near-{kind}"})
+        second = await client.infer("llm", prompt(pair["b"]), parameters={"tenant": f"near-{kind}"})
+        assert not first["cache_hit"][0]
+        assert not second["cache_hit"][0], (kind, pair, second["similarity"])
+
+
+async def test_one_tenant_never_gets_another_tenants_answer(llm: Any, client: AsyncClient) -> None:
+    question = "How do I rotate the API keys of my account?"
+    a = await client.infer("llm", prompt(question), parameters={"tenant": "acme"})
+    a_again = await client.infer("llm", prompt(question), parameters={"tenant": "acme"})
+    b = await client.infer("llm", prompt(question), parameters={"tenant": "globex"})
+    assert not a["cache_hit"][0] and a_again["cache_hit"][0]
+    assert not b["cache_hit"][0]
+
+
+async def test_streaming_miss_then_hit_replays_the_answer(llm: Any, client: AsyncClient) -> None:
+    question = "Tell me a story about a lighthouse keeper."
+    miss = [chunk async for chunk in client.stream("llm", prompt(question))]
+    assert len(miss) > 1 and not any(c["cache_hit"][0] for c in miss)  # token by token
+    hit = [chunk async for chunk in client.stream("llm", prompt(question))]
+    assert all(c["cache_hit"][0] for c in hit)
+    assert [bytes(c["token"][0]) for c in hit] == [bytes(c["token"][0]) for c in miss]
+    unary = await client.infer("llm", prompt(question))
+    assert unary["cache_hit"][0] and text_of(unary) == b"".join(bytes(c["token"][0]) for c in miss).decode()
+
+
+async def test_caller_deadline_reaches_the_model_stage(llm: Any, client: AsyncClient) -> None:
+    with pytest.raises(DeadlineExceeded):
+        await client.infer(
+            "llm",
+            prompt("Write a very long essay."),
+            parameters={"cache": False, "max_tokens": 400},
+            timeout=0.05,
+        )
+    model = stage_replica_prefix(AppId.parse(llm).ref())
+
+    async def model_idle() -> bool:
+        return all(r["in_flight"] == 0 for r in (await replicas_of(model)).values())
+
+    await async_wait_for(model_idle, timeout=10, what="the cancelled generation to stop")
+
+
+@pytest.mark.slow
+async def test_cache_replica_sigkill_under_load_fails_nothing_and_keeps_the_cache(
+    llm: Any, client: AsyncClient, cache_redis: RedisProcess
+) -> None:
+    questions = [f"What is the best way to learn topic number {i} quickly?" for i in range(6)]
+    answers = {
+        q: text_of(await client.infer("llm", prompt(q), parameters={"tenant": "load"})) for q in questions
+    }
+    outcomes: Counter[str] = Counter()
+    answered: Counter[str] = Counter()
+    stop = asyncio.Event()
+
+    def running(count: int) -> Callable[[], Any]:
+        async def enough() -> bool:
+            return sum(outcomes.values()) >= count
+
+        return enough
+
+    async def caller(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        while not stop.is_set():
+            question = questions[int(rng.integers(len(questions)))]
+            try:
+                out = await client.infer("llm", prompt(question), parameters={"tenant": "load"})
+                outcomes["hit" if out["cache_hit"][0] else "miss"] += 1
+                answered["same" if text_of(out) == answers[question] else "different"] += 1
+            except Exception as exc:
+                outcomes[f"failed {type(exc).__name__}: {exc}"] += 1
+
+    callers = [asyncio.create_task(caller(i)) for i in range(4)]
+    await async_wait_for(running(20), timeout=60, what="load running")
+    cache = await replicas_of(replica_prefix(AppId.parse(llm).ref()))
+    victim = next(iter(cache.values()))
+    os.kill(victim["pid"], signal.SIGKILL)
+    seen = sum(outcomes.values())
+    await async_wait_for(running(seen + 30), timeout=120, what="load after the kill")
+
+    async def replaced() -> bool:
+        now = await replicas_of(replica_prefix(AppId.parse(llm).ref()))
+        return len(now) == 2 and victim["name"] not in now
+
+    await async_wait_for(replaced, timeout=120, interval=0.5, what="the killed cache replica replaced")
+    await async_wait_for(running(sum(outcomes.values()) + 20), timeout=60, what="load on both")
+    stop.set()
+    await asyncio.gather(*callers)
+    failed = {k: v for k, v in outcomes.items() if k.startswith("failed")}
+    assert not failed, failed
+    assert answered["different"] == 0  # every answer is the one stored before the kill
+    # The content survived: the new replica rebuilt its index from Redis and answers from it.
+    for question in questions:
+        for _ in range(4):  # enough calls to reach both replicas
+            out = await client.infer("llm", prompt(question), parameters={"tenant": "load"})
+            assert out["cache_hit"][0] and text_of(out) == answers[question]
+
+
+@pytest.mark.slow
+async def test_backpressure_of_a_full_model_stage_reaches_the_client(
+    pipelines: Callable[..., Any], client: AsyncClient
+) -> None:
+    spec = pipeline_spec()
+    spec.name = "llm-narrow"
+    model = next(s for s in spec.stages if s.name == "model")
+    model.max_concurrency, model.max_queued = 1, 1
+    model.init_args.update({"max_tokens": 200})
+    await pipelines(spec)
+
+    async def call(i: int) -> str:
+        try:
+            await client.infer(
+                "llm-narrow", prompt(f"question {i}"), parameters={"cache": False}, retry=False
+            )
+            return "ok"
+        except ResourceExhausted:
+            return "full"
+
+    results = Counter(await asyncio.gather(*(call(i) for i in range(8))))
+    assert results["full"] > 0 and results["ok"] >= 2, results
+
+
+@pytest.mark.slow
+async def test_new_model_version_misses(pipelines: Callable[..., Any], client: AsyncClient) -> None:
+    spec = pipeline_spec()
+    spec.name = "llm-versioned"
+    await pipelines(spec)
+    question = "What is the boiling point of water at sea level?"
+    first = await client.infer("llm-versioned", prompt(question))
+    assert (await client.infer("llm-versioned", prompt(question)))["cache_hit"][0] and not first["cache_hit"][
+        0
+    ]
+    spec.version = "2"
+    await pipelines(spec, revision=2)
+    after = await client.infer("llm-versioned", prompt(question))
+    assert not after["cache_hit"][0]  # version 2 never serves version 1's answers
