@@ -18,10 +18,14 @@ import pytest
 import ray
 import redis
 
+from servefleet.broker.core import BrokerCore
+from servefleet.broker.queue import RedisStreamQueue
+from servefleet.broker.servicer import broker_server
 from servefleet.common.appid import AppId
-from servefleet.common.errors import DeadlineExceeded, ResourceExhausted
+from servefleet.common.errors import DeadlineExceeded, NotFound, ResourceExhausted
 from servefleet.common.net import async_wait_for
 from servefleet.sdk import AsyncClient
+from servefleet.sdk.broker_client import AsyncBrokerClient
 from servefleet.services.actors import RAY_NAMESPACE, replica_prefix, stage_replica_prefix
 from servefleet.services.agent import masters
 from servefleet.testing import DiscoveryProcess, RedisProcess
@@ -240,3 +244,35 @@ async def test_new_model_version_misses(pipelines: Callable[..., Any], client: A
     await pipelines(spec, revision=2)
     after = await client.infer("llm-versioned", prompt(question))
     assert not after["cache_hit"][0]  # version 2 never serves version 1's answers
+
+
+@pytest.mark.slow
+async def test_async_mode_goes_through_the_broker_like_any_app(
+    pipelines: Callable[..., Any], cache_redis: RedisProcess
+) -> None:
+    spec = pipeline_spec()
+    spec.name = "llm-async"
+    spec.async_mode.enabled = True
+    await pipelines(spec)
+    core = BrokerCore(RedisStreamQueue(cache_redis.address))
+    server = broker_server(core, "127.0.0.1:0")
+    await server.start()
+    broker = AsyncBrokerClient(server.address)
+    try:
+
+        async def pulling() -> bool:
+            try:
+                return (await broker.stats(AppId.parse(spec).ref())).workers >= 2  # both cache replicas
+            except NotFound:
+                return False
+
+        await async_wait_for(pulling, timeout=60, what="the entry stage pulling from the broker")
+        tickets = [await broker.submit(AppId.parse(spec).ref(), prompt(f"Summarise chapter {i}.")) for i in range(3)]
+        tickets.append(await broker.submit(AppId.parse(spec).ref(), prompt("Summarise chapter 0.")))
+        results = [await broker.result(ticket, timeout=60) for ticket in tickets]
+        assert all(text_of(r) for r in results)
+        assert not results[0]["cache_hit"][0] and results[3]["cache_hit"][0]  # the cache serves it too
+        assert text_of(results[3]) == text_of(results[0])
+    finally:
+        await broker.close()
+        await server.stop(0)
