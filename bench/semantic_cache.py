@@ -41,13 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _report import write_report
 
+from servefleet.common.appid import AppId
 from servefleet.common.config import grpc_options
 from servefleet.common.tensors import decode_response, encode_request
 from servefleet.semantic_cache.embedder import MiniLMEmbedder
 from servefleet.semantic_cache.guard import compatible
 from servefleet.semantic_cache.stage import DEFAULT_THRESHOLD
 from servefleet.services.agent import masters
-from servefleet.common.appid import AppId
 from servefleet.spec import load_spec
 from servefleet.testing import RayCluster, RedisProcess
 

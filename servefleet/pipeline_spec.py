@@ -75,7 +75,7 @@ def check_pipeline(spec: common_pb2.ApplicationSpec) -> None:
             raise InvalidArgument(f"{where}.name: {stage.name!r} appears twice")
         if len(spec.name) + len(STAGE_SEPARATOR) + len(stage.name) > 63:
             raise InvalidArgument(
-                f"{where}.name: the stage's app {spec.name}{STAGE_SEPARATOR}{stage.name} is over 63 characters"
+                f"{where}.name: its app {spec.name}{STAGE_SEPARATOR}{stage.name} is over 63 characters"
             )
         seen.add(stage.name)
     _check_edges(spec, seen)

@@ -6,6 +6,7 @@ Each owns its process group and data dir; ``stop()`` leaves nothing behind, ``ki
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -170,6 +171,71 @@ class RayCluster(ManagedProcess):
         return health.ray_health(self.address)[0] and self._raylet_up()
 
     def _raylet_up(self) -> bool:
+        return "Ray runtime started" in self.log.read_text(errors="replace")
+
+
+# `ray start --address` refuses to join while RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which servefleet
+# sets to keep Ray on loopback (servefleet/__init__.py). Lift only that refusal: the CLI sees the flag
+# on, address resolution still sees it off, so the node joins on 127.0.0.1 like the head.
+_JOIN = (
+    "import types, ray._private.ray_constants as c, ray.scripts.scripts as s; "
+    "s.ray_constants = types.SimpleNamespace(**{**vars(c), 'ENABLE_RAY_CLUSTER': True}); s.main()"
+)
+
+
+class RayWorkerNode(ManagedProcess):
+    """A second Ray node on this machine joined to ``head`` (``ray start --address --block``), with
+    ports of its own and custom ``resources`` (e.g. ``{"accelerator": 1}`` for a GPU node's stand-in).
+    """
+
+    name = "ray-worker"
+    start_timeout = 60.0
+
+    def __init__(
+        self,
+        head: RayCluster,
+        *,
+        num_cpus: int = 2,
+        resources: Mapping[str, float] | None = None,
+        port_slot: int = 30,
+    ) -> None:
+        """``port_slot``: which 200-port block (of 60, below the ephemeral range) its workers use,
+        counted from the head's; nodes joined to one head at the same time need different slots."""
+        super().__init__()
+        self.head = head
+        self.num_cpus = num_cpus
+        self.resources = dict(resources or {})
+        low = 20000 + ((head.port % 60 + port_slot) % 60) * 200
+        self.worker_ports = (low, low + 199)
+
+    def argv(self) -> list[str]:
+        ports = [free_port() for _ in range(6)]
+        return [
+            sys.executable,
+            "-c",
+            _JOIN,
+            "start",
+            f"--address={self.head.address}",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={self.num_cpus}",
+            "--num-gpus=0",
+            f"--resources={json.dumps(self.resources)}",
+            "--disable-usage-stats",
+            f"--node-manager-port={ports[0]}",
+            f"--object-manager-port={ports[1]}",
+            f"--dashboard-agent-listen-port={ports[2]}",
+            f"--dashboard-agent-grpc-port={ports[3]}",
+            f"--metrics-export-port={ports[4]}",
+            f"--runtime-env-agent-port={ports[5]}",
+            f"--min-worker-port={self.worker_ports[0]}",
+            f"--max-worker-port={self.worker_ports[1]}",
+        ]
+
+    def env(self) -> dict[str, str]:
+        return self.head.env()
+
+    def healthy(self) -> bool:
         return "Ray runtime started" in self.log.read_text(errors="replace")
 
 

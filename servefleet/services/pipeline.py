@@ -97,13 +97,11 @@ class PipelineMaster:
 
     async def routing(self) -> Routing | None:
         """The entry stage's table: what the app's proxies serve from."""
-        entry = self._stages.get(self._entry)
-        return await entry.routing() if entry is not None else None
+        return await _table(self._stages.get(self._entry))
 
     async def stage_routing(self, stage_app_name: str) -> Routing | None:
         """A stage's table, for its callers' stage handles (None until the stage has one)."""
-        master = self._stages.get(stage_app_name)
-        return await master.routing() if master is not None else None
+        return await _table(self._stages.get(stage_app_name))
 
     async def info(self) -> dict[str, Any]:
         adopted = {name: master.adopted for name, master in self._stages.items()}
@@ -138,3 +136,9 @@ class PipelineMaster:
             ref = common_pb2.AppRef(namespace=self.app.namespace, name=name)
             self._stages[name] = ApplicationMaster(ref.SerializeToString(), **self._where)
         return self._stages
+
+
+async def _table(master: ApplicationMaster | None) -> Routing | None:
+    """A stage master's table (stages are Python deployments: always a replica table)."""
+    routing = await master.routing() if master is not None else None
+    return routing if isinstance(routing, Routing) else None

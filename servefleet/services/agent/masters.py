@@ -66,7 +66,8 @@ async def apply(
         _upload_working_dir(deployment)
     app = AppId.parse(spec).ref()
     env = passed_env()
-    actor = {"sharded": ShardedMasterActor, "pipeline": PipelineMasterActor}.get(spec.kind, MasterActor)
+    special: dict[str, Any] = {"sharded": ShardedMasterActor, "pipeline": PipelineMasterActor}
+    actor = special.get(spec.kind, MasterActor)
     master: Any = actor.options(
         name=master_name(app),
         namespace=RAY_NAMESPACE,

@@ -12,8 +12,6 @@ both nodes stay on 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
-import json
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -28,12 +26,12 @@ import ray
 from servefleet.api import agent_pb2, common_pb2
 from servefleet.common.appid import AppId
 from servefleet.common.errors import ServefleetError
-from servefleet.common.net import async_wait_for, free_port
+from servefleet.common.net import async_wait_for
 from servefleet.direct import INPUT_NAME, OUTPUT_NAME, ctr
 from servefleet.sdk import AsyncClient
 from servefleet.services.agent import masters
 from servefleet.spec import load_spec
-from servefleet.testing import ManagedProcess, RayCluster
+from servefleet.testing import RayCluster, RayWorkerNode
 
 # The data plane's fixtures (a discovery process, this process as a Ray driver), shared, not copied.
 from tests.integration.dataplane.conftest import discovery_server, ray_driver
@@ -43,60 +41,12 @@ __all__ = ["discovery_server", "ray_driver"]
 CLUSTER = "sharded-cluster"
 ROWS, FIELDS, DIM = 1 << 20, 16, 16
 SECOND_NODE_RESOURCE = "sharded_second_node"
-_JOIN = (
-    "import types, ray._private.ray_constants as c, ray.scripts.scripts as s; "
-    "s.ray_constants = types.SimpleNamespace(**{**vars(c), 'ENABLE_RAY_CLUSTER': True}); s.main()"
-)
-
-
-class RayWorkerNode(ManagedProcess):
-    """A second Ray node joined to ``head`` (``ray start --address --block``), ports of its own."""
-
-    name = "ray-worker"
-    start_timeout = 60.0
-
-    def __init__(self, head: RayCluster, num_cpus: int = 2) -> None:
-        super().__init__()
-        self.head = head
-        self.num_cpus = num_cpus
-        low = 20000 + ((head.port % 60 + 30) % 60) * 200  # away from the head's worker range
-        self.worker_ports = (low, low + 199)
-
-    def argv(self) -> list[str]:
-        ports = [free_port() for _ in range(6)]
-        return [
-            sys.executable,
-            "-c",
-            _JOIN,
-            "start",
-            f"--address={self.head.address}",
-            "--block",
-            "--node-ip-address=127.0.0.1",
-            f"--num-cpus={self.num_cpus}",
-            "--num-gpus=0",
-            f"--resources={json.dumps({SECOND_NODE_RESOURCE: 100})}",
-            "--disable-usage-stats",
-            f"--node-manager-port={ports[0]}",
-            f"--object-manager-port={ports[1]}",
-            f"--dashboard-agent-listen-port={ports[2]}",
-            f"--dashboard-agent-grpc-port={ports[3]}",
-            f"--metrics-export-port={ports[4]}",
-            f"--runtime-env-agent-port={ports[5]}",
-            f"--min-worker-port={self.worker_ports[0]}",
-            f"--max-worker-port={self.worker_ports[1]}",
-        ]
-
-    def env(self) -> dict[str, str]:
-        return self.head.env()
-
-    def healthy(self) -> bool:
-        return "Ray runtime started" in (self.data_dir / f"{self.name}.log").read_text(errors="replace")
 
 
 @pytest.fixture(scope="session")
 def two_nodes(ray_driver: str, ray_cluster: RayCluster) -> Iterator[list[str]]:
     """The session's Ray cluster with a second node; yields both node ids once both are alive."""
-    node = RayWorkerNode(ray_cluster).start()
+    node = RayWorkerNode(ray_cluster, resources={SECOND_NODE_RESOURCE: 100}).start()
     deadline = time.monotonic() + 60
     while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
