@@ -9,9 +9,11 @@ one thread and one channel per caller, raw ModelInfer bytes):
   (c) proxy        the same app through a servefleet proxy (``proxies: 1``), for clients that only
                    know the proxy
 
-Each figure is the median of 3 interleaved reps (a, b, c, a, b, c, ...) at concurrency 1 and 8.
+Each figure is the median of 3 reps at concurrency 1 and 8. Within a rep the paths take turns in
+short slices (a, b, c, b, c, a, ...), so a busy spell on a shared box lands on every path alike:
+a rep's rps is its requests over its seconds, its p50/p99 the median of its slices'.
 ``ratio_rps_vs_bare_triton`` is (b)/(a) at concurrency 8; the bootstrapper adds nothing on the
-request path, so it should sit at 1 within noise.
+request path (the same binary, flags and loopback hop), so it should sit at 1 within noise.
 
     .venv/bin/python bench/triton.py            # full: 10 s per measurement
     .venv/bin/python bench/triton.py --quick    # 2 s per measurement (under 2 minutes)
@@ -52,6 +54,7 @@ MODEL = "add_sub"
 PATHS = ("bare_triton", "direct", "proxy")
 CONCURRENCY = (1, 8)
 REPS = 3
+SLICE_S = 0.5
 
 
 def request_bytes() -> bytes:
@@ -91,13 +94,27 @@ async def deploy(spec: Any) -> tuple[str, str]:
     return str(info["address"]), str(status.proxy_addresses[0])
 
 
-def measure(address: str, concurrency: int, seconds: float) -> dict[str, Any]:
+def measure_rep(addresses: dict[str, str], concurrency: int, seconds: float) -> dict[str, dict[str, Any]]:
+    """One rep: every path for ``seconds`` in all, in slices taking turns (order rotated)."""
     request = request_bytes()
-    run_load(address, request, concurrency, min(0.5, seconds / 4))  # warm-up: channels, caches
-    result = run_load(address, request, concurrency, seconds)
-    if result["errors"]:
-        raise RuntimeError(f"{address}: {result['errors']} errors: {result['first_error']}")
-    return result
+    slices = max(2, round(seconds / SLICE_S))
+    runs: dict[str, list[Any]] = {path: [] for path in addresses}
+    for address in addresses.values():
+        run_load(address, request, concurrency, 0.3)  # warm-up: channels, caches
+    for i in range(slices):
+        for path in PATHS[i % len(PATHS) :] + PATHS[: i % len(PATHS)]:
+            result = run_load(addresses[path], request, concurrency, seconds / slices)
+            if result["errors"]:
+                raise RuntimeError(f"{path}: {result['errors']} errors: {result['first_error']}")
+            runs[path].append(result)
+    return {
+        path: {
+            "rps": sum(r["requests"] for r in rs) / sum(r["seconds"] for r in rs),
+            "p50_ms": statistics.median(r["p50_ms"] for r in rs),
+            "p99_ms": statistics.median(r["p99_ms"] for r in rs),
+        }
+        for path, rs in runs.items()
+    }
 
 
 def median_of(reps: list[dict[str, Any]]) -> dict[str, Any]:
@@ -120,10 +137,10 @@ def main() -> None:
         direct, proxy = asyncio.run(deploy(SPEC))
         addresses = {"bare_triton": bare.address, "direct": direct, "proxy": proxy}
         reps: dict[str, list[dict[str, Any]]] = {f"{p}_c{c}": [] for p in PATHS for c in CONCURRENCY}
-        for rep in range(REPS):  # interleaved, order rotated: a slow spell hits every path alike
+        for _ in range(REPS):
             for concurrency in CONCURRENCY:
-                for path in PATHS[rep:] + PATHS[:rep]:
-                    reps[f"{path}_c{concurrency}"].append(measure(addresses[path], concurrency, seconds))
+                for path, result in measure_rep(addresses, concurrency, seconds).items():
+                    reps[f"{path}_c{concurrency}"].append(result)
         asyncio.run(masters.remove(AppId.parse(SPEC).ref()))
     finally:
         ray.shutdown()
@@ -150,6 +167,7 @@ def main() -> None:
         "settings": {
             "seconds": seconds,
             "reps": REPS,
+            "slice_s": SLICE_S,
             "concurrency": list(CONCURRENCY),
             "quick": args.quick,
             "model": "examples/triton add_sub (python backend, 1 CPU instance), 2 x 16 FP32 in, 2 out",

@@ -91,6 +91,9 @@ class Settings:
     #: Triton bootstrapper: restarts of a dead tritonserver inside one actor before the actor
     #: reports itself unhealthy (and the master replaces it).
     triton_max_restarts: int = 3
+    #: Triton bootstrapper: niceness of tritonserver (Ray runs worker processes, and so their
+    #: children, at 15; 0 serves like a server started by hand). Kept as inherited if not allowed.
+    triton_nice: int = 0
     #: Sharded apps: where hash shards write their part files ("": beside the table file).
     shard_cache_dir: str = ""
     #: Sharded apps: hedged lookups a router may add per shard, as a fraction of its lookups there

@@ -3,7 +3,9 @@ ready only when its models are, stopped with a grace period.
 
 No orphan survives the parent: the child gets ``PR_SET_PDEATHSIG`` = SIGKILL (so a SIGKILLed actor
 takes its server along; the python-backend stubs notice their server is gone and exit) and its own
-process group (so ``stop``/``kill`` reach the stubs too). The death signal fires when the *thread*
+process group (so ``stop``/``kill`` reach the stubs too). It runs at ``settings.triton_nice``, not
+at the niceness it would inherit from a Ray worker (15), which would put Triton's request threads
+behind everything else on a busy node. The death signal fires when the *thread*
 that forked the child ends, so ``start`` runs on the caller's event-loop thread, which lives as
 long as the actor, never on a pool thread.
 """
@@ -44,11 +46,13 @@ class TritonStartError(FailedPrecondition):
     """tritonserver did not come up; the message is Triton's own reason (its error log lines)."""
 
 
-def _die_with_parent(parent: int) -> Callable[[], None]:
-    def preexec() -> None:  # runs in the child between fork and exec: async-signal-safe calls only
+def _die_with_parent(parent: int, nice: int) -> Callable[[], None]:
+    def preexec() -> None:  # runs in the child between fork and exec: plain syscalls only
         _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
+        with contextlib.suppress(OSError):  # not allowed to lower it: keep the inherited one
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
 
     return preexec
 
@@ -151,7 +155,7 @@ class TritonServer:
                 env=self.install.child_env(),
                 cwd=self.log_path.parent,
                 start_new_session=True,
-                preexec_fn=_die_with_parent(os.getpid()),  # prctl only (see the docstring)
+                preexec_fn=_die_with_parent(os.getpid(), settings.triton_nice),  # see the docstring
             )
 
     async def _launch(self, timeout_s: float) -> None:

@@ -151,6 +151,8 @@ async def test_sigkilled_server_costs_no_request_and_a_new_one_registers(
         for endpoint in endpoints.values():
             assert endpoint.labels["models"] == MODEL and endpoint.labels["cluster"] == CLUSTER
             assert endpoint.labels["node"] and endpoint.labels["metrics"]
+        # Not at the Ray worker's niceness (15): Triton serves like a server started by hand.
+        assert {os.getpriority(os.PRIO_PROCESS, s["pids"][0]) for s in before.values()} == {0}
         victim_name, victim = sorted(before.items())[0]
         old_id = endpoints[victim["address"]].id
 
