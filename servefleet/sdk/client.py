@@ -266,7 +266,7 @@ class AsyncClient:
         self, app: str, *, timeout: float = 10.0
     ) -> tritonclient.grpc.aio.InferenceServerClient:
         """A ready tritonclient (asyncio) for the endpoint the picker chooses now; caller closes it.
-        Send ``model_name=servefleet.spec.model_name(app)`` (a Triton app's: a repository model)."""
+        Send the app's model name (a Triton app's: a repository model, see :func:`served_model`)."""
         return tritonclient.grpc.aio.InferenceServerClient(await self._address(app, timeout))
 
     async def _address(self, app: str, timeout: float) -> str:
@@ -315,11 +315,12 @@ class AsyncClient:
 def served_model(endpoint: discovery_pb2.Endpoint, app: common_pb2.AppRef) -> str:
     """The model_name an endpoint serves ``app`` under: the app's own name, except on a Triton
     endpoint, whose models keep their repository names (label ``models``): its only model, or
-    the one named like the app. InvalidArgument when that does not say which."""
+    the one named like the app (or the app's name when it lists none). InvalidArgument when that
+    does not say which."""
     name = AppId.parse(app).model_name
-    if endpoint.kind != "triton":
-        return name
     models = [m for m in endpoint.labels.get("models", "").split(",") if m]
+    if endpoint.kind != "triton" or not models:
+        return name
     if len(models) == 1 or name in models:
         return models[0] if len(models) == 1 else name
     raise InvalidArgument(f"application {name!r} serves Triton models {models}: pass model=NAME")

@@ -91,6 +91,7 @@ def test_the_sdk_sends_a_triton_endpoints_repository_model_name() -> None:
         return discovery_pb2.Endpoint(kind=kind, labels={"models": models} if models else {})
 
     assert served_model(endpoint("proxy"), app) == "ml/add-sub"
+    assert served_model(endpoint("triton"), app) == "ml/add-sub"  # no models label: the app's name
     assert served_model(endpoint("triton", "add_sub"), app) == "add_sub"
     assert served_model(endpoint("triton", "ml/add-sub,other"), app) == "ml/add-sub"
     with pytest.raises(InvalidArgument, match=r"serves Triton models \['a', 'b'\]: pass model=NAME"):
