@@ -16,11 +16,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from servefleet.api import common_pb2, discovery_pb2
+from servefleet.api import common_pb2
 from servefleet.common.appid import AppId
 from servefleet.common.config import settings
 from servefleet.common.errors import InvalidArgument
-from servefleet.services.endpoint import Registered, placement_labels
+from servefleet.services.endpoint import Identity, Registered
 from servefleet.spec import struct_to_python
 
 
@@ -30,8 +30,6 @@ class DirectReplica:
     def __init__(
         self, spec_bytes: bytes, name: str, *, cluster: str = "", discovery: str = "", host: str = "127.0.0.1"
     ) -> None:
-        import ray
-
         from servefleet.direct import DirectServer  # the compiled module: only where it serves
 
         spec = common_pb2.ApplicationSpec.FromString(spec_bytes)
@@ -40,47 +38,32 @@ class DirectReplica:
             raise InvalidArgument(
                 "kind 'direct' needs init_args.model_path (a servefleet.direct.ctr model file)"
             )
-        self.name = name
-        self.app = AppId.parse(spec).ref()
-        self.version = spec.version
-        self.capacity = spec.max_concurrency + spec.max_queued
-        self.node_id = ray.get_runtime_context().get_node_id()
-        self.labels = placement_labels(cluster)
+        self.id = Identity.of(spec, name, cluster)
         self.server = DirectServer()
-        self.server.load_model(str(args["model_path"]), AppId.parse(self.app).model_name, self.version)
+        self.server.load_model(str(args["model_path"]), AppId.parse(self.id.app).model_name, self.id.version)
         port = self.server.start(f"{host}:0", workers=int(args.get("workers", settings.direct_workers)))
         self.address = f"{host}:{port}"
         self.draining = False
-        endpoint = discovery_pb2.Endpoint(
-            app=self.app, version=self.version, kind="direct", address=self.address, labels=self.labels
-        )
-        self._registration = Registered(discovery, endpoint)
+        self._registration = Registered(discovery, self.id.endpoint("direct", self.address))
         self._registration.start()
 
     async def ready(self) -> dict[str, Any]:
         """Identity and placement, once the server is registered (raises if registering failed)."""
         await self._registration.wait()
-        return {
-            "name": self.name,
-            "version": self.version,
-            "node_id": self.node_id,
-            "capacity": self.capacity,
-            "streaming": False,
-            "address": self.address,
-        }
+        return self.id.ready(self.address)
 
     async def stats(self) -> dict[str, Any]:
         """Load as the master's health check and the autoscaler see it (counted in C++)."""
         stats = self.server.stats()
         return {
             "in_flight": stats["in_flight"],
-            "capacity": self.capacity,
+            "capacity": self.id.capacity,
             "latency_ms": stats["mean_latency_us"] / 1000.0,
             "served": stats["requests"] - stats["errors"],
             "failed": stats["errors"],
             "rejected": 0,
             "draining": self.draining,
-            "version": self.version,
+            "version": self.id.version,
             "address": self.address,
         }
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import dataclass
+from typing import Any
 
-from servefleet.api import discovery_pb2
+from servefleet.api import common_pb2, discovery_pb2
+from servefleet.common.appid import AppId
 from servefleet.common.config import settings
 
 #: Ray node labels that name a node's zone, in order of preference.
@@ -25,6 +28,41 @@ def placement_labels(cluster: str) -> dict[str, str]:
     if zone:
         labels["zone"] = zone
     return labels
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a self-registering replica is: what its ``ready`` reports and its endpoint says."""
+
+    name: str
+    app: common_pb2.AppRef
+    version: str
+    capacity: int  # max_concurrency + max_queued
+    node_id: str
+    labels: dict[str, str]
+
+    @classmethod
+    def of(cls, spec: common_pb2.ApplicationSpec, name: str, cluster: str) -> Identity:
+        labels = placement_labels(cluster)
+        capacity = spec.max_concurrency + spec.max_queued
+        return cls(name, AppId.parse(spec).ref(), spec.version, capacity, labels["node"], labels)
+
+    def endpoint(self, kind: str, address: str, **labels: str) -> discovery_pb2.Endpoint:
+        return discovery_pb2.Endpoint(
+            app=self.app, version=self.version, kind=kind, address=address, labels={**self.labels, **labels}
+        )
+
+    def ready(self, address: str, **more: Any) -> dict[str, Any]:
+        """The master's ``ready`` answer (what becomes the replica's routing entry)."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "node_id": self.node_id,
+            "capacity": self.capacity,
+            "streaming": False,
+            "address": address,
+            **more,
+        }
 
 
 class Registered:

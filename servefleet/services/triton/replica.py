@@ -26,11 +26,10 @@ from typing import Any
 import grpc
 from tritonclient.grpc import service_pb2
 
-from servefleet.api import common_pb2, discovery_pb2
-from servefleet.common.appid import AppId
+from servefleet.api import common_pb2
 from servefleet.common.config import settings
 from servefleet.common.errors import Unavailable
-from servefleet.services.endpoint import Registered, placement_labels
+from servefleet.services.endpoint import Identity, Registered
 from servefleet.services.replica_wire import OK, code
 from servefleet.services.triton import install
 from servefleet.services.triton.metrics import Totals, inference_families, totals
@@ -60,19 +59,12 @@ class TritonReplica:
     def __init__(
         self, spec_bytes: bytes, name: str, *, cluster: str = "", discovery: str = "", host: str = "127.0.0.1"
     ) -> None:
-        import ray
-
         spec = common_pb2.ApplicationSpec.FromString(spec_bytes)
-        self.name = name
-        self.app = AppId.parse(spec).ref()
-        self.version = spec.version
-        self.capacity = spec.max_concurrency + spec.max_queued
-        self.node_id = ray.get_runtime_context().get_node_id()
-        self.labels = placement_labels(cluster)
+        self.id = Identity.of(spec, name, cluster)
         repository = Path(spec.triton.model_repository)
         # A relative repository lives in working_dir, which Ray unpacked as this actor's cwd.
         repository = repository if repository.is_absolute() else Path.cwd() / repository
-        log_dir = Path(tempfile.mkdtemp(prefix=f"sf-triton-{self.app.name}-"))
+        log_dir = Path(tempfile.mkdtemp(prefix=f"sf-triton-{self.id.app.name}-"))
         self.server = TritonServer(install.find(), repository, spec.triton.args, log_dir=log_dir, host=host)
         self.discovery = discovery
         self.draining = False
@@ -97,9 +89,8 @@ class TritonReplica:
 
     async def _register(self) -> None:
         models = ",".join(self.server.models)
-        labels = {**self.labels, "models": models, "metrics": self.server.metrics_address}
-        endpoint = discovery_pb2.Endpoint(
-            app=self.app, version=self.version, kind="triton", address=self.server.address, labels=labels
+        endpoint = self.id.endpoint(
+            "triton", self.server.address, models=models, metrics=self.server.metrics_address
         )
         self._registration = Registered(self.discovery, endpoint)
         self._registration.start()
@@ -109,18 +100,13 @@ class TritonReplica:
         """Identity, placement and models once the server serves and is registered; raises
         Triton's reason (TritonStartError) when the repository does not load."""
         await self._started
-        return {
-            "name": self.name,
-            "version": self.version,
-            "node_id": self.node_id,
-            "capacity": self.capacity,
-            "streaming": False,
-            "address": self.server.address,
-            "infer_method": INFER_METHOD,
-            "models": list(self.server.models),
-            "metadata": dict(self.metadata),
-            "pids": self.server.pids(),
-        }
+        return self.id.ready(
+            self.server.address,
+            infer_method=INFER_METHOD,
+            models=list(self.server.models),
+            metadata=dict(self.metadata),
+            pids=self.server.pids(),
+        )
 
     # ---- health ------------------------------------------------------------------------------
 
@@ -145,7 +131,7 @@ class TritonReplica:
 
     async def _restart(self) -> None:
         pid, why = self.server.pid, self.server.reason()
-        log.warning("tritonserver %d of %s is down (%s); restarting", pid, self.name, why)
+        log.warning("tritonserver %d of %s is down (%s); restarting", pid, self.id.name, why)
         if self._registration is not None:
             await self._registration.stop()  # clients leave it now, not after a TTL
         ports = (self.server.grpc_port, self.server.http_port, self.server.metrics_port)
@@ -159,7 +145,7 @@ class TritonReplica:
             await self._register()
         except Exception as exc:
             self.failed = f"tritonserver restart failed: {exc}"
-            log.warning("%s: %s", self.name, self.failed)
+            log.warning("%s: %s", self.id.name, self.failed)
 
     async def stats(self) -> dict[str, Any]:
         """Load as the master's health check and the autoscaler see it, from Triton's counters;
@@ -173,12 +159,12 @@ class TritonReplica:
         counts = self._stats[1]
         return {
             "in_flight": int(counts.pending) + self._proxied,
-            "capacity": self.capacity,
+            "capacity": self.id.capacity,
             "served": int(counts.success),
             "failed": int(counts.failure),
             "rejected": 0,
             "draining": self.draining,
-            "version": self.version,
+            "version": self.id.version,
             "address": self.server.address,
             "restarts": self.restarts,
             "pids": self.server.pids(),
@@ -199,7 +185,7 @@ class TritonReplica:
     ) -> tuple[int, Any]:
         """One ModelInfer forwarded to the local server as bytes; Triton's status comes back as is."""
         if not self.server.alive():
-            return code(grpc.StatusCode.UNAVAILABLE), f"tritonserver of {self.name} is restarting"
+            return code(grpc.StatusCode.UNAVAILABLE), f"tritonserver of {self.id.name} is restarting"
         call = self.server.channel.unary_unary(
             INFER_METHOD, request_serializer=_identity, response_deserializer=_identity
         )
