@@ -225,6 +225,11 @@ def struct_to_python(struct: Any) -> dict[str, Any]:
     return {k: _unfloat(v) for k, v in json_format.MessageToDict(struct).items()}
 
 
+def actors_per_replica(spec: ApplicationSpec) -> int:
+    """Actors one replica of the app runs: a sharded app's replica count is per shard."""
+    return max(spec.sharding.shards, 1) if spec.kind == "sharded" else 1
+
+
 def parse_size(value: Any, field: str) -> int:
     """Bytes from an int or a size string (``512Mi``, ``2G``, ``1024``)."""
     if isinstance(value, bool):

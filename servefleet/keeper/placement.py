@@ -12,13 +12,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from servefleet.api import common_pb2, keeper_pb2
+from servefleet.spec import actors_per_replica
 
 CPU, GPU, MEMORY = "CPU", "GPU", "memory"
 
 
 def demand(spec: common_pb2.ApplicationSpec, replicas: int) -> dict[str, float]:
     """Ray resources ``replicas`` replicas of ``spec`` need on one cluster."""
-    res = spec.resources
+    res, replicas = spec.resources, replicas * actors_per_replica(spec)
     need = {CPU: res.num_cpus * replicas, GPU: res.num_gpus * replicas, MEMORY: float(res.memory * replicas)}
     for name, amount in res.custom.items():
         need[name] = need.get(name, 0.0) + amount * replicas

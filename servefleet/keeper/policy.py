@@ -16,6 +16,7 @@ from pathlib import Path
 from servefleet.api import common_pb2, keeper_pb2
 from servefleet.common.config import settings
 from servefleet.common.errors import InvalidArgument, ResourceExhausted
+from servefleet.spec import actors_per_replica
 
 _URL_RE = re.compile(r"^[a-z][a-z0-9+.-]*://|^git\+|^file:|\s@\s*\S+://", re.IGNORECASE)
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -96,8 +97,9 @@ class Usage:
 
 
 def usage_of(spec: common_pb2.ApplicationSpec, replicas: int) -> Usage:
-    """What one application counts against its tenant: replicas on every cluster it spreads to."""
-    total = replicas * max(spec.placement.spread, 1)
+    """What one application counts against its tenant: replica actors (a sharded app's: per
+    shard) on every cluster it spreads to."""
+    total = replicas * max(spec.placement.spread, 1) * actors_per_replica(spec)
     return Usage(1, total, spec.resources.num_cpus * total, spec.resources.num_gpus * total)
 
 

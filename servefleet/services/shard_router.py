@@ -10,10 +10,12 @@
 
 Hedging: when a shard's first replica has not answered within that shard's recent p95 (the p95 of
 its *fastest* replica over the last lookups, so one slow replica cannot raise the bar it is judged
-by), a second lookup goes to another replica of the same shard and the first answer wins. Hedges
-spend a per-shard budget (``settings.shard_hedge_budget`` of its lookups, at most), so extra load
-is bounded; ``stats()`` counts them. The losing lookup is left to finish (bounded by the deadline):
-its latency keeps that replica's estimate honest and its in-flight count steers P2C away from it.
+by), a second lookup goes to another replica of the same shard (one whose median is below that
+delay, so it can win: hedging to a replica known to be slow only adds load) and the first answer
+wins. Hedges spend a per-shard budget (``settings.shard_hedge_budget`` of its lookups, at most),
+so extra load is bounded; ``stats()`` counts them. The losing lookup is left to finish (bounded by
+the deadline): its latency keeps that replica's estimate honest and its in-flight count steers P2C
+away from it.
 
 A replica that is gone (UNAVAILABLE) or full costs a retry on another replica of its shard; a
 routing table from the master is swapped atomically, so requests that started on the old layout
@@ -127,6 +129,7 @@ class ShardPool:
         self._delay = None
 
     _delay: float | None = None  # hedge_delay, recomputed every REFRESH samples (sorting is not free)
+    _p50: dict[str, float] = field(default_factory=dict)
     _fresh: int = 0
 
     def observe(self, name: str, seconds: float) -> None:
@@ -140,20 +143,26 @@ class ShardPool:
     def hedge_delay(self) -> float:
         """Seconds to wait before hedging: the p95 of this shard's fastest replica."""
         if self._delay is None:
-            p95s = [
-                sorted(w)[int(0.95 * (len(w) - 1))] for w in self.latencies.values() if len(w) >= MIN_SAMPLES
-            ]
+            p95s, self._p50 = [], {}
+            for name, window in self.latencies.items():
+                if len(window) >= MIN_SAMPLES:
+                    ordered = sorted(window)
+                    p95s.append(ordered[int(0.95 * (len(ordered) - 1))])
+                    self._p50[name] = ordered[len(ordered) // 2]
             self._delay = min(p95s) if p95s else settings.shard_hedge_default_ms / 1000.0
         return self._delay
+
+    def can_win(self, name: str) -> bool:
+        """Whether a hedge to replica ``name`` may beat a primary already late by the hedge delay:
+        its median is below that delay (a hedge to a replica known to be slow only adds load)."""
+        delay = self.hedge_delay()
+        return self._p50.get(name, 0.0) < delay
 
     def earn(self, budget: float) -> None:
         self.tokens = min(MAX_TOKENS, self.tokens + budget)
 
-    def spend(self) -> bool:
-        if self.tokens < 1.0:
-            return False
+    def spend(self) -> None:
         self.tokens -= 1.0
-        return True
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -277,7 +286,7 @@ class ShardRouterCore:
 
         def launch(hedge: bool) -> bool:
             slot = pool.router.choose(tried)
-            if slot is None:
+            if slot is None or (hedge and not pool.can_win(slot.info.name)):
                 return False
             tried.add(slot.info.name)
             task = asyncio.get_running_loop().create_task(self._attempt(pool, slot, keys, deadline))
@@ -296,7 +305,8 @@ class ShardRouterCore:
                 if not done:
                     if not hedged and time.monotonic() < deadline:
                         hedged = True
-                        if pool.spend() and launch(True):
+                        if pool.tokens >= 1.0 and launch(True):
+                            pool.spend()
                             pool.hedges += 1
                     continue
                 for task in done:

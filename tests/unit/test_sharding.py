@@ -271,3 +271,13 @@ async def test_a_request_caught_by_a_reshard_runs_again_on_the_new_layout(
     ids = np.random.default_rng(9).integers(0, ROWS, size=(32, FIELDS), dtype=np.int64)
     assert np.array_equal(_scores(await core.infer(_request(ids), 5.0)), reference.score(ids))
     assert core.failures == 0 and core.routing is new
+
+
+def test_quotas_and_placement_count_every_shard_actor() -> None:
+    from servefleet.keeper.placement import demand
+    from servefleet.keeper.policy import usage_of
+
+    spec = load_spec({**_sharded(shards=4), "resources": {"num_cpus": 0.5, "memory": "10Mi"}})
+    assert demand(spec, 2) == {"CPU": 4.0, "memory": float(8 * 10 * 2**20)}
+    usage = usage_of(spec, 2)
+    assert (usage.replicas, usage.cpus) == (8, 4.0)
