@@ -1,12 +1,8 @@
 """Fixtures of sharded apps: a second Ray node joined to the session's head (so shards spread over
 two nodes), one 1M-row CTR table per session, and helpers to deploy and load a sharded app.
 
-The second node is ``ray start --address=<head> --block`` with every port of its own and a custom
-resource ``sharded_second_node``, started by servefleet.testing's ManagedProcess launcher.
-servefleet keeps Ray on loopback with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (see
-``servefleet/__init__.py``), which also makes ``ray start`` refuse to join a head; the launcher
-lifts only that refusal (in the ``ray start`` process, not in the raylet or workers it starts), so
-both nodes stay on 127.0.0.1.
+The second node is servefleet.testing's ``RayWorkerNode`` (``ray start --address=<head>``, every
+port its own, loopback only) with a custom resource ``sharded_second_node``.
 """
 
 from __future__ import annotations
