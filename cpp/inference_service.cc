@@ -44,6 +44,20 @@ void Stats::Record(bool ok, std::chrono::steady_clock::duration elapsed) {
   histogram_[bucket].fetch_add(1, std::memory_order_relaxed);
 }
 
+std::vector<uint64_t> Stats::LatencyBuckets(const std::vector<uint64_t>& bounds_us, uint64_t* sum_us) const {
+  std::vector<uint64_t> out(bounds_us.size() + 1, 0);
+  uint64_t seen = 0;
+  size_t next = 0;
+  for (size_t i = 0; i < kBuckets; ++i) {
+    while (next < bounds_us.size() && bounds_us[next] <= i) out[next++] = seen;  // bucket i holds [i, i+1) us
+    seen += histogram_[i].load(std::memory_order_relaxed);
+  }
+  while (next < bounds_us.size()) out[next++] = seen;
+  out.back() = seen;
+  *sum_us = total_us_.load(std::memory_order_relaxed);
+  return out;
+}
+
 StatsSnapshot Stats::Snapshot() const {
   StatsSnapshot s;
   s.requests = requests_.load(std::memory_order_relaxed);

@@ -10,6 +10,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "ctr_model.h"
 #include "grpc_service.grpc.pb.h"
@@ -40,6 +41,9 @@ class Stats {
   void AddRows(uint64_t rows) { rows_.fetch_add(rows, std::memory_order_relaxed); }
   void AddInfer() { infer_requests_.fetch_add(1, std::memory_order_relaxed); }
   StatsSnapshot Snapshot() const;
+  // Requests faster than each bound (microseconds, ascending), cumulative as Prometheus buckets
+  // count them, then every request; and the sum of all latencies in microseconds.
+  std::vector<uint64_t> LatencyBuckets(const std::vector<uint64_t>& bounds_us, uint64_t* sum_us) const;
 
  private:
   static constexpr size_t kBuckets = 100'000;  // 0..100 ms; slower requests land in the last

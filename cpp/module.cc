@@ -81,6 +81,7 @@ class DirectServer {
   }
   std::string model_name() const { return service_.model_name(); }
   StatsSnapshot stats() const { return stats_.Snapshot(); }
+  const Stats& raw_stats() const { return stats_; }
 
  private:
   Stats stats_;
@@ -188,6 +189,14 @@ PYBIND11_MODULE(_direct, m) {
            py::call_guard<py::gil_scoped_release>())
       .def("stop", &DirectServer::Stop, py::arg("grace_s") = 5.0, py::call_guard<py::gil_scoped_release>())
       .def("stats", [](const DirectServer& s) { return servefleet::direct::ToDict(s.stats()); })
+      .def(
+          "latency_buckets",
+          [](const DirectServer& s, const std::vector<uint64_t>& bounds_us) {
+            uint64_t sum_us = 0;
+            std::vector<uint64_t> counts = s.raw_stats().LatencyBuckets(bounds_us, &sum_us);
+            return py::make_tuple(counts, sum_us);
+          },
+          py::arg("bounds_us"))
       .def_property_readonly("running", &DirectServer::running)
       .def_property_readonly("port", &DirectServer::port)
       .def_property_readonly("model_name", &DirectServer::model_name);

@@ -43,6 +43,17 @@ DEFAULT_PROXIES = 2
 #: CPU share a replica asks Ray for when the spec names none (small: models here are light).
 DEFAULT_NUM_CPUS = 0.1
 DEFAULT_BATCH_WAIT_MS = 5.0
+AUTOSCALING_MODES = ("reactive", "proactive")
+#: Defaults of the autoscaling block (a zero field takes these).
+AUTOSCALING_DEFAULTS = {
+    "upscale_delay_s": 3.0,
+    "downscale_delay_s": 60.0,
+    "burst_factor": 2.0,
+    "history_window_s": 600.0,
+    "forecast_horizon_s": 30.0,
+    "startup_s": 10.0,
+    "max_forecast_error": 0.5,
+}
 
 _TRITON_BOOL = r"true|false"
 _TRITON_MODELS = r"\*|[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*"
@@ -186,7 +197,14 @@ def validate(spec: ApplicationSpec) -> ApplicationSpec:
         _check_tensors(tensors, f"spec.{field}")
     _check_resources(spec.resources)
     _check_sharding(spec)
+    autoscaled = spec.HasField("autoscaling")
+    if autoscaled:  # the replica range defaults to the autoscaler's
+        _check_autoscaling_range(spec.autoscaling)
+        spec.replicas.min = spec.replicas.min or spec.autoscaling.min_replicas
+        spec.replicas.max = spec.replicas.max or spec.autoscaling.max_replicas
     _check_replicas(spec.replicas)
+    if autoscaled:
+        _check_autoscaling(spec.autoscaling, spec.replicas)
     # Triton endpoints are called directly; its proxies are only for clients that know no other.
     proxies = 0 if spec.kind == "triton" else DEFAULT_PROXIES
     for field, default in (("max_concurrency", DEFAULT_MAX_CONCURRENCY), ("proxies", proxies)):
@@ -431,6 +449,56 @@ def _check_sharding(spec: ApplicationSpec) -> None:
         raise InvalidArgument(
             f"spec.sharding.key_input: input {sharding.key_input!r} is "
             f"{named[sharding.key_input].datatype}; keys must be INT64"
+        )
+
+
+def _check_autoscaling_range(config: common_pb2.AutoscalingConfig) -> None:
+    """The required fields, checked before they fill the replica range."""
+    where = "spec.autoscaling"
+    if not config.target_ongoing_requests > 0:
+        raise InvalidArgument(
+            f"{where}.target_ongoing_requests: required, > 0 (ongoing requests per replica to hold), "
+            f"got {config.target_ongoing_requests:g}"
+        )
+    if config.min_replicas < 1:
+        raise InvalidArgument(
+            f"{where}.min_replicas: must be >= 1 (no scaling to zero), got {config.min_replicas}"
+        )
+    if config.max_replicas < config.min_replicas:
+        raise InvalidArgument(
+            f"{where}.max_replicas: {config.max_replicas} is below min_replicas {config.min_replicas}"
+        )
+
+
+def _check_autoscaling(config: common_pb2.AutoscalingConfig, replicas: common_pb2.ReplicaRange) -> None:
+    """The rest of the autoscaling block: ranges, defaults, and what proactive mode needs."""
+    where = "spec.autoscaling"
+    if config.min_replicas < replicas.min or config.max_replicas > replicas.max:
+        raise InvalidArgument(
+            f"{where}: [{config.min_replicas}, {config.max_replicas}] is outside spec.replicas "
+            f"[{replicas.min}, {replicas.max}]; widen spec.replicas or leave its min/max out"
+        )
+    config.mode = config.mode or AUTOSCALING_MODES[0]
+    if config.mode not in AUTOSCALING_MODES:
+        raise InvalidArgument(f"{where}.mode: {config.mode!r} is not one of {', '.join(AUTOSCALING_MODES)}")
+    for field in (*AUTOSCALING_DEFAULTS, "season_s"):
+        if getattr(config, field) < 0:
+            raise InvalidArgument(f"{where}.{field}: must be >= 0, got {getattr(config, field):g}")
+    for field, default in AUTOSCALING_DEFAULTS.items():
+        setattr(config, field, getattr(config, field) or default)
+    if config.burst_factor <= 1:
+        raise InvalidArgument(
+            f"{where}.burst_factor: must be > 1 (a multiple of the target), got {config.burst_factor:g}"
+        )
+    if config.forecast_horizon_s >= config.history_window_s:
+        raise InvalidArgument(
+            f"{where}.forecast_horizon_s: {config.forecast_horizon_s:g} must be shorter than "
+            f"history_window_s {config.history_window_s:g}"
+        )
+    if config.season_s and config.season_s > config.history_window_s:
+        raise InvalidArgument(
+            f"{where}.season_s: {config.season_s:g} is longer than history_window_s "
+            f"{config.history_window_s:g}; the forecast needs at least one full season of history"
         )
 
 

@@ -46,6 +46,7 @@ class Part:
     pid: int = 0
     restarts: int = 0  # by the supervisor, since `up`
     last_exit: str = ""  # how its last process ended, when the supervisor saw it die
+    metrics: str = ""  # where its Prometheus /metrics is served ("" for etcd/redis)
 
     @property
     def external(self) -> bool:
@@ -87,6 +88,9 @@ PORTS = {
     "ray_object_manager": 12,
     "ray_metrics": 13,
     "ray_runtime_env": 14,
+    "autoscaler": 15,
+    # Each service's Prometheus /metrics endpoint: metrics_base + its offset above.
+    "metrics_base": 20,
 }
 RAY_WORKER_PORTS = (100, 599)
 
@@ -149,6 +153,8 @@ def plan(config: StackConfig) -> list[Part]:
             )
         )
     etcd, redis, ray = parts[0].address, parts[1].address, parts[2].address
+    if not config.ray:
+        parts[2].metrics = addr["ray_metrics"]
     token = str(state / "admin.token")
 
     def service(name: str, module: str, *flags: str) -> Part:
@@ -174,10 +180,62 @@ def plan(config: StackConfig) -> list[Part]:
             "--admin-token-file",
             token,
         ),
+        service(
+            "autoscaler",
+            "autoscaler",
+            "--etcd",
+            etcd,
+            "--keeper",
+            addr["keeper"],
+            "--discovery",
+            addr["discovery"],
+            "--broker",
+            addr["broker"],
+            "--admin-token-file",
+            token,
+            "--file-sd",
+            str(prometheus_dir(state) / ACTOR_TARGETS),
+        ),
         # Last: started once the rest is healthy, and (stopping newest first) stopped before it.
         Part("supervisor", "", [sys.executable, "-m", "servefleet.supervisor", "--state-dir", str(state)]),
     ]
+    for part in parts[3:-1]:  # every servefleet service serves /metrics on its own port
+        part.metrics = f"{host}:{ports['metrics_base'] + PORTS[part.name]}"
+        part.argv += ["--metrics", part.metrics]
     return parts
+
+
+#: Prometheus file service discovery: ``up`` writes the services' targets and a scrape config;
+#: the autoscaler keeps the actors' targets (from their discovery registrations) current.
+PROMETHEUS_DIR = "prometheus"
+SERVICE_TARGETS = "services.json"
+ACTOR_TARGETS = "actors.json"
+
+
+def prometheus_dir(state_dir: Path) -> Path:
+    return state_dir.resolve() / PROMETHEUS_DIR
+
+
+def write_prometheus_config(state_dir: Path, parts: list[Part]) -> Path:
+    """``prometheus.yml`` scraping every target file in the state dir (file_sd, re-read on change)."""
+    folder = prometheus_dir(state_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    targets = [{"targets": [p.metrics], "labels": {"part": p.name}} for p in parts if p.metrics]
+    (folder / SERVICE_TARGETS).write_text(json.dumps(targets, indent=2))
+    actors = folder / ACTOR_TARGETS
+    if not actors.exists():
+        actors.write_text("[]")
+    config = folder / "prometheus.yml"
+    config.write_text(
+        "# Written by `servefleet up`: run `prometheus --config.file=" + str(config) + "`.\n"
+        "scrape_configs:\n"
+        "  - job_name: servefleet\n"
+        "    scrape_interval: 5s\n"
+        "    file_sd_configs:\n"
+        f"      - files: ['{folder / SERVICE_TARGETS}', '{actors}']\n"
+        "        refresh_interval: 10s\n"
+    )
+    return config
 
 
 def stack_file(state_dir: Path) -> Path:
@@ -265,8 +323,8 @@ def up(
     started: list[Part] = []
     try:
         # Dependencies first (etcd, redis, ray), then services (discovery, broker, keeper), then the
-        # agent, then the supervisor that keeps them all running.
-        for wave in (parts[:3], parts[3:6], parts[6:7], parts[7:]):
+        # agent and the autoscaler, then the supervisor that keeps them all running.
+        for wave in (parts[:3], parts[3:6], parts[6:-1], parts[-1:]):
             for part in wave:
                 if part.external:
                     continue
@@ -275,6 +333,7 @@ def up(
                 progress(f"starting {part.name} on {part.address or 'this machine'}")
             save(state, parts)
             _await_healthy(wave, state, progress, deadline=time.monotonic() + timeout)
+        write_prometheus_config(state, parts)
     except BaseException:
         stop_parts(started, progress=progress)
         stack_file(state).unlink(missing_ok=True)
@@ -325,6 +384,7 @@ def status(state_dir: Path) -> list[dict[str, object]]:
             {
                 "name": part.name,
                 "address": part.address,
+                "metrics": part.metrics or None,
                 "pid": part.pid or None,
                 "alive": alive,
                 "healthy": healthy,

@@ -155,8 +155,36 @@ class ShardStatus(_message.Message):
     ready: bool
     def __init__(self, shard: _Optional[int] = ..., replica: _Optional[str] = ..., node_id: _Optional[str] = ..., layout: _Optional[str] = ..., rows: _Optional[int] = ..., table_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., ready: _Optional[bool] = ...) -> None: ...
 
+class AutoscalingConfig(_message.Message):
+    __slots__ = ("target_ongoing_requests", "min_replicas", "max_replicas", "upscale_delay_s", "downscale_delay_s", "mode", "burst_factor", "history_window_s", "forecast_horizon_s", "startup_s", "season_s", "max_forecast_error")
+    TARGET_ONGOING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    UPSCALE_DELAY_S_FIELD_NUMBER: _ClassVar[int]
+    DOWNSCALE_DELAY_S_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    BURST_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    FORECAST_HORIZON_S_FIELD_NUMBER: _ClassVar[int]
+    STARTUP_S_FIELD_NUMBER: _ClassVar[int]
+    SEASON_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_FORECAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    target_ongoing_requests: float
+    min_replicas: int
+    max_replicas: int
+    upscale_delay_s: float
+    downscale_delay_s: float
+    mode: str
+    burst_factor: float
+    history_window_s: float
+    forecast_horizon_s: float
+    startup_s: float
+    season_s: float
+    max_forecast_error: float
+    def __init__(self, target_ongoing_requests: _Optional[float] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., upscale_delay_s: _Optional[float] = ..., downscale_delay_s: _Optional[float] = ..., mode: _Optional[str] = ..., burst_factor: _Optional[float] = ..., history_window_s: _Optional[float] = ..., forecast_horizon_s: _Optional[float] = ..., startup_s: _Optional[float] = ..., season_s: _Optional[float] = ..., max_forecast_error: _Optional[float] = ...) -> None: ...
+
 class ApplicationSpec(_message.Message):
-    __slots__ = ("name", "namespace", "version", "import_path", "init_args", "working_dir", "runtime_env", "inputs", "outputs", "resources", "replicas", "max_concurrency", "max_queued", "proxies", "kind", "batching", "async_mode", "placement", "labels", "triton", "sharding", "stages", "edges")
+    __slots__ = ("name", "namespace", "version", "import_path", "init_args", "working_dir", "runtime_env", "inputs", "outputs", "resources", "replicas", "max_concurrency", "max_queued", "proxies", "kind", "batching", "async_mode", "placement", "labels", "triton", "sharding", "stages", "edges", "autoscaling")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +215,7 @@ class ApplicationSpec(_message.Message):
     SHARDING_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     EDGES_FIELD_NUMBER: _ClassVar[int]
+    AUTOSCALING_FIELD_NUMBER: _ClassVar[int]
     name: str
     namespace: str
     version: str
@@ -210,7 +239,8 @@ class ApplicationSpec(_message.Message):
     sharding: ShardingConfig
     stages: _containers.RepeatedCompositeFieldContainer[ApplicationSpec]
     edges: _containers.RepeatedCompositeFieldContainer[StageEdge]
-    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., version: _Optional[str] = ..., import_path: _Optional[str] = ..., init_args: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., working_dir: _Optional[str] = ..., runtime_env: _Optional[_Union[RuntimeEnv, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., replicas: _Optional[_Union[ReplicaRange, _Mapping]] = ..., max_concurrency: _Optional[int] = ..., max_queued: _Optional[int] = ..., proxies: _Optional[int] = ..., kind: _Optional[str] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., async_mode: _Optional[_Union[AsyncConfig, _Mapping]] = ..., placement: _Optional[_Union[PlacementConstraints, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., triton: _Optional[_Union[TritonConfig, _Mapping]] = ..., sharding: _Optional[_Union[ShardingConfig, _Mapping]] = ..., stages: _Optional[_Iterable[_Union[ApplicationSpec, _Mapping]]] = ..., edges: _Optional[_Iterable[_Union[StageEdge, _Mapping]]] = ...) -> None: ...
+    autoscaling: AutoscalingConfig
+    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., version: _Optional[str] = ..., import_path: _Optional[str] = ..., init_args: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., working_dir: _Optional[str] = ..., runtime_env: _Optional[_Union[RuntimeEnv, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., replicas: _Optional[_Union[ReplicaRange, _Mapping]] = ..., max_concurrency: _Optional[int] = ..., max_queued: _Optional[int] = ..., proxies: _Optional[int] = ..., kind: _Optional[str] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., async_mode: _Optional[_Union[AsyncConfig, _Mapping]] = ..., placement: _Optional[_Union[PlacementConstraints, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., triton: _Optional[_Union[TritonConfig, _Mapping]] = ..., sharding: _Optional[_Union[ShardingConfig, _Mapping]] = ..., stages: _Optional[_Iterable[_Union[ApplicationSpec, _Mapping]]] = ..., edges: _Optional[_Iterable[_Union[StageEdge, _Mapping]]] = ..., autoscaling: _Optional[_Union[AutoscalingConfig, _Mapping]] = ...) -> None: ...
 
 class StageEdge(_message.Message):
     __slots__ = ("caller", "callee")

@@ -43,8 +43,22 @@ class ClusterPlacement(_message.Message):
     shards: _containers.RepeatedCompositeFieldContainer[_common_pb2.ShardStatus]
     def __init__(self, cluster: _Optional[str] = ..., replicas: _Optional[int] = ..., ready_replicas: _Optional[int] = ..., version: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[_common_pb2.ShardStatus, _Mapping]]] = ...) -> None: ...
 
+class Scaling(_message.Message):
+    __slots__ = ("by", "reason", "at", "autoscaled", "paused")
+    BY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    AUTOSCALED_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    by: str
+    reason: str
+    at: float
+    autoscaled: bool
+    paused: bool
+    def __init__(self, by: _Optional[str] = ..., reason: _Optional[str] = ..., at: _Optional[float] = ..., autoscaled: _Optional[bool] = ..., paused: _Optional[bool] = ...) -> None: ...
+
 class ApplicationStatus(_message.Message):
-    __slots__ = ("app", "state", "reason", "spec", "revision", "replicas", "placements", "updated_at")
+    __slots__ = ("app", "state", "reason", "spec", "revision", "replicas", "placements", "updated_at", "scaling")
     APP_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +67,7 @@ class ApplicationStatus(_message.Message):
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    SCALING_FIELD_NUMBER: _ClassVar[int]
     app: _common_pb2.AppRef
     state: AppState
     reason: str
@@ -61,7 +76,8 @@ class ApplicationStatus(_message.Message):
     replicas: int
     placements: _containers.RepeatedCompositeFieldContainer[ClusterPlacement]
     updated_at: float
-    def __init__(self, app: _Optional[_Union[_common_pb2.AppRef, _Mapping]] = ..., state: _Optional[_Union[AppState, str]] = ..., reason: _Optional[str] = ..., spec: _Optional[_Union[_common_pb2.ApplicationSpec, _Mapping]] = ..., revision: _Optional[int] = ..., replicas: _Optional[int] = ..., placements: _Optional[_Iterable[_Union[ClusterPlacement, _Mapping]]] = ..., updated_at: _Optional[float] = ...) -> None: ...
+    scaling: Scaling
+    def __init__(self, app: _Optional[_Union[_common_pb2.AppRef, _Mapping]] = ..., state: _Optional[_Union[AppState, str]] = ..., reason: _Optional[str] = ..., spec: _Optional[_Union[_common_pb2.ApplicationSpec, _Mapping]] = ..., revision: _Optional[int] = ..., replicas: _Optional[int] = ..., placements: _Optional[_Iterable[_Union[ClusterPlacement, _Mapping]]] = ..., updated_at: _Optional[float] = ..., scaling: _Optional[_Union[Scaling, _Mapping]] = ...) -> None: ...
 
 class StatusEvent(_message.Message):
     __slots__ = ("app", "state", "reason", "revision", "at")
@@ -127,14 +143,20 @@ class UpdateApplicationRequest(_message.Message):
     def __init__(self, spec: _Optional[_Union[_common_pb2.ApplicationSpec, _Mapping]] = ..., expected_revision: _Optional[int] = ...) -> None: ...
 
 class ScaleApplicationRequest(_message.Message):
-    __slots__ = ("app", "replicas", "expected_revision")
+    __slots__ = ("app", "replicas", "expected_revision", "reason", "by_autoscaler", "resume_autoscaling")
     APP_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_REVISION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    BY_AUTOSCALER_FIELD_NUMBER: _ClassVar[int]
+    RESUME_AUTOSCALING_FIELD_NUMBER: _ClassVar[int]
     app: _common_pb2.AppRef
     replicas: int
     expected_revision: int
-    def __init__(self, app: _Optional[_Union[_common_pb2.AppRef, _Mapping]] = ..., replicas: _Optional[int] = ..., expected_revision: _Optional[int] = ...) -> None: ...
+    reason: str
+    by_autoscaler: bool
+    resume_autoscaling: bool
+    def __init__(self, app: _Optional[_Union[_common_pb2.AppRef, _Mapping]] = ..., replicas: _Optional[int] = ..., expected_revision: _Optional[int] = ..., reason: _Optional[str] = ..., by_autoscaler: _Optional[bool] = ..., resume_autoscaling: _Optional[bool] = ...) -> None: ...
 
 class DeleteApplicationRequest(_message.Message):
     __slots__ = ("app",)
@@ -266,18 +288,20 @@ class SetQuotaRequest(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., quota: _Optional[_Union[Quota, _Mapping]] = ...) -> None: ...
 
 class DesiredState(_message.Message):
-    __slots__ = ("spec", "replicas", "deleting", "tenant", "created_at")
+    __slots__ = ("spec", "replicas", "deleting", "tenant", "created_at", "scaling")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     DELETING_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    SCALING_FIELD_NUMBER: _ClassVar[int]
     spec: _common_pb2.ApplicationSpec
     replicas: int
     deleting: bool
     tenant: str
     created_at: float
-    def __init__(self, spec: _Optional[_Union[_common_pb2.ApplicationSpec, _Mapping]] = ..., replicas: _Optional[int] = ..., deleting: _Optional[bool] = ..., tenant: _Optional[str] = ..., created_at: _Optional[float] = ...) -> None: ...
+    scaling: Scaling
+    def __init__(self, spec: _Optional[_Union[_common_pb2.ApplicationSpec, _Mapping]] = ..., replicas: _Optional[int] = ..., deleting: _Optional[bool] = ..., tenant: _Optional[str] = ..., created_at: _Optional[float] = ..., scaling: _Optional[_Union[Scaling, _Mapping]] = ...) -> None: ...
 
 class TokenRecord(_message.Message):
     __slots__ = ("tenant", "role", "created_at")

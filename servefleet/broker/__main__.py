@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 
 from servefleet.broker.core import BrokerCore
 from servefleet.broker.queue import RedisStreamQueue
 from servefleet.broker.servicer import broker_server
+from servefleet.common.config import settings
 from servefleet.common.entry import Service, run_service, service_parser
 
 
 async def build(args: argparse.Namespace) -> Service:
     queue = RedisStreamQueue(args.redis)
     core = BrokerCore(queue)
+    publishing = asyncio.create_task(core.publish_stats_forever(settings.broker_stats_interval_s))
+
+    async def stop() -> None:
+        publishing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await publishing
+        await core.close()
+
     # Without Redis the broker can neither queue a request nor hand out a result.
-    return Service(broker_server(core, args.listen), on_stop=core.close, dependencies={"redis": queue.ping})
+    return Service(broker_server(core, args.listen), on_stop=stop, dependencies={"redis": queue.ping})
 
 
 def parser() -> argparse.ArgumentParser:

@@ -31,10 +31,16 @@ write to its AOF with write(2) before it answers, so
 
 While Redis is down, Submit/GetResult answer UNAVAILABLE and workers keep their finished
 results in memory, storing them when Redis is back.
+
+Metrics: Submits by app, and each app's queue depth, in-flight work, oldest entry's age, submit and
+complete rates and dead letters, refreshed by ``publish_stats`` (the entry point calls it every
+``broker_stats_interval_s``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 import re
 import time
@@ -43,19 +49,47 @@ from collections.abc import AsyncIterator
 from typing import cast
 
 from google.protobuf.message import DecodeError
+from prometheus_client import Counter, Gauge
 from tritonclient.grpc import service_pb2
 
 from servefleet.api import broker_pb2, common_pb2
 from servefleet.broker.queue import AppConfig, RequestQueue, State, band_of
+from servefleet.common import metrics
 from servefleet.common.appid import AppId
 from servefleet.common.config import settings
-from servefleet.common.errors import InvalidArgument, NotFound
+from servefleet.common.errors import InvalidArgument, NotFound, ServefleetError
+
+log = logging.getLogger(__name__)
+
+SUBMITTED = Counter(
+    "servefleet_broker_submitted_total",
+    "Requests queued (idempotent repeats not counted), by app.",
+    ["app"],
+    registry=metrics.REGISTRY,
+)
+QUEUE = {
+    field: Gauge(f"servefleet_broker_{name}", help, ["app"], registry=metrics.REGISTRY)
+    for field, name, help in (
+        ("depth", "queue_depth", "Requests queued and not yet delivered to a worker."),
+        ("in_flight", "in_flight", "Requests delivered to a worker and not yet finished."),
+        ("oldest_age_s", "queue_oldest_age_seconds", "Age of the oldest undelivered request."),
+        ("submit_rate", "submit_rate", "Requests submitted per second (recent window)."),
+        ("complete_rate", "complete_rate", "Requests finished per second (recent window)."),
+        ("dead_letters", "dead_letters", "Entries in the app's dead-letter stream."),
+        ("workers", "workers", "Workers seen pulling recently."),
+    )
+}
 
 FINAL = frozenset({State.DONE, State.FAILED, State.EXPIRED, State.CANCELLED})
 _TICKET = re.compile(r"^[0-9a-f]{32}$")
 #: Waiters re-read the ticket at least this often, in case a change event was lost (Redis
 #: restarted, pub/sub reconnecting): it bounds the extra latency of a lost event.
 _REPOLL_S = 5.0
+
+
+def _label(app: str) -> str:
+    """The ``app`` label every part uses (the KServe model name: no ``default/``)."""
+    return AppId.parse(app).model_name
 
 
 def check_ticket(ticket: str) -> str:
@@ -102,6 +136,8 @@ class BrokerCore:
             request.ttl_s,
             request.idempotency_key,
         )
+        if not duplicate:
+            SUBMITTED.labels(_label(app)).inc()
         return broker_pb2.SubmitResponse(ticket=ticket, duplicate=duplicate)
 
     async def status(self, ticket: str) -> broker_pb2.TicketStatus:
@@ -152,6 +188,21 @@ class BrokerCore:
 
     async def stats(self, app: common_pb2.AppRef | str) -> broker_pb2.QueueStatsResponse:
         return await self.queue.stats(AppId.parse(app).key)
+
+    async def publish_stats(self) -> None:
+        """Set every app's queue gauges from one ``stats`` read each (Redis down: left as they were)."""
+        try:
+            for app in await self.queue.apps():
+                stats = await self.queue.stats(app)
+                for field, gauge in QUEUE.items():
+                    gauge.labels(_label(app)).set(getattr(stats, field))
+        except ServefleetError as exc:
+            log.warning("queue stats not refreshed: %s", exc)
+
+    async def publish_stats_forever(self, interval_s: float) -> None:
+        while True:
+            await self.publish_stats()
+            await asyncio.sleep(interval_s)
 
     async def close(self) -> None:
         await self.queue.close()

@@ -121,6 +121,10 @@ class RequestQueue(ABC):
     async def stats(self, app: str) -> broker_pb2.QueueStatsResponse: ...
 
     @abstractmethod
+    async def apps(self) -> list[str]:
+        """Every registered app (``namespace/name``)."""
+
+    @abstractmethod
     def changes(self, ticket: str) -> contextlib.AbstractAsyncContextManager[NextChange]:
         """Subscribe to the ticket's changes (enter it *before* reading its status, so no change
         slips between). Yields ``next_change(timeout)``: the new state, or None after ``timeout``
@@ -333,6 +337,12 @@ class RedisStreamQueue(RequestQueue):
                 keys=[self.ticket_key(ticket), stream], args=[settings.broker_tombstone_s, EVENTS]
             )
         return await self.status(ticket)
+
+    async def apps(self) -> list[str]:
+        prefix = self.app_key("")
+        async with self._reachable():
+            keys = [_s(k) async for k in self._redis.scan_iter(match=f"{prefix}*", count=500)]
+        return sorted(k.removeprefix(prefix) for k in keys)
 
     async def stats(self, app: str) -> broker_pb2.QueueStatsResponse:
         now = self._clock()

@@ -175,6 +175,7 @@ def status(conn: KeeperConn, name: str, namespace: str) -> None:
         emit([to_dict(got)], "json")
         return
     _show(conn, [got])
+    click.echo(f"scaling: {scaling_line(got.scaling, got.replicas)}")
     rows = [
         {"cluster": p.cluster, "replicas": p.replicas, "ready": p.ready_replicas, "version": p.version}
         for p in got.placements
@@ -201,16 +202,40 @@ def status(conn: KeeperConn, name: str, namespace: str) -> None:
         emit(shards, "table")
 
 
+def scaling_line(scaling: keeper_pb2.Scaling, replicas: int) -> str:
+    """Who holds the replica count and why, in one line (the precedence rule made visible)."""
+    when = time.strftime("%H:%M:%S", time.localtime(scaling.at)) if scaling.at else "-"
+    if not scaling.autoscaled:
+        owner = "fixed (no autoscaling block)"
+    elif scaling.paused:
+        owner = "person (autoscaler paused; `app scale NAME --auto` resumes it)"
+    else:
+        owner = "autoscaler"
+    return (
+        f"{replicas} replica(s) held by {owner}; last set by {scaling.by or '-'} at {when}: {scaling.reason}"
+    )
+
+
 @app.command()
 @click.argument("name")
-@click.argument("replicas", type=click.IntRange(0))
+@click.argument("replicas", type=click.IntRange(0), required=False)
 @namespace_option
+@click.option(
+    "--auto", is_flag=True, help="Hand the count back to the autoscaler (after a person pinned it)."
+)
+@click.option("--reason", default="", help="Why, shown in `app status`.")
 @keeper_command
 @one_line_errors
-def scale(conn: KeeperConn, name: str, replicas: int, namespace: str) -> None:
-    """Set REPLICAS per cluster."""
+def scale(conn: KeeperConn, name: str, replicas: int | None, namespace: str, auto: bool, reason: str) -> None:
+    """Set REPLICAS per cluster. On an autoscaled app a person wins: this pins the count and pauses
+    the autoscaler for the app until `--auto` hands it back."""
+    if (replicas is None) == (not auto):
+        raise click.UsageError("give either REPLICAS or --auto")
     request = keeper_pb2.ScaleApplicationRequest(
-        app=AppId.parse(AppRef(namespace=namespace, name=name)).ref(), replicas=replicas
+        app=AppId.parse(AppRef(namespace=namespace, name=name)).ref(),
+        replicas=replicas or 0,
+        reason=reason,
+        resume_autoscaling=auto,
     )
     _show(conn, [conn.stub.ScaleApplication(request, metadata=conn.md)])
 

@@ -128,6 +128,6 @@ def status(state_dir: Path, output: str) -> None:
     """Health of each part of the stack (gRPC health protocol for the services) and how often the
     supervisor restarted it. Exit 1 if any is down."""
     rows = stack.status(state_dir)
-    emit(rows, output, ["name", "address", "pid", "healthy", "restarts", "detail"])
+    emit(rows, output, ["name", "address", "metrics", "pid", "healthy", "restarts", "detail"])
     if not all(r["healthy"] for r in rows):
         sys.exit(1)

@@ -50,6 +50,10 @@ class Settings:
     broker_reclaim_idle_s: float = 30.0
     #: Blocking XREADGROUP timeout of a worker (ms); bounds how fast stop() returns.
     broker_block_ms: int = 1000
+    #: Broker: seconds between refreshes of the per-app queue gauges on /metrics.
+    broker_stats_interval_s: float = 1.0
+    #: Autoscaler: seconds of wall-clock time between load readings and decisions.
+    autoscaler_interval_s: float = 1.0
     #: Keeper: seconds between cluster agent heartbeats; a cluster silent for ``dead_after`` is not alive.
     keeper_heartbeat_interval_s: int = 2
     keeper_cluster_dead_after_s: float = 6.0

@@ -1,5 +1,6 @@
-"""One way to start any service process: parse flags, set up logs and tracing, serve until signalled,
-and keep the gRPC health status true to what the service depends on."""
+"""One way to start any service process: parse flags, set up logs, tracing and the ``/metrics``
+endpoint, serve until signalled, and keep the gRPC health status true to what the service
+depends on."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 
 from grpc_health.v1 import health_pb2
 
+from servefleet.common import metrics
 from servefleet.common.config import settings
 from servefleet.common.logs import setup_logging
 from servefleet.common.server import GrpcServer, serve_until_signal
@@ -69,6 +71,11 @@ async def follow_dependencies(
 def service_parser(name: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"python -m servefleet.{name}", description=description)
     parser.add_argument("--listen", default="127.0.0.1:0", help="host:port to serve gRPC on")
+    parser.add_argument(
+        "--metrics",
+        default="127.0.0.1:0",
+        help="host:port to serve Prometheus /metrics on (port 0: any free port)",
+    )
     return parser
 
 
@@ -81,6 +88,10 @@ def run_service(
     args = parser.parse_args(argv)
     setup_logging(name)
     setup_tracing(f"servefleet-{name}")
+    host, _, port = args.metrics.rpartition(":")  # port 0 allowed: any free one
+    if not host or not port.isdigit():
+        parser.error(f"--metrics {args.metrics!r} is not host:port")
+    metrics.serve(host, int(port))
 
     async def main() -> None:
         service = await build(args)

@@ -1,6 +1,7 @@
 """The gRPC server every servefleet service runs: grpc.aio with health, reflection, explicit
-keepalive and message limits, one interceptor mapping domain errors to status codes, tracing,
-and a graceful stop on SIGTERM/SIGINT."""
+keepalive and message limits, one interceptor mapping domain errors to status codes, tracing and
+Prometheus series (calls by method and code, latency, in flight), and a graceful stop on
+SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import inspect
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -16,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from servefleet.common import telemetry
+from servefleet.common import metrics, telemetry
 from servefleet.common.config import grpc_options, settings
 from servefleet.common.errors import ServefleetError
 
@@ -25,8 +27,36 @@ log = logging.getLogger(__name__)
 Registrar = Callable[[grpc.aio.Server], None]
 
 
-def _wrap_behavior(method: str, behavior: Callable[..., Any], streaming_response: bool) -> Callable[..., Any]:
-    """One place that turns domain errors into statuses and opens the server span."""
+class _Measured:
+    """Counts one call in flight, then its status code and latency (the code it ended with)."""
+
+    def __init__(self, service: str, method: str) -> None:
+        self.labels = (service, method)
+        self.start = time.perf_counter()
+        metrics.RPC_IN_FLIGHT.labels(*self.labels).inc()
+
+    def done(self, code: grpc.StatusCode | None) -> None:
+        metrics.RPC_IN_FLIGHT.labels(*self.labels).dec()
+        metrics.RPC_LATENCY.labels(*self.labels).observe(time.perf_counter() - self.start)
+        metrics.RPC_REQUESTS.labels(*self.labels, (code or grpc.StatusCode.OK).name).inc()
+
+
+_NOTHING: BaseException | None = None
+
+
+def _ended_with(context: grpc.aio.ServicerContext, exc: BaseException | None) -> grpc.StatusCode:
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return grpc.StatusCode.CANCELLED
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return grpc.StatusCode.UNKNOWN if exc is not None else grpc.StatusCode.OK
+
+
+def _wrap_behavior(
+    service: str, method: str, behavior: Callable[..., Any], streaming_response: bool
+) -> Callable[..., Any]:
+    """One place that turns domain errors into statuses, opens the server span and measures."""
 
     async def fail(context: grpc.aio.ServicerContext, span: Any, exc: BaseException) -> None:
         if isinstance(exc, ServefleetError):
@@ -40,38 +70,52 @@ def _wrap_behavior(method: str, behavior: Callable[..., Any], streaming_response
     if streaming_response:
 
         async def stream_behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            measured, ended = _Measured(service, method), _NOTHING
             with telemetry.server_span(method, context.invocation_metadata()) as span:
                 try:
                     async for item in behavior(request, context):
                         yield item
-                except (asyncio.CancelledError, GeneratorExit):
+                except (asyncio.CancelledError, GeneratorExit) as exc:
+                    ended = exc
                     raise
                 except Exception as exc:
+                    ended = exc
                     if context.code() is not None:  # already aborted by the behavior
                         raise
                     await fail(context, span, exc)
+                finally:
+                    measured.done(_ended_with(context, ended))
 
         return stream_behavior
 
     async def unary_behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        measured, ended = _Measured(service, method), _NOTHING
         with telemetry.server_span(method, context.invocation_metadata()) as span:
             try:
                 result = behavior(request, context)
                 if inspect.isawaitable(result):
                     result = await result
                 return result
-            except asyncio.CancelledError:
+            except asyncio.CancelledError as exc:
+                ended = exc
                 raise
             except Exception as exc:
+                ended = exc
                 if context.code() is not None:
                     raise
                 await fail(context, span, exc)
+            finally:
+                measured.done(_ended_with(context, ended))
 
     return unary_behavior
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Maps ServefleetError to its status code and traces every RPC; health/reflection pass through."""
+    """Maps ServefleetError to its status code, traces and measures every RPC (``service`` is the
+    ``service`` label of its series); health/reflection pass through."""
+
+    def __init__(self, service: str = "") -> None:
+        self.service = service
 
     async def intercept_service(
         self,
@@ -89,7 +133,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
         }
         attr, factory = kinds[(handler.request_streaming, handler.response_streaming)]
-        wrapped = _wrap_behavior(method, getattr(handler, attr), handler.response_streaming)
+        wrapped = _wrap_behavior(self.service, method, getattr(handler, attr), handler.response_streaming)
         return factory(
             wrapped,
             request_deserializer=handler.request_deserializer,
@@ -111,7 +155,7 @@ class GrpcServer:
         self.listen = listen
         self.port = 0
         self._service_names = list(service_names)
-        self._server = grpc.aio.server(interceptors=[ServiceInterceptor()], options=grpc_options())
+        self._server = grpc.aio.server(interceptors=[ServiceInterceptor(name)], options=grpc_options())
         for register in registrars:
             register(self._server)
         self.health = HealthServicer()

@@ -42,6 +42,8 @@ class DirectServer:
     def stop(self, grace_s: float = 5.0) -> None:
         """Stops listening, waits up to grace_s for in-flight RPCs, cancels the rest. Idempotent."""
     def stats(self) -> ServerStats: ...
+    def latency_buckets(self, bounds_us: list[int]) -> tuple[list[int], int]:
+        """RPCs faster than each bound (cumulative), then all RPCs; and the latency sum (us)."""
     @property
     def running(self) -> bool: ...
     @property

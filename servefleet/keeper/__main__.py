@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from servefleet.common import metrics
 from servefleet.common.entry import Service, run_service, service_parser
+from servefleet.keeper.reconciler import ReplicaCountCollector
 from servefleet.keeper.service import build_keeper
 from servefleet.keeper.store import KeeperStore
 
@@ -12,6 +14,7 @@ from servefleet.keeper.store import KeeperStore
 async def build(args: argparse.Namespace) -> Service:
     store = KeeperStore.connect(args.etcd)
     keeper = await build_keeper(store, args.listen, admin_token_file=args.admin_token_file)
+    metrics.REGISTRY.register(ReplicaCountCollector(keeper.reconciler, keeper.election.leading))
 
     async def stop() -> None:
         await keeper.close()

@@ -18,10 +18,20 @@ from servefleet import spec as specs
 from servefleet.api import common_pb2, keeper_pb2
 from servefleet.common.appid import DEFAULT_NAMESPACE, AppId, check_name
 from servefleet.common.config import settings
-from servefleet.common.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
+from servefleet.common.errors import (
+    Conflict,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
 from servefleet.keeper import placement, policy
 from servefleet.keeper.auth import ADMIN, ROLES, TENANT, Principal, hash_token, new_token
 from servefleet.keeper.store import AppRecord, KeeperStore, QuotaFence, QuotaRace, cancel_watch
+
+#: Roles whose Scale calls may speak for the autoscaler (issue 19 adds the narrow ``autoscaler``).
+AUTOSCALER_ROLES = (ADMIN, "autoscaler")
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +59,18 @@ class Keeper:
         spec = self._checked(who, spec)
         replicas = spec.replicas.initial
         now = self.clock()
-        desired = keeper_pb2.DesiredState(spec=spec, replicas=replicas, tenant=who.tenant, created_at=now)
+        desired = keeper_pb2.DesiredState(
+            spec=spec,
+            replicas=replicas,
+            tenant=who.tenant,
+            created_at=now,
+            scaling=keeper_pb2.Scaling(by="submit", reason="initial replicas", at=now),
+        )
         status = keeper_pb2.ApplicationStatus(
             state=AppState.PENDING, reason="submitted; waiting for placement", updated_at=now
         )
         while True:
-            fence = await self._check_quota(who, policy.usage_of(spec, replicas))
+            fence = await self._check_quota(self._payer(who), policy.usage_of(spec, replicas))
             try:
                 revision = await self.store.create_app(desired, status, fence)
                 break
@@ -119,8 +135,13 @@ class Keeper:
         change = policy.usage_of(spec, replicas) - policy.usage_of(
             record.desired.spec, record.desired.replicas
         )
+        if replicas != record.desired.replicas:
+            desired.scaling.CopyFrom(
+                keeper_pb2.Scaling(by="update", reason="the new spec's replica range", at=self.clock())
+            )
+        desired.scaling.paused = desired.scaling.paused and spec.HasField("autoscaling")
         while True:
-            fence = await self._check_quota(who, change)
+            fence = await self._check_quota(self._payer(who), change)
             try:
                 record.revision = await self.store.replace_desired(desired, expected_revision, fence)
                 break
@@ -130,25 +151,57 @@ class Keeper:
         return record.view()
 
     async def scale(
-        self, who: Principal, ref: common_pb2.AppRef, replicas: int, expected_revision: int = 0
+        self,
+        who: Principal,
+        ref: common_pb2.AppRef,
+        replicas: int,
+        expected_revision: int = 0,
+        *,
+        reason: str = "",
+        by_autoscaler: bool = False,
+        resume_autoscaling: bool = False,
     ) -> keeper_pb2.ApplicationStatus:
-        """Set replicas per cluster within the spec's range; 0 as revision means unconditional."""
+        """Set replicas per cluster within the spec's range; 0 as revision means unconditional.
+
+        Who wins on an autoscaled app: a person. Their scale pins the count and pauses the
+        autoscaler for the app (``scaling.paused``, shown in its status) until they hand it back
+        with ``resume_autoscaling``; the autoscaler's calls are refused meanwhile. The autoscaler's
+        scale-ups are capped at what the app's tenant quota allows, the cap named in the reason."""
+        if by_autoscaler and who.role not in AUTOSCALER_ROLES:
+            raise PermissionDenied(f"scaling as the autoscaler needs a role in {', '.join(AUTOSCALER_ROLES)}")
         while True:
             record = await self._record(who, ref)
             self._not_deleting(record)
+            scaling = self._scaling(record, replicas, reason, by_autoscaler, resume_autoscaling)
+            target = record.desired.replicas if resume_autoscaling else replicas
             rng = record.desired.spec.replicas
-            if not rng.min <= replicas <= rng.max:
+            if not rng.min <= target <= rng.max:
                 raise InvalidArgument(
-                    f"replicas: {replicas} is outside the range [{rng.min}, {rng.max}] of "
+                    f"replicas: {target} is outside the range [{rng.min}, {rng.max}] of "
                     f"{AppId.parse(record.ref).key}; update the spec's replicas to widen it"
                 )
+            spec, current = record.desired.spec, record.desired.replicas
+            payer = record.desired.tenant if by_autoscaler else self._payer(who)
+            try:
+                fence = await self._check_quota(
+                    payer, policy.usage_of(spec, target) - policy.usage_of(spec, current)
+                )
+            except ResourceExhausted as exc:
+                if not by_autoscaler or target <= current:
+                    raise
+                target, fence = await self._quota_cap(payer, spec, current, target)
+                scaling.reason = f"{reason or 'autoscaler'}; capped at {target} by quota: {exc}"
+            held = record.desired.scaling
+            if target == current and (scaling.by, scaling.reason, scaling.paused) == (
+                held.by,
+                held.reason,
+                held.paused,
+            ):
+                return record.view()  # nothing new to write (the same refusal again, say)
             desired = keeper_pb2.DesiredState()
             desired.CopyFrom(record.desired)
-            desired.replicas = replicas
-            spec = record.desired.spec
-            fence = await self._check_quota(
-                who, policy.usage_of(spec, replicas) - policy.usage_of(spec, record.desired.replicas)
-            )
+            desired.replicas = target
+            desired.scaling.CopyFrom(scaling)
             try:
                 record.revision = await self.store.replace_desired(
                     desired, expected_revision or record.revision, fence
@@ -161,6 +214,36 @@ class Keeper:
                 continue  # unconditional: someone else changed it; apply ours on top
             record.desired = desired
             return record.view()
+
+    def _scaling(
+        self, record: AppRecord, replicas: int, reason: str, by_autoscaler: bool, resume: bool
+    ) -> keeper_pb2.Scaling:
+        """Who scales now and why; FailedPrecondition where the precedence rule says no."""
+        name, autoscaled = AppId.parse(record.ref).key, record.desired.spec.HasField("autoscaling")
+        now, held = self.clock(), record.desired.scaling
+        if (by_autoscaler or resume) and not autoscaled:
+            raise FailedPrecondition(f"application {name} has no autoscaling block in its spec")
+        if by_autoscaler and held.paused:
+            raise FailedPrecondition(
+                f"autoscaling of {name} is paused: a person scaled it to {record.desired.replicas} "
+                f"(`servefleet app scale {record.ref.name} --auto` hands it back)"
+            )
+        if by_autoscaler:
+            return keeper_pb2.Scaling(by="autoscaler", reason=reason or "autoscaler", at=now)
+        if resume:
+            return keeper_pb2.Scaling(by="person", reason=reason or "autoscaling resumed", at=now)
+        why = reason or ("pinned by a person; autoscaling paused" if autoscaled else "scaled by a person")
+        return keeper_pb2.Scaling(by="person", reason=why, at=now, paused=autoscaled)
+
+    async def _quota_cap(
+        self, tenant: str, spec: common_pb2.ApplicationSpec, current: int, wanted: int
+    ) -> tuple[int, QuotaFence | None]:
+        """The largest count in [current, wanted) the tenant's quota allows, with its fence."""
+        for count in range(wanted - 1, current, -1):
+            with contextlib.suppress(ResourceExhausted):
+                change = policy.usage_of(spec, count) - policy.usage_of(spec, current)
+                return count, await self._check_quota(tenant, change)
+        return current, None
 
     async def delete(self, who: Principal, ref: common_pb2.AppRef) -> keeper_pb2.ApplicationStatus:
         """Mark for deletion; the reconciler removes it from every cluster, then forgets it."""
@@ -331,19 +414,24 @@ class Keeper:
         if record.desired.deleting:
             raise FailedPrecondition(f"application {AppId.parse(record.ref).key} is being deleted")
 
-    async def _check_quota(self, who: Principal, change: policy.Usage) -> QuotaFence | None:
+    @staticmethod
+    def _payer(who: Principal) -> str:
+        """Whose quota a caller's write counts against ("" for an admin: none)."""
+        return "" if who.is_admin else who.tenant
+
+    async def _check_quota(self, payer: str, change: policy.Usage) -> QuotaFence | None:
         """RESOURCE_EXHAUSTED when ``change`` would pass the tenant's quota; otherwise the fence the
         write must carry so that a concurrent write of the same tenant can't pass it too."""
-        if who.is_admin:
+        if not payer or payer == ADMIN:
             return None
-        tenant = await self.store.tenant(who.tenant)
+        tenant = await self.store.tenant(payer)
         if tenant is None:
-            raise NotFound(f"tenant {who.tenant!r} not found")
+            raise NotFound(f"tenant {payer!r} not found")
         limits = tenant.quota
         if not (limits.max_applications or limits.max_replicas or limits.max_cpus or limits.max_gpus):
             return None
-        fence = await self.store.quota_fence(who.tenant)  # read before the usage it guards
+        fence = await self.store.quota_fence(payer)  # read before the usage it guards
         page = await self.store.list_apps(list(tenant.namespaces))
         current = policy.usage_total(r.desired for r in page.apps)
-        policy.check_quota(who.tenant, limits, current, change)
+        policy.check_quota(payer, limits, current, change)
         return fence

@@ -1,9 +1,10 @@
 """Leader election over etcd: the leader key is bound to a lease the leader keeps alive.
 
-Every keeper serves reads and accepts writes (they go to etcd); only the leader runs the
-reconcile loop. A leader that dies stops renewing, its lease expires within the TTL, and a
-follower's next campaign wins. Status writes are fenced on the leader key's value, so a deposed
-leader that has not noticed yet cannot overwrite its successor's work.
+Used by the keeper and the autoscaler (each with its own key). Every keeper serves reads and
+accepts writes (they go to etcd); only the leader runs the reconcile loop. A leader that dies
+stops renewing, its lease expires within the TTL, and a follower's next campaign wins. Status
+writes are fenced on the leader key's value, so a deposed leader that has not noticed yet cannot
+overwrite its successor's work.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import aetcd
+
 from servefleet.common.config import settings
-from servefleet.keeper.store import KeeperStore
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +26,11 @@ log = logging.getLogger(__name__)
 class Election:
     """Campaign for the leader key; while held, run ``lead(fence)`` and cancel it when lost."""
 
-    def __init__(self, store: KeeperStore, *, ttl_s: int | None = None, ident: str | None = None) -> None:
-        self.store = store
+    def __init__(
+        self, client: aetcd.Client, key: bytes, *, ttl_s: int | None = None, ident: str | None = None
+    ) -> None:
+        self.client = client
+        self.key = key
         self.ttl_s = ttl_s or settings.keeper_leader_ttl_s
         self.ident = (ident or uuid.uuid4().hex).encode()
         self.leading = asyncio.Event()
@@ -34,8 +39,8 @@ class Election:
         """Forever: campaign, lead until the lease is lost, campaign again."""
         while True:
             try:
-                lease = await self.store.client.lease(self.ttl_s)
-                if await self.store.try_lead(self.ident, lease):
+                lease = await self.client.lease(self.ttl_s)
+                if await self._try_lead(lease):
                     log.info("became leader", extra={"ident": self.ident.decode()})
                     await self._hold(lease.id, lead)
                 else:
@@ -55,7 +60,7 @@ class Election:
                 await asyncio.wait({task}, timeout=self.ttl_s / 3)
                 if task.done():
                     break
-                reply = await asyncio.wait_for(self.store.client.refresh_lease(lease_id), self.ttl_s / 2)
+                reply = await asyncio.wait_for(self.client.refresh_lease(lease_id), self.ttl_s / 2)
                 if reply is None or reply.TTL <= 0:
                     log.warning("leader lease lost", extra={"ident": self.ident.decode()})
                     return
@@ -66,13 +71,21 @@ class Election:
             with contextlib.suppress(BaseException):
                 await task
             with contextlib.suppress(Exception):  # frees the key at once for the next campaign
-                await self.store.client.revoke_lease(lease_id)
+                await self.client.revoke_lease(lease_id)
+
+    async def _try_lead(self, lease: aetcd.leases.Lease) -> bool:
+        tx = self.client.transactions
+        ok, _ = await self.client.transaction(
+            compare=[tx.create(self.key) == 0],
+            success=[tx.put(self.key, self.ident, lease=lease)],
+            failure=[],
+        )
+        return bool(ok)
 
     async def resign(self) -> None:
         """Give the key up at once (graceful stop), so a follower need not wait out the TTL."""
-        tx = self.store.client.transactions
+        tx = self.client.transactions
         with contextlib.suppress(Exception):
-            await self.store.txn(
-                compare=[tx.value(self.store.leader_key) == self.ident],
-                success=[tx.delete(self.store.leader_key)],
+            await self.client.transaction(
+                compare=[tx.value(self.key) == self.ident], success=[tx.delete(self.key)], failure=[]
             )

@@ -18,10 +18,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Collection, Coroutine, Iterable, Iterator, Mapping
 from typing import Any
 
 import grpc
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from servefleet.api import agent_pb2, agent_pb2_grpc, common_pb2, keeper_pb2
 from servefleet.common.appid import AppId
@@ -158,6 +160,33 @@ def summarize(
         state = AppState.UPDATING if previous in _SERVED else AppState.DEPLOYING
         return state, "; ".join(behind), placements
     return AppState.RUNNING, f"{want} replica(s) ready on {len(observed)} cluster(s)", placements
+
+
+class ReplicaCountCollector(Collector):
+    """Desired and ready replicas per app (summed over clusters) from the leader's cache, read
+    when scraped; a follower exports none (its cache is not kept current)."""
+
+    def __init__(self, reconciler: Reconciler, leading: asyncio.Event) -> None:
+        self.reconciler = reconciler
+        self.leading = leading
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        desired = GaugeMetricFamily(
+            "servefleet_app_replicas_desired", "Replicas the keeper wants, over all clusters.", labels=["app"]
+        )
+        ready = GaugeMetricFamily(
+            "servefleet_app_replicas_ready",
+            "Ready replicas the masters report, over all clusters.",
+            labels=["app"],
+        )
+        if self.leading.is_set():
+            for record in list(self.reconciler._apps.values()):  # a copy: the loop thread mutates it
+                name = [AppId.parse(record.ref).model_name]
+                placed = record.status.placements
+                desired.add_metric(name, record.desired.replicas * max(1, len(placed)))
+                ready.add_metric(name, sum(p.ready_replicas for p in placed))
+        yield desired
+        yield ready
 
 
 class Reconciler:

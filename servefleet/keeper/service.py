@@ -31,6 +31,7 @@ class KeeperService:
     admin_token: str
     agents: Agents
     election: Election
+    reconciler: Reconciler
     leading: asyncio.Task[None]
 
     async def close(self) -> None:
@@ -56,7 +57,9 @@ async def build_keeper(
     token = await keeper.bootstrap_admin(admin_token_file)
     server = GrpcServer("keeper", listen, [register(KeeperServicer(keeper), Authenticator(store))], [SERVICE])
     agents = Agents(timeout_s=agent_timeout_s)
-    election = Election(store, ttl_s=leader_ttl_s, ident=f"{listen}/{uuid.uuid4().hex[:8]}")
+    election = Election(
+        store.client, store.leader_key, ttl_s=leader_ttl_s, ident=f"{listen}/{uuid.uuid4().hex[:8]}"
+    )
     reconciler = Reconciler(store, agents, interval_s=reconcile_interval_s)
     leading = asyncio.create_task(election.run(reconciler.run))
-    return KeeperService(keeper, server, token, agents, election, leading)
+    return KeeperService(keeper, server, token, agents, election, reconciler, leading)

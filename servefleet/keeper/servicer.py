@@ -46,7 +46,15 @@ class KeeperServicer:
     async def ScaleApplication(
         self, request: keeper_pb2.ScaleApplicationRequest, context: Any, who: Principal
     ) -> keeper_pb2.ApplicationStatus:
-        return await self.keeper.scale(who, request.app, request.replicas, request.expected_revision)
+        return await self.keeper.scale(
+            who,
+            request.app,
+            request.replicas,
+            request.expected_revision,
+            reason=request.reason,
+            by_autoscaler=request.by_autoscaler,
+            resume_autoscaling=request.resume_autoscaling,
+        )
 
     async def DeleteApplication(
         self, request: keeper_pb2.DeleteApplicationRequest, context: Any, who: Principal

@@ -55,6 +55,8 @@ class AppRecord:
         out.spec.CopyFrom(self.desired.spec)
         out.revision = self.revision
         out.replicas = self.desired.replicas
+        out.scaling.CopyFrom(self.desired.scaling)
+        out.scaling.autoscaled = self.desired.spec.HasField("autoscaling")
         served = (keeper_pb2.AppState.RUNNING, keeper_pb2.AppState.DEGRADED)
         if self.status.revision and self.status.revision != self.revision and out.state in served:
             # The change is stored but not yet acted on: say so rather than show the old RUNNING.
@@ -363,14 +365,6 @@ class KeeperStore:
         return bool(ok)
 
     # -- leadership ------------------------------------------------------------------------------
-
-    async def try_lead(self, ident: bytes, lease: aetcd.leases.Lease) -> bool:
-        tx = self.client.transactions
-        ok, _ = await self.txn(
-            compare=[tx.create(self.leader_key) == 0],
-            success=[tx.put(self.leader_key, ident, lease=lease)],
-        )
-        return bool(ok)
 
     async def leader(self) -> bytes:
         found = await self.client.get(self.leader_key)

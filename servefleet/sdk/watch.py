@@ -15,6 +15,7 @@ import grpc
 
 from servefleet.api import common_pb2, discovery_pb2, discovery_pb2_grpc
 from servefleet.common.errors import ServefleetError, from_rpc_error
+from servefleet.common.metrics import METRICS_KIND
 from servefleet.common.retry import Backoff
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,8 @@ OnRemoved = Callable[[list[discovery_pb2.Endpoint]], None]
 
 
 class EndpointSet:
-    """Endpoints by id plus the etcd revision they reflect; ``apply`` is the whole state machine."""
+    """Inference endpoints by id plus the etcd revision they reflect; ``apply`` is the whole state
+    machine. Registrations of kind ``metrics`` (where actors serve /metrics) are not endpoints."""
 
     def __init__(self) -> None:
         self.endpoints: dict[str, discovery_pb2.Endpoint] = {}
@@ -39,14 +41,15 @@ class EndpointSet:
         """Apply one event in stream order; returns the endpoints it removed."""
         removed: list[discovery_pb2.Endpoint] = []
         if event.type == Event.SNAPSHOT:
-            fresh = {e.id: e for e in event.endpoints}
+            fresh = {e.id: e for e in event.endpoints if e.kind != METRICS_KIND}
             removed = [e for i, e in self.endpoints.items() if i not in fresh]
             self.endpoints = fresh
             self.synced = True
             self.snapshots += 1
         elif event.type in (Event.ADDED, Event.UPDATED):
             for endpoint in event.endpoints:
-                self.endpoints[endpoint.id] = endpoint
+                if endpoint.kind != METRICS_KIND:
+                    self.endpoints[endpoint.id] = endpoint
         elif event.type == Event.REMOVED:
             removed = [e for e in (self.endpoints.pop(x.id, None) for x in event.endpoints) if e is not None]
         self.revision = event.revision

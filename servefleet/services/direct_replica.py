@@ -7,6 +7,9 @@ proxy in between. The application master starts, health-checks, drains and repla
 replica (same ``ready``/``stats``/``drain`` calls). A killed actor stops renewing its lease, so
 clients drop it within the discovery TTL.
 
+Metrics: the C++ server's own counters and latency histogram, read at scrape time from the
+actor's ``/metrics`` (registered in discovery as kind ``metrics``, part ``direct``).
+
 ``init_args``: ``model_path`` (required: a file written by ``servefleet.direct.ctr.export_model``)
 and ``workers`` (request threads; default ``settings.direct_workers``).
 """
@@ -14,14 +17,55 @@ and ``workers`` (request threads; default ``settings.direct_workers``).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from typing import Any
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
 from servefleet.api import common_pb2
+from servefleet.common import metrics
 from servefleet.common.appid import AppId
 from servefleet.common.config import settings
 from servefleet.common.errors import InvalidArgument
 from servefleet.services.endpoint import Identity, Registered
 from servefleet.spec import struct_to_python
+
+
+class DirectServerCollector(Collector):
+    """The C++ ingress's counters and histogram as Prometheus series, read when scraped (the
+    request path stays free of Python)."""
+
+    BOUNDS_US = [round(b * 1e6) for b in metrics.LATENCY_BUCKETS]
+
+    def __init__(self, server: Any, app: str) -> None:
+        self.server = server
+        self.app = app
+
+    def collect(self) -> Iterator[Any]:
+        stats = self.server.stats()
+        counts, sum_us = self.server.latency_buckets(self.BOUNDS_US)
+        labels = [self.app]
+        requests = CounterMetricFamily(
+            "servefleet_direct_requests", "RPCs the C++ ingress answered, any status.", labels=["app"]
+        )
+        requests.add_metric(labels, stats["requests"])
+        errors = CounterMetricFamily(
+            "servefleet_direct_errors", "RPCs the C++ ingress answered with a non-OK status.", labels=["app"]
+        )
+        errors.add_metric(labels, stats["errors"])
+        rows = CounterMetricFamily("servefleet_direct_rows", "Examples scored.", labels=["app"])
+        rows.add_metric(labels, stats["rows"])
+        in_flight = GaugeMetricFamily(
+            "servefleet_direct_in_flight", "RPCs the C++ ingress is handling now.", labels=["app"]
+        )
+        in_flight.add_metric(labels, stats["in_flight"])
+        latency = HistogramMetricFamily(
+            "servefleet_direct_latency_seconds", "RPC latency inside the C++ ingress.", labels=["app"]
+        )
+        buckets = [(f"{b:g}", c) for b, c in zip(metrics.LATENCY_BUCKETS, counts, strict=False)]
+        latency.add_metric(labels, [*buckets, ("+Inf", counts[-1])], sum_us / 1e6)
+        yield from (requests, errors, rows, in_flight, latency)
 
 
 class DirectReplica:
@@ -44,6 +88,9 @@ class DirectReplica:
         port = self.server.start(f"{host}:0", workers=int(args.get("workers", settings.direct_workers)))
         self.address = f"{host}:{port}"
         self.draining = False
+        self._collector = DirectServerCollector(self.server, AppId.parse(self.id.app).model_name)
+        metrics.REGISTRY.register(self._collector)
+        self._metrics = metrics.expose(discovery, self.id.app, "direct", {**self.id.labels, "replica": name})
         self._registration = Registered(discovery, self.id.endpoint("direct", self.address))
         self._registration.start()
 
@@ -65,12 +112,14 @@ class DirectReplica:
             "draining": self.draining,
             "version": self.id.version,
             "address": self.address,
+            "metrics": metrics.address(),
         }
 
     async def drain(self, timeout_s: float) -> int:
         """Deregister first (clients move away), then let in-flight calls finish for up to
         ``timeout_s`` before the server stops; returns the requests in flight when the drain began."""
         self.draining = True
+        self._metrics.cancel()
         await self._registration.stop()
         left = self.server.stats()["in_flight"]
         await asyncio.to_thread(self.server.stop, timeout_s)

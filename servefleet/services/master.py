@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import ray
+from prometheus_client import Gauge
 from ray.experimental import internal_kv
 
 from servefleet.api import agent_pb2, common_pb2
+from servefleet.common import metrics
 from servefleet.common.appid import AppId
 from servefleet.common.config import settings
 from servefleet.common.retry import Backoff
@@ -61,12 +63,25 @@ _GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 #: import path must not spin the cluster).
 REPLICA_START_BACKOFF = Backoff(initial_s=2.0, max_s=30.0, jitter=0.0)
 
+DESIRED = Gauge(
+    "servefleet_master_replicas_desired",
+    "Replicas the application master is told to run on this cluster.",
+    ["app"],
+    registry=metrics.REGISTRY,
+)
+READY = Gauge(
+    "servefleet_master_replicas_ready",
+    "Replicas of the current generation that every proxy routes to.",
+    ["app"],
+    registry=metrics.REGISTRY,
+)
+
 
 def generation(spec: common_pb2.ApplicationSpec) -> str:
     """Identity of what a replica runs: version plus a hash of every field that changes it."""
     serving = common_pb2.ApplicationSpec()
     serving.CopyFrom(spec)
-    for name in ("replicas", "proxies", "placement", "labels"):
+    for name in ("replicas", "proxies", "placement", "labels", "autoscaling"):
         serving.ClearField(name)
     digest = hashlib.sha1(serving.SerializeToString(deterministic=True)).hexdigest()[:8]
     return f"{spec.version}-{digest}"
@@ -153,6 +168,10 @@ class ApplicationMaster:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._adopt_live_actors()
         self._loop = asyncio.get_running_loop().create_task(self._run())
+        name = AppId.parse(self.app).model_name  # the same app label as its proxies' and replicas' series
+        DESIRED.labels(name).set_function(lambda: self.replica_count)
+        READY.labels(name).set_function(self._ready_count)
+        self._metrics = metrics.expose(discovery, self.app, "master", {"cluster": cluster})
 
     # ---- API (called through agent/masters.py) ---------------------------------------------------
 
@@ -168,6 +187,12 @@ class ApplicationMaster:
             )
             self._wake.set()
         return await self.status()
+
+    def _ready_count(self) -> int:
+        routed = self._routed[1] if self._routed else frozenset()
+        current = generation(self.spec) if self.spec else ""
+        replicas = list(self._replicas.values())  # read from the scrape thread: copy first
+        return sum(r.ready and r.name in routed and r.generation == current for r in replicas)
 
     async def status(self) -> bytes:
         spec = self.spec or common_pb2.ApplicationSpec()
@@ -208,6 +233,7 @@ class ApplicationMaster:
     async def shutdown(self) -> int:
         """Stop reconciling and kill every actor of the app; returns how many were killed."""
         self._stopping = True
+        self._metrics.cancel()
         self._loop.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._loop
@@ -335,7 +361,11 @@ class ApplicationMaster:
             )
         else:
             handle = ReplicaActor.options(name=name, **actor_options(spec)).remote(
-                spec.SerializeToString(), name, redis=self.redis
+                spec.SerializeToString(),
+                name,
+                redis=self.redis,
+                discovery=self.discovery,
+                cluster=self.cluster,
             )
         self._track_replica(ReplicaState(name, handle, gen))
 

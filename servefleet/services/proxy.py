@@ -8,6 +8,9 @@ check it) and never re-encodes a tensor; the replica's response bytes go back to
 Failures: a replica that dies or refuses (full, draining) costs a retry on another replica while the
 caller's deadline lasts; none left -> UNAVAILABLE (dead) or RESOURCE_EXHAUSTED (full). The caller's
 deadline becomes the replica's timeout; a cancelled call cancels the Ray task.
+
+Metrics (the actor's ``/metrics``, registered in discovery as kind ``metrics``, part ``proxy``):
+requests by app and code, latency, requests in flight, and rejections (every replica full).
 """
 
 from __future__ import annotations
@@ -17,16 +20,18 @@ import contextlib
 import logging
 import os
 import resource
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Protocol
 
 import grpc
 import numpy as np
+from prometheus_client import Counter, Gauge, Histogram
 from tritonclient.grpc import service_pb2
 
 import servefleet
 from servefleet.api import common_pb2, discovery_pb2
-from servefleet.common import telemetry
+from servefleet.common import metrics, telemetry
 from servefleet.common.appid import AppId
 from servefleet.common.config import settings
 from servefleet.common.errors import (
@@ -55,6 +60,56 @@ log = logging.getLogger(__name__)
 SERVICE = "inference.GRPCInferenceService"
 _RETRY = {code(grpc.StatusCode.RESOURCE_EXHAUSTED), code(grpc.StatusCode.UNAVAILABLE)}
 _FULL = code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+REQUESTS = Counter(
+    "servefleet_proxy_requests_total",
+    "Inference requests a proxy answered, by app and status code (stream requests one each).",
+    ["app", "code"],
+    registry=metrics.REGISTRY,
+)
+LATENCY = Histogram(
+    "servefleet_proxy_latency_seconds",
+    "Time from a request's arrival at the proxy to its answer (retries included).",
+    ["app"],
+    buckets=metrics.LATENCY_BUCKETS,
+    registry=metrics.REGISTRY,
+)
+IN_FLIGHT = Gauge(
+    "servefleet_proxy_in_flight",
+    "Inference requests the proxy is handling now.",
+    ["app"],
+    registry=metrics.REGISTRY,
+)
+REJECTED = Counter(
+    "servefleet_proxy_rejected_total",
+    "Requests answered RESOURCE_EXHAUSTED because every replica was full.",
+    ["app"],
+    registry=metrics.REGISTRY,
+)
+
+
+@contextlib.contextmanager
+def _measured(app: str) -> Iterator[None]:
+    """In flight while the request runs, then its code and latency."""
+    start, status = time.perf_counter(), grpc.StatusCode.OK
+    IN_FLIGHT.labels(app).inc()
+    try:
+        yield
+    except ServefleetError as exc:
+        status = exc.code
+        raise
+    except asyncio.CancelledError:
+        status = grpc.StatusCode.CANCELLED
+        raise
+    except Exception:
+        status = grpc.StatusCode.INTERNAL
+        raise
+    finally:
+        IN_FLIGHT.labels(app).dec()
+        LATENCY.labels(app).observe(time.perf_counter() - start)
+        REQUESTS.labels(app, status.name).inc()
+        if status == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            REJECTED.labels(app).inc()
 
 
 def check_request(request: service_pb2.ModelInferRequest, spec: common_pb2.ApplicationSpec) -> None:
@@ -179,17 +234,21 @@ class ProxyCore:
 
     async def infer(self, raw: bytes, timeout_s: float | None) -> bytes:
         """Serialized ModelInferResponse for a serialized request, or a domain error."""
-        self.parse(raw)
-        carrier = _carrier()
-        return await self._with_replica(lambda slot: self.transport.infer(slot.info, raw, carrier, timeout_s))
+        with _measured(self.model_name):
+            self.parse(raw)
+            carrier = _carrier()
+            return await self._with_replica(
+                lambda slot: self.transport.infer(slot.info, raw, carrier, timeout_s)
+            )
 
     async def stream(self, raw: bytes, timeout_s: float | None) -> AsyncIterator[bytes]:
         """Serialized ModelStreamInferResponse messages for one request of a stream; errors travel
         in ``error_message`` (the stream itself stays open for the next request)."""
         try:
-            self.parse(raw)
-            async for payload in self._stream(raw, timeout_s):
-                yield _stream_response(payload)
+            with _measured(self.model_name):
+                self.parse(raw)
+                async for payload in self._stream(raw, timeout_s):
+                    yield _stream_response(payload)
         except ServefleetError as exc:
             yield service_pb2.ModelStreamInferResponse(error_message=str(exc)).SerializeToString()
 
@@ -393,6 +452,9 @@ class Proxy:
         self._registered: asyncio.Task[None] | None = None
         self._serving = asyncio.Event()  # set once the proxy has a replica to send to
         self._started = asyncio.get_running_loop().create_task(self._start())
+        self._metrics = metrics.expose(
+            discovery, self.app, "proxy", {"cluster": cluster, "node": self.node_id}
+        )
 
     async def _start(self) -> None:
         import ray
@@ -449,6 +511,7 @@ class Proxy:
 
     async def stop(self) -> None:
         """Deregister first (clients move away), then let in-flight calls finish."""
+        self._metrics.cancel()
         if self._registered is not None:
             self._registered.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -8,6 +8,10 @@ not exceptions, so an error costs no traceback pickling and a model failure neve
 
 Admission: at most ``max_concurrency`` requests run and ``max_queued`` wait; anything beyond gets
 RESOURCE_EXHAUSTED at once, so memory stays bounded whatever the offered load.
+
+Metrics (``/metrics`` of the actor, registered in discovery as kind ``metrics``, part ``replica``):
+requests by code, latency, requests running and queued, rejections, slots and busy slot-seconds;
+the autoscaler reads its load from exactly these series.
 """
 
 from __future__ import annotations
@@ -21,16 +25,17 @@ import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, asynccontextmanager
 from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from prometheus_client import Counter, Gauge, Histogram
 from tritonclient.grpc import service_pb2
 
 from servefleet.api import common_pb2
-from servefleet.common import telemetry
+from servefleet.common import metrics, telemetry
 from servefleet.common.appid import AppId
 from servefleet.common.errors import InvalidArgument, ServefleetError
 from servefleet.common.server import GrpcServer
@@ -47,6 +52,50 @@ Tensors = dict[str, np.ndarray]
 
 _EWMA_ALPHA = 0.2
 _DONE = object()
+
+REQUESTS = Counter(
+    "servefleet_replica_requests_total",
+    "Requests a replica answered (proxy path), by app and status code.",
+    ["app", "code"],
+    registry=metrics.REGISTRY,
+)
+LATENCY = Histogram(
+    "servefleet_replica_latency_seconds",
+    "Time a request spent in the replica, queueing included.",
+    ["app"],
+    buckets=metrics.LATENCY_BUCKETS,
+    registry=metrics.REGISTRY,
+)
+REJECTED = Counter(
+    "servefleet_replica_rejected_total",
+    "Requests refused at once because running + queued was at the replica's limit.",
+    ["app"],
+    registry=metrics.REGISTRY,
+)
+RUNNING = Gauge(
+    "servefleet_replica_in_flight",
+    "Requests holding one of the replica's slots now (proxy and broker paths).",
+    ["app"],
+    registry=metrics.REGISTRY,
+)
+QUEUED = Gauge(
+    "servefleet_replica_queued",
+    "Requests admitted and waiting for a slot.",
+    ["app"],
+    registry=metrics.REGISTRY,
+)
+SLOTS = Gauge(
+    "servefleet_replica_slots",
+    "Requests the replica runs at once (max_concurrency).",
+    ["app"],
+    registry=metrics.REGISTRY,
+)
+BUSY = Counter(
+    "servefleet_replica_busy_seconds_total",
+    "Slot-seconds spent running requests (divide by slots x time for utilisation).",
+    ["app"],
+    registry=metrics.REGISTRY,
+)
 
 
 def import_object(path: str) -> Any:
@@ -67,7 +116,9 @@ def import_object(path: str) -> Any:
 class Replica:
     """One model replica (run as a Ray actor by the application master; plain class for tests)."""
 
-    def __init__(self, spec_bytes: bytes, name: str, *, redis: str = "") -> None:
+    def __init__(
+        self, spec_bytes: bytes, name: str, *, redis: str = "", discovery: str = "", cluster: str = ""
+    ) -> None:
         spec = common_pb2.ApplicationSpec.FromString(spec_bytes)
         telemetry.setup_tracing("servefleet-replica")
         self.name = name
@@ -90,6 +141,8 @@ class Replica:
         self.streaming = self._produce is not None
         self._executor = ThreadPoolExecutor(max_workers=spec.max_concurrency, thread_name_prefix="model")
         self._slots = asyncio.Semaphore(spec.max_concurrency)
+        self.running = 0
+        self.waiting = 0
         self._batcher: Batcher | None = None
         if spec.batching.max_batch_size > 1 and not self.streaming:
             self._batcher = Batcher(
@@ -105,6 +158,15 @@ class Replica:
         self.draining = False
         self._idle = asyncio.Event()
         self._idle.set()
+        RUNNING.labels(self.model_name).set_function(lambda: self.running)
+        QUEUED.labels(self.model_name).set_function(lambda: self.waiting)
+        SLOTS.labels(self.model_name).set(spec.max_concurrency)
+        self._metrics = metrics.expose(
+            discovery,
+            AppId.parse(spec).ref(),
+            "replica",
+            {"cluster": cluster, "replica": name, "version": self.version},
+        )
         # The platform's server: gRPC health, the error-mapping and tracing interceptor, keepalive.
         self._server = GrpcServer("replica", "127.0.0.1:0", [self._register], [REPLICA_SERVICE])
         self._serving = asyncio.get_running_loop().create_task(self._server.start())
@@ -141,6 +203,7 @@ class Replica:
             "draining": self.draining,
             "version": self.version,
             "pid": os.getpid(),
+            "metrics": metrics.address(),
         }
 
     async def drain(self, timeout_s: float) -> int:
@@ -151,6 +214,7 @@ class Replica:
         client during a rollout.
         """
         self.draining = True
+        self._metrics.cancel()
         if self._worker is not None:
             await self._worker_started
             await self._worker.stop(drain=True)
@@ -183,7 +247,7 @@ class Replica:
                 return span
             try:
                 async with asyncio.timeout(timeout_s):
-                    async with self._slots:
+                    async with self._slot():
                         parsed = service_pb2.ModelInferRequest.FromString(request)
                         with context.serving(context.RequestContext.of(parsed, timeout_s)):
                             outputs = await self._infer(decode_request(parsed))
@@ -203,7 +267,7 @@ class Replica:
                 yield span
                 return
             try:
-                async with asyncio.timeout(timeout_s), self._slots:
+                async with asyncio.timeout(timeout_s), self._slot():
                     parsed = service_pb2.ModelInferRequest.FromString(request)
                     inputs = decode_request(parsed)
                     chunks = self._chunks(inputs) if self.streaming else self._single(inputs)
@@ -247,7 +311,25 @@ class Replica:
         """Count the request in (or refuse it when full) and open the model-call span."""
         return _Admission(self, kind, carrier)
 
+    @asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """Hold one of ``max_concurrency`` slots, counted as queued until it is free, then busy."""
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.running -= 1
+            self._slots.release()
+            BUSY.labels(self.model_name).inc(time.perf_counter() - start)
+
     def _answer(self, span: Span, status: int, payload: bytes | str) -> Answer:
+        REQUESTS.labels(self.model_name, CODES[status].name).inc()
         span.set_attribute("servefleet.status", CODES[status].name)
         span.set_attribute("rpc.grpc.status_code", status)
         if status != OK:
@@ -313,7 +395,7 @@ class Replica:
         )
 
     async def _broker_request(self, request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
-        async with self._slots:
+        async with self._slot():
             with context.serving(context.RequestContext.of(request, None)):
                 outputs = await self._infer(decode_request(request))
         return encode_response(self.model_name, outputs, model_version=self.version, request_id=request.id)
@@ -333,6 +415,7 @@ class _Admission(AbstractContextManager["Span | Answer"]):
         replica = self._replica
         if replica.in_flight >= replica.capacity:
             replica.rejected += 1
+            REJECTED.labels(replica.model_name).inc()
             return code(grpc.StatusCode.RESOURCE_EXHAUSTED), (
                 f"model {replica.model_name}: replica {replica.name} is full "
                 f"({replica.in_flight} requests in flight or queued, limit {replica.capacity})"
@@ -362,6 +445,7 @@ class _Admission(AbstractContextManager["Span | Answer"]):
         replica.in_flight -= 1
         replica.served += 1
         elapsed_ms = (time.perf_counter() - self._start) * 1000
+        LATENCY.labels(replica.model_name).observe(elapsed_ms / 1000)
         replica.latency_ms += _EWMA_ALPHA * (elapsed_ms - replica.latency_ms)
         if replica.in_flight == 0:
             replica._idle.set()

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-EXPECTED = {"etcd", "redis", "ray-head", "discovery", "keeper", "broker", "cluster-agent"}
+EXPECTED = {"etcd", "redis", "ray-head", "discovery", "keeper", "broker", "cluster-agent", "autoscaler"}
 
 
 def test_compose_services_and_commands() -> None:
@@ -26,5 +26,5 @@ def test_compose_services_and_commands() -> None:
             checked += 1
         for dep in service.get("depends_on", []):
             assert dep in services, f"{name} depends on unknown {dep}"
-    assert checked == 4
+    assert checked == 5
     assert (ROOT / "Dockerfile").exists()

@@ -55,6 +55,9 @@ class FakeQueue(RequestQueue):
     async def stats(self, app: str) -> broker_pb2.QueueStatsResponse:
         return broker_pb2.QueueStatsResponse()
 
+    async def apps(self) -> list[str]:
+        return sorted({app for app, _, _ in self.submitted})
+
     async def ensure_groups(self, app: str) -> None: ...
 
     async def take(self, app: str, consumer: str, count: int, block_ms: int) -> list[Entry]:

@@ -27,12 +27,14 @@ import grpc
 from tritonclient.grpc import service_pb2
 
 from servefleet.api import common_pb2
+from servefleet.common import metrics
+from servefleet.common.appid import AppId
 from servefleet.common.config import settings
 from servefleet.common.errors import Unavailable
 from servefleet.services.endpoint import Identity, Registered
 from servefleet.services.replica_wire import OK, code
 from servefleet.services.triton import install
-from servefleet.services.triton.metrics import Totals, inference_families, totals
+from servefleet.services.triton.metrics import Totals, TritonCollector, inference_families, totals
 from servefleet.services.triton.server import TritonServer
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,7 @@ class TritonReplica:
         self._stats: tuple[float, Totals] = (0.0, Totals())
         self._started = asyncio.get_running_loop().create_task(self._start())
         self._watcher: asyncio.Task[None] | None = None
+        self._metrics: asyncio.Task[None] | None = None
 
     async def _start(self) -> None:
         await self.server.start(settings.triton_start_timeout_s)
@@ -85,6 +88,12 @@ class TritonReplica:
             )
             self.metadata[model] = reply.SerializeToString()
         await self._register()
+        # Triton's nv_inference_* series on the actor's own /metrics (servefleet.common.metrics).
+        labels = {"app": AppId.parse(self.id.app).model_name, "replica": self.id.name}
+        metrics.REGISTRY.register(TritonCollector(self.server.metrics_text, labels))
+        self._metrics = metrics.expose(
+            self.discovery, self.id.app, "triton", {**self.id.labels, "replica": self.id.name}
+        )
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def _register(self) -> None:
@@ -205,6 +214,8 @@ class TritonReplica:
         (up to ``timeout_s``), then stop the server with a grace period. Returns the requests
         pending when the drain began."""
         self.draining = True
+        if self._metrics is not None:
+            self._metrics.cancel()
         if self._watcher is not None:
             self._watcher.cancel()
         if self._registration is not None:
