@@ -11,7 +11,9 @@ tick cannot stretch a delay (Ray Serve's delays drift that way: ray-project/ray#
   the last ``upscale_delay_s`` is above what the replicas hold. Burst (Knative's panic window):
   the mean over a short window passes ``burst_factor`` x capacity, so it scales up at once. Down:
   the *peak* load over the last ``downscale_delay_s`` fits fewer replicas (and an async app's
-  backlog is draining). Between these two thresholds nothing moves, so a steady load does not flap.
+  backlog is draining), judged only over a window in which no replica started or stopped (load
+  read while replicas start is not steady). Between these thresholds nothing moves, so a steady
+  load does not flap.
 - :class:`Proactive` forecasts the arrival rate over the next start-up time + horizon
   (:mod:`forecast`), turns it into replicas with Little's law (rate x service time / target), and
   scales so replicas are ready before the load arrives; it never goes below what runs now, lets a
@@ -187,7 +189,9 @@ class Reactive:
                     f"target {cfg.target:g}",
                 )
         down = history.since(now - cfg.downscale_delay_s)
-        if history.covers(now - cfg.downscale_delay_s):
+        # Load read while replicas start (or stop) is not steady: judge a window without changes.
+        settled = len({s.replicas for s in down}) == 1
+        if history.covers(now - cfg.downscale_delay_s) and settled:
             peak = max(s.ongoing for s in down)
             fits = cfg.clamp(cfg.need(peak, DOWNSCALE_TOLERANCE))
             if fits < current:

@@ -24,16 +24,26 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 SERVICES = ("discovery", "keeper", "broker", "agent", "autoscaler")
 
 
-async def _actor_targets(local_stack: Stack, app: str, parts: set[str]) -> dict[str, str]:
-    """part -> metrics address of the app's actors, once the file-SD targets list them all."""
+async def _actor_targets(local_stack: Stack, app: str, parts: set[str]) -> dict[str, list[str]]:
+    """part -> metrics addresses of the app's actors, once the file-SD targets list them all."""
 
-    async def listed() -> dict[str, str] | None:
-        found = {
-            g["labels"]["part"]: g["targets"][0] for g in actors(local_stack) if g["labels"]["app"] == app
-        }
+    async def listed() -> dict[str, list[str]] | None:
+        found: dict[str, list[str]] = {}
+        for group in actors(local_stack):
+            if group["labels"]["app"] == app:
+                found.setdefault(group["labels"]["part"], []).extend(group["targets"])
         return found if parts <= set(found) else None
 
     return await async_wait_for(listed, timeout=60, interval=0.5, what=f"{sorted(parts)} of {app} in file-SD")  # type: ignore[return-value]
+
+
+def scrape_all(addresses: list[str]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The samples of several parts (the app's proxies, say), summed per series and label set."""
+    summed: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for address in addresses:
+        for key, value in scrape(address).items():
+            summed[key] = summed.get(key, 0.0) + value
+    return summed
 
 
 async def _infer(address: str, model: str, n: int) -> None:
@@ -52,7 +62,7 @@ async def test_every_part_serves_metrics_that_parse_and_move(local_stack: Stack,
     await local_stack.submit({"name": name, "async_mode": {"enabled": True}})
     proxy = await local_stack.proxy(name)
     targets = await _actor_targets(local_stack, name, {"proxy", "replica", "master"})
-    before = {part: scrape(address) for part, address in targets.items()}
+    before = {part: scrape_all(addresses) for part, addresses in targets.items()}
     await _infer(proxy, name, 20)
     broker = AsyncBrokerClient(local_stack.addresses["broker"])
     tickets = [await broker.submit(f"default/{name}", {"x": np.ones(1, np.float32)}) for _ in range(3)]
@@ -60,7 +70,7 @@ async def test_every_part_serves_metrics_that_parse_and_move(local_stack: Stack,
         await broker.result(ticket, timeout=60)
     await broker.close()
 
-    after = {part: scrape(address) for part, address in targets.items()}
+    after = {part: scrape_all(addresses) for part, addresses in targets.items()}
 
     def moved(part: str, series: str, **labels: str) -> float:
         return total(after[part], series, **labels) - total(before[part], series, **labels)
@@ -123,7 +133,7 @@ async def test_the_direct_ingress_exports_its_cpp_counters(local_stack: Stack, t
         }
     )
     targets = await _actor_targets(local_stack, name, {"direct"})
-    before = scrape(targets["direct"])
+    before = scrape_all(targets["direct"])
     endpoint = (await local_stack.endpoints(name, "direct"))[0].address
     client = aioclient.InferenceServerClient(endpoint)
     ids = np.random.default_rng(1).integers(0, 1 << 12, size=(4, 16), dtype=np.int64)
@@ -132,7 +142,7 @@ async def test_the_direct_ingress_exports_its_cpp_counters(local_stack: Stack, t
     for _ in range(10):
         await client.infer(name, [tensor])
     await client.close()
-    after = scrape(targets["direct"])
+    after = scrape_all(targets["direct"])
     assert (
         total(after, "servefleet_direct_requests_total", app=name)
         - total(before, "servefleet_direct_requests_total", app=name)
