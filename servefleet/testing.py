@@ -238,6 +238,21 @@ class RayWorkerNode(ManagedProcess):
     def healthy(self) -> bool:
         return "Ray runtime started" in self.log.read_text(errors="replace")
 
+    def raylet_pid(self) -> int:
+        """The raylet of this node (a child of ``ray start``): SIGKILL it and the node is lost."""
+        assert self.proc is not None
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")[0]
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[2]) == self.proc.pid and cmdline.endswith(b"/raylet"):
+                return int(entry.name)
+        raise RuntimeError(f"no raylet in process group {self.proc.pid}")
+
 
 class ServiceProcess(ManagedProcess):
     """``python -m servefleet.<module> --listen <address> <flags>`` on a fixed port (free unless

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 from prometheus_client import Gauge
 from ray.experimental import internal_kv
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from servefleet.api import agent_pb2, common_pb2
 from servefleet.common import metrics
@@ -106,6 +107,7 @@ def actor_options(spec: common_pb2.ApplicationSpec) -> dict[str, Any]:
         "namespace": RAY_NAMESPACE,
         "lifetime": "detached",
         "max_restarts": 0,  # the master replaces dead replicas itself (and knows it did)
+        "scheduling_strategy": "SPREAD",  # over nodes: losing one never takes every replica
         "num_cpus": resources.num_cpus,
         "num_gpus": resources.num_gpus,
     }
@@ -449,13 +451,17 @@ class ApplicationMaster:
         _kill(replica.handle)
 
     async def _ensure_proxies(self, count: int) -> None:
-        wanted = {proxy_name(self.app, i) for i in range(count)}
-        for name in sorted(set(self._proxies) - wanted):
+        wanted = {proxy_name(self.app, i): i for i in range(count)}
+        for name in sorted(set(self._proxies) - set(wanted)):
             proxy = self._proxies.pop(name)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(_await(proxy.handle.stop.remote()), settings.shutdown_grace_s)
             _kill(proxy.handle)
-        for name in sorted(wanted - set(self._proxies)):
+        missing = sorted(set(wanted) - set(self._proxies))
+        # One proxy per node where there are several (soft: a node that is gone falls back to any).
+        nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"]) if missing else []
+        for name in missing:
+            node = nodes[wanted[name] % len(nodes)]
             handle = self.proxy_actor.options(
                 name=name,
                 namespace=RAY_NAMESPACE,
@@ -463,7 +469,7 @@ class ApplicationMaster:
                 get_if_exists=True,
                 max_restarts=-1,
                 num_cpus=settings.proxy_num_cpus,
-                scheduling_strategy="SPREAD",  # proxies on different nodes where there are several
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True),
                 runtime_env={"env_vars": passed_env()} if passed_env() else None,
             ).remote(
                 self.app.SerializeToString(),

@@ -501,12 +501,14 @@ class Proxy:
                 self._serving.set()
         return adopted
 
-    async def stats(self) -> dict[str, int]:
-        """Requests this proxy has in flight on replicas, and its peak memory (bounded by design)."""
+    async def stats(self) -> dict[str, int | str]:
+        """Requests this proxy has in flight on replicas, its peak memory (bounded by design), and
+        where it runs."""
         return {
             "in_flight": sum(slot.in_flight for slot in self.core.router.slots),
             "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
             "pid": os.getpid(),
+            "node_id": self.node_id,
         }
 
     async def stop(self) -> None:

@@ -150,7 +150,7 @@ class ShardedMaster(ApplicationMaster):
     def _start_replica(self, spec: common_pb2.ApplicationSpec, gen: str) -> None:
         """Start one replica of shard ``split_key(gen)[1]``, spread away from its siblings."""
         name = f"{replica_prefix(self.app)}{gen}:{time.time_ns():x}"
-        handle = ShardActor.options(name=name, scheduling_strategy="SPREAD", **actor_options(spec)).remote(
+        handle = ShardActor.options(name=name, **actor_options(spec)).remote(  # SPREAD, like replicas
             spec.SerializeToString(), name, split_key(gen)[1]
         )
         self._track_replica(ReplicaState(name, handle, gen))

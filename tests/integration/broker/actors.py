@@ -28,7 +28,7 @@ def executions_key(app: str) -> str:
     return f"test:broker:executions:{app}"
 
 
-@ray.remote(num_cpus=0.1, max_restarts=0)
+@ray.remote(num_cpus=0.1, max_restarts=0, scheduling_strategy="SPREAD")  # over both session nodes
 class EchoActor:
     def __init__(
         self,

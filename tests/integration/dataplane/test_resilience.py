@@ -76,7 +76,7 @@ async def test_rollout_under_load_fails_nothing_and_ends_on_v2(deployed: Any, di
 
 
 async def test_over_limit_load_is_refused_fast_with_bounded_memory(deployed: Any) -> None:
-    spec = example_spec("latency", name="latency-full", max_concurrency=2, max_queued=2)
+    spec = example_spec("latency", name="latency-full", max_concurrency=2, max_queued=2, proxies=1)
     spec.init_args.update({"min_ms": 300, "max_ms": 300})
     status = await deployed(spec, 1)
     app = AppId.parse(spec).ref()
