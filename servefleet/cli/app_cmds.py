@@ -160,6 +160,25 @@ def list_(conn: KeeperConn, namespace: str, label: tuple[str, ...], state: str |
     _show(conn, found)
 
 
+def shard_rows(status: keeper_pb2.ApplicationStatus) -> list[dict[str, object]]:
+    """kind sharded: one row per shard replica, with its table part and the part's resident memory
+    as the replica measured it."""
+    return [
+        {
+            "cluster": p.cluster,
+            "shard": s.shard,
+            "layout": s.layout,
+            "ready": s.ready,
+            "rows": s.rows,
+            "table_mib": round(s.table_bytes / 2**20, 1),
+            "resident_mib": round(s.resident_bytes / 2**20, 1),
+            "node": s.node_id[:12],
+        }
+        for p in status.placements
+        for s in p.shards
+    ]
+
+
 @app.command()
 @click.argument("name")
 @namespace_option
@@ -183,20 +202,7 @@ def status(conn: KeeperConn, name: str, namespace: str) -> None:
     if rows:
         click.echo("")
         emit(rows, "table")
-    shards = [
-        {
-            "cluster": p.cluster,
-            "shard": s.shard,
-            "layout": s.layout,
-            "ready": s.ready,
-            "rows": s.rows,
-            "table_mib": round(s.table_bytes / 2**20, 1),
-            "resident_mib": round(s.resident_bytes / 2**20, 1),
-            "node": s.node_id[:12],
-        }
-        for p in got.placements
-        for s in p.shards
-    ]
+    shards = shard_rows(got)
     if shards:  # kind sharded: what each shard replica holds, measured in the replica
         click.echo("")
         emit(shards, "table")

@@ -245,10 +245,20 @@ def test_the_keeper_passes_each_shards_memory_on_to_app_status() -> None:
 
     spec = load_spec(_sharded())
     record = AppRecord(keeper_pb2.DesiredState(spec=spec, replicas=1), 7, keeper_pb2.ApplicationStatus())
-    shard = ShardStatus(shard=1, layout="range-2", rows=10, table_bytes=680, resident_bytes=680, ready=True)
+    mib = 2**20
+    shard = ShardStatus(
+        shard=1, layout="range-2", rows=10, table_bytes=17 * mib, resident_bytes=16 * mib, ready=True
+    )
     seen = agent_pb2.MasterStatus(replicas=1, ready_replicas=1, version="1", revision=7, shards=[shard])
     _, _, placements = summarize(record, {"c": seen})
     assert list(placements[0].shards) == [shard]
+    from servefleet.cli.app_cmds import shard_rows
+
+    rows = shard_rows(keeper_pb2.ApplicationStatus(placements=placements))
+    assert rows == [
+        {"cluster": "c", "shard": 1, "layout": "range-2", "ready": True, "rows": 10}
+        | {"table_mib": 17.0, "resident_mib": 16.0, "node": ""}
+    ]
 
 
 async def test_a_request_caught_by_a_reshard_runs_again_on_the_new_layout(
