@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import random
+import signal
 import statistics
 import sys
 import time
@@ -34,12 +35,16 @@ from typing import Any
 
 import grpc
 import numpy as np
-import ray
-from tritonclient.grpc import service_pb2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# isort: off
 from _report import write_report
+import servefleet  # noqa: F401 - before Ray: keeps Ray on loopback (servefleet/__init__.py)
+import ray
+
+# isort: on
+from tritonclient.grpc import service_pb2
 
 from servefleet.common.appid import AppId
 from servefleet.common.config import grpc_options
@@ -207,6 +212,7 @@ def main() -> None:
     args = parser.parse_args()
     count, max_tokens = (40, 24) if args.quick else (120, 64)
     load_before = os.getloadavg()[0]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout still stops Ray and Redis
     offline = labelled_set()
     prompts = workload(count, random.Random(14))
     redis = RedisProcess().start()
