@@ -53,6 +53,12 @@ def check_pipeline(spec: common_pb2.ApplicationSpec) -> None:
             raise InvalidArgument(
                 f"spec.{field}: set it on a stage (spec.stages[i].{field}), not the pipeline"
             )
+    # The autoscaler scales whole apps through the keeper; per-stage counts are not its yet.
+    for path, holder in [("spec", spec), *((f"spec.stages[{i}]", st) for i, st in enumerate(spec.stages))]:
+        if holder.HasField("autoscaling"):
+            raise InvalidArgument(
+                f"{path}.autoscaling: pipelines do not autoscale yet; set replicas per stage"
+            )
     seen: set[str] = set()
     for i, stage in enumerate(spec.stages):
         where = f"spec.stages[{i}]"

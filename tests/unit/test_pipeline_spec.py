@@ -96,3 +96,12 @@ def test_cycles_and_unreachable_stages_are_refused() -> None:
 def test_only_pipelines_have_stages() -> None:
     with pytest.raises(InvalidArgument, match="only kind 'pipeline' has stages"):
         load_spec({"name": "x", "import_path": "a:B", "edges": [{"caller": "a", "callee": "b"}]})
+
+
+def test_autoscaling_is_refused_until_stages_autoscale() -> None:
+    data = pipeline()
+    data["stages"][1]["autoscaling"] = {"min_replicas": 1, "max_replicas": 3}
+    with pytest.raises(
+        InvalidArgument, match=r"spec.stages\[1\].autoscaling: pipelines do not autoscale yet"
+    ):
+        load_spec(data)
