@@ -60,6 +60,8 @@ TritonReplicaActor = ray.remote(TritonReplica)
 SELF_REGISTERING: dict[str, Any] = {"direct": DirectReplicaActor, "triton": TritonReplicaActor}
 ProxyActor = ray.remote(Proxy)
 _GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+#: An actor that will never answer again (dead, or unschedulable: pinned to a lost node).
+_LOST = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnschedulableError)
 #: After a replica failed to start, the next start waits 2, 4, 8 ... 30 s (a broken image or
 #: import path must not spin the cluster).
 REPLICA_START_BACKOFF = Backoff(initial_s=2.0, max_s=30.0, jitter=0.0)
@@ -348,7 +350,10 @@ class ApplicationMaster:
             return_exceptions=True,
         )
         for proxy, answer in zip(started, answers, strict=True):
-            if isinstance(answer, str) and answer != proxy.address:
+            if isinstance(answer, _LOST):  # its node is gone (pinned there): start another elsewhere
+                log.warning("proxy %s is gone for good (%s); starting another", proxy.name, answer)
+                self._proxies.pop(proxy.name, None)
+            elif isinstance(answer, str) and answer != proxy.address:
                 proxy.address = answer
                 await self._push([proxy])
 
@@ -458,7 +463,9 @@ class ApplicationMaster:
                 await asyncio.wait_for(_await(proxy.handle.stop.remote()), settings.shutdown_grace_s)
             _kill(proxy.handle)
         missing = sorted(set(wanted) - set(self._proxies))
-        # One proxy per node where there are several (soft: a node that is gone falls back to any).
+        # One proxy per node where there are several. Pinned (Ray ignores a soft affinity for these
+        # 0-CPU actors): when that node is lost the proxy cannot restart, and _check_proxies
+        # replaces it on a node that is alive.
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"]) if missing else []
         for name in missing:
             node = nodes[wanted[name] % len(nodes)]
@@ -469,7 +476,7 @@ class ApplicationMaster:
                 get_if_exists=True,
                 max_restarts=-1,
                 num_cpus=settings.proxy_num_cpus,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True),
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
                 runtime_env={"env_vars": passed_env()} if passed_env() else None,
             ).remote(
                 self.app.SerializeToString(),
