@@ -17,10 +17,15 @@ import numpy as np
 import pytest
 import ray
 import redis
+import tritonclient.grpc.aio as aioclient
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from tritonclient.grpc import InferInput
 
 from servefleet.broker.core import BrokerCore
 from servefleet.broker.queue import RedisStreamQueue
 from servefleet.broker.servicer import broker_server
+from servefleet.common import telemetry
 from servefleet.common.appid import AppId
 from servefleet.common.errors import DeadlineExceeded, NotFound, ResourceExhausted
 from servefleet.common.net import async_wait_for
@@ -29,8 +34,11 @@ from servefleet.sdk.broker_client import AsyncBrokerClient
 from servefleet.services.actors import RAY_NAMESPACE, replica_prefix, stage_replica_prefix
 from servefleet.services.agent import masters
 from servefleet.testing import DiscoveryProcess, RedisProcess
+from tests.integration.dataplane.test_tracing import Receiver, otlp_receiver
 
 from .conftest import pipeline_spec
+
+__all__ = ["otlp_receiver"]  # the data plane's OTLP receiver fixture, shared, not copied
 
 pytestmark = pytest.mark.ray
 
@@ -281,3 +289,48 @@ async def test_async_mode_goes_through_the_broker_like_any_app(
     finally:
         await broker.close()
         await server.stop(0)
+
+
+@pytest.mark.slow
+async def test_one_trace_follows_a_miss_from_the_cache_stage_to_the_model_stage(
+    pipelines: Callable[..., Any], otlp_receiver: tuple[str, Receiver], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    telemetry.setup_tracing("pipeline-test", processor=SimpleSpanProcessor(InMemorySpanExporter()))
+    address, receiver = otlp_receiver
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://{address}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    spec = pipeline_spec()
+    spec.name = "llm-traced"
+    status = await pipelines(spec)
+    client = aioclient.InferenceServerClient(status.proxy_addresses[0])
+    try:
+        tensor = InferInput("prompt", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([b"Where do penguins live?"], np.object_))
+        with telemetry.tracer.start_as_current_span("caller") as caller:
+            headers = {k: str(v) for k, v in telemetry.inject_metadata(None)}
+            await client.infer("llm-traced", [tensor], headers=headers)
+    finally:
+        await client.close()
+    trace_id = caller.get_span_context().trace_id
+
+    def in_trace() -> list[Any]:
+        return [span for _, span in receiver.spans if int.from_bytes(span.trace_id, "big") == trace_id]
+
+    async def all_exported() -> bool:
+        return sum(s.name == "model.call" for s in in_trace()) >= 2 and any(
+            s.name == "stage.call" for s in in_trace()
+        )
+
+    await async_wait_for(all_exported, timeout=60, interval=0.1, what="both stages' spans in one trace")
+    spans = in_trace()
+    stage_call = next(s for s in spans if s.name == "stage.call")
+    calls = {
+        next(a.value.string_value for a in s.attributes if a.key == "servefleet.model"): s
+        for s in spans
+        if s.name == "model.call"
+    }
+    assert set(calls) == {"llm-traced", "llm-traced--model"}
+    assert stage_call.parent_span_id == calls["llm-traced"].span_id  # called from the cache stage
+    assert calls["llm-traced--model"].parent_span_id == stage_call.span_id  # continued by the model
