@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import ray
 import redis.asyncio as aioredis
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from servefleet.api import broker_pb2
 from servefleet.broker.queue import RedisStreamQueue
 from servefleet.common.errors import Unavailable
 from servefleet.common.net import async_wait_for, split_address
 from servefleet.sdk.broker_client import AsyncBrokerClient, RequestFailed
-from servefleet.testing import RedisProcess
+from servefleet.testing import RayCluster, RayWorkerNode, RedisProcess
 from tests.integration.broker.actors import EchoActor, executions_key
 from tests.integration.broker.conftest import BrokerService
 
@@ -48,9 +49,16 @@ async def executions(counter: aioredis.Redis, app: str) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in raw.items()}
 
 
-async def start_workers(redis_address: str, app: str, n: int, counter_address: str) -> tuple[list, list[int]]:
+async def start_workers(
+    redis_address: str, app: str, n: int, counter_address: str, nodes: list[str] | None = None
+) -> tuple[list, list[int]]:
+    """``n`` workers (pinned to ``nodes[i % len(nodes)]`` when given, else SPREAD); their pids."""
     actors = [
-        EchoActor.remote(redis_address, app, f"w{i}", slots=2, counter_address=counter_address)  # type: ignore[attr-defined]
+        EchoActor.options(  # type: ignore[attr-defined]
+            scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=False)
+        ).remote(redis_address, app, f"w{i}", slots=2, counter_address=counter_address)
+        if nodes
+        else EchoActor.remote(redis_address, app, f"w{i}", slots=2, counter_address=counter_address)  # type: ignore[attr-defined]
         for i in range(n)
     ]
     pids = await asyncio.gather(*(actor.start.remote() for actor in actors))
@@ -114,6 +122,48 @@ async def test_sigkill_one_of_three_workers_mid_run_loses_nothing(
         assert (stats.depth, stats.in_flight, stats.dead_letters) == (0, 0, 0)
     finally:
         await stop_workers(actors)
+
+
+@pytest.mark.slow
+async def test_a_lost_ray_node_mid_run_loses_no_ticket(
+    broker: BrokerService, redis_server: RedisProcess, counter: aioredis.Redis, ray_cluster: RayCluster
+) -> None:
+    """Workers on two Ray nodes; SIGKILL the second node's raylet mid-run (its workers die with it):
+    the workers on the head reclaim its requests, every ticket gets exactly one result."""
+    assert broker.client is not None
+    node = RayWorkerNode(ray_cluster, resources={"broker_node": 100}, port_slot=20).start()
+    actors: list = []
+    try:
+
+        async def joined() -> bool:
+            return len([n for n in ray.nodes() if n["Alive"]]) >= 2
+
+        await async_wait_for(joined, timeout=60, what="the second Ray node")
+        head = [n["NodeID"] for n in ray.nodes() if n["Alive"] and "broker_node" not in n["Resources"]]
+        [second] = [n["NodeID"] for n in ray.nodes() if n["Alive"] and "broker_node" in n["Resources"]]
+        app = new_app()
+        actors, _ = await start_workers(redis_server.address, app, 3, redis_server.address, [second, head[0]])
+        tickets = {await broker.client.submit(app, request(i)): i for i in range(300)}
+
+        async def progressed() -> bool:
+            return len(await executions(counter, app)) >= 60
+
+        await async_wait_for(progressed, timeout=120, what="60 requests started")
+        os.kill(node.raylet_pid(), signal.SIGKILL)  # workers 0 and 2 die with their node
+        first = await check_all_done(broker.client, tickets)
+        stats = await broker.core.stats(app)
+        await check_exactly_once(broker.client, counter, app, first, stats.duplicate_executions)
+        statuses = [await broker.core.status(t) for t in tickets]
+        print(f"\nRay node lost mid-run: {sum(s.deliveries > 1 for s in statuses)} requests reclaimed")
+        assert any(s.deliveries > 1 for s in statuses), "the lost node's requests were reclaimed"
+    finally:
+        await stop_workers(actors)
+        node.cleanup()
+
+        async def gone() -> bool:  # until Ray marks the node dead, it would still place actors there
+            return not [n for n in ray.nodes() if n["Alive"] and "broker_node" in n["Resources"]]
+
+        await async_wait_for(gone, timeout=120, interval=0.5, what="the lost node marked dead")
 
 
 @pytest.mark.slow
