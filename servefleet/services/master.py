@@ -199,25 +199,31 @@ class ApplicationMaster:
         return sum(r.ready and r.name in routed and r.generation == current for r in replicas)
 
     async def status(self) -> bytes:
-        spec = self.spec or common_pb2.ApplicationSpec()
-        current = generation(spec) if self.spec else ""
-        # Ready means routed: in the table every proxy has acknowledged, not merely started.
+        current = generation(self.spec) if self.spec else ""
+        serving = self._routed_replicas()
+        new_ready = sum(r.generation == current for r in serving)
+        stale = any(r.generation != current for r in self._replicas.values())
+        return self._status(serving, new_ready, stale).SerializeToString()
+
+    def _routed_replicas(self) -> list[ReplicaState]:
+        """Ready means routed: in the table every proxy has acknowledged, not merely started."""
         routed = self._routed[1] if self._routed else frozenset()
-        ready = [r for r in self._replicas.values() if r.name in routed and r.info is not None]
-        versions = {r.info.version for r in ready if r.info is not None}
-        new_ready = sum(r.generation == current for r in ready)
-        status = agent_pb2.MasterStatus(
+        return [r for r in self._replicas.values() if r.name in routed and r.info is not None]
+
+    def _status(self, serving: list[ReplicaState], ready: int, stale: bool) -> agent_pb2.MasterStatus:
+        """The status message for ``ready`` replicas of the current generation (``stale``: others
+        remain), in one form for every kind of master."""
+        versions = {r.info.version for r in serving if r.info is not None}
+        return agent_pb2.MasterStatus(
             app=self.app,
             version=versions.pop() if len(versions) == 1 else "",
             replicas=self.replica_count,
-            ready_replicas=new_ready,
-            updating=new_ready < self.replica_count
-            or any(r.generation != current for r in self._replicas.values()),
+            ready_replicas=ready,
+            updating=ready < self.replica_count or stale,
             revision=max(self.revision, 0),
             error=self.error,
             proxy_addresses=sorted(p.address for p in self._proxies.values() if p.address),
         )
-        return status.SerializeToString()
 
     async def routing(self) -> Routing | ShardRouting | None:
         """The table proxies serve from (a starting proxy pulls it; later ones are pushed)."""

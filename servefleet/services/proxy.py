@@ -112,6 +112,21 @@ def _measured(app: str) -> Iterator[None]:
             REJECTED.labels(app).inc()
 
 
+def check_served(name: str, version: str, model_name: str, serving_version: str, server: str) -> None:
+    """NOT_FOUND naming what is served when a request asks for another model or version."""
+    if not model_name or name != model_name:
+        raise NotFound(f"model {name!r} is not served here (this {server} serves {model_name!r})")
+    if version and version != serving_version:
+        raise NotFound(f"model {name!r} version {version!r} is not served (serving {serving_version!r})")
+
+
+def parse_infer_request(raw: bytes) -> service_pb2.ModelInferRequest:
+    try:
+        return service_pb2.ModelInferRequest.FromString(raw)
+    except Exception as exc:
+        raise InvalidArgument(f"malformed ModelInferRequest: {exc}") from None
+
+
 def check_request(request: service_pb2.ModelInferRequest, spec: common_pb2.ApplicationSpec) -> None:
     """INVALID_ARGUMENT naming the tensor when inputs disagree with the spec's (when it has any)."""
     if not spec.inputs:
@@ -210,12 +225,7 @@ class ProxyCore:
                 served = sorted(self.triton_models)
                 raise NotFound(f"model {name!r} is not served here (Triton models: {served})")
             return
-        if not self.model_name or name != self.model_name:
-            raise NotFound(f"model {name!r} is not served here (this proxy serves {self.model_name!r})")
-        if version and version != self.spec.version:
-            raise NotFound(
-                f"model {name!r} version {version!r} is not served (serving {self.spec.version!r})"
-            )
+        check_served(name, version, self.model_name, self.spec.version, "proxy")
 
     def metadata(self, name: str) -> service_pb2.ModelMetadataResponse:
         """A Triton model's metadata as its server gave it, else the one the spec describes."""
@@ -224,10 +234,7 @@ class ProxyCore:
         return model_metadata(self.spec)
 
     def parse(self, raw: bytes) -> service_pb2.ModelInferRequest:
-        try:
-            request = service_pb2.ModelInferRequest.FromString(raw)
-        except Exception as exc:
-            raise InvalidArgument(f"malformed ModelInferRequest: {exc}") from None
+        request = parse_infer_request(raw)
         self.check_model(request.model_name, request.model_version)
         check_request(request, self.spec)
         return request

@@ -43,7 +43,6 @@ from servefleet.common.config import settings
 from servefleet.common.errors import (
     DeadlineExceeded,
     InvalidArgument,
-    NotFound,
     ResourceExhausted,
     ServefleetError,
     Unavailable,
@@ -51,7 +50,15 @@ from servefleet.common.errors import (
 from servefleet.common.server import GrpcServer
 from servefleet.common.tensors import decode_request, encode_response
 from servefleet.direct import OUTPUT_NAME, ctr
-from servefleet.services.proxy import SERVICE, InferenceServicer, check_request, model_metadata, registrar
+from servefleet.services.proxy import (
+    SERVICE,
+    InferenceServicer,
+    check_request,
+    check_served,
+    model_metadata,
+    parse_infer_request,
+    registrar,
+)
 from servefleet.services.replica_wire import SHARD_LOOKUP, error_for
 from servefleet.services.router import Router, Slot
 from servefleet.services.routing import ReplicaInfo
@@ -209,12 +216,7 @@ class ShardRouterCore:
         return bool(self.pools) and all(len(p.router) for p in self.pools)
 
     def check_model(self, name: str, version: str = "") -> None:
-        if not self.model_name or name != self.model_name:
-            raise NotFound(f"model {name!r} is not served here (this router serves {self.model_name!r})")
-        if version and version != self.spec.version:
-            raise NotFound(
-                f"model {name!r} version {version!r} is not served (serving {self.spec.version!r})"
-            )
+        check_served(name, version, self.model_name, self.spec.version, "router")
 
     def metadata(self, name: str) -> service_pb2.ModelMetadataResponse:
         return model_metadata(self.spec)
@@ -236,10 +238,7 @@ class ShardRouterCore:
         routing, spec, header, pools = self.routing, self.spec, self.header, self.pools
         if routing is None or header is None:
             raise Unavailable("this router has no routing table yet")
-        try:
-            request = service_pb2.ModelInferRequest.FromString(raw)
-        except Exception as exc:
-            raise InvalidArgument(f"malformed ModelInferRequest: {exc}") from None
+        request = parse_infer_request(raw)
         self.check_model(request.model_name, request.model_version)
         check_request(request, spec)
         inputs = decode_request(request)

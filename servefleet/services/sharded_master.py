@@ -22,7 +22,7 @@ from typing import Any
 import ray
 from ray.experimental import internal_kv
 
-from servefleet.api import agent_pb2, common_pb2
+from servefleet.api import common_pb2
 from servefleet.common.appid import AppId
 from servefleet.services.actors import RAY_NAMESPACE, replica_prefix
 from servefleet.services.master import ApplicationMaster, ReplicaState, actor_options, generation
@@ -66,26 +66,15 @@ class ShardedMaster(ApplicationMaster):
     async def status(self) -> bytes:
         spec = self.spec or common_pb2.ApplicationSpec()
         current = generation(spec) if self.spec else ""
-        routed = self._routed[1] if self._routed else frozenset()
-        serving = [r for r in self._replicas.values() if r.name in routed and r.info is not None]
+        serving = self._routed_replicas()
         per_shard = [
             sum(split_key(r.generation) == (current, i) for r in serving) for i in range(spec.sharding.shards)
         ]
         ready = min(per_shard) if per_shard else 0
-        versions = {r.info.version for r in serving if r.info is not None}
-        status = agent_pb2.MasterStatus(
-            app=self.app,
-            version=versions.pop() if len(versions) == 1 else "",
-            replicas=self.replica_count,
-            ready_replicas=ready,
-            updating=ready < self.replica_count
-            or any(split_key(r.generation)[0] != current for r in self._replicas.values()),
-            revision=max(self.revision, 0),
-            error=self.error,
-            proxy_addresses=sorted(p.address for p in self._proxies.values() if p.address),
-            shards=[
-                self._shard_status(r) for r in sorted(self._replicas.values(), key=lambda r: r.generation)
-            ],
+        stale = any(split_key(r.generation)[0] != current for r in self._replicas.values())
+        status = self._status(serving, ready, stale)
+        status.shards.extend(
+            self._shard_status(r) for r in sorted(self._replicas.values(), key=lambda r: r.generation)
         )
         return status.SerializeToString()
 
