@@ -6,6 +6,7 @@ Each owns its process group and data dir; ``stop()`` leaves nothing behind, ``ki
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Self
 
@@ -292,3 +293,26 @@ class DiscoveryProcess(ServiceProcess):
     def __init__(self, etcd: str, data_dir: Path | None = None, **options: Any) -> None:
         super().__init__("discovery", "--etcd", etcd, data_dir=data_dir, **options)
         self.etcd = etcd
+
+
+@contextlib.contextmanager
+def joined_node(
+    head: RayCluster, *, resources: Mapping[str, float], port_slot: int, timeout: float = 120.0
+) -> Iterator[RayWorkerNode]:
+    """A ``RayWorkerNode`` joined to ``head`` for the body of the ``with`` (this process must be a Ray
+    driver of ``head``): entered once Ray lists it alive, left once Ray marks it dead, since until
+    then Ray would still place actors on a node that is gone. ``resources`` must name it uniquely."""
+    import ray
+
+    marker = next(iter(resources))
+
+    def listed(alive: bool) -> bool:
+        return any(n["Alive"] and marker in n["Resources"] for n in ray.nodes()) == alive
+
+    node = RayWorkerNode(head, resources=resources, port_slot=port_slot).start()
+    try:
+        wait_for(lambda: listed(True), timeout=timeout, interval=0.2, what="the worker node to join")
+        yield node
+    finally:
+        node.cleanup()
+        wait_for(lambda: listed(False), timeout=timeout, interval=0.5, what="the worker node marked dead")

@@ -20,7 +20,7 @@ from servefleet.broker.queue import RedisStreamQueue
 from servefleet.common.errors import Unavailable
 from servefleet.common.net import async_wait_for, split_address
 from servefleet.sdk.broker_client import AsyncBrokerClient, RequestFailed
-from servefleet.testing import RayCluster, RayWorkerNode, RedisProcess
+from servefleet.testing import RayCluster, RedisProcess, joined_node
 from tests.integration.broker.actors import EchoActor, executions_key
 from tests.integration.broker.conftest import BrokerService
 
@@ -131,39 +131,30 @@ async def test_a_lost_ray_node_mid_run_loses_no_ticket(
     """Workers on two Ray nodes; SIGKILL the second node's raylet mid-run (its workers die with it):
     the workers on the head reclaim its requests, every ticket gets exactly one result."""
     assert broker.client is not None
-    node = RayWorkerNode(ray_cluster, resources={"broker_node": 100}, port_slot=20).start()
     actors: list = []
-    try:
+    with joined_node(ray_cluster, resources={"broker_node": 100}, port_slot=20) as node:
+        try:
+            head = [n["NodeID"] for n in ray.nodes() if n["Alive"] and "broker_node" not in n["Resources"]]
+            [second] = [n["NodeID"] for n in ray.nodes() if n["Alive"] and "broker_node" in n["Resources"]]
+            app = new_app()
+            actors, _ = await start_workers(
+                redis_server.address, app, 3, redis_server.address, [second, head[0]]
+            )
+            tickets = {await broker.client.submit(app, request(i)): i for i in range(300)}
 
-        async def joined() -> bool:
-            return len([n for n in ray.nodes() if n["Alive"]]) >= 2
+            async def progressed() -> bool:
+                return len(await executions(counter, app)) >= 60
 
-        await async_wait_for(joined, timeout=60, what="the second Ray node")
-        head = [n["NodeID"] for n in ray.nodes() if n["Alive"] and "broker_node" not in n["Resources"]]
-        [second] = [n["NodeID"] for n in ray.nodes() if n["Alive"] and "broker_node" in n["Resources"]]
-        app = new_app()
-        actors, _ = await start_workers(redis_server.address, app, 3, redis_server.address, [second, head[0]])
-        tickets = {await broker.client.submit(app, request(i)): i for i in range(300)}
-
-        async def progressed() -> bool:
-            return len(await executions(counter, app)) >= 60
-
-        await async_wait_for(progressed, timeout=120, what="60 requests started")
-        os.kill(node.raylet_pid(), signal.SIGKILL)  # workers 0 and 2 die with their node
-        first = await check_all_done(broker.client, tickets)
-        stats = await broker.core.stats(app)
-        await check_exactly_once(broker.client, counter, app, first, stats.duplicate_executions)
-        statuses = [await broker.core.status(t) for t in tickets]
-        print(f"\nRay node lost mid-run: {sum(s.deliveries > 1 for s in statuses)} requests reclaimed")
-        assert any(s.deliveries > 1 for s in statuses), "the lost node's requests were reclaimed"
-    finally:
-        await stop_workers(actors)
-        node.cleanup()
-
-        async def gone() -> bool:  # until Ray marks the node dead, it would still place actors there
-            return not [n for n in ray.nodes() if n["Alive"] and "broker_node" in n["Resources"]]
-
-        await async_wait_for(gone, timeout=120, interval=0.5, what="the lost node marked dead")
+            await async_wait_for(progressed, timeout=120, what="60 requests started")
+            os.kill(node.raylet_pid(), signal.SIGKILL)  # workers 0 and 2 die with their node
+            first = await check_all_done(broker.client, tickets)
+            stats = await broker.core.stats(app)
+            await check_exactly_once(broker.client, counter, app, first, stats.duplicate_executions)
+            statuses = [await broker.core.status(t) for t in tickets]
+            print(f"\nRay node lost mid-run: {sum(s.deliveries > 1 for s in statuses)} requests reclaimed")
+            assert any(s.deliveries > 1 for s in statuses), "the lost node's requests were reclaimed"
+        finally:
+            await stop_workers(actors)
 
 
 @pytest.mark.slow

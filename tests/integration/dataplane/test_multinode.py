@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +18,7 @@ from servefleet.common.appid import AppId
 from servefleet.common.net import async_wait_for
 from servefleet.services.actors import RAY_NAMESPACE, proxy_prefix
 from servefleet.services.agent import masters
-from servefleet.testing import RayCluster, RayWorkerNode
+from servefleet.testing import RayCluster, RayWorkerNode, joined_node
 
 from .conftest import Load, example_spec, x_input
 
@@ -28,12 +27,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def worker_node(ray_driver: str, ray_cluster: RayCluster) -> Iterator[RayWorkerNode]:
-    node = RayWorkerNode(ray_cluster, resources={"worker_node": 1000}, port_slot=15).start()
-    deadline = time.monotonic() + 60
-    while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    yield node
-    node.cleanup()
+    with joined_node(ray_cluster, resources={"worker_node": 1000}, port_slot=15) as node:
+        yield node
 
 
 def worker_node_id() -> str:
