@@ -39,7 +39,7 @@ from tritonclient.grpc import service_pb2
 from servefleet.broker.worker import PullWorker
 from servefleet.common.tensors import decode_request, encode_request, encode_response
 from servefleet.sdk.broker_client import AsyncBrokerClient
-from servefleet.testing import RayCluster, RedisProcess, ServiceProcess
+from servefleet.testing import EtcdProcess, RayCluster, RedisProcess, ServiceProcess, admin_token
 
 APP = "bench/heavy-tail"
 WORKERS = 4
@@ -104,10 +104,10 @@ async def drive(
 
 
 async def run(
-    n: int, seed: int, loads: list[float], redis_address: str, broker_address: str
+    n: int, seed: int, loads: list[float], redis_address: str, broker_address: str, token: str
 ) -> dict[str, object]:
     """Both modes against the same four replicas at each offered load; figures and ratios."""
-    client = AsyncBrokerClient(broker_address)
+    client = AsyncBrokerClient(broker_address, token=token)
     replicas = [Replica.remote(redis_address, f"replica-{i}") for i in range(WORKERS)]  # type: ignore[attr-defined]
     await asyncio.gather(*(r.start.remote() for r in replicas))
 
@@ -148,16 +148,17 @@ async def run(
 
 def measure(n: int, seed: int, loads: list[float]) -> dict[str, object]:
     """Start Redis, a small Ray cluster and the broker service (its own process); run; clean up."""
-    redis = RedisProcess().start()
+    redis, etcd = RedisProcess().start(), EtcdProcess().start()  # etcd: the tokens the broker checks
     cluster = RayCluster(num_cpus=2).start()
-    broker = ServiceProcess("broker", "--redis", redis.address).start()
+    broker = ServiceProcess("broker", "--redis", redis.address, "--etcd", etcd.address).start()
     try:
         ray.init(address=cluster.address, logging_level=logging.WARNING)
-        return asyncio.run(run(n, seed, loads, redis.address, broker.address))
+        return asyncio.run(run(n, seed, loads, redis.address, broker.address, admin_token(etcd.address)))
     finally:
         broker.cleanup()
         ray.shutdown()
         cluster.cleanup()
+        etcd.cleanup()
         redis.cleanup()
 
 

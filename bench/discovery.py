@@ -18,13 +18,12 @@ import time
 from collections.abc import Awaitable, Callable
 
 import aetcd
-import grpc
 from _report import write_report
 
 from servefleet import AsyncClient
 from servefleet.api import discovery_pb2, discovery_pb2_grpc
 from servefleet.common.appid import AppId
-from servefleet.common.config import grpc_options
+from servefleet.common.channels import aio_channel
 from servefleet.discovery import names
 from servefleet.discovery.core import connect_etcd
 from servefleet.testing import DiscoveryProcess, EtcdProcess
@@ -125,8 +124,8 @@ async def run(sizes: list[int], samples: int, seconds: float, concurrency: int) 
     figures: list[dict[str, float]] = []
     try:
         async with (
-            grpc.aio.insecure_channel(discovery.address, options=grpc_options()) as channel,
-            AsyncClient(discovery.address) as client,
+            aio_channel(discovery.address, token=discovery.token) as channel,
+            AsyncClient(discovery.address, token=discovery.token) as client,
         ):
             stub = discovery_pb2_grpc.DiscoveryStub(channel)
             for size in sizes:

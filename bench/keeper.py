@@ -28,6 +28,7 @@ from _report import write_report
 
 from servefleet.api import agent_pb2, agent_pb2_grpc, common_pb2, keeper_pb2, keeper_pb2_grpc
 from servefleet.common.appid import AppId
+from servefleet.common.channels import aio_channel
 from servefleet.common.config import grpc_options
 from servefleet.keeper.store import KeeperStore
 from servefleet.spec import load_spec
@@ -133,7 +134,7 @@ async def to_running(keeper: str, token: str, agent: str, samples: int) -> dict[
     direct: list[float] = []
     async with (
         grpc.aio.insecure_channel(keeper, options=grpc_options()) as kc,
-        grpc.aio.insecure_channel(agent, options=grpc_options()) as ac,
+        aio_channel(agent, token=token) as ac,  # agents answer keepers and admins only
     ):
         stub, agent_stub = keeper_pb2_grpc.KeeperStub(kc), agent_pb2_grpc.ClusterAgentStub(ac)
         for n in range(samples):
@@ -210,7 +211,7 @@ def main() -> None:
         agent = service(
             "services.agent",
             *("--ray", ray.address, "--keeper", keeper, "--discovery", discovery),
-            *("--cluster", "bench", "--token", token),
+            *("--cluster", "bench", "--token", token, "--etcd", etcd.address),
         )
         figures |= asyncio.run(to_running(keeper, token, agent, samples))
     finally:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,9 +21,14 @@ from typing import Any
 
 from servefleet import launch
 from servefleet.common import health
+from servefleet.common.channels import TlsFiles, use_tls
 from servefleet.common.net import port_in_use
 
 STACK_FILE = "stack.json"
+#: The stack's own secrets in the state dir, each mode 0600.
+RAY_TOKEN_FILE = "ray.token"
+ADMIN_TOKEN_FILE = "admin.token"
+AGENT_TOKEN_FILE = "agent.token"
 #: Marks every process the stack starts (inherited by Ray's workers) so that none can hide.
 STACK_ENV = "SERVEFLEET_STACK"
 
@@ -69,6 +76,7 @@ class StackConfig:
     ray: str | None = None
     redis_appendfsync: str = "everysec"
     cluster_name: str = "local"
+    tls: bool = False  # TLS + mTLS between the services, with a CA made for this stack
 
 
 # Offsets from --base-port; Ray's own helper ports follow so two stacks never collide.
@@ -93,6 +101,36 @@ PORTS = {
     "metrics_base": 20,
 }
 RAY_WORKER_PORTS = (100, 599)
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Create or replace ``path`` readable by its owner only (mode 0600 from the first byte)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+    os.chmod(path, 0o600)
+
+
+def ray_token(path: Path) -> Path:
+    """The Ray auth token file at ``path``, made once (a Ray token is 32 random bytes in hex)."""
+    if not path.exists() or not path.read_text().strip():
+        write_secret(path, secrets.token_hex(32))
+    return path
+
+
+def ray_auth_env(token_file: Path) -> dict[str, str]:
+    """What makes a process (Ray head, driver, worker) use exactly this Ray token: token auth on,
+    the token read from ``token_file``, so neither ``~/.ray/auth_token`` nor a ``RAY_AUTH_TOKEN``
+    in the caller's environment is used (``ray_process_env`` drops the latter)."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
+
+
+def ray_process_env(base: dict[str, str], token_file: Path) -> dict[str, str]:
+    """``base`` with the stack's Ray auth in place of whatever Ray auth it carried."""
+    env = {k: v for k, v in base.items() if k != "RAY_AUTH_TOKEN"}
+    env.update(ray_auth_env(token_file))
+    return env
 
 
 def ray_temp_dir(state_dir: Path) -> Path:
@@ -155,14 +193,14 @@ def plan(config: StackConfig) -> list[Part]:
     etcd, redis, ray = parts[0].address, parts[1].address, parts[2].address
     if not config.ray:
         parts[2].metrics = addr["ray_metrics"]
-    token = str(state / "admin.token")
+    token = str(state / ADMIN_TOKEN_FILE)
 
     def service(name: str, module: str, *flags: str) -> Part:
         return Part(name, addr[name], launch.service_argv(module, addr[name], *flags))
 
     parts += [
         service("discovery", "discovery", "--etcd", etcd),
-        service("broker", "broker", "--redis", redis),
+        service("broker", "broker", "--redis", redis, "--etcd", etcd),
         service("keeper", "keeper", "--etcd", etcd, "--admin-token-file", token),
         service(
             "agent",
@@ -177,8 +215,10 @@ def plan(config: StackConfig) -> list[Part]:
             redis,
             "--cluster",
             config.cluster_name,
-            "--admin-token-file",
-            token,
+            "--etcd",
+            etcd,
+            "--token-file",
+            str(state / AGENT_TOKEN_FILE),
         ),
         service(
             "autoscaler",
@@ -236,6 +276,22 @@ def write_prometheus_config(state_dir: Path, parts: list[Part]) -> Path:
         "        refresh_interval: 10s\n"
     )
     return config
+
+
+TLS_DIR = "tls"
+
+
+def tls_files(state_dir: Path) -> TlsFiles:
+    """The certificates ``up --tls`` made for the stack in ``state_dir`` (disabled when none)."""
+    directory = state_dir / TLS_DIR
+    if not (directory / "ca.pem").exists():
+        return TlsFiles()
+    return TlsFiles(
+        str(directory / "ca.pem"),
+        str(directory / "stack.pem"),
+        str(directory / "stack.key"),
+        client_auth=True,
+    )
 
 
 def stack_file(state_dir: Path) -> Path:
@@ -310,8 +366,20 @@ def up(
     state = config.state_dir
     for sub in ("etcd", "redis", "logs"):
         (state / sub).mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(state / TLS_DIR, ignore_errors=True)  # certificates belong to one `up --tls`
+    tls = TlsFiles()
+    if config.tls:
+        from servefleet.common.certs import make_local_pki
+
+        tls = make_local_pki(state.resolve() / TLS_DIR, [config.host, "localhost"])
+        progress(f"TLS: local CA and certificates in {state / TLS_DIR}")
+    use_tls(tls)  # this process's probes and calls too
+    base = dict(os.environ)
+    if not config.ray:  # our own Ray head: our own token
+        base = ray_process_env(base, ray_token(state.resolve() / RAY_TOKEN_FILE))
     env = {
-        **os.environ,
+        **base,
+        **tls.env(),
         STACK_ENV: str(state.resolve()),
         "RAY_ADDRESS": parts[2].address,
         "PYTHONUNBUFFERED": "1",
@@ -333,6 +401,9 @@ def up(
                 progress(f"starting {part.name} on {part.address or 'this machine'}")
             save(state, parts)
             _await_healthy(wave, state, progress, deadline=time.monotonic() + timeout)
+            if wave[-1].name == "keeper":
+                issue_agent_token(state, wave[-1].address)
+                progress("agent token issued")
         write_prometheus_config(state, parts)
     except BaseException:
         stop_parts(started, progress=progress)
@@ -345,6 +416,20 @@ def spawn(part: Part, state: Path, env: dict[str, str]) -> subprocess.Popen[byte
     """Start ``part`` in its own process group (``down`` stops the whole group), logging to
     ``<state>/logs/<name>.log``."""
     return launch.spawn(part.argv, log=state / "logs" / f"{part.name}.log", env=env, cwd=state)
+
+
+def issue_agent_token(state: Path, keeper: str) -> None:
+    """The agent's own token (role agent: heartbeat, endpoint tokens), issued with the admin token."""
+    from servefleet.api import keeper_pb2, keeper_pb2_grpc
+    from servefleet.common.channels import sync_channel
+
+    admin = (state / ADMIN_TOKEN_FILE).read_text().strip()
+    with sync_channel(keeper, token=admin) as channel:
+        reply = keeper_pb2_grpc.KeeperStub(channel).IssueToken(
+            keeper_pb2.IssueTokenRequest(role="agent", description=f"agent of the stack in {state}"),
+            timeout=10,
+        )
+    write_secret(state / AGENT_TOKEN_FILE, reply.token)
 
 
 def _await_healthy(
@@ -376,6 +461,9 @@ def _log_tail(path: Path) -> str:
 
 def status(state_dir: Path) -> list[dict[str, object]]:
     """One row per part: name, address, pid, process alive, healthy, detail."""
+    found = tls_files(state_dir)
+    if found.enabled:
+        use_tls(found)
     rows: list[dict[str, object]] = []
     for part in load(state_dir):
         alive = pid_alive(part.pid) if part.pid else None

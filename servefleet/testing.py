@@ -6,6 +6,8 @@ Each owns its process group and data dir; ``stop()`` leaves nothing behind, ``ki
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -19,7 +21,9 @@ from pathlib import Path
 from typing import Any, Self
 
 from servefleet import launch, stack
+from servefleet.api import common_pb2, keeper_pb2
 from servefleet.common import health
+from servefleet.common.auth import ADMIN, ENDPOINT, TENANT, Authenticator, EtcdTokens, Principal
 from servefleet.common.net import free_port, wait_for
 
 
@@ -137,8 +141,29 @@ class RedisProcess(ManagedProcess):
         return health.redis_health(self.address)[0]
 
 
+_RAY_TOKEN: Path | None = None
+
+
+def ray_token_file() -> Path:
+    """This process's Ray token (one per test session, shared by every RayCluster it starts), and
+    the environment set so that drivers here and children started later use it: a stray
+    ``~/.ray/auth_token`` is never read."""
+    global _RAY_TOKEN
+    if _RAY_TOKEN is None:
+        _RAY_TOKEN = stack.ray_token(Path(tempfile.mkdtemp(prefix="sf-raytoken-")) / stack.RAY_TOKEN_FILE)
+        os.environ.pop("RAY_AUTH_TOKEN", None)
+        os.environ.update(stack.ray_auth_env(_RAY_TOKEN))
+        if "ray" in sys.modules:  # Ray read its auth mode at import: make it read again
+            from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
+
+            Config.initialize("")
+            AuthenticationTokenLoader.instance().reset_cache()
+    return _RAY_TOKEN
+
+
 class RayCluster(ManagedProcess):
-    """A one-node Ray cluster (``ray start --head --block``) with every port explicit."""
+    """A one-node Ray cluster (``ray start --head --block``) with every port explicit, with token
+    auth on (the session's token, ``ray_token_file``)."""
 
     name = "ray"
     start_timeout = 60.0
@@ -166,7 +191,8 @@ class RayCluster(ManagedProcess):
         )
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "RAY_ADDRESS": self.address, "PYTHONPATH": os.pathsep.join(sys.path)}
+        base = stack.ray_process_env(dict(os.environ), ray_token_file())
+        return {**base, "RAY_ADDRESS": self.address, "PYTHONPATH": os.pathsep.join(sys.path)}
 
     def healthy(self) -> bool:
         return health.ray_health(self.address)[0] and self._raylet_up()
@@ -294,6 +320,12 @@ class DiscoveryProcess(ServiceProcess):
         super().__init__("discovery", "--etcd", etcd, data_dir=data_dir, **options)
         self.etcd = etcd
 
+    @property
+    def token(self) -> str:
+        """An admin token this discovery accepts (tests and benchmarks use it where a tenant's or
+        an endpoint's own token is not the point)."""
+        return admin_token(self.etcd)
+
 
 @contextlib.contextmanager
 def joined_node(
@@ -316,3 +348,75 @@ def joined_node(
     finally:
         node.cleanup()
         wait_for(lambda: listed(False), timeout=timeout, interval=0.5, what="the worker node marked dead")
+
+
+class Credentials:
+    """Tokens for tests, issued through the keeper's own code into the keeper's records in etcd
+    (``prefix``: the keeper's etcd prefix), so every service reading that etcd accepts them."""
+
+    def __init__(self, etcd: str, prefix: str = "") -> None:
+        from servefleet.keeper.core import Keeper
+        from servefleet.keeper.store import KeeperStore
+
+        self.prefix = prefix
+        self.store = KeeperStore.connect(etcd, prefix or None)
+        self.keeper = Keeper(self.store)
+        self._admin = ""
+
+    async def admin(self) -> str:
+        if not self._admin:
+            self._admin = await self.keeper.service_token(ADMIN, "tests")
+        return self._admin
+
+    async def issue(self, role: str, *, tenant: str = "", app: str = "") -> str:
+        """A token of ``role``; ``app`` ("ns/name") for endpoint tokens, ``tenant`` for tenant tokens."""
+        namespace, _, name = app.rpartition("/")
+        request = keeper_pb2.IssueTokenRequest(
+            role=role, tenant=tenant, app=common_pb2.AppRef(namespace=namespace, name=name)
+        )
+        token, _ = await self.keeper.issue_token(Principal(ADMIN, ADMIN), request)
+        return token
+
+    async def tenant(self, name: str, *namespaces: str) -> str:
+        """A tenant token for ``name`` (created with ``namespaces``, default its own name, if new)."""
+        if await self.store.tenant(name) is None:
+            await self.store.create_tenant(
+                keeper_pb2.TenantInfo(tenant=name, namespaces=namespaces or (name,))
+            )
+        return await self.issue(TENANT, tenant=name)
+
+    def authenticator(self) -> Authenticator:
+        return Authenticator(EtcdTokens(self.store.client, self.prefix))
+
+    async def close(self) -> None:
+        await self.store.close()
+
+
+async def endpoint_token(etcd: str, app: str, prefix: str = "") -> str:
+    """``app``'s endpoint token, as a cluster agent gets it for a master it creates (tests that
+    drive ``masters.apply`` themselves hand it over)."""
+    found = Credentials(etcd, prefix)
+    try:
+        return await found.issue(ENDPOINT, app=app)
+    finally:
+        await found.close()
+
+
+_ADMIN_TOKENS: dict[tuple[str, str], str] = {}
+
+
+def admin_token(etcd: str, prefix: str = "") -> str:
+    """An admin token valid for every service on ``etcd`` (one per etcd and prefix, from sync code)."""
+    key = (etcd, prefix)
+    if key not in _ADMIN_TOKENS:
+
+        async def issue() -> str:
+            found = Credentials(etcd, prefix)
+            try:
+                return await found.admin()
+            finally:
+                await found.close()
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # callers may be inside a running loop
+            _ADMIN_TOKENS[key] = pool.submit(asyncio.run, issue()).result(timeout=30)
+    return _ADMIN_TOKENS[key]

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from servefleet.testing import EtcdProcess, RayCluster, RedisProcess
+from servefleet.testing import Credentials, EtcdProcess, RayCluster, RedisProcess
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +29,16 @@ def ray_cluster() -> Iterator[RayCluster]:
     cluster = RayCluster(num_cpus=2).start()
     yield cluster
     cluster.cleanup()
+
+
+@pytest.fixture(scope="session")
+async def credentials(etcd: EtcdProcess) -> AsyncIterator[Credentials]:
+    """Tokens in the session etcd's keeper records: every service started on it accepts them."""
+    found = Credentials(etcd.address)
+    yield found
+    await found.close()
+
+
+@pytest.fixture(scope="session")
+async def admin_token(credentials: Credentials) -> str:
+    return await credentials.admin()

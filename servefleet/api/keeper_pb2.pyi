@@ -266,18 +266,64 @@ class TenantInfo(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., namespaces: _Optional[_Iterable[str]] = ..., quota: _Optional[_Union[Quota, _Mapping]] = ...) -> None: ...
 
 class IssueTokenRequest(_message.Message):
-    __slots__ = ("tenant", "role")
+    __slots__ = ("tenant", "role", "app", "description")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
+    APP_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     role: str
-    def __init__(self, tenant: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
+    app: _common_pb2.AppRef
+    description: str
+    def __init__(self, tenant: _Optional[str] = ..., role: _Optional[str] = ..., app: _Optional[_Union[_common_pb2.AppRef, _Mapping]] = ..., description: _Optional[str] = ...) -> None: ...
 
 class IssueTokenResponse(_message.Message):
+    __slots__ = ("token", "token_id")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    token_id: str
+    def __init__(self, token: _Optional[str] = ..., token_id: _Optional[str] = ...) -> None: ...
+
+class TokenInfo(_message.Message):
+    __slots__ = ("token_id", "tenant", "role", "app", "description", "created_at")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    APP_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    token_id: str
+    tenant: str
+    role: str
+    app: _common_pb2.AppRef
+    description: str
+    created_at: float
+    def __init__(self, token_id: _Optional[str] = ..., tenant: _Optional[str] = ..., role: _Optional[str] = ..., app: _Optional[_Union[_common_pb2.AppRef, _Mapping]] = ..., description: _Optional[str] = ..., created_at: _Optional[float] = ...) -> None: ...
+
+class ListTokensRequest(_message.Message):
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    def __init__(self, tenant: _Optional[str] = ...) -> None: ...
+
+class ListTokensResponse(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[TokenInfo]
+    def __init__(self, tokens: _Optional[_Iterable[_Union[TokenInfo, _Mapping]]] = ...) -> None: ...
+
+class RevokeTokenRequest(_message.Message):
+    __slots__ = ("token_id",)
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    token_id: str
+    def __init__(self, token_id: _Optional[str] = ...) -> None: ...
+
+class RevokeTokenResponse(_message.Message):
     __slots__ = ("token",)
     TOKEN_FIELD_NUMBER: _ClassVar[int]
-    token: str
-    def __init__(self, token: _Optional[str] = ...) -> None: ...
+    token: TokenInfo
+    def __init__(self, token: _Optional[_Union[TokenInfo, _Mapping]] = ...) -> None: ...
 
 class SetQuotaRequest(_message.Message):
     __slots__ = ("tenant", "quota")
@@ -304,11 +350,15 @@ class DesiredState(_message.Message):
     def __init__(self, spec: _Optional[_Union[_common_pb2.ApplicationSpec, _Mapping]] = ..., replicas: _Optional[int] = ..., deleting: _Optional[bool] = ..., tenant: _Optional[str] = ..., created_at: _Optional[float] = ..., scaling: _Optional[_Union[Scaling, _Mapping]] = ...) -> None: ...
 
 class TokenRecord(_message.Message):
-    __slots__ = ("tenant", "role", "created_at")
+    __slots__ = ("tenant", "role", "created_at", "app", "description")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    APP_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     role: str
     created_at: float
-    def __init__(self, tenant: _Optional[str] = ..., role: _Optional[str] = ..., created_at: _Optional[float] = ...) -> None: ...
+    app: _common_pb2.AppRef
+    description: str
+    def __init__(self, tenant: _Optional[str] = ..., role: _Optional[str] = ..., created_at: _Optional[float] = ..., app: _Optional[_Union[_common_pb2.AppRef, _Mapping]] = ..., description: _Optional[str] = ...) -> None: ...

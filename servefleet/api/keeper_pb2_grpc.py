@@ -94,6 +94,16 @@ class KeeperStub:
                 request_serializer=servefleet_dot_api_dot_keeper__pb2.SetQuotaRequest.SerializeToString,
                 response_deserializer=servefleet_dot_api_dot_keeper__pb2.TenantInfo.FromString,
                 _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/servefleet.api.Keeper/ListTokens',
+                request_serializer=servefleet_dot_api_dot_keeper__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=servefleet_dot_api_dot_keeper__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/servefleet.api.Keeper/RevokeToken',
+                request_serializer=servefleet_dot_api_dot_keeper__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=servefleet_dot_api_dot_keeper__pb2.RevokeTokenResponse.FromString,
+                _registered_method=True)
 
 
 class KeeperServicer:
@@ -171,6 +181,18 @@ class KeeperServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeeperServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -233,6 +255,16 @@ def add_KeeperServicer_to_server(servicer, server):
                     servicer.SetQuota,
                     request_deserializer=servefleet_dot_api_dot_keeper__pb2.SetQuotaRequest.FromString,
                     response_serializer=servefleet_dot_api_dot_keeper__pb2.TenantInfo.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=servefleet_dot_api_dot_keeper__pb2.ListTokensRequest.FromString,
+                    response_serializer=servefleet_dot_api_dot_keeper__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=servefleet_dot_api_dot_keeper__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=servefleet_dot_api_dot_keeper__pb2.RevokeTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -559,6 +591,60 @@ class Keeper:
             '/servefleet.api.Keeper/SetQuota',
             servefleet_dot_api_dot_keeper__pb2.SetQuotaRequest.SerializeToString,
             servefleet_dot_api_dot_keeper__pb2.TenantInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/servefleet.api.Keeper/ListTokens',
+            servefleet_dot_api_dot_keeper__pb2.ListTokensRequest.SerializeToString,
+            servefleet_dot_api_dot_keeper__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/servefleet.api.Keeper/RevokeToken',
+            servefleet_dot_api_dot_keeper__pb2.RevokeTokenRequest.SerializeToString,
+            servefleet_dot_api_dot_keeper__pb2.RevokeTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -36,7 +36,7 @@ async def build(args: argparse.Namespace) -> Service:
     # Until the keeper issues service credentials: a flag, SERVEFLEET_TOKEN, or the admin token file.
     token = lambda: args.token or os.environ.get("SERVEFLEET_TOKEN", "") or read_token(args.admin_token_file)  # noqa: E731
     apps = KeeperApps(args.keeper, token)
-    loads = MetricsLoad(args.discovery, args.broker)
+    loads = MetricsLoad(args.discovery, args.broker, token=token())
     core = Autoscaler(apps, loads, history, interval_s=settings.autoscaler_interval_s)
     server = GrpcServer("autoscaler", args.listen, [register(AutoscalerServicer(core))], [SERVICE])
     election = Election(client, history.leader_key, ident=f"{args.listen}/{uuid.uuid4().hex[:8]}")

@@ -27,6 +27,7 @@ from servefleet.api import (
 )
 from servefleet.autoscaler.policy import Sample
 from servefleet.common.appid import AppId
+from servefleet.common.channels import aio_channel
 from servefleet.common.config import grpc_options, settings
 from servefleet.common.errors import from_rpc_error
 from servefleet.common.metrics import METRICS_KIND, PART_LABEL
@@ -109,10 +110,11 @@ class MetricsLoad:
     """Load samples from the parts' own metrics: replicas (running, queued, busy time), proxies
     (arrivals, refusals) and, for async apps, the broker's queue (backlog, drain rate)."""
 
-    def __init__(self, discovery: str, broker: str = "") -> None:
-        self._discovery = grpc.aio.insecure_channel(discovery, options=grpc_options())
+    def __init__(self, discovery: str, broker: str = "", *, token: str = "") -> None:
+        # Discovery and the broker check callers: ``token`` (role autoscaler or admin) sees every app.
+        self._discovery = aio_channel(discovery, token=token)
         self.discovery = discovery_pb2_grpc.DiscoveryStub(self._discovery)
-        self._broker = grpc.aio.insecure_channel(broker, options=grpc_options()) if broker else None
+        self._broker = aio_channel(broker, token=token) if broker else None
         self.broker = broker_pb2_grpc.BrokerStub(self._broker) if self._broker is not None else None
         self._seen: dict[str, _Seen] = {}
 

@@ -9,28 +9,37 @@ import contextlib
 from servefleet.broker.core import BrokerCore
 from servefleet.broker.queue import RedisStreamQueue
 from servefleet.broker.servicer import broker_server
+from servefleet.common.auth import Authenticator, EtcdTokens
 from servefleet.common.config import settings
 from servefleet.common.entry import Service, run_service, service_parser
+from servefleet.discovery.core import connect_etcd
 
 
 async def build(args: argparse.Namespace) -> Service:
     queue = RedisStreamQueue(args.redis)
     core = BrokerCore(queue)
     publishing = asyncio.create_task(core.publish_stats_forever(settings.broker_stats_interval_s))
+    etcd = connect_etcd(args.etcd)  # where the keeper keeps the tokens callers present
 
     async def stop() -> None:
         publishing.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await publishing
         await core.close()
+        await etcd.close()
 
     # Without Redis the broker can neither queue a request nor hand out a result.
-    return Service(broker_server(core, args.listen), on_stop=stop, dependencies={"redis": queue.ping})
+    return Service(
+        broker_server(core, args.listen, Authenticator(EtcdTokens(etcd))),
+        on_stop=stop,
+        dependencies={"redis": queue.ping},
+    )
 
 
 def parser() -> argparse.ArgumentParser:
     p = service_parser("broker", "servefleet broker service")
     p.add_argument("--redis", required=True, help="redis address host:port")
+    p.add_argument("--etcd", required=True, help="etcd address host:port (where the keeper keeps tokens)")
     return p
 
 

@@ -56,6 +56,7 @@ from servefleet.api import broker_pb2, common_pb2
 from servefleet.broker.queue import AppConfig, RequestQueue, State, band_of
 from servefleet.common import metrics
 from servefleet.common.appid import AppId
+from servefleet.common.auth import Principal
 from servefleet.common.config import settings
 from servefleet.common.errors import InvalidArgument, NotFound, ServefleetError
 
@@ -108,8 +109,17 @@ class BrokerCore:
         """Enable an app for async requests (its workers do this on start)."""
         await self.queue.register_app(AppId.parse(app).key, config or AppConfig())
 
-    async def submit(self, request: broker_pb2.SubmitRequest) -> broker_pb2.SubmitResponse:
-        app = AppId.parse(request.app).key
+    async def own_ticket(self, who: Principal, ticket: str) -> str:
+        """``ticket`` when it belongs to an app ``who`` sees; another tenant's is NOT_FOUND."""
+        app = await self.queue.ticket_app(check_ticket(ticket))
+        if app is None or not who.sees(AppId.parse(app).namespace):
+            raise NotFound(f"ticket {ticket} is unknown (never issued, or expired long ago)")
+        return ticket
+
+    async def submit(self, who: Principal, request: broker_pb2.SubmitRequest) -> broker_pb2.SubmitResponse:
+        parsed = AppId.parse(request.app)
+        who.require_visible(parsed.namespace, parsed.name, "app")
+        app = parsed.key
         payload = request.infer_request
         if not payload:
             raise InvalidArgument("infer_request is empty: send a serialized inference.ModelInferRequest")
@@ -146,10 +156,11 @@ class BrokerCore:
             raise NotFound(f"ticket {ticket} is unknown (never issued, or expired long ago)")
         return status
 
-    async def get_result(self, ticket: str, wait_timeout_s: float) -> broker_pb2.TicketStatus:
+    async def get_result(self, who: Principal, ticket: str, wait_timeout_s: float) -> broker_pb2.TicketStatus:
         """The ticket's status once final, or its current status after ``wait_timeout_s``."""
         if math.isnan(wait_timeout_s) or wait_timeout_s < 0:
             raise InvalidArgument(f"wait_timeout_s must be >= 0, got {wait_timeout_s}")
+        await self.own_ticket(who, ticket)
         deadline = time.monotonic() + min(wait_timeout_s, settings.broker_max_wait_s)
         status = await self.status(ticket)
         if status.state in FINAL or wait_timeout_s == 0:
@@ -164,8 +175,9 @@ class BrokerCore:
                     status.state = cast(State, change)
         return status
 
-    async def watch(self, ticket: str) -> AsyncIterator[broker_pb2.TicketStatus]:
+    async def watch(self, who: Principal, ticket: str) -> AsyncIterator[broker_pb2.TicketStatus]:
         """Every state the ticket passes through, ending with the final one (with its result)."""
+        await self.own_ticket(who, ticket)
         last = None
         async with self.queue.changes(check_ticket(ticket)) as next_change:
             while True:
@@ -177,17 +189,20 @@ class BrokerCore:
                     return
                 await next_change(_REPOLL_S)
 
-    async def cancel(self, ticket: str) -> broker_pb2.TicketStatus:
+    async def cancel(self, who: Principal, ticket: str) -> broker_pb2.TicketStatus:
         """Cancel a queued or running request; a final ticket is returned unchanged.
 
         A running request is not interrupted: its result is discarded when it finishes."""
+        await self.own_ticket(who, ticket)
         status = await self.queue.cancel(check_ticket(ticket))
         if status is None:
             raise NotFound(f"ticket {ticket} is unknown (never issued, or expired long ago)")
         return status
 
-    async def stats(self, app: common_pb2.AppRef | str) -> broker_pb2.QueueStatsResponse:
-        return await self.queue.stats(AppId.parse(app).key)
+    async def stats(self, who: Principal, app: common_pb2.AppRef | str) -> broker_pb2.QueueStatsResponse:
+        parsed = AppId.parse(app)
+        who.require_visible(parsed.namespace, parsed.name, "app")
+        return await self.queue.stats(parsed.key)
 
     async def publish_stats(self) -> None:
         """Set every app's queue gauges from one ``stats`` read each (Redis down: left as they were)."""

@@ -118,6 +118,10 @@ class RequestQueue(ABC):
     async def cancel(self, ticket: str) -> broker_pb2.TicketStatus | None: ...
 
     @abstractmethod
+    async def ticket_app(self, ticket: str) -> str | None:
+        """The ``namespace/name`` a ticket was submitted to; None when unknown."""
+
+    @abstractmethod
     async def stats(self, app: str) -> broker_pb2.QueueStatsResponse: ...
 
     @abstractmethod
@@ -326,6 +330,11 @@ class RedisStreamQueue(RequestQueue):
             else:
                 out.infer_response = response
         return out
+
+    async def ticket_app(self, ticket: str) -> str | None:
+        async with self._reachable():
+            found = await self._redis.hget(self.ticket_key(ticket), "app")
+        return None if found is None else _s(found)
 
     async def cancel(self, ticket: str) -> broker_pb2.TicketStatus | None:
         async with self._reachable():

@@ -1,4 +1,5 @@
-"""Thin gRPC layer over BrokerCore: unpack, call, pack. Errors are mapped by the server interceptor."""
+"""Thin gRPC layer over BrokerCore: unpack, call, pack. The server interceptor authenticates every
+call (and maps errors); each method checks the app or ticket belongs to ``caller()``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import grpc
 
 from servefleet.api import broker_pb2, broker_pb2_grpc
 from servefleet.broker.core import BrokerCore
+from servefleet.common.auth import Authenticator, caller
 from servefleet.common.server import GrpcServer
 
 
@@ -18,7 +20,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
     async def Submit(
         self, request: broker_pb2.SubmitRequest, context: grpc.aio.ServicerContext
     ) -> broker_pb2.SubmitResponse:
-        return await self.core.submit(request)
+        return await self.core.submit(caller(), request)
 
     async def GetResult(
         self, request: broker_pb2.GetResultRequest, context: grpc.aio.ServicerContext
@@ -27,31 +29,33 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         remaining = context.time_remaining()
         if remaining is not None:  # answer before the caller's deadline, with the current status
             wait = min(wait, max(0.0, remaining - 0.05))
-        return await self.core.get_result(request.ticket, wait)
+        return await self.core.get_result(caller(), request.ticket, wait)
 
     async def WatchResult(
         self, request: broker_pb2.WatchResultRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[broker_pb2.TicketStatus]:
-        async for status in self.core.watch(request.ticket):
+        async for status in self.core.watch(caller(), request.ticket):
             yield status
 
     async def Cancel(
         self, request: broker_pb2.CancelRequest, context: grpc.aio.ServicerContext
     ) -> broker_pb2.TicketStatus:
-        return await self.core.cancel(request.ticket)
+        return await self.core.cancel(caller(), request.ticket)
 
     async def QueueStats(
         self, request: broker_pb2.QueueStatsRequest, context: grpc.aio.ServicerContext
     ) -> broker_pb2.QueueStatsResponse:
-        return await self.core.stats(request.app)
+        return await self.core.stats(caller(), request.app)
 
 
-def broker_server(core: BrokerCore, listen: str) -> GrpcServer:
-    """A GrpcServer (health, reflection, error mapping) serving the broker over ``core``."""
+def broker_server(core: BrokerCore, listen: str, auth: Authenticator) -> GrpcServer:
+    """A GrpcServer (health, reflection, callers checked by ``auth``) serving the broker over ``core``."""
     servicer = BrokerServicer(core)
     return GrpcServer(
         "broker",
         listen,
         [lambda server: broker_pb2_grpc.add_BrokerServicer_to_server(servicer, server)],
         [broker_pb2.DESCRIPTOR.services_by_name["Broker"].full_name],
+        auth=auth,
+        tls=True,
     )

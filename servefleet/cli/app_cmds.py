@@ -16,7 +16,7 @@ from servefleet.api import common_pb2, discovery_pb2, discovery_pb2_grpc, keeper
 from servefleet.cli.common import emit, one_line_errors
 from servefleet.cli.keeper_conn import KeeperConn, app_row, keeper_command, stack_address, to_dict
 from servefleet.common.appid import AppId
-from servefleet.common.config import grpc_options
+from servefleet.common.channels import sync_channel
 from servefleet.common.tensors import DTYPES, datatype_of
 from servefleet.sdk import Client
 from servefleet.sdk.client import served_model
@@ -286,7 +286,7 @@ def endpoints(conn: KeeperConn, name: str, namespace: str, discovery: str | None
     ref = AppId.parse(AppRef(namespace=namespace, name=name)).ref()
     conn.stub.GetApplication(keeper_pb2.GetApplicationRequest(app=ref), metadata=conn.md)  # visibility check
     address = discovery or stack_address(conn.state_dir, "discovery", "--discovery")
-    with grpc.insecure_channel(address, options=grpc_options()) as channel:
+    with sync_channel(address, token=conn.token) as channel:
         found = discovery_pb2_grpc.DiscoveryStub(channel).Resolve(
             discovery_pb2.ResolveRequest(app=ref, kind=kind), timeout=10
         )
@@ -347,7 +347,8 @@ def infer(
     conn.stub.GetApplication(keeper_pb2.GetApplicationRequest(app=ref), metadata=conn.md)  # visibility check
     app_name = f"{ref.namespace}/{ref.name}"
     latencies: list[float] = []
-    with Client(discovery or stack_address(conn.state_dir, "discovery", "--discovery")) as client:
+    address = discovery or stack_address(conn.state_dir, "discovery", "--discovery")
+    with Client(address, token=conn.token) as client:
         # The endpoint's own KServe ModelMetadata says which inputs it takes, for every kind of app
         # (a Triton app's model is named by its repository).
         model = served_model(client.endpoints(app_name)[0], ref)

@@ -10,17 +10,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from servefleet import stack
 from servefleet.api import keeper_pb2, keeper_pb2_grpc
 from servefleet.cli.common import output_option, state_dir_option
-from servefleet.common.config import grpc_options
+from servefleet.common.channels import TlsFiles, sync_channel, use_tls
 
 F = TypeVar("F", bound=Callable[..., Any])
-ADMIN_TOKEN_FILE = "admin.token"
+ADMIN_TOKEN_FILE = stack.ADMIN_TOKEN_FILE
 
 
 def stack_address(state_dir: Path, part: str, flag: str) -> str:
@@ -47,12 +46,22 @@ class KeeperConn:
     output: str
 
     def __post_init__(self) -> None:
-        self.channel = grpc.insecure_channel(self.address, options=grpc_options())
+        self.channel = sync_channel(self.address)
         self.stub = keeper_pb2_grpc.KeeperStub(self.channel)
 
     @property
     def md(self) -> list[tuple[str, str]]:
         return [("authorization", f"Bearer {self.token}")]
+
+
+def adopt_stack_tls(state_dir: Path) -> None:
+    """Talk TLS (and mTLS) like the local stack when it was started with ``--tls``."""
+    try:
+        found = stack.tls_files(state_dir)
+    except (FileNotFoundError, stack.StackError):
+        return
+    if found.enabled and not TlsFiles.from_settings().enabled:
+        use_tls(found)
 
 
 def keeper_command(func: F) -> F:
@@ -71,6 +80,7 @@ def keeper_command(func: F) -> F:
         *args: Any, state_dir: Path, keeper: str | None, token: str | None, output: str, **kwargs: Any
     ) -> Any:
         address = keeper or stack_address(state_dir, "keeper", "--keeper")
+        adopt_stack_tls(state_dir)
         if not token:
             path = state_dir / ADMIN_TOKEN_FILE
             if not path.exists():

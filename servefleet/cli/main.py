@@ -22,6 +22,7 @@ cli.add_command(stack_cmds.status)
 cli.add_command(app_cmds.app)
 cli.add_command(cluster_cmds.cluster)
 cli.add_command(tenant_cmds.tenant)
+cli.add_command(tenant_cmds.token_group)
 
 
 def main(argv: list[str] | None = None) -> None:

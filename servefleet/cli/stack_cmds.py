@@ -63,6 +63,9 @@ def _resources(text: str) -> dict[str, float]:
     help="Redis AOF fsync policy (the broker's durability window).",
 )
 @click.option("--detach", is_flag=True, help="Return once healthy; stop later with `servefleet down`.")
+@click.option(
+    "--tls", is_flag=True, help="TLS and mTLS between the services, with a local CA made in <state-dir>/tls."
+)
 @one_line_errors
 def up(
     state_dir: Path,
@@ -74,6 +77,7 @@ def up(
     ray_address: str | None,
     redis_appendfsync: str,
     detach: bool,
+    tls: bool,
 ) -> None:
     """Start etcd, Redis, Ray and every servefleet service; wait until all are healthy."""
     config = stack.StackConfig(
@@ -85,6 +89,7 @@ def up(
         redis=redis_address,
         ray=ray_address,
         redis_appendfsync=redis_appendfsync,
+        tls=tls,
     )
     parts = stack.preflight(config)
     started = time.monotonic()

@@ -1,4 +1,5 @@
-"""`servefleet tenant create|token|quota` (admin): who may use which namespaces, and how much."""
+"""`servefleet tenant create|token|quota` and `servefleet token issue|list|revoke` (admin): who may
+use which namespaces, how much, and with which credentials."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from typing import Any
 
 import click
 
-from servefleet.api import keeper_pb2
+from servefleet.api import common_pb2, keeper_pb2
 from servefleet.cli.common import emit, one_line_errors
 from servefleet.cli.keeper_conn import KeeperConn, keeper_command, to_dict
+from servefleet.common.auth import ROLES
 
 
 @click.group()
@@ -93,3 +95,61 @@ def quota(conn: KeeperConn, name: str, **limits: Any) -> None:
     """Replace tenant NAME's quota (0 lifts a limit)."""
     request = keeper_pb2.SetQuotaRequest(tenant=name, quota=_quota(limits))
     _show(conn, conn.stub.SetQuota(request, metadata=conn.md))
+
+
+@click.group(name="token")
+def token_group() -> None:
+    """Every credential the keeper issued: issue service tokens, list, revoke (admin token needed)."""
+
+
+@token_group.command(name="issue")
+@click.argument("role", type=click.Choice(ROLES))
+@click.option("--tenant", "tenant_name", default="", help="Role tenant: the tenant it acts for.")
+@click.option("--app", "app", default="", metavar="NAMESPACE/NAME", help="Role endpoint: its application.")
+@click.option("--description", default="", help="What it is for (shown by `token list`).")
+@keeper_command
+@one_line_errors
+def issue(conn: KeeperConn, role: str, tenant_name: str, app: str, description: str) -> None:
+    """Issue a token of ROLE (e.g. autoscaler); printed once, only its hash is stored."""
+    namespace, _, name = app.rpartition("/")
+    request = keeper_pb2.IssueTokenRequest(
+        role=role,
+        tenant=tenant_name,
+        app=common_pb2.AppRef(namespace=namespace, name=name),
+        description=description,
+    )
+    issued = conn.stub.IssueToken(request, metadata=conn.md)
+    if conn.output == "json":
+        emit([{"token_id": issued.token_id, "role": role, "token": issued.token}], "json")
+    else:
+        click.echo(issued.token)
+
+
+@token_group.command(name="list")
+@click.option("--tenant", "tenant_name", default="", help="Only this tenant's tokens.")
+@keeper_command
+@one_line_errors
+def list_tokens(conn: KeeperConn, tenant_name: str) -> None:
+    """Every token (its id, role, tenant or app, when made); never the tokens themselves."""
+    found = conn.stub.ListTokens(keeper_pb2.ListTokensRequest(tenant=tenant_name), metadata=conn.md)
+    rows = [
+        {
+            "token_id": t.token_id,
+            "role": t.role,
+            "tenant": t.tenant,
+            "app": f"{t.app.namespace}/{t.app.name}" if t.app.name else "-",
+            "description": t.description or "-",
+        }
+        for t in found.tokens
+    ]
+    emit([to_dict(t) for t in found.tokens] if conn.output == "json" else rows, conn.output)
+
+
+@token_group.command()
+@click.argument("token_id")
+@keeper_command
+@one_line_errors
+def revoke(conn: KeeperConn, token_id: str) -> None:
+    """Revoke token TOKEN_ID: every service refuses it within SERVEFLEET_TOKEN_CACHE_S (5 s)."""
+    gone = conn.stub.RevokeToken(keeper_pb2.RevokeTokenRequest(token_id=token_id), metadata=conn.md)
+    emit([to_dict(gone.token)], conn.output)

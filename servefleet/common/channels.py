@@ -1,15 +1,158 @@
-"""One grpc.aio channel per address, reused by every call to it: the SDK's endpoints, a proxy's
-same-node replicas and the keeper's cluster agents all keep their channels here."""
+"""Every client channel to a servefleet service comes from here: one place decides the transport
+(plaintext, TLS, or mTLS from ``Settings.tls_*``) and adds the caller's bearer token; and one
+grpc.aio channel per address, reused by every call to it (``ChannelCache``: the SDK's endpoints, a
+proxy's same-node replicas and the keeper's cluster agents keep their channels there).
+
+TLS covers the control plane (keeper, discovery, broker, cluster agents). ``use_tls`` lets a
+process adopt a stack's certificates after start (the CLI reads them from the state dir).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
-from servefleet.common.config import grpc_options
+from servefleet.common.auth import bearer_interceptors, bearer_metadata
+from servefleet.common.config import grpc_options, settings
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM paths: the CA every part trusts, and this part's certificate and key (its server
+    certificate, and its client certificate when servers ask for one)."""
+
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+    client_auth: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.ca or self.cert)
+
+    @classmethod
+    def from_settings(cls) -> TlsFiles:
+        return cls(
+            settings.tls_ca_file,
+            settings.tls_cert_file,
+            settings.tls_key_file,
+            bool(settings.tls_client_auth),
+        )
+
+    def env(self) -> dict[str, str]:
+        """The variables that hand these files to a child process's ``Settings``."""
+        return {
+            "SERVEFLEET_TLS_CA_FILE": self.ca,
+            "SERVEFLEET_TLS_CERT_FILE": self.cert,
+            "SERVEFLEET_TLS_KEY_FILE": self.key,
+            "SERVEFLEET_TLS_CLIENT_AUTH": "1" if self.client_auth else "0",
+        }
+
+
+_tls = TlsFiles.from_settings()
+
+
+def use_tls(files: TlsFiles) -> None:
+    """Use ``files`` for every channel and server this process makes from now on."""
+    global _tls
+    _tls = files
+
+
+def tls() -> TlsFiles:
+    return _tls
+
+
+def _read(path: str) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+def channel_credentials() -> grpc.ChannelCredentials | None:
+    """TLS credentials for a client (with its certificate for mTLS); None for plaintext."""
+    files = _tls
+    if not files.enabled:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(files.ca), private_key=_read(files.key), certificate_chain=_read(files.cert)
+    )
+
+
+def server_credentials() -> grpc.ServerCredentials | None:
+    """TLS credentials for a server (requiring client certificates when ``client_auth``)."""
+    files = _tls
+    if not files.cert:
+        return None
+    key, cert = _read(files.key), _read(files.cert)
+    assert key is not None and cert is not None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=_read(files.ca), require_client_auth=files.client_auth
+    )
+
+
+def aio_channel(
+    address: str, *, token: str = "", options: list[tuple[str, Any]] | None = None
+) -> grpc.aio.Channel:
+    """A grpc.aio channel to a servefleet service, sending ``token`` on every call."""
+    opts = grpc_options() if options is None else options
+    interceptors = bearer_interceptors(token) if token else None
+    creds = channel_credentials()
+    if creds is None:
+        return grpc.aio.insecure_channel(address, options=opts, interceptors=interceptors)
+    return grpc.aio.secure_channel(address, creds, options=opts, interceptors=interceptors)
+
+
+_Details = collections.namedtuple(
+    "_Details", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
+)
+
+
+class _SyncBearer(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def _details(self, details: Any) -> Any:
+        metadata = [*(details.metadata or ()), *bearer_metadata(self.token)]
+        return _Details(
+            details.method,
+            details.timeout,
+            metadata,
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return continuation(self._details(details), request_iterator)
+
+
+def sync_channel(address: str, *, token: str = "") -> grpc.Channel:
+    """A blocking channel to a servefleet service (CLI, probes), sending ``token`` on every call."""
+    creds = channel_credentials()
+    if creds is None:
+        channel = grpc.insecure_channel(address, options=grpc_options())
+    else:
+        channel = grpc.secure_channel(address, creds, options=grpc_options())
+    return grpc.intercept_channel(channel, _SyncBearer(token)) if token else channel
+
 
 S = TypeVar("S")
 
@@ -20,9 +163,17 @@ class ChannelCache:
     cancels its calls)."""
 
     def __init__(
-        self, *, interceptors: Sequence[grpc.aio.ClientInterceptor] = (), close_grace_s: float = 5.0
+        self,
+        *,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+        close_grace_s: float = 5.0,
+        token: str = "",
+        tls: bool = False,
     ) -> None:
-        self._interceptors = list(interceptors)
+        """``token``/``tls``: for channels to control-plane services (the keeper's agents): the
+        bearer token on every call, TLS when configured. Data-plane channels take neither."""
+        self._interceptors = [*interceptors, *(bearer_interceptors(token) if token else [])]
+        self._tls = tls
         self._close_grace_s = close_grace_s
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[tuple[str, Any], Any] = {}
@@ -31,8 +182,14 @@ class ChannelCache:
     def channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(
-                address, options=grpc_options(), interceptors=self._interceptors or None
+            creds = channel_credentials() if self._tls else None
+            interceptors = self._interceptors or None
+            channel = self._channels[address] = (
+                grpc.aio.insecure_channel(address, options=grpc_options(), interceptors=interceptors)
+                if creds is None
+                else grpc.aio.secure_channel(
+                    address, creds, options=grpc_options(), interceptors=interceptors
+                )
             )
         return channel
 

@@ -66,8 +66,17 @@ class Settings:
     keeper_reconcile_interval_s: float = 1.0
     #: Keeper: seconds between checks of an app that is RUNNING at its desired revision.
     keeper_steady_check_s: float = 5.0
-    #: Keeper: seconds a verified token is trusted without asking etcd again.
-    keeper_token_cache_s: float = 5.0
+    #: Seconds a verified token is trusted without asking etcd again, in every service: a revoked
+    #: token stops working everywhere within this long.
+    token_cache_s: float = 5.0
+    #: TLS for the control plane (keeper, discovery, broker, agents), PEM paths; empty: plaintext.
+    #: ``tls_ca_file`` is the CA every part trusts; ``tls_cert_file``/``tls_key_file`` this part's
+    #: certificate (server side, and client side for mTLS). ``servefleet up --tls`` makes them.
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    #: 1: servers require a client certificate signed by ``tls_ca_file`` (mTLS between parts).
+    tls_client_auth: int = 0
     #: Keeper: where working_dir may point (os.pathsep-separated; empty: the keeper's working dir).
     keeper_allowed_roots: str = ""
     #: Keeper: 1 lets specs name URLs (pip from git/http, remote working_dir); 0 refuses them.

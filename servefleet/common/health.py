@@ -9,13 +9,14 @@ import urllib.request
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from servefleet.common.channels import sync_channel
 from servefleet.common.net import split_address, tcp_open
 
 
 def grpc_health(address: str, service: str = "", timeout: float = 1.0) -> tuple[bool, str]:
-    """The standard gRPC health protocol (grpc.health.v1.Health/Check)."""
+    """The standard gRPC health protocol (grpc.health.v1.Health/Check), over TLS when configured."""
     try:
-        with grpc.insecure_channel(address) as channel:
+        with sync_channel(address) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
             )

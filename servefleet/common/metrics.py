@@ -15,7 +15,7 @@ Where a part's metrics live must be findable without configuration:
 
 A new app kind exposes its actor's metrics with one call (in the actor, on its event loop)::
 
-    self._metrics = metrics.expose(discovery, app, "triton", {"cluster": cluster, "node": node})
+    self._metrics = metrics.expose(discovery, app, "triton", labels, credential=endpoint_token)
     ...
     self._metrics.cancel()  # when the actor drains: Prometheus and the autoscaler forget it
 """
@@ -104,10 +104,16 @@ def discovery_endpoint(
 
 
 def expose(
-    discovery: str, app: common_pb2.AppRef, part: str, labels: Mapping[str, str] | None = None
+    discovery: str,
+    app: common_pb2.AppRef,
+    part: str,
+    labels: Mapping[str, str] | None = None,
+    *,
+    credential: str = "",
 ) -> asyncio.Task[None]:
     """Serve this process's metrics and keep them registered in discovery (kind ``metrics``) for
-    as long as the returned task runs; with no discovery address it only serves."""
+    as long as the returned task runs, with the app's endpoint token ``credential``; with no
+    discovery address it only serves."""
     endpoint = discovery_endpoint(app, part, serve(), labels)
 
     async def registered() -> None:
@@ -117,7 +123,7 @@ def expose(
         from servefleet.discovery.registration import registration
 
         try:
-            async with registration(discovery, endpoint, ttl_s=settings.discovery_ttl_s):
+            async with registration(discovery, endpoint, ttl_s=settings.discovery_ttl_s, token=credential):
                 await asyncio.Event().wait()
         except Exception:  # metrics must never take the actor down with them
             log.warning("cannot register metrics of %s in discovery", part, exc_info=True)

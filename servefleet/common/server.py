@@ -1,6 +1,7 @@
 """The gRPC server every servefleet service runs: grpc.aio with health, reflection, explicit
-keepalive and message limits, one interceptor mapping domain errors to status codes, tracing and
-Prometheus series (calls by method and code, latency, in flight), and a graceful stop on
+keepalive and message limits, one interceptor that authenticates and authorizes the caller, maps
+domain errors to status codes, traces every RPC and records Prometheus series (calls by method and
+code, latency, in flight), optional TLS, and a graceful stop on
 SIGTERM/SIGINT."""
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from servefleet.common import metrics, telemetry
+from servefleet.common.auth import Authenticator, allowed_roles, authorize, set_caller
+from servefleet.common.channels import server_credentials
 from servefleet.common.config import grpc_options, settings
 from servefleet.common.errors import ServefleetError
 
@@ -54,9 +57,20 @@ def _ended_with(context: grpc.aio.ServicerContext, exc: BaseException | None) ->
 
 
 def _wrap_behavior(
-    service: str, method: str, behavior: Callable[..., Any], streaming_response: bool
+    service: str,
+    method: str,
+    behavior: Callable[..., Any],
+    streaming_response: bool,
+    auth: Authenticator | None = None,
 ) -> Callable[..., Any]:
-    """One place that turns domain errors into statuses, opens the server span and measures."""
+    """One place that checks the caller, turns domain errors into statuses, opens the server span
+    and measures."""
+
+    async def admit(context: grpc.aio.ServicerContext) -> None:
+        if auth is not None:
+            who = await auth.authenticate(context.invocation_metadata())
+            authorize(method, who)
+            set_caller(who)
 
     async def fail(context: grpc.aio.ServicerContext, span: Any, exc: BaseException) -> None:
         if isinstance(exc, ServefleetError):
@@ -73,6 +87,7 @@ def _wrap_behavior(
             measured, ended = _Measured(service, method), _NOTHING
             with telemetry.server_span(method, context.invocation_metadata()) as span:
                 try:
+                    await admit(context)
                     async for item in behavior(request, context):
                         yield item
                 except (asyncio.CancelledError, GeneratorExit) as exc:
@@ -92,6 +107,7 @@ def _wrap_behavior(
         measured, ended = _Measured(service, method), _NOTHING
         with telemetry.server_span(method, context.invocation_metadata()) as span:
             try:
+                await admit(context)
                 result = behavior(request, context)
                 if inspect.isawaitable(result):
                     result = await result
@@ -111,11 +127,13 @@ def _wrap_behavior(
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Maps ServefleetError to its status code, traces and measures every RPC (``service`` is the
-    ``service`` label of its series); health/reflection pass through."""
+    """Checks the caller (with ``auth``), maps ServefleetError to its status code, traces and
+    measures every RPC (``service`` is the ``service`` label of its series); health and reflection
+    pass through (they reveal no application)."""
 
-    def __init__(self, service: str = "") -> None:
+    def __init__(self, service: str = "", auth: Authenticator | None = None) -> None:
         self.service = service
+        self.auth = auth
 
     async def intercept_service(
         self,
@@ -133,7 +151,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
         }
         attr, factory = kinds[(handler.request_streaming, handler.response_streaming)]
-        wrapped = _wrap_behavior(self.service, method, getattr(handler, attr), handler.response_streaming)
+        wrapped = _wrap_behavior(
+            self.service, method, getattr(handler, attr), handler.response_streaming, self.auth
+        )
         return factory(
             wrapped,
             request_deserializer=handler.request_deserializer,
@@ -142,7 +162,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
 
 class GrpcServer:
-    """A started-once gRPC server: ``start()`` binds and reports the port, ``stop(grace)`` drains."""
+    """A started-once gRPC server: ``start()`` binds and reports the port, ``stop(grace)`` drains.
+
+    With ``auth`` every call must carry a token whose role ``servefleet.common.auth.ALLOWED`` lets
+    call the method (a served method missing from that table refuses to start); control-plane
+    services pass one and ``tls=True`` (TLS when ``Settings.tls_*`` say so). Without ``auth`` the
+    server is open (inference endpoints)."""
 
     def __init__(
         self,
@@ -150,12 +175,18 @@ class GrpcServer:
         listen: str,
         registrars: Sequence[Registrar],
         service_names: Sequence[str],
+        *,
+        auth: Authenticator | None = None,
+        tls: bool = False,
     ) -> None:
         self.name = name
         self.listen = listen
         self.port = 0
+        self.tls = tls
         self._service_names = list(service_names)
-        self._server = grpc.aio.server(interceptors=[ServiceInterceptor(name)], options=grpc_options())
+        if auth is not None:
+            _check_policy(self._service_names)
+        self._server = grpc.aio.server(interceptors=[ServiceInterceptor(name, auth)], options=grpc_options())
         for register in registrars:
             register(self._server)
         self.health = HealthServicer()
@@ -179,7 +210,11 @@ class GrpcServer:
         return f"{host}:{self.port}"
 
     async def start(self) -> int:
-        self.port = self._server.add_insecure_port(self.listen)
+        creds = server_credentials() if self.tls else None
+        if creds is None:
+            self.port = self._server.add_insecure_port(self.listen)
+        else:
+            self.port = self._server.add_secure_port(self.listen, creds)
         if self.port == 0:
             raise OSError(f"{self.name}: cannot listen on {self.listen}")
         await self._server.start()
@@ -195,6 +230,18 @@ class GrpcServer:
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
+
+
+def _check_policy(service_names: Sequence[str]) -> None:
+    """Every method of every served service must say who may call it (fail closed)."""
+    from google.protobuf import descriptor_pool
+
+    pool = descriptor_pool.Default()
+    for full_name in service_names:
+        for method in pool.FindServiceByName(full_name).methods:
+            path = f"/{full_name}/{method.name}"
+            if allowed_roles(path) is None:
+                raise RuntimeError(f"{path} has no entry in servefleet.common.auth.ALLOWED")
 
 
 async def serve_until_signal(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from servefleet.api import discovery_pb2, discovery_pb2_grpc
+from servefleet.common.auth import Authenticator, EtcdTokens
 from servefleet.common.entry import Service, run_service, service_parser
 from servefleet.common.server import GrpcServer
 from servefleet.discovery.core import DiscoveryCore, connect_etcd
@@ -22,6 +23,8 @@ async def build(args: argparse.Namespace) -> Service:
         args.listen,
         [lambda s: discovery_pb2_grpc.add_DiscoveryServicer_to_server(servicer, s)],
         [SERVICE],
+        auth=Authenticator(EtcdTokens(etcd)),
+        tls=True,
     )
     # Without etcd discovery can answer nothing.
     return Service(server, on_stop=etcd.close, dependencies={"etcd": core.revision})

@@ -24,7 +24,8 @@ from google.protobuf.message import DecodeError
 
 from servefleet.api import common_pb2, discovery_pb2
 from servefleet.common.appid import AppId
-from servefleet.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from servefleet.common.auth import Principal
+from servefleet.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unavailable
 from servefleet.common.net import split_address
 from servefleet.discovery import names
 
@@ -135,25 +136,51 @@ def matches(endpoint: discovery_pb2.Endpoint, kind: str, label_filter: Mapping[s
     return all(endpoint.labels.get(k) == v for k, v in label_filter.items())
 
 
+def _owner(who: Principal) -> bytes:
+    """What a lease records as its registrant: the app an endpoint token serves (admins: "*")."""
+    return b"*" if who.is_admin else who.app.encode()
+
+
 class DiscoveryCore:
-    """Register / keep alive / deregister / resolve / watch, each a few etcd calls."""
+    """Register / keep alive / deregister / resolve / watch, each a few etcd calls.
+
+    Every call takes the authenticated caller: only an application's endpoint token (or an admin)
+    registers, renews or removes that application's endpoints, and a lease serves the registrant
+    that created it only; resolving and watching need a token that sees the namespace (another
+    tenant's application is NOT_FOUND)."""
 
     def __init__(self, etcd: aetcd.Client) -> None:
         self._etcd = etcd
 
+    async def check_lease(self, who: Principal, lease_id: int) -> bool:
+        """False when the lease is gone; PERMISSION_DENIED unless ``who`` created it."""
+        with _etcd_errors():
+            found = await self._etcd.get(names.lease_key(lease_id))
+        if found is None:
+            return False
+        if not (who.is_admin or found.value == _owner(who)):
+            raise PermissionDenied(f"lease {lease_id} belongs to another registrant than {who.describe()}")
+        return True
+
     async def register(
-        self, endpoint: discovery_pb2.Endpoint, *, ttl_s: int = 0, lease_id: int = 0
+        self, who: Principal, endpoint: discovery_pb2.Endpoint, *, ttl_s: int = 0, lease_id: int = 0
     ) -> discovery_pb2.RegisterResponse:
         """Store ``endpoint`` bound to a new lease (or the live ``lease_id``); same id = replace."""
         record = names.check_endpoint(endpoint)
+        who.require_serves(record.app.namespace, record.app.name)
         ttl = names.check_ttl(ttl_s)
         if lease_id < 0:
             raise InvalidArgument(f"lease_id {lease_id} must be >= 0")
         record.id = record.id or uuid4().hex[:16]
+        if lease_id and not await self.check_lease(who, lease_id):
+            raise FailedPrecondition(
+                f"lease {lease_id} is gone (expired or revoked): register without lease_id"
+            )
         with _etcd_errors():
             if lease_id == 0:
                 lease = await self._etcd.lease(ttl)
                 lease_id, ttl = lease.id, lease.ttl
+                await self._etcd.put(names.lease_key(lease_id), _owner(who), lease=lease_id)
             try:
                 put = await self._etcd.put(
                     names.endpoint_key(record.app, record.id), record.SerializeToString(), lease=lease_id
@@ -169,17 +196,25 @@ class DiscoveryCore:
         )
 
     async def keep_alive(self, lease_id: int) -> discovery_pb2.KeepAliveResponse:
-        """Renew a lease; ``ttl_s`` 0 tells the registrant its lease (and records) are gone."""
+        """Renew a lease; ``ttl_s`` 0 tells the registrant its lease (and records) are gone.
+        (The servicer checks the caller owns it, once per lease per stream: ``check_lease``.)"""
         if lease_id <= 0:
             raise InvalidArgument(f"lease_id {lease_id} must be > 0")
         with _etcd_errors():
             reply = await self._etcd.refresh_lease(lease_id)
         return discovery_pb2.KeepAliveResponse(lease_id=lease_id, ttl_s=max(0, int(reply.TTL)))
 
-    async def deregister(self, app: common_pb2.AppRef, endpoint_id: str, lease_id: int) -> int:
+    async def deregister(
+        self, who: Principal, app: common_pb2.AppRef, endpoint_id: str, lease_id: int
+    ) -> int:
         """Delete one record and/or revoke a lease (and every record on it); idempotent."""
         if not endpoint_id and lease_id <= 0:
             raise InvalidArgument("deregister needs endpoint_id (with app) or lease_id")
+        if endpoint_id:
+            ref = AppId.parse(app)
+            who.require_serves(ref.namespace, ref.name)
+        if lease_id > 0 and not await self.check_lease(who, lease_id):
+            lease_id = 0  # already gone: nothing to revoke
         revision = 0
         with _etcd_errors():
             if endpoint_id:
@@ -214,9 +249,16 @@ class DiscoveryCore:
         return [kv.value for kv in result.kvs], int(result.header.revision)
 
     async def resolve(
-        self, app: common_pb2.AppRef, *, kind: str = "", label_filter: Mapping[str, str] | None = None
+        self,
+        who: Principal,
+        app: common_pb2.AppRef,
+        *,
+        kind: str = "",
+        label_filter: Mapping[str, str] | None = None,
     ) -> discovery_pb2.ResolveResponse:
-        values, revision = await self._range(names.watch_prefix(AppId.parse(app).ref()))
+        ref = AppId.parse(app).ref()
+        who.require_visible(ref.namespace, ref.name)
+        values, revision = await self._range(names.watch_prefix(ref))
         reply = with_endpoints(discovery_pb2.ResolveResponse(revision=revision), values)
         if not kind and not label_filter:
             return reply
@@ -224,7 +266,7 @@ class DiscoveryCore:
         return discovery_pb2.ResolveResponse(endpoints=chosen, revision=revision)
 
     async def watch(
-        self, app: common_pb2.AppRef, *, from_revision: int = 0
+        self, who: Principal, app: common_pb2.AppRef, *, from_revision: int = 0
     ) -> AsyncIterator[discovery_pb2.WatchEvent]:
         """A snapshot (unless resuming), then every change in revision order, until cancelled.
 
@@ -236,6 +278,16 @@ class DiscoveryCore:
         if from_revision < 0:
             raise InvalidArgument(f"from_revision {from_revision} must be >= 0")
         prefix = names.watch_prefix(app)
+        if not app.namespace and not app.name:
+            if not who.sees_all:
+                raise PermissionDenied(
+                    f"watching every namespace needs an admin token; {who.describe()} may watch its own "
+                    f"({', '.join(who.namespaces) or 'none'})"
+                )
+        else:
+            who.require_visible(
+                app.namespace or names.DEFAULT_NAMESPACE, app.name or "*", "namespace or application"
+            )
         resume = from_revision
         stale = False
         while True:

@@ -36,6 +36,11 @@ def root() -> bytes:
     return f"{settings.etcd_prefix}/discovery/endpoints/".encode()
 
 
+def lease_key(lease_id: int) -> bytes:
+    """Who registered on a lease (bound to the lease itself, so it goes when the lease goes)."""
+    return f"{settings.etcd_prefix}/discovery/leases/{lease_id}".encode()
+
+
 def watch_prefix(app: common_pb2.AppRef) -> bytes:
     """Key prefix for one application, one namespace (empty name) or everything (both empty)."""
     if not app.name and not app.namespace:

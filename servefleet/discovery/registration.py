@@ -16,7 +16,9 @@ from collections.abc import AsyncIterator
 import grpc
 
 from servefleet.api import discovery_pb2, discovery_pb2_grpc
-from servefleet.common.config import grpc_options, settings
+from servefleet.common.auth import resolve_token
+from servefleet.common.channels import aio_channel
+from servefleet.common.config import settings
 from servefleet.common.errors import FailedPrecondition, from_rpc_error
 from servefleet.common.retry import Backoff, RetryPolicy
 
@@ -42,12 +44,12 @@ class Registration:
     """A live registration. ``endpoint_id``/``lease_id`` change only when the lease was lost and the
     endpoint registered again (the id stays the same: discovery picked it, or the caller did)."""
 
-    def __init__(self, discovery: str, endpoint: discovery_pb2.Endpoint, ttl_s: int) -> None:
+    def __init__(self, discovery: str, endpoint: discovery_pb2.Endpoint, ttl_s: int, token: str = "") -> None:
         self._endpoint = discovery_pb2.Endpoint()
         self._endpoint.CopyFrom(endpoint)
         self._ttl_s = ttl_s
         self._lease_id = 0
-        self._channel = grpc.aio.insecure_channel(discovery, options=grpc_options())
+        self._channel = aio_channel(discovery, token=token)
         self._stub = discovery_pb2_grpc.DiscoveryStub(self._channel)
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -169,16 +171,19 @@ class Registration:
 
 @contextlib.asynccontextmanager
 async def registration(
-    discovery: str, endpoint: discovery_pb2.Endpoint, *, ttl_s: int = 5
+    discovery: str, endpoint: discovery_pb2.Endpoint, *, ttl_s: int = 5, token: str | None = None
 ) -> AsyncIterator[Registration]:
     """Keep ``endpoint`` registered at ``discovery`` (host:port) for the body of the ``async with``.
+
+    ``token`` (default ``$SERVEFLEET_TOKEN``) must be the application's endpoint token (or an
+    admin's): anything else is refused with PERMISSION_DENIED or UNAUTHENTICATED, at once.
 
     Entering waits until the first registration succeeds (retrying while discovery or etcd is
     unreachable, up to ``settings.discovery_register_timeout_s``); bad input raises InvalidArgument
     at once. Inside, the lease is renewed every ``ttl_s / 3`` seconds and the endpoint registered
     again after any loss. Leaving deregisters it.
     """
-    reg = Registration(discovery, endpoint, ttl_s)
+    reg = Registration(discovery, endpoint, ttl_s, resolve_token(token))
     try:
         await reg._start()
         yield reg

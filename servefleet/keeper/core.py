@@ -17,6 +17,18 @@ from pathlib import Path
 from servefleet import spec as specs
 from servefleet.api import common_pb2, keeper_pb2
 from servefleet.common.appid import DEFAULT_NAMESPACE, AppId, check_name
+from servefleet.common.auth import (
+    ADMIN,
+    AGENT,
+    AUTOSCALER,
+    ENDPOINT,
+    ROLES,
+    TENANT,
+    Principal,
+    hash_token,
+    new_token,
+    token_id,
+)
 from servefleet.common.config import settings
 from servefleet.common.errors import (
     Conflict,
@@ -27,11 +39,10 @@ from servefleet.common.errors import (
     ResourceExhausted,
 )
 from servefleet.keeper import placement, policy
-from servefleet.keeper.auth import ADMIN, ROLES, TENANT, Principal, hash_token, new_token
 from servefleet.keeper.store import AppRecord, KeeperStore, QuotaFence, QuotaRace, cancel_watch
 
 #: Roles whose Scale calls may speak for the autoscaler (issue 19 adds the narrow ``autoscaler``).
-AUTOSCALER_ROLES = (ADMIN, "autoscaler")
+AUTOSCALER_ROLES = (ADMIN, AUTOSCALER)
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +105,8 @@ class Keeper:
             raise InvalidArgument(f"page_size: must be >= 0, got {request.page_size}")
         size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         namespaces = who.visible(request.namespace)
+        if request.namespace and not namespaces:  # asked for by name, and it is another tenant's
+            raise NotFound(f"namespace {request.namespace!r} not found")
         out = keeper_pb2.ListApplicationsResponse()
         after = request.page_token  # the last key scanned, matching or not
         while True:
@@ -295,7 +308,8 @@ class Keeper:
     # -- clusters ------------------------------------------------------------------------------
 
     async def register_cluster(self, who: Principal, info: keeper_pb2.ClusterInfo) -> int:
-        who.require_admin("registering a cluster")
+        if who.role != AGENT:
+            who.require_admin("registering a cluster (or an agent token)")
         if not info.name:
             raise InvalidArgument("cluster.name: required")
         if not info.agent_address:
@@ -332,15 +346,64 @@ class Keeper:
         await self.store.create_tenant(info)
         return info
 
-    async def issue_token(self, who: Principal, tenant: str, role: str) -> str:
-        who.require_admin("issuing a token")
-        role = role or TENANT
+    async def issue_token(self, who: Principal, request: keeper_pb2.IssueTokenRequest) -> tuple[str, str]:
+        """A new token and its id. Admins issue any role; a cluster agent only endpoint tokens (for
+        the apps the keeper places on it). The token is returned once; only its hash is kept."""
+        role = request.role or TENANT
         if role not in ROLES:
             raise InvalidArgument(f"role: {role!r} is not one of {', '.join(ROLES)}")
-        if role == TENANT and await self.store.tenant(tenant) is None:
-            raise NotFound(f"tenant {tenant!r} not found: create it first (servefleet tenant create)")
+        if not (who.is_admin or (who.role == AGENT and role == ENDPOINT)):
+            may = "may issue endpoint tokens only" if who.role == AGENT else "is not one"
+            raise PermissionDenied(f"issuing a {role} token needs an admin token; {who.describe()} {may}")
+        record = keeper_pb2.TokenRecord(role=role, created_at=self.clock(), description=request.description)
+        if role == TENANT:
+            if await self.store.tenant(request.tenant) is None:
+                raise NotFound(
+                    f"tenant {request.tenant!r} not found: create it first (servefleet tenant create)"
+                )
+            record.tenant = request.tenant
+        elif role == ENDPOINT:
+            if not request.app.name:
+                raise InvalidArgument("app.name: an endpoint token serves one application; name it")
+            record.app.namespace = request.app.namespace or specs.DEFAULT_NAMESPACE
+            record.app.name = request.app.name
+            record.tenant = ENDPOINT
+        else:
+            record.tenant = role
         token = new_token()
-        record = keeper_pb2.TokenRecord(tenant=tenant or ADMIN, role=role, created_at=self.clock())
+        digest = hash_token(token)
+        await self.store.put_token(digest, record)
+        log.info("token issued", extra={"token_id": token_id(digest), "role": role, "by": who.describe()})
+        return token, token_id(digest)
+
+    async def list_tokens(self, who: Principal, tenant: str = "") -> list[keeper_pb2.TokenInfo]:
+        who.require_admin("listing tokens")
+        out = [
+            _token_info(digest, record)
+            for digest, record in await self.store.tokens()
+            if not tenant or record.tenant == tenant
+        ]
+        return sorted(out, key=lambda t: t.created_at)
+
+    async def revoke_token(self, who: Principal, ident: str) -> keeper_pb2.TokenInfo:
+        """Delete a token's record: every service refuses it within ``settings.token_cache_s``."""
+        who.require_admin("revoking a token")
+        if len(ident) < 8:
+            raise InvalidArgument("token_id: give the id `servefleet token list` shows (16 hex digits)")
+        found = await self.store.find_token(ident)
+        if found is None:
+            raise NotFound(f"token {ident} not found (servefleet token list shows the ids)")
+        digest, record = found
+        await self.store.delete_token(digest)
+        log.info("token revoked", extra={"token_id": token_id(digest), "by": who.describe()})
+        return _token_info(digest, record)
+
+    async def service_token(self, role: str, description: str) -> str:
+        """A token for one of the platform's own parts (the keeper's own, to call agents)."""
+        token = new_token()
+        record = keeper_pb2.TokenRecord(
+            tenant=role, role=role, created_at=self.clock(), description=description
+        )
         await self.store.put_token(hash_token(token), record)
         return token
 
@@ -435,3 +498,14 @@ class Keeper:
         current = policy.usage_total(r.desired for r in page.apps)
         policy.check_quota(payer, limits, current, change)
         return fence
+
+
+def _token_info(digest: str, record: keeper_pb2.TokenRecord) -> keeper_pb2.TokenInfo:
+    return keeper_pb2.TokenInfo(
+        token_id=token_id(digest),
+        tenant=record.tenant,
+        role=record.role,
+        app=record.app,
+        description=record.description,
+        created_at=record.created_at,
+    )

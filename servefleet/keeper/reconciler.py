@@ -40,14 +40,17 @@ _SERVED = (AppState.RUNNING, AppState.UPDATING, AppState.DEGRADED)
 
 
 class Agents:
-    """One gRPC channel per cluster agent address, reused across passes."""
+    """One gRPC channel per cluster agent address, reused across passes, calling with ``token``
+    (the keeper's own, role keeper: agents answer nobody else but admins)."""
 
-    def __init__(self, timeout_s: float = 60.0, read_timeout_s: float = 10.0) -> None:
+    def __init__(self, timeout_s: float = 60.0, read_timeout_s: float = 10.0, *, token: str = "") -> None:
         self.timeout_s = timeout_s
         #: Reads answer at once from a live agent; a hung one (paused, partitioned) must not hold
         #: an app's reconcile step for long, or moving it off that cluster would wait too.
         self.read_timeout_s = min(read_timeout_s, timeout_s)
-        self._channels = ChannelCache()
+        # Agents answer keepers and admins only: every call carries this keeper's own token.
+        self.token = token
+        self._channels = ChannelCache(token=token, tls=True)
 
     def stub(self, address: str) -> agent_pb2_grpc.ClusterAgentStub:
         return self._channels.stub(address, agent_pb2_grpc.ClusterAgentStub)
@@ -460,8 +463,10 @@ class Reconciler:
             )
             return
         if await self._write(record, AppState.DELETED, "removed from every cluster", [], fence):
-            await self.store.remove_app(record.ref, revision=record.revision, fence=fence)
-            log.info("application deleted", extra={"app": AppId.parse(record.ref).key})
+            if await self.store.remove_app(record.ref, revision=record.revision, fence=fence):
+                revoked = await self.store.revoke_app_tokens(record.ref)
+                gone = {"app": AppId.parse(record.ref).key, "tokens_revoked": revoked}
+                log.info("application deleted", extra=gone)
 
     async def _write(
         self,

@@ -10,8 +10,8 @@ import uuid
 from dataclasses import dataclass
 
 from servefleet.api import keeper_pb2
+from servefleet.common.auth import KEEPER, Authenticator, hash_token
 from servefleet.common.server import GrpcServer
-from servefleet.keeper.auth import Authenticator
 from servefleet.keeper.core import Keeper
 from servefleet.keeper.election import Election
 from servefleet.keeper.reconciler import Agents, Reconciler
@@ -40,6 +40,8 @@ class KeeperService:
             await self.leading
         await self.election.resign()
         await self.agents.close()
+        # This keeper's own token (it called agents with it) dies with it.
+        await self.keeper.store.delete_token(hash_token(self.agents.token))
 
 
 async def build_keeper(
@@ -55,11 +57,13 @@ async def build_keeper(
     tunables come from ``settings``)."""
     keeper = Keeper(store)
     token = await keeper.bootstrap_admin(admin_token_file)
-    server = GrpcServer("keeper", listen, [register(KeeperServicer(keeper), Authenticator(store))], [SERVICE])
-    agents = Agents(timeout_s=agent_timeout_s)
-    election = Election(
-        store.client, store.leader_key, ttl_s=leader_ttl_s, ident=f"{listen}/{uuid.uuid4().hex[:8]}"
+    server = GrpcServer(
+        "keeper", listen, [register(KeeperServicer(keeper))], [SERVICE], auth=Authenticator(store), tls=True
     )
+    ident = f"{listen}/{uuid.uuid4().hex[:8]}"
+    # Agents answer only keepers and admins: each keeper calls them with a token of its own.
+    agents = Agents(timeout_s=agent_timeout_s, token=await keeper.service_token(KEEPER, f"keeper {ident}"))
+    election = Election(store.client, store.leader_key, ttl_s=leader_ttl_s, ident=ident)
     reconciler = Reconciler(store, agents, interval_s=reconcile_interval_s)
     leading = asyncio.create_task(election.run(reconciler.run))
     return KeeperService(keeper, server, token, agents, election, reconciler, leading)

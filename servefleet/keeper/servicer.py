@@ -1,5 +1,5 @@
-"""Thin gRPC layer over ``Keeper``. Authentication happens once, in ``authenticated()``, for every
-method of the service: a method cannot be added without it."""
+"""Thin gRPC layer over ``Keeper``. The server interceptor authenticates every call and checks the
+caller's role (``servefleet.common.auth.ALLOWED``); ``with_caller()`` hands each method that caller."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 
 from servefleet.api import keeper_pb2, keeper_pb2_grpc
-from servefleet.keeper.auth import Authenticator, Principal
+from servefleet.common.auth import Principal, caller
 from servefleet.keeper.core import Keeper
 
 SERVICE = keeper_pb2.DESCRIPTOR.services_by_name["Keeper"]
@@ -86,31 +86,39 @@ class KeeperServicer:
     async def IssueToken(
         self, request: keeper_pb2.IssueTokenRequest, context: Any, who: Principal
     ) -> keeper_pb2.IssueTokenResponse:
-        return keeper_pb2.IssueTokenResponse(
-            token=await self.keeper.issue_token(who, request.tenant, request.role)
-        )
+        token, token_id = await self.keeper.issue_token(who, request)
+        return keeper_pb2.IssueTokenResponse(token=token, token_id=token_id)
 
     async def SetQuota(
         self, request: keeper_pb2.SetQuotaRequest, context: Any, who: Principal
     ) -> keeper_pb2.TenantInfo:
         return await self.keeper.set_quota(who, request.tenant, request.quota)
 
+    async def ListTokens(
+        self, request: keeper_pb2.ListTokensRequest, context: Any, who: Principal
+    ) -> keeper_pb2.ListTokensResponse:
+        return keeper_pb2.ListTokensResponse(tokens=await self.keeper.list_tokens(who, request.tenant))
 
-def authenticated(servicer: KeeperServicer, auth: Authenticator) -> SimpleNamespace:
-    """Every RPC of the Keeper service, each resolving the caller's token before anything else."""
+    async def RevokeToken(
+        self, request: keeper_pb2.RevokeTokenRequest, context: Any, who: Principal
+    ) -> keeper_pb2.RevokeTokenResponse:
+        return keeper_pb2.RevokeTokenResponse(token=await self.keeper.revoke_token(who, request.token_id))
+
+
+def with_caller(servicer: KeeperServicer) -> SimpleNamespace:
+    """Every RPC of the Keeper service, each given the caller the server interceptor authenticated."""
 
     def wrap(method: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
         if streaming:
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                who = await auth.authenticate(context.invocation_metadata())
-                async for item in method(request, context, who):
+                async for item in method(request, context, caller()):
                     yield item
 
             return stream
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            return await method(request, context, await auth.authenticate(context.invocation_metadata()))
+            return await method(request, context, caller())
 
         return unary
 
@@ -122,5 +130,5 @@ def authenticated(servicer: KeeperServicer, auth: Authenticator) -> SimpleNamesp
     return SimpleNamespace(**handlers)
 
 
-def register(servicer: KeeperServicer, auth: Authenticator) -> Callable[[grpc.aio.Server], None]:
-    return lambda server: keeper_pb2_grpc.add_KeeperServicer_to_server(authenticated(servicer, auth), server)
+def register(servicer: KeeperServicer) -> Callable[[grpc.aio.Server], None]:
+    return lambda server: keeper_pb2_grpc.add_KeeperServicer_to_server(with_caller(servicer), server)

@@ -354,6 +354,35 @@ class KeeperStore:
         found = await self.client.get(self.key("tokens", digest))
         return keeper_pb2.TokenRecord.FromString(found.value) if found else None
 
+    async def tokens(self) -> list[tuple[str, keeper_pb2.TokenRecord]]:
+        """Every token record as (digest, record)."""
+        found = await self.client.get_prefix(self.key("tokens", ""))
+        root = len(self.key("tokens", ""))
+        return [(kv.key[root:].decode(), keeper_pb2.TokenRecord.FromString(kv.value)) for kv in found]
+
+    async def find_token(self, token_id: str) -> tuple[str, keeper_pb2.TokenRecord] | None:
+        """The token whose digest starts with ``token_id`` (ids are 16 hex digits: unique in practice)."""
+        found = list(await self.client.get_prefix(self.key("tokens", token_id)))
+        if len(found) != 1:
+            return None
+        root = len(self.key("tokens", ""))
+        return found[0].key[root:].decode(), keeper_pb2.TokenRecord.FromString(found[0].value)
+
+    async def delete_token(self, digest: str) -> None:
+        await self.client.delete(self.key("tokens", digest))
+
+    async def revoke_app_tokens(self, ref: AppRef) -> int:
+        """Delete the endpoint tokens of an application that is gone; how many there were."""
+        gone = [
+            digest
+            for digest, record in await self.tokens()
+            if record.role == "endpoint"
+            and (record.app.namespace, record.app.name) == (ref.namespace, ref.name)
+        ]
+        for digest in gone:
+            await self.delete_token(digest)
+        return len(gone)
+
     async def claim_bootstrap(self, digest: str, record: keeper_pb2.TokenRecord) -> bool:
         """Store the first admin token unless one was made before (two keepers may start together)."""
         tx = self.client.transactions

@@ -23,7 +23,8 @@ from tritonclient.grpc import service_pb2
 
 from servefleet.api import broker_pb2, broker_pb2_grpc, common_pb2
 from servefleet.common.appid import AppId
-from servefleet.common.config import grpc_options
+from servefleet.common.auth import resolve_token
+from servefleet.common.channels import aio_channel
 from servefleet.common.errors import Cancelled, DeadlineExceeded, Internal, NotFound, from_rpc_error
 from servefleet.common.tensors import decode_response, encode_request
 
@@ -61,10 +62,12 @@ async def _call(call: Awaitable[T]) -> T:
 
 
 class AsyncBrokerClient:
-    """asyncio client of the broker service; gRPC errors come back as servefleet domain errors."""
+    """asyncio client of the broker service; gRPC errors come back as servefleet domain errors.
+    ``token``: the caller's token (default ``$SERVEFLEET_TOKEN``); a tenant submits to and reads
+    the tickets of its own applications only."""
 
-    def __init__(self, address: str) -> None:
-        self._channel = grpc.aio.insecure_channel(address, options=grpc_options())
+    def __init__(self, address: str, *, token: str | None = None) -> None:
+        self._channel = aio_channel(address, token=resolve_token(token))
         self._stub = broker_pb2_grpc.BrokerStub(self._channel)
 
     async def submit(

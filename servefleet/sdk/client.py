@@ -25,8 +25,8 @@ from tritonclient.grpc.service_pb2_grpc import GRPCInferenceServiceStub
 from servefleet.api import common_pb2, discovery_pb2, discovery_pb2_grpc
 from servefleet.common import tensors
 from servefleet.common.appid import AppId
-from servefleet.common.channels import ChannelCache
-from servefleet.common.config import grpc_options
+from servefleet.common.auth import resolve_token
+from servefleet.common.channels import ChannelCache, aio_channel
 from servefleet.common.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -60,7 +60,8 @@ class AsyncClient:
     ``discovery``: host:port of any discovery instance. ``zone``: prefer endpoints labelled with
     this zone. ``retry``: False turns retries off; a RetryPolicy tunes them. ``timeout``: default
     deadline of a request in seconds. ``broker``: host:port of the async broker, for
-    ``submit``/``result``.
+    ``submit``/``result``. ``token``: the caller's token for discovery and the broker (default
+    ``$SERVEFLEET_TOKEN``); a tenant token sees its own namespaces' applications only.
     """
 
     def __init__(
@@ -71,8 +72,10 @@ class AsyncClient:
         retry: bool | RetryPolicy = True,
         timeout: float = 30.0,
         broker: str | None = None,
+        token: str | None = None,
     ) -> None:
-        self._discovery = grpc.aio.insecure_channel(discovery, options=grpc_options())
+        self._token = resolve_token(token)
+        self._discovery = aio_channel(discovery, token=self._token)
         self._stub = discovery_pb2_grpc.DiscoveryStub(self._discovery)
         self._retry = retry if isinstance(retry, RetryPolicy) else (INFER_RETRY if retry else NO_RETRY)
         self._timeout = timeout
@@ -279,7 +282,7 @@ class AsyncClient:
         if self._broker_address is None:
             raise FailedPrecondition("this client was created without broker='host:port'")
         if self._broker is None:
-            self._broker = AsyncBrokerClient(self._broker_address)
+            self._broker = AsyncBrokerClient(self._broker_address, token=self._token)
         return self._broker
 
     async def submit(

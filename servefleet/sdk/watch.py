@@ -18,6 +18,14 @@ from servefleet.common.errors import ServefleetError, from_rpc_error
 from servefleet.common.metrics import METRICS_KIND
 from servefleet.common.retry import Backoff
 
+#: Answers that retrying cannot change: a bad name, or a token that may not (or no longer) see the app.
+_FINAL = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.UNAUTHENTICATED,
+)
+
 log = logging.getLogger(__name__)
 
 Event = discovery_pb2.WatchEvent
@@ -117,7 +125,7 @@ class AppWatch:
                         self._on_removed(removed)
                     self._notify()
             except grpc.aio.AioRpcError as exc:
-                if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED):
+                if exc.code() in _FINAL:
                     self.error = from_rpc_error(exc)
                     self._notify()
                     return

@@ -72,7 +72,14 @@ class DirectReplica:
     """One C++ direct-ingress replica (a Ray actor in production; a plain object in tests)."""
 
     def __init__(
-        self, spec_bytes: bytes, name: str, *, cluster: str = "", discovery: str = "", host: str = "127.0.0.1"
+        self,
+        spec_bytes: bytes,
+        name: str,
+        *,
+        cluster: str = "",
+        discovery: str = "",
+        credential: str = "",
+        host: str = "127.0.0.1",
     ) -> None:
         from servefleet.direct import DirectServer  # the compiled module: only where it serves
 
@@ -90,8 +97,10 @@ class DirectReplica:
         self.draining = False
         self._collector = DirectServerCollector(self.server, AppId.parse(self.id.app).model_name)
         metrics.REGISTRY.register(self._collector)
-        self._metrics = metrics.expose(discovery, self.id.app, "direct", {**self.id.labels, "replica": name})
-        self._registration = Registered(discovery, self.id.endpoint("direct", self.address))
+        self._metrics = metrics.expose(
+            discovery, self.id.app, "direct", {**self.id.labels, "replica": name}, credential=credential
+        )
+        self._registration = Registered(discovery, self.id.endpoint("direct", self.address), credential)
         self._registration.start()
 
     async def ready(self) -> dict[str, Any]:

@@ -68,11 +68,13 @@ class Identity:
 class Registered:
     """Keeps one endpoint registered in discovery from ``start()`` until ``stop()`` (through
     ``discovery.registration``, so lease renewal and re-registration are the proxy's too). With no
-    discovery address it only marks itself registered (unit tests, bare actors)."""
+    discovery address it only marks itself registered (unit tests, bare actors). ``credential`` is
+    the app's endpoint token, which the master hands every actor it starts."""
 
-    def __init__(self, discovery: str, endpoint: discovery_pb2.Endpoint) -> None:
+    def __init__(self, discovery: str, endpoint: discovery_pb2.Endpoint, credential: str = "") -> None:
         self.discovery = discovery
         self.endpoint = endpoint
+        self.credential = credential
         self._registered = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -86,7 +88,9 @@ class Registered:
             await asyncio.Event().wait()
         from servefleet.discovery.registration import registration
 
-        async with registration(self.discovery, self.endpoint, ttl_s=settings.discovery_ttl_s):
+        async with registration(
+            self.discovery, self.endpoint, ttl_s=settings.discovery_ttl_s, token=self.credential
+        ):
             self._registered.set()
             await asyncio.Event().wait()
 

@@ -150,11 +150,16 @@ class ApplicationMaster:
     #: The ingress actor it keeps ``spec.proxies`` of (a sharded app's master keeps routers).
     proxy_actor: Any = ProxyActor
 
-    def __init__(self, app: bytes, *, cluster: str, discovery: str, redis: str = "") -> None:
+    def __init__(
+        self, app: bytes, *, cluster: str, discovery: str, redis: str = "", credential: str = ""
+    ) -> None:
         self.app = common_pb2.AppRef.FromString(app)
         self.cluster = cluster
         self.discovery = discovery
         self.redis = redis
+        #: The app's endpoint token (role endpoint, this app only): what its proxies and replicas
+        #: register in discovery with. Ray keeps constructor arguments, so a restarted master has it.
+        self.credential = credential
         self._kv_key = f"desired:{AppId.parse(self.app).key}".encode()
         self.spec: common_pb2.ApplicationSpec | None = None
         self.replica_count = 0
@@ -175,7 +180,9 @@ class ApplicationMaster:
         name = AppId.parse(self.app).model_name  # the same app label as its proxies' and replicas' series
         DESIRED.labels(name).set_function(lambda: self.replica_count)
         READY.labels(name).set_function(self._ready_count)
-        self._metrics = metrics.expose(discovery, self.app, "master", {"cluster": cluster})
+        self._metrics = metrics.expose(
+            discovery, self.app, "master", {"cluster": cluster}, credential=credential
+        )
 
     # ---- API (called through agent/masters.py) ---------------------------------------------------
 
@@ -370,7 +377,13 @@ class ApplicationMaster:
             handle = (
                 SELF_REGISTERING[spec.kind]
                 .options(name=name, **actor_options(spec))
-                .remote(spec.SerializeToString(), name, cluster=self.cluster, discovery=self.discovery)
+                .remote(
+                    spec.SerializeToString(),
+                    name,
+                    cluster=self.cluster,
+                    discovery=self.discovery,
+                    credential=self.credential,
+                )
             )
         else:
             handle = ReplicaActor.options(name=name, **actor_options(spec)).remote(
@@ -379,6 +392,7 @@ class ApplicationMaster:
                 redis=self.redis,
                 discovery=self.discovery,
                 cluster=self.cluster,
+                credential=self.credential,
             )
         self._track_replica(ReplicaState(name, handle, gen))
 
@@ -491,6 +505,7 @@ class ApplicationMaster:
                 # Discovery hands out a Triton app's servers themselves; its proxies serve the
                 # clients that know their address (app status) and stay out of discovery.
                 discovery="" if self.spec is not None and self.spec.kind == "triton" else self.discovery,
+                credential=self.credential,
             )
             self._track_proxy(ProxyState(name, handle))
 

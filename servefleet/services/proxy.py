@@ -443,7 +443,14 @@ class Proxy:
     and stays registered in discovery as kind ``proxy`` while it lives."""
 
     def __init__(
-        self, app: bytes, master: str, *, cluster: str, discovery: str, host: str = "127.0.0.1"
+        self,
+        app: bytes,
+        master: str,
+        *,
+        cluster: str,
+        discovery: str,
+        credential: str = "",
+        host: str = "127.0.0.1",
     ) -> None:
         import ray
 
@@ -455,12 +462,13 @@ class Proxy:
         self._master = master
         self._cluster = cluster
         self._discovery = discovery
+        self._credential = credential  # the app's endpoint token: registers it in discovery
         self._server = GrpcServer("proxy", f"{host}:0", [registrar(InferenceServicer(self.core))], [SERVICE])
         self._registered: asyncio.Task[None] | None = None
         self._serving = asyncio.Event()  # set once the proxy has a replica to send to
         self._started = asyncio.get_running_loop().create_task(self._start())
         self._metrics = metrics.expose(
-            discovery, self.app, "proxy", {"cluster": cluster, "node": self.node_id}
+            discovery, self.app, "proxy", {"cluster": cluster, "node": self.node_id}, credential=credential
         )
 
     async def _start(self) -> None:
@@ -489,7 +497,9 @@ class Proxy:
             address=self._server.address,
             labels={"cluster": self._cluster, "node": self.node_id},
         )
-        async with registration(self._discovery, endpoint, ttl_s=settings.discovery_ttl_s):
+        async with registration(
+            self._discovery, endpoint, ttl_s=settings.discovery_ttl_s, token=self._credential
+        ):
             await asyncio.Event().wait()
 
     async def address(self) -> str:

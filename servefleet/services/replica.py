@@ -117,7 +117,14 @@ class Replica:
     """One model replica (run as a Ray actor by the application master; plain class for tests)."""
 
     def __init__(
-        self, spec_bytes: bytes, name: str, *, redis: str = "", discovery: str = "", cluster: str = ""
+        self,
+        spec_bytes: bytes,
+        name: str,
+        *,
+        redis: str = "",
+        discovery: str = "",
+        cluster: str = "",
+        credential: str = "",
     ) -> None:
         spec = common_pb2.ApplicationSpec.FromString(spec_bytes)
         telemetry.setup_tracing("servefleet-replica")
@@ -166,6 +173,7 @@ class Replica:
             AppId.parse(spec).ref(),
             "replica",
             {"cluster": cluster, "replica": name, "version": self.version},
+            credential=credential,
         )
         # The platform's server: gRPC health, the error-mapping and tracing interceptor, keepalive.
         self._server = GrpcServer("replica", "127.0.0.1:0", [self._register], [REPLICA_SERVICE])

@@ -379,7 +379,9 @@ class ShardRouter:
     (pushed on change, pulled at start) and stays registered in discovery as kind ``proxy`` while
     it can serve, so the SDK and ``tritonclient`` reach a sharded app like any other."""
 
-    def __init__(self, app: bytes, master: str, *, cluster: str, discovery: str, host: str = "") -> None:
+    def __init__(
+        self, app: bytes, master: str, *, cluster: str, discovery: str, credential: str = "", host: str = ""
+    ) -> None:
         import ray
 
         telemetry.setup_tracing("servefleet-shard-router")
@@ -392,6 +394,7 @@ class ShardRouter:
             "shard-router", f"{host}:0", [registrar(InferenceServicer(self.core))], [SERVICE]
         )
         self._master, self._cluster, self._discovery = master, cluster, discovery
+        self._credential = credential  # the app's endpoint token: registers it in discovery
         self._serving = asyncio.Event()
         self._registered: asyncio.Task[None] | None = None
         self._started = asyncio.get_running_loop().create_task(self._start())
@@ -419,7 +422,9 @@ class ShardRouter:
             address=self._server.address,
             labels={"cluster": self._cluster, "node": self.node_id, "router": "sharded"},
         )
-        async with registration(self._discovery, endpoint, ttl_s=settings.discovery_ttl_s):
+        async with registration(
+            self._discovery, endpoint, ttl_s=settings.discovery_ttl_s, token=self._credential
+        ):
             await asyncio.Event().wait()
 
     def _adopt(self, routing: ShardRouting) -> bool:

@@ -48,14 +48,16 @@ class ShardedMaster(ApplicationMaster):
 
     proxy_actor = RouterActor
 
-    def __init__(self, app: bytes, *, cluster: str, discovery: str, redis: str = "") -> None:
+    def __init__(
+        self, app: bytes, *, cluster: str, discovery: str, redis: str = "", credential: str = ""
+    ) -> None:
         self._layouts_key = f"layouts:{AppId.parse(common_pb2.AppRef.FromString(app)).key}".encode()
         stored = internal_kv._internal_kv_get(self._layouts_key, namespace=RAY_NAMESPACE)
         book = json.loads(stored) if stored else {}
         #: generation -> serialized spec, for every layout that may still be serving.
         self._layout_specs: dict[str, bytes] = {g: bytes.fromhex(s) for g, s in book.get("specs", {}).items()}
         self._serving: str | None = book.get("serving")
-        super().__init__(app, cluster=cluster, discovery=discovery, redis=redis)
+        super().__init__(app, cluster=cluster, discovery=discovery, redis=redis, credential=credential)
 
     def _save_layouts(self) -> None:
         book = {"serving": self._serving, "specs": {g: s.hex() for g, s in self._layout_specs.items()}}

@@ -15,10 +15,11 @@ from servefleet.testing import EtcdProcess, ManagedProcess, RedisProcess, Servic
     [("keeper", "--etcd", EtcdProcess), ("broker", "--redis", RedisProcess)],
 )
 def test_health_reads_not_serving_while_the_dependency_is_down(
-    module: str, flag: str, dependency: type[ManagedProcess]
+    module: str, flag: str, dependency: type[ManagedProcess], etcd: EtcdProcess
 ) -> None:
     backend = dependency().start()
-    service = ServiceProcess(module, flag, backend.address).start()
+    tokens = ["--etcd", etcd.address] if module == "broker" else []  # the broker checks tokens there
+    service = ServiceProcess(module, flag, backend.address, *tokens).start()
     try:
         assert health.grpc_health(service.address) == (True, "SERVING")
         backend.kill()

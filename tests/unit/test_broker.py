@@ -11,12 +11,14 @@ import pytest
 from servefleet.api import broker_pb2, common_pb2
 from servefleet.broker.core import BrokerCore, check_ticket
 from servefleet.broker.queue import AppConfig, Entry, NextChange, RequestQueue, band_of
+from servefleet.common.auth import Principal
 from servefleet.common.config import settings
 from servefleet.common.errors import InvalidArgument, NotFound
 from servefleet.common.tensors import encode_request
 
 State = broker_pb2.TicketStatus.State
 TICKET = "0" * 32
+ADMIN = Principal("admin", "admin")
 
 
 class FakeQueue(RequestQueue):
@@ -51,6 +53,9 @@ class FakeQueue(RequestQueue):
 
     async def cancel(self, ticket: str) -> broker_pb2.TicketStatus | None:
         return await self.status(ticket)
+
+    async def ticket_app(self, ticket: str) -> str | None:
+        return "team/llm" if ticket in self.states else None
 
     async def stats(self, app: str) -> broker_pb2.QueueStatsResponse:
         return broker_pb2.QueueStatsResponse()
@@ -107,7 +112,7 @@ def test_tickets() -> None:
 async def test_submit_rejects_bad_input_before_queueing(change: dict[str, object], message: str) -> None:
     queue = FakeQueue()
     with pytest.raises(InvalidArgument, match=message):
-        await BrokerCore(queue).submit(submit_request(**change))
+        await BrokerCore(queue).submit(ADMIN, submit_request(**change))
     assert queue.submitted == []
 
 
@@ -121,7 +126,7 @@ async def test_priority_maps_to_three_bands() -> None:
     queue = FakeQueue()
     core = BrokerCore(queue)
     for priority in (7, 1, 0, -1, -9):
-        reply = await core.submit(submit_request(priority=priority, ttl_s=5))
+        reply = await core.submit(ADMIN, submit_request(priority=priority, ttl_s=5))
         assert len(reply.ticket) == 32
     assert [band for _, band, _ in queue.submitted] == [0, 0, 1, 2, 2]
     assert [band_of(p) for p in (1, 0, -1)] == [0, 1, 2]
@@ -131,12 +136,12 @@ async def test_get_result_waits_for_a_final_state_and_not_when_told_not_to() -> 
     queue = FakeQueue()
     core = BrokerCore(queue)
     queue.states[TICKET] = [State.QUEUED, State.QUEUED, State.RUNNING, State.DONE]
-    assert (await core.get_result(TICKET, 0)).state == State.QUEUED
+    assert (await core.get_result(ADMIN, TICKET, 0)).state == State.QUEUED
     assert queue.feeds == 0  # no wait asked: no subscription
-    assert (await core.get_result(TICKET, 30)).state == State.DONE
+    assert (await core.get_result(ADMIN, TICKET, 30)).state == State.DONE
     watched = FakeQueue()
     watched.states[TICKET] = [State.QUEUED, State.RUNNING, State.RUNNING, State.DONE]
-    assert [s.state async for s in BrokerCore(watched).watch(TICKET)] == [
+    assert [s.state async for s in BrokerCore(watched).watch(ADMIN, TICKET)] == [
         State.QUEUED,
         State.RUNNING,
         State.DONE,
@@ -146,8 +151,23 @@ async def test_get_result_waits_for_a_final_state_and_not_when_told_not_to() -> 
 async def test_unknown_ticket_and_bad_wait() -> None:
     core = BrokerCore(FakeQueue())
     with pytest.raises(NotFound, match="unknown"):
-        await core.get_result(TICKET, 1)
+        await core.get_result(ADMIN, TICKET, 1)
     with pytest.raises(InvalidArgument, match="wait_timeout_s"):
-        await core.get_result(TICKET, -1)
+        await core.get_result(ADMIN, TICKET, -1)
     with pytest.raises(NotFound):
-        await core.cancel(TICKET)
+        await core.cancel(ADMIN, TICKET)
+
+
+async def test_a_tenant_sees_only_its_own_apps_and_tickets() -> None:
+    queue = FakeQueue()
+    core = BrokerCore(queue)
+    queue.states[TICKET] = [State.QUEUED]
+    owner, other = Principal("team", "tenant", ("team",)), Principal("beta", "tenant", ("beta",))
+    assert await core.own_ticket(owner, TICKET) == TICKET
+    with pytest.raises(NotFound, match="unknown"):
+        await core.own_ticket(other, TICKET)  # exists, but not for this tenant
+    with pytest.raises(NotFound, match="team/llm not found"):
+        await core.submit(other, submit_request())
+    with pytest.raises(NotFound):
+        await core.stats(other, "team/llm")
+    assert queue.submitted == []

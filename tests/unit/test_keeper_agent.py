@@ -13,6 +13,7 @@ class FakeMasters:
     def __init__(self) -> None:
         self.masters: dict[str, agent_pb2.MasterStatus] = {}
         self.applied: list[int] = []
+        self.credentials: list[str] = []
 
     async def apply(
         self,
@@ -23,8 +24,10 @@ class FakeMasters:
         cluster: str,
         discovery: str,
         redis: str = "",
+        credential: str = "",
     ) -> agent_pb2.MasterStatus:
         self.applied.append(revision)
+        self.credentials.append(credential)
         status = agent_pb2.MasterStatus(app=common_pb2.AppRef(namespace=spec.namespace, name=spec.name))
         status.revision, status.replicas, status.version = revision, replicas, spec.version
         self.masters[spec.name] = status
@@ -56,6 +59,22 @@ async def test_apply_ignores_older_revisions_and_state_is_not_found_when_absent(
     with pytest.raises(NotFound, match="no master for n/a on cluster c1"):
         await agent.state(common_pb2.AppRef(namespace="n", name="a"))
     assert await agent.capacity() == ({"CPU": 1.0}, {"CPU": 0.5})
+
+
+async def test_a_new_master_gets_its_apps_endpoint_token_and_an_existing_one_none() -> None:
+    masters, issued = FakeMasters(), []
+
+    async def credentials(app: common_pb2.AppRef) -> str:
+        issued.append(f"{app.namespace}/{app.name}")
+        return f"token-of-{app.name}"
+
+    agent = ClusterAgent(
+        masters, no_resources, cluster="c1", discovery="127.0.0.1:1", credentials=credentials
+    )
+    spec = common_pb2.ApplicationSpec(name="a", namespace="n")
+    await agent.apply(spec, 1, 1)
+    await agent.apply(spec, 2, 2)
+    assert issued == ["n/a"] and masters.credentials == ["token-of-a", ""]
 
 
 def test_parse_labels() -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from servefleet.api import agent_pb2, common_pb2, keeper_pb2
+from servefleet.common.auth import Authenticator, Principal, bearer, hash_token
 from servefleet.common.errors import (
     InvalidArgument,
     NotFound,
@@ -14,7 +15,6 @@ from servefleet.common.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
-from servefleet.keeper.auth import Authenticator, Principal, bearer, hash_token
 from servefleet.keeper.policy import Usage, check_quota, check_sources, usage_of
 from servefleet.keeper.reconciler import summarize
 from servefleet.keeper.store import AppRecord
@@ -53,7 +53,7 @@ async def test_authenticator_resolves_tenants_and_caches() -> None:
     now = [0.0]
     auth = Authenticator(backend, cache_s=5, clock=lambda: now[0])
     who = await auth.authenticate([("authorization", "Bearer t1")])
-    assert who == Principal("acme", "tenant", ("acme", "acme-dev"))
+    assert who == Principal("acme", "tenant", ("acme", "acme-dev"), token_id=hash_token("t1")[:16])
     await auth.authenticate([("authorization", "Bearer t1")])
     assert backend.reads == 1
     now[0] = 6.0

@@ -6,12 +6,13 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 
 from servefleet.api import agent_pb2, agent_pb2_grpc
+from servefleet.common.auth import Authenticator, EtcdTokens, resolve_token
 from servefleet.common.entry import Service, run_service, service_parser
 from servefleet.common.net import async_wait_for, split_address
 from servefleet.common.server import GrpcServer
+from servefleet.discovery.core import connect_etcd
 from servefleet.services.agent.core import ClusterAgent, Heartbeat, parse_labels, read_token
 from servefleet.services.agent.servicer import ClusterAgentServicer
 
@@ -45,11 +46,14 @@ async def build(args: argparse.Namespace) -> Service:
         masters, ray_resources, cluster=args.cluster, discovery=args.discovery, redis=args.redis
     )
     servicer = ClusterAgentServicer(agent)
+    etcd = connect_etcd(args.etcd)
     server = GrpcServer(
         "agent",
         args.listen,
         [lambda s: agent_pb2_grpc.add_ClusterAgentServicer_to_server(servicer, s)],
         [agent_pb2.DESCRIPTOR.services_by_name["ClusterAgent"].full_name],
+        auth=Authenticator(EtcdTokens(etcd)),
+        tls=True,
     )
     heartbeat = Heartbeat(
         agent,
@@ -57,10 +61,9 @@ async def build(args: argparse.Namespace) -> Service:
         agent_address=lambda: server.address,
         ray_address=args.ray,
         labels=labels,
-        token=lambda: (
-            args.token or os.environ.get("SERVEFLEET_TOKEN", "") or read_token(args.admin_token_file)
-        ),
+        token=lambda: resolve_token(args.token) or read_token(args.token_file),
     )
+    agent.credentials = heartbeat.endpoint_token
 
     async def bound() -> bool:
         return bool(server.port)
@@ -77,6 +80,7 @@ async def build(args: argparse.Namespace) -> Service:
         with contextlib.suppress(BaseException):
             await beating
         await asyncio.to_thread(ray.shutdown)
+        await etcd.close()
 
     # Without its Ray cluster the agent can neither place nor report anything.
     return Service(server, on_stop=stop, dependencies={"ray": lambda: gcs_reachable(args.ray)})
@@ -89,9 +93,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--discovery", required=True, help="discovery address host:port")
     p.add_argument("--redis", default="", help="Redis address for async apps")
     p.add_argument("--cluster", default="local", help="this cluster's name")
-    p.add_argument("--admin-token-file", default="", help="token the agent registers with")
+    p.add_argument("--etcd", required=True, help="etcd address host:port (where the keeper keeps tokens)")
+    p.add_argument("--token-file", default="", help="the agent's token (role agent, or admin)")
     p.add_argument(
-        "--token", default="", help="token to register with (else SERVEFLEET_TOKEN, else the file)"
+        "--token", default=None, help="the agent's token (else SERVEFLEET_TOKEN, else --token-file)"
     )
     p.add_argument("--labels", default="", help="cluster labels for placement, k=v,k2=v2")
     return p

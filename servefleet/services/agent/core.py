@@ -17,8 +17,10 @@ from typing import Protocol
 import grpc
 
 from servefleet.api import agent_pb2, common_pb2, keeper_pb2, keeper_pb2_grpc
-from servefleet.common.config import grpc_options, settings
-from servefleet.common.errors import InvalidArgument, NotFound
+from servefleet.common.auth import ENDPOINT, bearer_metadata
+from servefleet.common.channels import aio_channel
+from servefleet.common.config import settings
+from servefleet.common.errors import InvalidArgument, NotFound, from_rpc_error
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ class Masters(Protocol):
         cluster: str,
         discovery: str,
         redis: str = "",
+        credential: str = "",
     ) -> agent_pb2.MasterStatus: ...
 
     async def remove(self, app: common_pb2.AppRef) -> bool: ...
@@ -45,6 +48,8 @@ class Masters(Protocol):
 
 
 Resources = Callable[[], Awaitable[tuple[dict[str, float], dict[str, float]]]]
+#: An app's endpoint token, obtained from the keeper when the agent creates the app's master.
+Credentials = Callable[[common_pb2.AppRef], Awaitable[str]]
 
 
 def parse_labels(text: str) -> dict[str, str]:
@@ -62,10 +67,18 @@ class ClusterAgent:
     """Creates, updates and removes application masters on one Ray cluster."""
 
     def __init__(
-        self, masters: Masters, resources: Resources, *, cluster: str, discovery: str, redis: str = ""
+        self,
+        masters: Masters,
+        resources: Resources,
+        *,
+        cluster: str,
+        discovery: str,
+        redis: str = "",
+        credentials: Credentials | None = None,
     ) -> None:
         self.masters = masters
         self.resources = resources
+        self.credentials = credentials
         self.cluster = cluster
         self.discovery = discovery
         self.redis = redis
@@ -83,8 +96,17 @@ class ClusterAgent:
         current = await self.masters.status(ref)
         if current is not None and current.revision > revision:
             return current
+        # A new master gets the app's own endpoint token: its proxies and replicas can register
+        # that app in discovery and nothing else.
+        credential = await self.credentials(ref) if current is None and self.credentials else ""
         return await self.masters.apply(
-            spec, replicas, revision, cluster=self.cluster, discovery=self.discovery, redis=self.redis
+            spec,
+            replicas,
+            revision,
+            cluster=self.cluster,
+            discovery=self.discovery,
+            redis=self.redis,
+            credential=credential,
         )
 
     async def remove(self, ref: common_pb2.AppRef) -> bool:
@@ -145,13 +167,27 @@ class Heartbeat:
         )
         reply = await stub.RegisterCluster(
             keeper_pb2.RegisterClusterRequest(cluster=info),
-            metadata=[("authorization", f"Bearer {self.token()}")],
+            metadata=bearer_metadata(self.token()),
             timeout=10,
         )
         self.interval_s = reply.heartbeat_interval_s or self.interval_s
 
+    async def endpoint_token(self, app: common_pb2.AppRef) -> str:
+        """A new endpoint token for ``app`` from the keeper (this agent's token has role agent)."""
+        async with aio_channel(self.keeper, token=self.token()) as channel:
+            request = keeper_pb2.IssueTokenRequest(
+                role=ENDPOINT,
+                app=app,
+                description=f"endpoints of {app.namespace}/{app.name} on {self.agent.cluster}",
+            )
+            try:
+                reply = await keeper_pb2_grpc.KeeperStub(channel).IssueToken(request, timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                raise from_rpc_error(exc) from None
+        return reply.token
+
     async def run(self) -> None:
-        async with grpc.aio.insecure_channel(self.keeper, options=grpc_options()) as channel:
+        async with aio_channel(self.keeper) as channel:
             stub = keeper_pb2_grpc.KeeperStub(channel)
             while True:
                 try:

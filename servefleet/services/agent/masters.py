@@ -50,8 +50,10 @@ async def apply(
     cluster: str,
     discovery: str,
     redis: str = "",
+    credential: str = "",
 ) -> agent_pb2.MasterStatus:
-    """Create the app's master if missing, else hand it the new desired state.
+    """Create the app's master if missing (``credential``: the app's endpoint token, used only
+    then), else hand it the new desired state.
 
     Returns at once with the master's status (the rollout continues in the master; poll
     :func:`status`). A revision older than the one the master holds is ignored. A new version
@@ -77,7 +79,9 @@ async def apply(
         max_task_retries=-1,
         num_cpus=0,
         runtime_env={"env_vars": env} if env else None,
-    ).remote(app.SerializeToString(), cluster=cluster, discovery=discovery, redis=redis)
+    ).remote(
+        app.SerializeToString(), cluster=cluster, discovery=discovery, redis=redis, credential=credential
+    )
     answer = await master.apply.remote(spec.SerializeToString(), replicas, revision)
     return agent_pb2.MasterStatus.FromString(answer)
 

@@ -59,7 +59,14 @@ class TritonReplica:
     """One Triton replica (a Ray actor in production; same calls as the other replica kinds)."""
 
     def __init__(
-        self, spec_bytes: bytes, name: str, *, cluster: str = "", discovery: str = "", host: str = "127.0.0.1"
+        self,
+        spec_bytes: bytes,
+        name: str,
+        *,
+        cluster: str = "",
+        discovery: str = "",
+        credential: str = "",
+        host: str = "127.0.0.1",
     ) -> None:
         spec = common_pb2.ApplicationSpec.FromString(spec_bytes)
         self.id = Identity.of(spec, name, cluster)
@@ -69,6 +76,7 @@ class TritonReplica:
         log_dir = Path(tempfile.mkdtemp(prefix=f"sf-triton-{self.id.app.name}-"))
         self.server = TritonServer(install.find(), repository, spec.triton.args, log_dir=log_dir, host=host)
         self.discovery = discovery
+        self.credential = credential  # the app's endpoint token: registers it in discovery
         self.draining = False
         self.failed = ""
         self.restarts = 0
@@ -92,7 +100,11 @@ class TritonReplica:
         labels = {"app": AppId.parse(self.id.app).model_name, "replica": self.id.name}
         metrics.REGISTRY.register(TritonCollector(self.server.metrics_text, labels))
         self._metrics = metrics.expose(
-            self.discovery, self.id.app, "triton", {**self.id.labels, "replica": self.id.name}
+            self.discovery,
+            self.id.app,
+            "triton",
+            {**self.id.labels, "replica": self.id.name},
+            credential=self.credential,
         )
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
@@ -101,7 +113,7 @@ class TritonReplica:
         endpoint = self.id.endpoint(
             "triton", self.server.address, models=models, metrics=self.server.metrics_address
         )
-        self._registration = Registered(self.discovery, endpoint)
+        self._registration = Registered(self.discovery, endpoint, self.credential)
         self._registration.start()
         await self._registration.wait()
 

@@ -10,23 +10,31 @@ import ray
 from servefleet.broker.core import BrokerCore
 from servefleet.broker.queue import RedisStreamQueue
 from servefleet.broker.servicer import broker_server
+from servefleet.common.auth import ADMIN, Principal
 from servefleet.common.server import GrpcServer
 from servefleet.sdk.broker_client import AsyncBrokerClient
-from servefleet.testing import RayCluster, RedisProcess
+from servefleet.testing import Credentials, RayCluster, RedisProcess
+
+#: The caller a test is when it calls the broker core directly.
+AS_ADMIN = Principal(ADMIN, ADMIN)
 
 
 class BrokerService:
-    """A started broker (core + gRPC server) over one Redis, and a client of it."""
+    """A started broker (core + gRPC server) over one Redis, checking tokens of ``credentials``,
+    and a client of it with an admin token (``token``)."""
 
-    def __init__(self, redis_address: str) -> None:
+    def __init__(self, redis_address: str, credentials: Credentials) -> None:
         self.redis_address = redis_address
+        self.credentials = credentials
         self.core = BrokerCore(RedisStreamQueue(redis_address))
-        self.server: GrpcServer = broker_server(self.core, "127.0.0.1:0")
+        self.server: GrpcServer = broker_server(self.core, "127.0.0.1:0", credentials.authenticator())
         self.client: AsyncBrokerClient | None = None
+        self.token = ""
 
     async def start(self) -> BrokerService:
         await self.server.start()
-        self.client = AsyncBrokerClient(self.server.address)
+        self.token = await self.credentials.admin()
+        self.client = AsyncBrokerClient(self.server.address, token=self.token)
         return self
 
     async def stop(self) -> None:
@@ -37,8 +45,8 @@ class BrokerService:
 
 
 @pytest.fixture
-async def broker(redis_server: RedisProcess) -> AsyncIterator[BrokerService]:
-    service = await BrokerService(redis_server.address).start()
+async def broker(redis_server: RedisProcess, credentials: Credentials) -> AsyncIterator[BrokerService]:
+    service = await BrokerService(redis_server.address, credentials).start()
     yield service
     await service.stop()
 

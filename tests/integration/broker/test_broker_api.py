@@ -15,13 +15,14 @@ from tritonclient.grpc import service_pb2
 from servefleet.api import broker_pb2, broker_pb2_grpc, common_pb2
 from servefleet.broker.queue import AppConfig
 from servefleet.broker.worker import PullWorker
+from servefleet.common.channels import aio_channel
 from servefleet.common.config import settings
 from servefleet.common.errors import Unavailable
 from servefleet.common.net import async_wait_for
 from servefleet.common.tensors import decode_request, encode_request, encode_response
 from servefleet.sdk.broker_client import ResultExpired
-from servefleet.testing import RedisProcess
-from tests.integration.broker.conftest import BrokerService
+from servefleet.testing import Credentials, RedisProcess
+from tests.integration.broker.conftest import AS_ADMIN, BrokerService
 
 State = broker_pb2.TicketStatus.State
 
@@ -41,7 +42,7 @@ async def doubler(request: service_pb2.ModelInferRequest) -> service_pb2.ModelIn
 
 @pytest.fixture
 async def stub(broker: BrokerService) -> AsyncIterator[broker_pb2_grpc.BrokerStub]:
-    async with grpc.aio.insecure_channel(broker.server.address) as channel:
+    async with aio_channel(broker.server.address, token=broker.token) as channel:
         yield broker_pb2_grpc.BrokerStub(channel)
 
 
@@ -135,7 +136,7 @@ async def test_full_queue_is_resource_exhausted_and_nothing_is_trimmed(
     full = stub.Submit(broker_pb2.SubmitRequest(app=ref(app), infer_request=payload(9)))
     assert await code_of(full) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert [(await broker.core.status(t)).state for t in tickets] == [State.QUEUED] * 3
-    stats = await broker.core.stats(app)
+    stats = await broker.core.stats(AS_ADMIN, app)
     assert (stats.depth, stats.in_flight) == (3, 0)
     assert stats.oldest_age_s >= 0
 
@@ -148,7 +149,7 @@ async def test_same_idempotency_key_same_ticket(broker: BrokerService) -> None:
     again = await broker.client.submit(app, x, idempotency_key="order-42")
     other = await broker.client.submit(app, x, idempotency_key="order-43")
     assert first == again != other
-    assert (await broker.core.stats(app)).depth == 2
+    assert (await broker.core.stats(AS_ADMIN, app)).depth == 2
 
 
 async def test_priority_band_runs_first_and_watch_streams_states(broker: BrokerService) -> None:
@@ -163,12 +164,12 @@ async def test_priority_band_runs_first_and_watch_streams_states(broker: BrokerS
     low = [await broker.client.submit(app, {"x": np.array([i])}, priority=-1) for i in range(3)]
     normal = [await broker.client.submit(app, {"x": np.array([10 + i])}) for i in range(3)]
     high = [await broker.client.submit(app, {"x": np.array([20 + i])}, priority=5) for i in range(3)]
-    watch = broker.core.watch(normal[0])
+    watch = broker.core.watch(AS_ADMIN, normal[0])
     assert (await anext(watch)).state == State.QUEUED
     worker = PullWorker(broker.redis_address, app, "w1", 1, record)
     await worker.start()
     try:
-        states = [s async for s in broker.core.watch(low[-1])]
+        states = [s async for s in broker.core.watch(AS_ADMIN, low[-1])]
         assert states[-1].state == State.DONE and states[-1].infer_response
         assert (await anext(watch)).state in (State.RUNNING, State.DONE)
         assert order == [20, 21, 22, 10, 11, 12, 0, 1, 2]
@@ -184,7 +185,7 @@ async def test_cancel_queued_request_and_results_expire(broker: BrokerService) -
     ticket = await broker.client.submit(app, {"x": np.array([1])})
     cancelled = await broker.client.cancel(ticket)
     assert cancelled.state == State.CANCELLED
-    assert (await broker.core.stats(app)).depth == 0
+    assert (await broker.core.stats(AS_ADMIN, app)).depth == 0
     short = await broker.client.submit(app, {"x": np.array([2])}, ttl_s=1)
     worker = PullWorker(broker.redis_address, app, "w1", 2, doubler)
     await worker.start()
@@ -201,9 +202,9 @@ async def test_cancel_queued_request_and_results_expire(broker: BrokerService) -
         await worker.stop()
 
 
-async def test_redis_down_is_unavailable() -> None:
+async def test_redis_down_is_unavailable(credentials: Credentials) -> None:
     redis = RedisProcess().start()
-    service = await BrokerService(redis.address).start()
+    service = await BrokerService(redis.address, credentials).start()
     try:
         redis.kill()
         assert service.client is not None
@@ -235,10 +236,10 @@ async def test_worker_holds_no_more_than_its_free_slots(broker: BrokerService) -
     try:
 
         async def three_running() -> bool:
-            return running == 3 and (await broker.core.stats(app)).in_flight == 3
+            return running == 3 and (await broker.core.stats(AS_ADMIN, app)).in_flight == 3
 
         await async_wait_for(three_running, timeout=30, what="3 running")
-        stats = await broker.core.stats(app)
+        stats = await broker.core.stats(AS_ADMIN, app)
         assert (stats.in_flight, stats.depth, stats.workers) == (3, 9, 1)  # pulled 3, left 9 queued
         release.set()
         outputs = [await broker.client.result(t, timeout=30) for t in tickets]
@@ -277,7 +278,7 @@ async def test_watch_over_grpc_and_cancel_while_running(
         await async_wait_for(lambda: _settled(worker), timeout=30, what="both runs settled")
         # The cancelled run's result was dropped, not stored, and is not a duplicate.
         assert (await broker.core.status(doomed)).state == State.CANCELLED
-        assert (await broker.core.stats(app)).duplicate_executions == 0
+        assert (await broker.core.stats(AS_ADMIN, app)).duplicate_executions == 0
     finally:
         await worker.stop()
 

@@ -20,9 +20,9 @@ from servefleet.broker.queue import RedisStreamQueue
 from servefleet.common.errors import Unavailable
 from servefleet.common.net import async_wait_for, split_address
 from servefleet.sdk.broker_client import AsyncBrokerClient, RequestFailed
-from servefleet.testing import RayCluster, RedisProcess, joined_node
+from servefleet.testing import Credentials, RayCluster, RedisProcess, joined_node
 from tests.integration.broker.actors import EchoActor, executions_key
-from tests.integration.broker.conftest import BrokerService
+from tests.integration.broker.conftest import AS_ADMIN, BrokerService
 
 State = broker_pb2.TicketStatus.State
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_connected")]
@@ -109,7 +109,7 @@ async def test_sigkill_one_of_three_workers_mid_run_loses_nothing(
         os.kill(pids[0], signal.SIGKILL)
         first = await check_all_done(broker.client, tickets)
 
-        stats = await broker.core.stats(app)
+        stats = await broker.core.stats(AS_ADMIN, app)
         runs = await check_exactly_once(broker.client, counter, app, first, stats.duplicate_executions)
         statuses = [await broker.core.status(t) for t in tickets]
         duplicates = sum(runs.values()) - len(tickets)
@@ -148,7 +148,7 @@ async def test_a_lost_ray_node_mid_run_loses_no_ticket(
             await async_wait_for(progressed, timeout=120, what="60 requests started")
             os.kill(node.raylet_pid(), signal.SIGKILL)  # workers 0 and 2 die with their node
             first = await check_all_done(broker.client, tickets)
-            stats = await broker.core.stats(app)
+            stats = await broker.core.stats(AS_ADMIN, app)
             await check_exactly_once(broker.client, counter, app, first, stats.duplicate_executions)
             statuses = [await broker.core.status(t) for t in tickets]
             print(f"\nRay node lost mid-run: {sum(s.deliveries > 1 for s in statuses)} requests reclaimed")
@@ -181,12 +181,12 @@ async def test_a_stalled_worker_runs_again_and_its_late_results_are_discarded(
             os.kill(pids[0], signal.SIGCONT)
 
         async def late_runs_settled() -> bool:
-            stats = await broker.core.stats(app)
+            stats = await broker.core.stats(AS_ADMIN, app)
             extra = sum((await executions(counter, app)).values()) - len(tickets)
             return stats.in_flight == 0 and extra > 0 and stats.duplicate_executions == extra
 
         await async_wait_for(late_runs_settled, timeout=60, what="the stalled worker's late runs settled")
-        stats = await broker.core.stats(app)
+        stats = await broker.core.stats(AS_ADMIN, app)
         runs = await check_exactly_once(broker.client, counter, app, first, stats.duplicate_executions)
         print(
             f"\nSIGSTOP/SIGCONT: {len(tickets)} results, {sum(runs.values())} executions, "
@@ -201,10 +201,10 @@ async def test_a_stalled_worker_runs_again_and_its_late_results_are_discarded(
 
 @pytest.mark.slow
 async def test_redis_restart_mid_run_loses_no_acknowledged_request(
-    redis_server: RedisProcess, counter: aioredis.Redis
+    redis_server: RedisProcess, counter: aioredis.Redis, credentials: Credentials
 ) -> None:
     redis = RedisProcess(appendfsync="everysec").start()
-    service = await BrokerService(redis.address).start()
+    service = await BrokerService(redis.address, credentials).start()
     assert service.client is not None
     app = new_app()
     actors, _ = await start_workers(redis.address, app, 3, redis_server.address)
@@ -269,6 +269,6 @@ async def test_poison_request_is_dead_lettered_after_k_tries(
         await raw.aclose()
         assert [fields[b"ticket"].decode() for _, fields in dead] == [poison]
         assert b"poison input" in dead[0][1][b"reason"]
-        assert (await broker.core.stats(app)).dead_letters == 1
+        assert (await broker.core.stats(AS_ADMIN, app)).dead_letters == 1
     finally:
         await stop_workers(actors)

@@ -9,13 +9,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from servefleet.api import broker_pb2, broker_pb2_grpc, common_pb2
-from servefleet.testing import RedisProcess, ServiceProcess
+from servefleet.common.channels import sync_channel
+from servefleet.testing import EtcdProcess, RedisProcess, ServiceProcess, admin_token
 
 
-def test_entry_point_serves_and_stops(redis_server: RedisProcess) -> None:
-    broker = ServiceProcess("broker", "--redis", redis_server.address).start()
+def test_entry_point_serves_and_stops(redis_server: RedisProcess, etcd: EtcdProcess) -> None:
+    broker = ServiceProcess("broker", "--redis", redis_server.address, "--etcd", etcd.address).start()
     try:
-        with grpc.insecure_channel(broker.address) as channel:
+        with sync_channel(broker.address, token=admin_token(etcd.address)) as channel:
             health = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service="servefleet.api.Broker"), timeout=10
             )

@@ -20,10 +20,11 @@ from tritonclient.utils import InferenceServerException
 
 from servefleet.api import agent_pb2, common_pb2
 from servefleet.common.appid import AppId
+from servefleet.common.auth import ENDPOINT
 from servefleet.common.net import async_wait_for
 from servefleet.services.agent import masters
 from servefleet.spec import load_spec
-from servefleet.testing import DiscoveryProcess, EtcdProcess, RayCluster
+from servefleet.testing import Credentials, DiscoveryProcess, EtcdProcess, RayCluster
 
 EXAMPLES = Path(__file__).parents[3] / "examples"
 CLUSTER = "test-cluster"
@@ -55,10 +56,19 @@ def example_spec(example: str, **overrides: Any) -> common_pb2.ApplicationSpec:
 
 
 async def deploy(
-    spec: common_pb2.ApplicationSpec, replicas: int, discovery: str, *, revision: int = 1, redis: str = ""
+    spec: common_pb2.ApplicationSpec,
+    replicas: int,
+    discovery: str,
+    *,
+    revision: int = 1,
+    redis: str = "",
+    credential: str = "",
 ) -> agent_pb2.MasterStatus:
-    """Apply and wait until ``replicas`` replicas of the spec's version serve behind a proxy."""
-    await masters.apply(spec, replicas, revision, cluster=CLUSTER, discovery=discovery, redis=redis)
+    """Apply (as the cluster agent does, with the app's endpoint token as ``credential``) and wait
+    until ``replicas`` replicas of the spec's version serve behind a proxy."""
+    await masters.apply(
+        spec, replicas, revision, cluster=CLUSTER, discovery=discovery, redis=redis, credential=credential
+    )
 
     async def settled() -> agent_pb2.MasterStatus | None:
         status = await masters.status(AppId.parse(spec).ref())
@@ -77,15 +87,20 @@ async def deploy(
 
 
 @pytest.fixture
-async def deployed(ray_driver: str, discovery_server: DiscoveryProcess) -> AsyncIterator[Callable[..., Any]]:
-    """``await deployed(spec, replicas)`` -> status; every app deployed is removed afterwards."""
+async def deployed(
+    ray_driver: str, discovery_server: DiscoveryProcess, credentials: Credentials
+) -> AsyncIterator[Callable[..., Any]]:
+    """``await deployed(spec, replicas)`` -> status; every app deployed is removed afterwards. Its
+    proxies and replicas register in discovery with the app's own endpoint token."""
     apps: list[common_pb2.AppRef] = []
 
     async def _deploy(
         spec: common_pb2.ApplicationSpec, replicas: int = 1, *, redis: str = ""
     ) -> agent_pb2.MasterStatus:
-        apps.append(AppId.parse(spec).ref())
-        return await deploy(spec, replicas, discovery_server.address, redis=redis)
+        app = AppId.parse(spec)
+        apps.append(app.ref())
+        token = await credentials.issue(ENDPOINT, app=app.key)
+        return await deploy(spec, replicas, discovery_server.address, redis=redis, credential=token)
 
     yield _deploy
     for app in apps:

@@ -16,22 +16,22 @@ from servefleet.common.appid import AppId
 from servefleet.common.errors import NotFound
 from servefleet.common.net import async_wait_for
 from servefleet.sdk.broker_client import AsyncBrokerClient
-from servefleet.testing import RedisProcess
+from servefleet.testing import Credentials, RedisProcess
 
 from .conftest import example_spec, iris_input
 
 
 async def test_async_app_serves_broker_and_proxy(
-    deployed: Callable[..., Any], redis_server: RedisProcess
+    deployed: Callable[..., Any], redis_server: RedisProcess, credentials: Credentials
 ) -> None:
     spec = example_spec("iris", name="iris-async")
     spec.async_mode.enabled = True
     status = await deployed(spec, 2, redis=redis_server.address)
 
     core = BrokerCore(RedisStreamQueue(redis_server.address))
-    server = broker_server(core, "127.0.0.1:0")
+    server = broker_server(core, "127.0.0.1:0", credentials.authenticator())
     await server.start()
-    client = AsyncBrokerClient(server.address)
+    client = AsyncBrokerClient(server.address, token=await credentials.admin())
     try:
         app = AppId.parse(spec).ref()
 

@@ -42,14 +42,14 @@ async def test_sync_tritonclient_health_metadata_infer(deployed: Any) -> None:
 
 
 async def test_aio_tritonclient_and_discovery_registration(deployed: Any, discovery_server: Any) -> None:
-    import grpc
+    from servefleet.common.channels import aio_channel
 
     status = await deployed(example_spec("iris"), 1)
     async with aioclient.InferenceServerClient(status.proxy_addresses[0]) as client:
         assert await client.is_server_live() and await client.is_model_ready("iris")
         result = await client.infer("iris", [iris_input(SAMPLES[2:])])
         assert result.as_numpy("label").tolist() == [2]
-    async with grpc.aio.insecure_channel(discovery_server.address) as channel:
+    async with aio_channel(discovery_server.address, token=discovery_server.token) as channel:
         stub = discovery_pb2_grpc.DiscoveryStub(channel)
         resolved = await stub.Resolve(
             discovery_pb2.ResolveRequest(app=AppId.parse(example_spec("iris")).ref())

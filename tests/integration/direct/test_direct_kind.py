@@ -14,6 +14,7 @@ import ray
 
 from servefleet.api import common_pb2, discovery_pb2
 from servefleet.common.appid import AppId
+from servefleet.common.auth import ENDPOINT
 from servefleet.common.config import settings
 from servefleet.common.net import async_wait_for
 from servefleet.direct import INPUT_NAME, OUTPUT_NAME, ctr
@@ -21,7 +22,7 @@ from servefleet.sdk import AsyncClient
 from servefleet.services.actors import RAY_NAMESPACE, replica_prefix
 from servefleet.services.agent import masters
 from servefleet.spec import load_spec
-from servefleet.testing import DiscoveryProcess
+from servefleet.testing import Credentials, DiscoveryProcess
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 APP = "recs/ctr-direct"
@@ -45,18 +46,26 @@ def direct_spec(model_path: Path) -> common_pb2.ApplicationSpec:
 
 @pytest.fixture
 async def client(discovery_server: DiscoveryProcess) -> AsyncIterator[AsyncClient]:
-    async with AsyncClient(discovery_server.address, timeout=10.0) as client:
+    async with AsyncClient(discovery_server.address, timeout=10.0, token=discovery_server.token) as client:
         yield client
 
 
 @pytest.fixture
 async def deployed(
-    ray_driver: str, discovery_server: DiscoveryProcess, ctr_model_path: Path
+    ray_driver: str, discovery_server: DiscoveryProcess, ctr_model_path: Path, credentials: Credentials
 ) -> AsyncIterator[common_pb2.ApplicationSpec]:
     spec = direct_spec(ctr_model_path)
-    await masters.apply(spec, 2, 1, cluster="direct-cluster", discovery=discovery_server.address)
+    await apply_new(spec, discovery_server, credentials)
     yield spec
     await masters.remove(AppId.parse(spec).ref())
+
+
+async def apply_new(
+    spec: common_pb2.ApplicationSpec, discovery: DiscoveryProcess, credentials: Credentials
+) -> None:
+    """Create the app's master as the agent does: with the app's own endpoint token."""
+    token = await credentials.issue(ENDPOINT, app=f"{spec.namespace}/{spec.name}")
+    await masters.apply(spec, 2, 1, cluster="direct-cluster", discovery=discovery.address, credential=token)
 
 
 async def _replicas(spec: common_pb2.ApplicationSpec) -> dict[str, str]:
@@ -151,10 +160,14 @@ async def test_killed_actor_leaves_within_the_ttl_and_the_sdk_fails_over(
 
 
 async def test_scaling_down_and_removing_deregister_at_once(
-    ray_driver: str, discovery_server: DiscoveryProcess, client: AsyncClient, ctr_model_path: Path
+    ray_driver: str,
+    discovery_server: DiscoveryProcess,
+    client: AsyncClient,
+    ctr_model_path: Path,
+    credentials: Credentials,
 ) -> None:
     spec = direct_spec(ctr_model_path)
-    await masters.apply(spec, 2, 1, cluster="direct-cluster", discovery=discovery_server.address)
+    await apply_new(spec, discovery_server, credentials)
     await _seen(client, set((await _replicas(spec)).values()))
     # Drained replicas deregister: each change shows before a lease (TTL) could have lapsed.
     await masters.apply(spec, 1, 2, cluster="direct-cluster", discovery=discovery_server.address)

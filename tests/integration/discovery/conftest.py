@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from servefleet.common import health
+from servefleet.common.auth import TOKEN_ENV
 from servefleet.testing import DiscoveryProcess, EtcdProcess, ManagedProcess
 
 SERVER = Path(__file__).with_name("endpoint_server.py")
@@ -22,11 +23,21 @@ class EndpointProcess(ManagedProcess):
     name = "endpoint"
 
     def __init__(
-        self, discovery: str, app: str, endpoint_id: str, *, delay_ms: float = 0.0, zone: str = ""
+        self,
+        discovery: DiscoveryProcess,
+        app: str,
+        endpoint_id: str,
+        *,
+        delay_ms: float = 0.0,
+        zone: str = "",
     ) -> None:
         super().__init__()
-        self.discovery, self.app, self.endpoint_id = discovery, app, endpoint_id
+        self.discovery, self.app, self.endpoint_id = discovery.address, app, endpoint_id
+        self.token = discovery.token
         self.delay_ms, self.zone = delay_ms, zone
+
+    def env(self) -> dict[str, str]:
+        return {**super().env(), TOKEN_ENV: self.token}
 
     def argv(self) -> list[str]:
         return [

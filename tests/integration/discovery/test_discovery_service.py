@@ -11,16 +11,19 @@ import pytest
 
 from servefleet.api import common_pb2, discovery_pb2, discovery_pb2_grpc
 from servefleet.common import health
+from servefleet.common.channels import aio_channel
 from servefleet.common.net import wait_for
 from servefleet.discovery.registration import registration
-from servefleet.testing import DiscoveryProcess, EtcdProcess
+from servefleet.testing import Credentials, DiscoveryProcess, EtcdProcess
 
 Event = discovery_pb2.WatchEvent
 
 
 @pytest.fixture
-async def stub(discovery: DiscoveryProcess) -> AsyncIterator[discovery_pb2_grpc.DiscoveryStub]:
-    async with grpc.aio.insecure_channel(discovery.address) as channel:
+async def stub(
+    discovery: DiscoveryProcess, admin_token: str
+) -> AsyncIterator[discovery_pb2_grpc.DiscoveryStub]:
+    async with aio_channel(discovery.address, token=admin_token) as channel:
         yield discovery_pb2_grpc.DiscoveryStub(channel)
 
 
@@ -184,15 +187,19 @@ async def test_other_bad_input_is_invalid_argument(stub: discovery_pb2_grpc.Disc
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_two_instances_share_state_through_etcd(discovery: DiscoveryProcess, etcd: EtcdProcess) -> None:
+async def test_two_instances_share_state_through_etcd(
+    discovery: DiscoveryProcess, etcd: EtcdProcess, admin_token: str
+) -> None:
     other = DiscoveryProcess(etcd.address).start()
     try:
-        async with grpc.aio.insecure_channel(other.address) as channel:
+        async with aio_channel(other.address, token=admin_token) as channel:
             watch = discovery_pb2_grpc.DiscoveryStub(channel).Watch(
                 discovery_pb2.WatchRequest(app=common_pb2.AppRef(namespace="t6", name="m"))
             )
             assert (await watch.read()).type == Event.SNAPSHOT
-            async with registration(discovery.address, endpoint("t6/m", 6001), ttl_s=2) as reg:
+            async with registration(
+                discovery.address, endpoint("t6/m", 6001), ttl_s=2, token=admin_token
+            ) as reg:
                 added = await watch.read()
                 assert added.type == Event.ADDED and added.endpoints[0].id == reg.endpoint_id
                 await reg.update(load_hint=2.0, labels={"zone": "z"})
@@ -208,8 +215,9 @@ async def test_two_instances_share_state_through_etcd(discovery: DiscoveryProces
 async def test_health_follows_etcd_and_calls_say_unavailable() -> None:
     own_etcd = EtcdProcess().start()
     own = DiscoveryProcess(own_etcd.address).start()
+    tokens = Credentials(own_etcd.address)
     try:
-        async with grpc.aio.insecure_channel(own.address) as channel:
+        async with aio_channel(own.address, token=await tokens.admin()) as channel:
             stub = discovery_pb2_grpc.DiscoveryStub(channel)
             own_etcd.kill()
             await asyncio.to_thread(
@@ -227,5 +235,6 @@ async def test_health_follows_etcd_and_calls_say_unavailable() -> None:
                 await stub.Resolve(discovery_pb2.ResolveRequest(app=common_pb2.AppRef(name="m")))
             ).revision > 0
     finally:
+        await tokens.close()
         own.cleanup()
         own_etcd.cleanup()

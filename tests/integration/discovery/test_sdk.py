@@ -21,7 +21,11 @@ X = {"x": np.arange(4, dtype=np.float32)}
 
 
 def start(
-    endpoints: list[EndpointProcess], discovery: str, app: str, endpoint_id: str, **kwargs: object
+    endpoints: list[EndpointProcess],
+    discovery: DiscoveryProcess,
+    app: str,
+    endpoint_id: str,
+    **kwargs: object,
 ) -> EndpointProcess:
     proc = EndpointProcess(discovery, app, endpoint_id, **kwargs)  # type: ignore[arg-type]
     endpoints.append(proc)
@@ -41,7 +45,7 @@ async def wait_ids(client: AsyncClient, app: str, expected: set[str], timeout: f
 
 @pytest.fixture
 async def client(discovery: DiscoveryProcess) -> AsyncIterator[AsyncClient]:
-    async with AsyncClient(discovery.address, timeout=10.0) as c:
+    async with AsyncClient(discovery.address, timeout=10.0, token=discovery.token) as c:
         yield c
 
 
@@ -54,8 +58,8 @@ async def served_by(client: AsyncClient, app: str, **kwargs: object) -> str:
 async def test_infer_roundtrip_errors_and_namespaced_names(
     client: AsyncClient, discovery: DiscoveryProcess, endpoints: list[EndpointProcess]
 ) -> None:
-    start(endpoints, discovery.address, "s1", "s1-a")
-    start(endpoints, discovery.address, "team/s1", "team-a")
+    start(endpoints, discovery, "s1", "s1-a")
+    start(endpoints, discovery, "team/s1", "team-a")
     await wait_ids(client, "s1", {"s1-a"})
     assert await ids(client, "default/s1") == {"s1-a"}
     await wait_ids(client, "team/s1", {"team-a"})
@@ -73,8 +77,8 @@ async def test_infer_roundtrip_errors_and_namespaced_names(
 async def test_sigkill_leaves_the_set_within_ttl_and_sigstop_re_registers(
     client: AsyncClient, discovery: DiscoveryProcess, endpoints: list[EndpointProcess]
 ) -> None:
-    a = start(endpoints, discovery.address, "s2", "s2-a")
-    b = start(endpoints, discovery.address, "s2", "s2-b")
+    a = start(endpoints, discovery, "s2", "s2-a")
+    b = start(endpoints, discovery, "s2", "s2-b")
     await wait_ids(client, "s2", {"s2-a", "s2-b"})
 
     await load(client, "s2", 10, 2)  # both endpoints have pooled channels now
@@ -94,8 +98,8 @@ async def test_sigkill_leaves_the_set_within_ttl_and_sigstop_re_registers(
 async def test_sync_client_and_tritonclient(
     discovery: DiscoveryProcess, endpoints: list[EndpointProcess]
 ) -> None:
-    start(endpoints, discovery.address, "s3", "s3-a")
-    with Client(discovery.address) as client:
+    start(endpoints, discovery, "s3", "s3-a")
+    with Client(discovery.address, token=discovery.token) as client:
         await asyncio.to_thread(
             wait_for, lambda: [e.id for e in client.endpoints("s3")] == ["s3-a"], timeout=20, what="s3-a"
         )
@@ -124,9 +128,9 @@ async def test_restart_etcd_and_discovery_while_sdk_holds_a_set(endpoints: list[
     watched = DiscoveryProcess(etcd.address).start()  # the SDK's discovery
     other = DiscoveryProcess(etcd.address).start()  # where endpoints register
     try:
-        start(endpoints, other.address, "s4", "s4-a")
-        b = start(endpoints, other.address, "s4", "s4-b")
-        async with AsyncClient(watched.address, timeout=10.0) as client:
+        start(endpoints, other, "s4", "s4-a")
+        b = start(endpoints, other, "s4", "s4-b")
+        async with AsyncClient(watched.address, timeout=10.0, token=watched.token) as client:
             await wait_ids(client, "s4", {"s4-a", "s4-b"})
 
             etcd.kill()
@@ -135,7 +139,7 @@ async def test_restart_etcd_and_discovery_while_sdk_holds_a_set(endpoints: list[
             watched.kill()
             # Changes while the SDK's discovery is down: one endpoint leaves, one joins.
             await asyncio.to_thread(b.stop)
-            await asyncio.to_thread(start, endpoints, other.address, "s4", "s4-c")
+            await asyncio.to_thread(start, endpoints, other, "s4", "s4-c")
             assert set(await load(client, "s4", 20, 2)) <= {"s4-a", "s4-c"}  # s4-b retried away
             watched.start()
             await wait_ids(client, "s4", {"s4-a", "s4-c"})
@@ -151,7 +155,7 @@ async def test_restart_etcd_and_discovery_while_sdk_holds_a_set(endpoints: list[
 async def test_sigkill_under_steady_load_loses_no_request_and_evens_out(
     client: AsyncClient, discovery: DiscoveryProcess, endpoints: list[EndpointProcess]
 ) -> None:
-    procs = [start(endpoints, discovery.address, "s5", f"s5-{i}", delay_ms=5) for i in range(3)]
+    procs = [start(endpoints, discovery, "s5", f"s5-{i}", delay_ms=5) for i in range(3)]
     await wait_ids(client, "s5", {"s5-0", "s5-1", "s5-2"})
     before = await load(client, "s5", 150, 6)
     killer = asyncio.get_running_loop().call_later(0.3, procs[0].kill)
@@ -171,7 +175,7 @@ async def test_a_ten_times_slower_endpoint_gets_clearly_less_traffic(
     # 10 ms vs 100 ms, not 3 vs 30: on a loaded 2-core box a runnable process waits tens of ms for a
     # core, so 3 ms of service time drowns in scheduling noise and "10x slower" is not what the SDK sees.
     for i, delay in enumerate((10, 10, 100)):
-        start(endpoints, discovery.address, "s6", f"s6-{i}", delay_ms=delay)
+        start(endpoints, discovery, "s6", f"s6-{i}", delay_ms=delay)
     await wait_ids(client, "s6", {"s6-0", "s6-1", "s6-2"})
     counts = await load(client, "s6", 600, 4)
     share = {k: round(v / 600, 3) for k, v in sorted(counts.items())}
@@ -182,7 +186,7 @@ async def test_a_ten_times_slower_endpoint_gets_clearly_less_traffic(
 async def test_deadline_and_cancellation_release_the_endpoint(
     client: AsyncClient, discovery: DiscoveryProcess, endpoints: list[EndpointProcess]
 ) -> None:
-    slow = start(endpoints, discovery.address, "s7", "s7-a", delay_ms=400)
+    slow = start(endpoints, discovery, "s7", "s7-a", delay_ms=400)
     await wait_ids(client, "s7", {"s7-a"})
     with pytest.raises(DeadlineExceeded):
         await client.infer("s7", X, timeout=0.1)

@@ -15,7 +15,7 @@ from servefleet.broker.servicer import broker_server
 from servefleet.broker.worker import PullWorker
 from servefleet.common import tensors
 from servefleet.common.errors import FailedPrecondition
-from servefleet.testing import DiscoveryProcess, RedisProcess
+from servefleet.testing import Credentials, DiscoveryProcess, RedisProcess
 
 
 async def triple(request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
@@ -24,23 +24,24 @@ async def triple(request: service_pb2.ModelInferRequest) -> service_pb2.ModelInf
 
 
 async def test_submit_and_result_through_the_broker(
-    discovery: DiscoveryProcess, redis_server: RedisProcess
+    discovery: DiscoveryProcess, redis_server: RedisProcess, credentials: Credentials
 ) -> None:
     core = BrokerCore(RedisStreamQueue(redis_server.address))
-    server = broker_server(core, "127.0.0.1:0")
+    server = broker_server(core, "127.0.0.1:0", credentials.authenticator())
+    token = discovery.token
     await server.start()
     worker = PullWorker(redis_server.address, "default/sdk-long", consumer="w1", slots=2, handler=triple)
     await worker.start()
     x = np.arange(3, dtype=np.int32)
     try:
-        async with AsyncClient(discovery.address, broker=server.address) as client:
+        async with AsyncClient(discovery.address, broker=server.address, token=token) as client:
             ticket = await client.submit("sdk-long", {"x": x}, idempotency_key="k1")
             np.testing.assert_array_equal((await client.result(ticket, timeout=20))["y"], x * 3)
-        with Client(discovery.address, broker=server.address) as sync:
+        with Client(discovery.address, broker=server.address, token=token) as sync:
             ticket = await asyncio.to_thread(sync.submit, "sdk-long", {"x": x})
             out = await asyncio.to_thread(sync.result, ticket, timeout=20)
             np.testing.assert_array_equal(out["y"], x * 3)
-        async with AsyncClient(discovery.address) as plain:
+        async with AsyncClient(discovery.address, token=token) as plain:
             with pytest.raises(FailedPrecondition, match="without broker"):
                 await plain.submit("sdk-long", {"x": x})
     finally:

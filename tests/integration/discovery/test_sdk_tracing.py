@@ -38,7 +38,10 @@ async def test_trace_context_reaches_the_endpoint(discovery: DiscoveryProcess) -
         app=AppId.parse("traced").ref(), kind="proxy", address=f"127.0.0.1:{port}"
     )
     try:
-        async with registration(discovery.address, endpoint), AsyncClient(discovery.address) as client:
+        async with (
+            registration(discovery.address, endpoint, token=discovery.token),
+            AsyncClient(discovery.address, token=discovery.token) as client,
+        ):
 
             async def listed() -> bool:
                 return len(await client.endpoints("traced")) == 1

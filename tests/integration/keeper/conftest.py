@@ -120,7 +120,7 @@ class Procs:
         self, *, ray: str, keeper: str, discovery: str, cluster: str, labels: str = ""
     ) -> tuple[ServiceProcess, str]:
         flags = ["--ray", ray, "--keeper", keeper, "--discovery", discovery, "--cluster", cluster]
-        flags += ["--admin-token-file", str(self.token_file)]
+        flags += ["--etcd", self.etcd.address, "--token-file", str(self.token_file)]
         if labels:
             flags += ["--labels", labels]
         child = self.service("services.agent", *flags, name=f"agent-{cluster}")

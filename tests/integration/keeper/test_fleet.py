@@ -26,6 +26,7 @@ from servefleet.api import (
     keeper_pb2_grpc,
 )
 from servefleet.cli.main import cli
+from servefleet.common.channels import sync_channel
 from servefleet.common.net import free_port, wait_for
 from servefleet.spec import load_spec
 from servefleet.testing import EtcdProcess, RayCluster, ServiceProcess
@@ -198,7 +199,9 @@ def test_spread_app_answers_through_both_clusters_and_delete_removes_everything(
     )
     running = fleet.wait_state("spread", AppState.RUNNING, "1")
     assert sorted(p.cluster for p in running.placements) == ["east", "west"]
-    resolver = discovery_pb2_grpc.DiscoveryStub(grpc.insecure_channel(fleet.discovery))
+    resolver = discovery_pb2_grpc.DiscoveryStub(
+        sync_channel(fleet.discovery, token=fleet.procs.admin_token())
+    )
 
     def proxies() -> list[discovery_pb2.Endpoint] | None:
         found = resolver.Resolve(
@@ -213,9 +216,9 @@ def test_spread_app_answers_through_both_clusters_and_delete_removes_everything(
 
     # An agent killed and restarted finds the master that kept running, and the app stays served.
     restarted = fleet.restart_agent("east")
-    masters = agent_pb2_grpc.ClusterAgentStub(grpc.insecure_channel(restarted)).ListMasters(
-        agent_pb2.ListMastersRequest(), timeout=30
-    )
+    masters = agent_pb2_grpc.ClusterAgentStub(
+        sync_channel(restarted, token=fleet.procs.admin_token())
+    ).ListMasters(agent_pb2.ListMastersRequest(), timeout=30)
     assert [(m.app.name, m.revision, m.ready_replicas) for m in masters.masters] == [
         ("spread", running.revision, 1)
     ]

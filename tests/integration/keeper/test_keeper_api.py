@@ -49,7 +49,7 @@ async def call_every_method(
 
 async def test_every_method_refuses_missing_and_invalid_tokens(keeper: InProcessKeeper) -> None:
     client = keeper.client()
-    assert len(SERVICE.methods) == 12
+    assert len(SERVICE.methods) == 14
     for metadata in ([], bearer("sft_not-a-real-token"), [("authorization", "Basic abc")]):
         codes = await call_every_method(client, metadata)
         assert codes == {m.name: grpc.StatusCode.UNAUTHENTICATED for m in SERVICE.methods}, metadata
@@ -201,10 +201,11 @@ async def test_tenants_only_see_their_own_namespaces(keeper: InProcessKeeper) ->
     assert exc.value.code() == grpc.StatusCode.NOT_FOUND
     listed = await a.stub.ListApplications(keeper_pb2.ListApplicationsRequest(), metadata=a.md())
     assert listed.applications == []
-    listed = await a.stub.ListApplications(
-        keeper_pb2.ListApplicationsRequest(namespace="beta-ns"), metadata=a.md()
-    )
-    assert listed.applications == []
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await a.stub.ListApplications(
+            keeper_pb2.ListApplicationsRequest(namespace="beta-ns"), metadata=a.md()
+        )
+    assert exc.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         await a.stub.SubmitApplication(
             keeper_pb2.SubmitApplicationRequest(spec=spec("sneaky", "beta-ns")), metadata=a.md()
@@ -357,3 +358,52 @@ async def test_unplaceable_stays_pending_with_the_reason_and_watch_follows(keepe
         return False
 
     await async_wait_for(gone, timeout=10, what="picky forgotten after DELETED")
+
+
+async def test_service_tokens_are_narrow_listed_and_revocable(keeper: InProcessKeeper) -> None:
+    admin = keeper.client()
+    tenant = keeper.client(await _tenant(admin, "omega"))
+    wide = spec("scaled", "omega-ns")
+    wide.replicas.max = 3
+    app = await tenant.stub.SubmitApplication(
+        keeper_pb2.SubmitApplicationRequest(spec=wide), metadata=tenant.md()
+    )
+    issued = {
+        role: await admin.stub.IssueToken(keeper_pb2.IssueTokenRequest(role=role), metadata=admin.md())
+        for role in ("autoscaler", "agent")
+    }
+    scaler, agent = keeper.client(issued["autoscaler"].token), keeper.client(issued["agent"].token)
+    # The autoscaler reads and scales any app (the owner's quota applies) and does nothing else.
+    scaled = await scaler.stub.ScaleApplication(
+        keeper_pb2.ScaleApplicationRequest(app=app.app, replicas=3), metadata=scaler.md()
+    )
+    assert scaled.replicas == 3
+    for call in (
+        scaler.stub.SubmitApplication(
+            keeper_pb2.SubmitApplicationRequest(spec=spec("x", "omega-ns")), metadata=scaler.md()
+        ),
+        scaler.stub.DeleteApplication(keeper_pb2.DeleteApplicationRequest(app=app.app), metadata=scaler.md()),
+        agent.stub.IssueToken(keeper_pb2.IssueTokenRequest(role="admin"), metadata=agent.md()),
+        agent.stub.GetApplication(keeper_pb2.GetApplicationRequest(app=app.app), metadata=agent.md()),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await call
+        assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "needs" in (exc.value.details() or "")
+    # An agent obtains endpoint tokens (one app each) for the apps it runs.
+    endpoint = await agent.stub.IssueToken(
+        keeper_pb2.IssueTokenRequest(role="endpoint", app=app.app), metadata=agent.md()
+    )
+    listed = await admin.stub.ListTokens(keeper_pb2.ListTokensRequest(), metadata=admin.md())
+    by_id = {t.token_id: t for t in listed.tokens}
+    assert by_id[endpoint.token_id].role == "endpoint" and by_id[endpoint.token_id].app.name == "scaled"
+    assert all(endpoint.token not in str(t) for t in listed.tokens)  # ids and records, never tokens
+    gone = await admin.stub.RevokeToken(
+        keeper_pb2.RevokeTokenRequest(token_id=issued["autoscaler"].token_id), metadata=admin.md()
+    )
+    assert gone.token.role == "autoscaler"
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await admin.stub.RevokeToken(
+            keeper_pb2.RevokeTokenRequest(token_id=issued["autoscaler"].token_id), metadata=admin.md()
+        )
+    assert exc.value.code() == grpc.StatusCode.NOT_FOUND

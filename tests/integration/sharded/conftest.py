@@ -27,7 +27,7 @@ from servefleet.direct import INPUT_NAME, OUTPUT_NAME, ctr
 from servefleet.sdk import AsyncClient
 from servefleet.services.agent import masters
 from servefleet.spec import load_spec
-from servefleet.testing import RayCluster, RayWorkerNode
+from servefleet.testing import DiscoveryProcess, RayCluster, RayWorkerNode, endpoint_token
 
 # The data plane's fixtures (a discovery process, this process as a Ray driver), shared, not copied.
 from tests.integration.dataplane.conftest import discovery_server, ray_driver
@@ -82,8 +82,12 @@ def sharded_spec(
     )
 
 
-async def apply(spec: common_pb2.ApplicationSpec, discovery: str, *, revision: int = 1) -> None:
-    await masters.apply(spec, spec.replicas.initial, revision, cluster=CLUSTER, discovery=discovery)
+async def apply(spec: common_pb2.ApplicationSpec, discovery: DiscoveryProcess, *, revision: int = 1) -> None:
+    """As the cluster agent does: a new master gets the app's endpoint token (its routers register)."""
+    token = await endpoint_token(discovery.etcd, AppId.parse(spec).key)
+    await masters.apply(
+        spec, spec.replicas.initial, revision, cluster=CLUSTER, discovery=discovery.address, credential=token
+    )
 
 
 async def settled(spec: common_pb2.ApplicationSpec, *, timeout: float = 240) -> agent_pb2.MasterStatus:
@@ -109,7 +113,7 @@ async def settled(spec: common_pb2.ApplicationSpec, *, timeout: float = 240) -> 
 
 @pytest.fixture
 async def client(discovery_server: Any) -> AsyncIterator[AsyncClient]:
-    async with AsyncClient(discovery_server.address, timeout=30.0) as client:
+    async with AsyncClient(discovery_server.address, timeout=30.0, token=discovery_server.token) as client:
         yield client
 
 

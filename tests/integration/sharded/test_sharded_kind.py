@@ -45,7 +45,7 @@ async def sharded(
     two_nodes: list[str], discovery_server: DiscoveryProcess, table_path: Path
 ) -> AsyncIterator[common_pb2.ApplicationSpec]:
     spec = sharded_spec("ctr-sharded", table_path, shards=4, replicas=2, partitioning="hash")
-    await apply(spec, discovery_server.address)
+    await apply(spec, discovery_server)
     await settled(spec)
     yield spec
     await masters.remove(AppId.parse(spec).ref())
@@ -94,7 +94,7 @@ async def test_an_unsharded_table_over_the_actor_memory_limit_is_refused_precise
     two_nodes: list[str], discovery_server: DiscoveryProcess, table_path: Path
 ) -> None:
     spec = sharded_spec("ctr-whole", table_path, shards=1, replicas=1)
-    await apply(spec, discovery_server.address)
+    await apply(spec, discovery_server)
     try:
 
         async def refused() -> str | None:
@@ -177,7 +177,7 @@ async def test_resharding_2_to_4_under_load_fails_no_request_and_answers_the_sam
 ) -> None:
     spec = sharded_spec("ctr-reshard", table_path, shards=2, replicas=1, memory="48Mi", partitioning="range")
     app = "recs/ctr-reshard"
-    await apply(spec, discovery_server.address)
+    await apply(spec, discovery_server)
     try:
         await settled(spec)
         router = router_of(spec)
@@ -186,7 +186,7 @@ async def test_resharding_2_to_4_under_load_fails_no_request_and_answers_the_sam
             wider = sharded_spec(
                 "ctr-reshard", table_path, shards=4, replicas=1, memory="48Mi", partitioning="range"
             )
-            await apply(wider, discovery_server.address, revision=2)
+            await apply(wider, discovery_server, revision=2)
             await settled(wider)
             assert (await router.stats.remote())["layout"] == "range-4"
             await load.wait_for_requests(50)

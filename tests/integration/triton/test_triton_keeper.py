@@ -23,7 +23,7 @@ from servefleet.common.errors import InvalidArgument
 from servefleet.common.net import wait_for
 from servefleet.sdk import Client
 from servefleet.services.actors import RAY_NAMESPACE, REPLICA_PREFIX
-from servefleet.testing import DiscoveryProcess, RayCluster
+from servefleet.testing import RayCluster
 from tests.integration.keeper.conftest import Procs
 from tests.integration.triton.conftest import EXAMPLE, MODEL, add_sub_inputs, broken_repository, pid_alive
 
@@ -56,7 +56,6 @@ async def test_the_example_through_the_keeper(
     procs: Procs,
     ray_cluster: RayCluster,
     ray_driver: str,
-    discovery_server: DiscoveryProcess,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -64,11 +63,11 @@ async def test_the_example_through_the_keeper(
     env = procs.env()
     monkeypatch.setattr(procs, "env", lambda: {**env, "SERVEFLEET_KEEPER_ALLOWED_ROOTS": roots})
     _, keeper = procs.keeper()
-    procs.agent(ray=ray_cluster.address, keeper=keeper, discovery=discovery_server.address, cluster="tri")
+    # Its own discovery, on the keeper's etcd prefix: there it finds the tokens this keeper issues.
+    discovery = procs.service("discovery", "--etcd", procs.etcd.address, name="discovery").address
+    procs.agent(ray=ray_cluster.address, keeper=keeper, discovery=discovery, cluster="tri")
     state = procs.workdir
-    (state / "stack.json").write_text(
-        json.dumps({"keeper": keeper, "discovery": discovery_server.address, "parts": []})
-    )
+    (state / "stack.json").write_text(json.dumps({"keeper": keeper, "discovery": discovery, "parts": []}))
 
     deployed = run(state, "app", "deploy", str(SPEC), "--timeout", "240")
     assert deployed.exit_code == 0, deployed.output
@@ -96,7 +95,7 @@ async def test_the_example_through_the_keeper(
         assert info.value.status() == "StatusCode.INVALID_ARGUMENT", info.value
         await aio.close()
 
-    with Client(discovery_server.address) as client:
+    with Client(discovery, token=procs.admin_token()) as client:
         out = client.infer("add-sub", {"INPUT0": a, "INPUT1": b})
         np.testing.assert_allclose(out["OUTPUT0"], a + b)
         with pytest.raises(InvalidArgument, match="must match"):  # the model's own INVALID_ARG

@@ -31,7 +31,7 @@ from servefleet.sdk import AsyncClient
 from servefleet.services.actors import RAY_NAMESPACE, replica_prefix
 from servefleet.services.agent import masters
 from servefleet.spec import load_spec
-from servefleet.testing import DiscoveryProcess
+from servefleet.testing import DiscoveryProcess, endpoint_token
 from tests.integration.triton.conftest import MODEL, add_sub_inputs, pid_alive, versioned_repository
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -55,12 +55,14 @@ def triton_spec(repository: Path, version: str) -> common_pb2.ApplicationSpec:
 
 @pytest.fixture
 async def client(discovery_server: DiscoveryProcess) -> AsyncIterator[AsyncClient]:
-    async with AsyncClient(discovery_server.address, timeout=15.0) as client:
+    async with AsyncClient(discovery_server.address, timeout=15.0, token=discovery_server.token) as client:
         yield client
 
 
-async def apply(spec: common_pb2.ApplicationSpec, discovery: str, revision: int) -> None:
-    await masters.apply(spec, 2, revision, cluster=CLUSTER, discovery=discovery)
+async def apply(spec: common_pb2.ApplicationSpec, discovery: DiscoveryProcess, revision: int) -> None:
+    """As the cluster agent does: a new master gets the app's endpoint token (its servers register)."""
+    token = await endpoint_token(discovery.etcd, AppId.parse(spec).key)
+    await masters.apply(spec, 2, revision, cluster=CLUSTER, discovery=discovery.address, credential=token)
 
     async def settled() -> bool:
         status = await masters.status(AppId.parse(spec).ref())
@@ -141,7 +143,7 @@ async def test_sigkilled_server_costs_no_request_and_a_new_one_registers(
     ray_driver: str, discovery_server: DiscoveryProcess, client: AsyncClient, tmp_path: Path
 ) -> None:
     spec = triton_spec(versioned_repository(tmp_path, 1), "1")
-    await apply(spec, discovery_server.address, 1)
+    await apply(spec, discovery_server, 1)
     try:
         before = await replicas(spec)
         endpoints = await async_wait_for(
@@ -190,7 +192,7 @@ async def test_a_hung_server_is_restarted(
     """A server that stops answering (SIGSTOP: alive, silent) fails its ServerLive probes and is
     killed with its stubs and started again; the SDK keeps getting answers meanwhile."""
     spec = triton_spec(versioned_repository(tmp_path, 1), "1")
-    await apply(spec, discovery_server.address, 1)
+    await apply(spec, discovery_server, 1)
     try:
         name, victim = sorted((await replicas(spec)).items())[0]
         os.kill(victim["pids"][0], signal.SIGSTOP)
@@ -238,12 +240,12 @@ async def test_rolling_update_to_a_new_repository_version_under_load(
     ray_driver: str, discovery_server: DiscoveryProcess, client: AsyncClient, tmp_path: Path
 ) -> None:
     v1 = triton_spec(versioned_repository(tmp_path, 1), "1")
-    await apply(v1, discovery_server.address, 1)
+    await apply(v1, discovery_server, 1)
     try:
         async with SdkLoad(client) as load:
             await load.served(30)
             v2 = triton_spec(versioned_repository(tmp_path, 2, scale=3.0), "2")
-            await apply(v2, discovery_server.address, 2)
+            await apply(v2, discovery_server, 2)
 
             async def only_v2() -> bool:
                 return {e.version for e in await client.endpoints(APP)} == {"2"}
@@ -273,7 +275,7 @@ async def test_proxies_route_to_triton_and_pass_its_statuses_through(
 ) -> None:
     spec = triton_spec(versioned_repository(tmp_path, 1), "1")
     spec.proxies = 1
-    await apply(spec, discovery_server.address, 1)
+    await apply(spec, discovery_server, 1)
     try:
         status = await masters.status(AppId.parse(spec).ref())
         assert status is not None and len(status.proxy_addresses) == 1
