@@ -118,7 +118,7 @@ async def test_submit_rejects_bad_input_before_queueing(change: dict[str, object
 
 async def test_an_app_without_namespace_is_in_namespace_default() -> None:
     queue = FakeQueue()
-    await BrokerCore(queue).submit(submit_request(app=common_pb2.AppRef(name="llm")))
+    await BrokerCore(queue).submit(ADMIN, submit_request(app=common_pb2.AppRef(name="llm")))
     assert queue.submitted[0][0] == "default/llm"
 
 
