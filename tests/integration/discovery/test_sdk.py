@@ -201,7 +201,7 @@ async def test_only_endpoint_killed_and_back_within_the_deadline_fails_nothing(
 ) -> None:
     """Every endpoint down (then none live once its lease ends): requests wait, retrying with
     backoff and woken by the watch, and succeed when it is back before their deadline."""
-    only = start(endpoints, discovery.address, "s8", "s8-a")
+    only = start(endpoints, discovery, "s8", "s8-a")
     await wait_ids(client, "s8", {"s8-a"})
     await load(client, "s8", 10, 2)
     only.kill()

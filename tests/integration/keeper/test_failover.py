@@ -51,8 +51,10 @@ def delete(fleet: Fleet, name: str) -> None:
 class SdkLoad:
     """Closed-loop SDK callers (threads over one Client) with a deadline longer than any move."""
 
-    def __init__(self, discovery: str, app: str, *, threads: int = 4, deadline_s: float = 90.0) -> None:
-        self.client = Client(discovery, timeout=deadline_s)
+    def __init__(
+        self, discovery: str, app: str, *, token: str, threads: int = 4, deadline_s: float = 90.0
+    ) -> None:
+        self.client = Client(discovery, timeout=deadline_s, token=token)
         self.app = app
         self.ok = 0
         self.failures: Counter[str] = Counter()
@@ -112,7 +114,7 @@ def test_sigkill_a_clusters_ray_head_and_agent_under_sdk_load_moves_the_app_losi
     fleet: Fleet,
 ) -> None:
     placed, other = deploy(fleet, "mover")
-    with SdkLoad(fleet.discovery, "mover") as load:
+    with SdkLoad(fleet.discovery, "mover", token=fleet.procs.admin_token()) as load:
         load.wait_for_calls(50)
         killed_at = time.monotonic()
         fleet.clusters[placed].kill()
