@@ -51,6 +51,7 @@ from _report import write_report
 
 from servefleet import stack
 from servefleet.api import discovery_pb2, discovery_pb2_grpc, keeper_pb2, keeper_pb2_grpc
+from servefleet.common.channels import aio_channel
 from servefleet.common.config import grpc_options
 from servefleet.common.net import async_wait_for, free_port
 from servefleet.common.tensors import decode_request, encode_request, encode_response
@@ -218,7 +219,9 @@ class Servefleet:
         await self.keeper.SubmitApplication(
             keeper_pb2.SubmitApplicationRequest(spec=spec), metadata=md, timeout=10
         )
-        discovery = discovery_pb2_grpc.DiscoveryStub(grpc.aio.insecure_channel(self.addresses["discovery"]))
+        discovery = discovery_pb2_grpc.DiscoveryStub(
+            aio_channel(self.addresses["discovery"], token=self.token)
+        )
 
         async def proxy() -> str:
             found = await discovery.Resolve(

@@ -35,12 +35,12 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import grpc
 import numpy as np
 import yaml
 
 from servefleet import Client, stack
 from servefleet.api import broker_pb2, broker_pb2_grpc, common_pb2
+from servefleet.common.channels import sync_channel
 from servefleet.common.net import port_in_use
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,8 +71,10 @@ class Outcome:
 class Load:
     """Closed-loop unary callers and async submitters over one SDK client, counted per window."""
 
-    def __init__(self, discovery: str, broker: str, *, deadline_s: float, threads: int = 3) -> None:
-        self.client = Client(discovery, timeout=deadline_s, broker=broker)
+    def __init__(
+        self, discovery: str, broker: str, *, deadline_s: float, token: str, threads: int = 3
+    ) -> None:
+        self.client = Client(discovery, timeout=deadline_s, broker=broker, token=token)
         self.deadline_s = deadline_s
         self.window = Outcome("warm-up")
         self._tickets: list[tuple[Outcome, str]] = []
@@ -162,8 +164,13 @@ class ChaosStack:
     def addresses(self) -> dict[str, str]:
         return stack.addresses(self.state)
 
+    @property
+    def token(self) -> str:
+        """The stack's admin token: discovery and the broker answer only callers with a token."""
+        return (self.state / stack.ADMIN_TOKEN_FILE).read_text().strip()
+
     def duplicate_executions(self) -> int:
-        with grpc.insecure_channel(self.addresses["broker"]) as channel:
+        with sync_channel(self.addresses["broker"], token=self.token) as channel:
             stats = broker_pb2_grpc.BrokerStub(channel).QueueStats(
                 broker_pb2.QueueStatsRequest(app=common_pb2.AppRef(namespace="default", name=APP)), timeout=10
             )
@@ -185,7 +192,10 @@ class ChaosStack:
             text=True,
             timeout=120,
             cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
+            # The stack's own Ray token: its Ray refuses drivers without it.
+            env=stack.ray_process_env(
+                {**os.environ, "PYTHONPATH": str(REPO)}, self.state / stack.RAY_TOKEN_FILE
+            ),
             check=False,
         )
         if done.returncode != 0:
@@ -217,7 +227,7 @@ class ChaosStack:
         )
         if Counter(counts) != Counter({"master": 1, "replica": 2, "proxy": 2}):
             return False
-        with Client(self.addresses["discovery"], timeout=10) as client:
+        with Client(self.addresses["discovery"], timeout=10, token=self.token) as client:
             try:
                 return bool(client.infer(APP, FEATURES)["label"].tolist() == EXPECTED)
             except Exception:
@@ -254,7 +264,9 @@ def run(
 ) -> list[Outcome]:
     """Kill each part in turn on one stack under load; one Outcome per part."""
     with chaos_stack() as chaos:
-        load = Load(chaos.addresses["discovery"], chaos.addresses["broker"], deadline_s=deadline_s)
+        load = Load(
+            chaos.addresses["discovery"], chaos.addresses["broker"], deadline_s=deadline_s, token=chaos.token
+        )
         load.start()
         outcomes: list[Outcome] = []
         try:

@@ -31,6 +31,7 @@ from servefleet.api import (
     keeper_pb2,
     keeper_pb2_grpc,
 )
+from servefleet.common.channels import aio_channel
 from servefleet.common.net import async_wait_for, wait_for
 from servefleet.spec import load_spec
 from tests.integration.test_stack import free_base_port
@@ -133,7 +134,7 @@ class Stack:
     async def endpoints(
         self, name: str, kind: str, namespace: str = "default"
     ) -> list[discovery_pb2.Endpoint]:
-        stub = discovery_pb2_grpc.DiscoveryStub(grpc.aio.insecure_channel(self.addresses["discovery"]))
+        stub = discovery_pb2_grpc.DiscoveryStub(aio_channel(self.addresses["discovery"], token=self.admin))
         found = await stub.Resolve(
             discovery_pb2.ResolveRequest(app={"namespace": namespace, "name": name}, kind=kind), timeout=5
         )

@@ -64,7 +64,7 @@ async def test_every_part_serves_metrics_that_parse_and_move(local_stack: Stack,
     targets = await _actor_targets(local_stack, name, {"proxy", "replica", "master"})
     before = {part: scrape_all(addresses) for part, addresses in targets.items()}
     await _infer(proxy, name, 20)
-    broker = AsyncBrokerClient(local_stack.addresses["broker"])
+    broker = AsyncBrokerClient(local_stack.addresses["broker"], token=local_stack.admin)
     tickets = [await broker.submit(f"default/{name}", {"x": np.ones(1, np.float32)}) for _ in range(3)]
     for ticket in tickets:
         await broker.result(ticket, timeout=60)
