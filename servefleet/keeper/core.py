@@ -194,7 +194,9 @@ class Keeper:
                     f"{AppId.parse(record.ref).key}; update the spec's replicas to widen it"
                 )
             spec, current = record.desired.spec, record.desired.replicas
-            payer = record.desired.tenant if by_autoscaler else self._payer(who)
+            # The autoscaler (flag or role) scales on the owner's behalf: the owner's quota applies.
+            on_behalf = by_autoscaler or who.role == AUTOSCALER
+            payer = record.desired.tenant if on_behalf else self._payer(who)
             try:
                 fence = await self._check_quota(
                     payer, policy.usage_of(spec, target) - policy.usage_of(spec, current)
