@@ -38,7 +38,8 @@ async def build(args: argparse.Namespace) -> Service:
     apps = KeeperApps(args.keeper, token)
     loads = MetricsLoad(args.discovery, args.broker, token=token())
     core = Autoscaler(apps, loads, history, interval_s=settings.autoscaler_interval_s)
-    server = GrpcServer("autoscaler", args.listen, [register(AutoscalerServicer(core))], [SERVICE])
+    # TLS like every control-plane part when Settings.tls_* say so (`up --tls`); no token (README).
+    server = GrpcServer("autoscaler", args.listen, [register(AutoscalerServicer(core))], [SERVICE], tls=True)
     election = Election(client, history.leader_key, ident=f"{args.listen}/{uuid.uuid4().hex[:8]}")
 
     async def lead(fence: bytes) -> None:

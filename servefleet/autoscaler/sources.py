@@ -28,7 +28,7 @@ from servefleet.api import (
 from servefleet.autoscaler.policy import Sample
 from servefleet.common.appid import AppId
 from servefleet.common.channels import aio_channel
-from servefleet.common.config import grpc_options, settings
+from servefleet.common.config import settings
 from servefleet.common.errors import from_rpc_error
 from servefleet.common.metrics import METRICS_KIND, PART_LABEL
 
@@ -40,7 +40,7 @@ class KeeperApps:
     """Autoscaled apps and Scale, over the keeper's API with the autoscaler's token."""
 
     def __init__(self, keeper: str, token: Callable[[], str]) -> None:
-        self.channel = grpc.aio.insecure_channel(keeper, options=grpc_options())
+        self.channel = aio_channel(keeper)  # TLS when configured; the token goes per call
         self.stub = keeper_pb2_grpc.KeeperStub(self.channel)
         self.token = token
 
