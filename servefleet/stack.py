@@ -29,6 +29,7 @@ STACK_FILE = "stack.json"
 RAY_TOKEN_FILE = "ray.token"
 ADMIN_TOKEN_FILE = "admin.token"
 AGENT_TOKEN_FILE = "agent.token"
+AUTOSCALER_TOKEN_FILE = "autoscaler.token"
 #: Marks every process the stack starts (inherited by Ray's workers) so that none can hide.
 STACK_ENV = "SERVEFLEET_STACK"
 
@@ -231,8 +232,8 @@ def plan(config: StackConfig) -> list[Part]:
             addr["discovery"],
             "--broker",
             addr["broker"],
-            "--admin-token-file",
-            token,
+            "--token-file",
+            str(state / AUTOSCALER_TOKEN_FILE),
             "--file-sd",
             str(prometheus_dir(state) / ACTOR_TARGETS),
         ),
@@ -402,8 +403,9 @@ def up(
             save(state, parts)
             _await_healthy(wave, state, progress, deadline=time.monotonic() + timeout)
             if wave[-1].name == "keeper":
-                issue_agent_token(state, wave[-1].address)
-                progress("agent token issued")
+                issue_service_token(state, wave[-1].address, "agent", AGENT_TOKEN_FILE)
+                issue_service_token(state, wave[-1].address, "autoscaler", AUTOSCALER_TOKEN_FILE)
+                progress("agent and autoscaler tokens issued")
         write_prometheus_config(state, parts)
     except BaseException:
         stop_parts(started, progress=progress)
@@ -418,18 +420,19 @@ def spawn(part: Part, state: Path, env: dict[str, str]) -> subprocess.Popen[byte
     return launch.spawn(part.argv, log=state / "logs" / f"{part.name}.log", env=env, cwd=state)
 
 
-def issue_agent_token(state: Path, keeper: str) -> None:
-    """The agent's own token (role agent: heartbeat, endpoint tokens), issued with the admin token."""
+def issue_service_token(state: Path, keeper: str, role: str, file: str) -> None:
+    """A part's own token with the narrowest role for its job (agent: heartbeat and endpoint tokens;
+    autoscaler: read and scale applications), issued with the admin token and kept in ``file``."""
     from servefleet.api import keeper_pb2, keeper_pb2_grpc
     from servefleet.common.channels import sync_channel
 
     admin = (state / ADMIN_TOKEN_FILE).read_text().strip()
     with sync_channel(keeper, token=admin) as channel:
         reply = keeper_pb2_grpc.KeeperStub(channel).IssueToken(
-            keeper_pb2.IssueTokenRequest(role="agent", description=f"agent of the stack in {state}"),
+            keeper_pb2.IssueTokenRequest(role=role, description=f"{role} of the stack in {state}"),
             timeout=10,
         )
-    write_secret(state / AGENT_TOKEN_FILE, reply.token)
+    write_secret(state / file, reply.token)
 
 
 def _await_healthy(

@@ -33,8 +33,8 @@ async def build(args: argparse.Namespace) -> Service:
     host, port = split_address(args.etcd)
     client = aetcd.Client(host=host, port=port)
     history = EtcdHistory(client)
-    # Until the keeper issues service credentials: a flag, SERVEFLEET_TOKEN, or the admin token file.
-    token = lambda: args.token or os.environ.get("SERVEFLEET_TOKEN", "") or read_token(args.admin_token_file)  # noqa: E731
+    # Its credential (role autoscaler, which `servefleet up` issues): a flag, SERVEFLEET_TOKEN, or a file.
+    token = lambda: args.token or os.environ.get("SERVEFLEET_TOKEN", "") or read_token(args.token_file)  # noqa: E731
     apps = KeeperApps(args.keeper, token)
     loads = MetricsLoad(args.discovery, args.broker, token=token())
     core = Autoscaler(apps, loads, history, interval_s=settings.autoscaler_interval_s)
@@ -87,7 +87,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--keeper", required=True, help="keeper address host:port")
     p.add_argument("--discovery", required=True, help="discovery address host:port")
     p.add_argument("--broker", default="", help="broker address host:port (async apps' backlog)")
-    p.add_argument("--admin-token-file", default="", help="token file to call the keeper with")
+    p.add_argument("--token-file", default="", help="file holding the token to call the keeper with")
     p.add_argument(
         "--token", default="", help="token to call the keeper with (else SERVEFLEET_TOKEN, else the file)"
     )
