@@ -15,11 +15,13 @@ downscale delays for servefleet, so the three differ only in policy.
 Per policy: mean utilisation (busy slot-seconds / provisioned slot-seconds; busy = answered
 requests x 50 ms, provisioned = ready replicas x slots, sampled every 0.5 s), replica-seconds,
 p99 latency, share of requests over the objective (``--slo-ms``, errors count as over), scale
-events (changes of the ready count). Ratios: ``ratio_utilisation_vs_reactive``,
-``ratio_utilisation_vs_ray_serve``, ``ratio_slo_violations_vs_reactive``.
+events (changes of the ready count). Also goodput utilisation (the same, counting
+only answers within the objective). Ratios: ``ratio_utilisation_vs_reactive``,
+``ratio_utilisation_vs_ray_serve``, ``ratio_goodput_utilisation_vs_ray_serve``,
+``ratio_slo_violations_vs_reactive``.
 
     .venv/bin/python bench/autoscaler.py            # 90 s trace, 3 interleaved reps, medians
-    .venv/bin/python bench/autoscaler.py --quick    # 30 s trace, 1 rep (under 2 minutes here)
+    .venv/bin/python bench/autoscaler.py --quick    # 20 s trace, 1 rep (under 2 minutes here)
 
 Writes bench/results/autoscaler.json. Ray Serve runs on its own Ray cluster (explicit address and
 temp dir, never a plain ``ray.init()``).
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import math
 import os
 import random
@@ -64,6 +67,7 @@ SLOTS = 2
 TARGET = 1.0  # ongoing requests per replica (half its slots: room for noise)
 MAX_REPLICAS = 5
 LOW_RPS, HIGH_RPS = 3.0, 30.0
+QUICK_TRACE_S = 20.0  # 3 replays + both systems' start-up stay under 2 minutes
 RAY_DEFAULTS = {
     "upscale_delay_s": 30.0,
     "downscale_delay_s": 600.0,
@@ -101,19 +105,18 @@ async def replay(
     """Fire every request at its time; sample the ready replica count every 0.5 s meanwhile."""
     request = encode_request(model, {"x": np.ones(1, np.float32)}).SerializeToString()
     latencies: list[float] = []
-    errors = 0
+    errors: collections.Counter[str] = collections.Counter()
     samples: list[tuple[float, int]] = []
     async with grpc.aio.insecure_channel(address, options=grpc_options()) as channel:
         call = channel.unary_unary(METHOD)
 
         async def one() -> None:
-            nonlocal errors
             began = time.perf_counter()
             try:
                 await call(request, timeout=10, metadata=md)
                 latencies.append(time.perf_counter() - began)
-            except grpc.aio.AioRpcError:
-                errors += 1
+            except grpc.aio.AioRpcError as error:
+                errors[error.code().name] += 1
 
         async def sampler() -> None:
             while True:
@@ -130,7 +133,10 @@ async def replay(
             tasks.append(asyncio.create_task(one()))
         await asyncio.gather(*tasks)
         watching.cancel()
-    return figures(latencies, errors, samples, slo_s=ARGS.slo_ms / 1000)
+    return {
+        **figures(latencies, sum(errors.values()), samples, slo_s=ARGS.slo_ms / 1000),
+        "error_codes": dict(errors),
+    }
 
 
 def figures(
@@ -144,6 +150,11 @@ def figures(
     ms = np.array(latencies or [math.nan]) * 1000
     return {
         "utilisation": round(busy / (replica_s * SLOTS), 3) if replica_s else 0.0,
+        # Busy slot-seconds of answers within the objective only: utilisation bought by
+        # under-provisioning (late answers) does not count here.
+        "goodput_utilisation": round((len(latencies) + errors - over) * SERVICE_S / (replica_s * SLOTS), 3)
+        if replica_s
+        else 0.0,
         "replica_seconds": round(replica_s, 1),
         "p99_ms": round(float(np.percentile(ms, 99)), 1),
         "slo_violations": round(over / total, 4) if total else 0.0,
@@ -188,6 +199,9 @@ class Servefleet:
             raise RuntimeError(done.stderr)
         self.addresses = stack.addresses(self.state)
         self.token = (self.state / "admin.token").read_text().strip()
+
+    def connect(self) -> None:
+        """The keeper's channel, made on the event loop's thread (``up`` runs in a worker)."""
         self.keeper = keeper_pb2_grpc.KeeperStub(grpc.aio.insecure_channel(self.addresses["keeper"]))
 
     def down(self) -> None:
@@ -321,31 +335,43 @@ async def run(length: float, reps: int) -> dict[str, Any]:
     k = length / 1800
     fleet, serve = Servefleet(k, length), RayServe(k)
     results: dict[str, list[dict[str, Any]]] = {"proactive": [], "reactive": [], "ray_serve": []}
-    fleet.up()
+    # Both systems start side by side and the first rep's apps deploy while Ray Serve still
+    # starts (start-up is most of a quick run); each is torn down whether or not the other came up.
+    serving = asyncio.ensure_future(asyncio.to_thread(serve.up))
     try:
-        serve_address = await asyncio.to_thread(serve.up)
-        try:
-            for rep in range(reps):
-                times = schedule(length, seed=rep)
-                for policy in ("proactive", "reactive", "ray_serve"):
-                    if policy == "ray_serve":
-                        got = await replay(
-                            serve_address, "serve-hold", times, serve.ready, (("application", "serve-hold"),)
-                        )
-                    else:
-                        name = f"{policy}-{rep}"
-                        proxy = await fleet.deploy(name, policy)
-                        got = await replay(proxy, name, times, fleet.ready(name))
-                        fleet.cli("app", "delete", name)
-                    print(f"  rep {rep} {policy}: {got}", flush=True)
-                    results[policy].append(got)
+        await asyncio.to_thread(fleet.up)
+        fleet.connect()
+        for rep in range(reps):
+            times = schedule(length, seed=rep)
+            # Both servefleet apps are deployed together, before the rep's first replay.
+            names = {policy: f"{policy}-{rep}" for policy in ("proactive", "reactive")}
+            deployed = await asyncio.gather(*(fleet.deploy(n, p) for p, n in names.items()))
+            proxies = dict(zip(names, deployed, strict=True))
+            serve_address = await serving
+            for policy in ("proactive", "reactive", "ray_serve"):
+                if policy == "ray_serve":
+                    got = await replay(
+                        str(serve_address), "serve-hold", times, serve.ready, (("application", "serve-hold"),)
+                    )
+                else:
+                    got = await replay(proxies[policy], names[policy], times, fleet.ready(names[policy]))
+                print(f"  rep {rep} {policy}: {got}", flush=True)
+                results[policy].append(got)
+                if policy != "ray_serve" or rep < reps - 1:
                     await asyncio.sleep(max(2.0, length / 10))  # back to night before the next
-        finally:
-            await asyncio.to_thread(serve.down)
+            if rep < reps - 1:
+                await asyncio.gather(
+                    *(asyncio.to_thread(fleet.cli, "app", "delete", n) for n in names.values())
+                )
     finally:
-        fleet.down()
+        await asyncio.wait([serving])
+        serve_up = not serving.cancelled() and serving.exception() is None
+        await asyncio.gather(
+            asyncio.to_thread(fleet.down), *([asyncio.to_thread(serve.down)] if serve_up else [])
+        )
     medians = {
-        p: {key: float(np.median([r[key] for r in runs])) for key in runs[0]} for p, runs in results.items()
+        p: {key: float(np.median([r[key] for r in runs])) for key in runs[0] if key != "error_codes"}
+        for p, runs in results.items()
     }
     p, r, s = medians["proactive"], medians["reactive"], medians["ray_serve"]
     ratios = {
@@ -354,6 +380,11 @@ async def run(length: float, reps: int) -> dict[str, Any]:
         else None,
         "ratio_utilisation_vs_ray_serve": round(p["utilisation"] / s["utilisation"], 3)
         if s["utilisation"]
+        else None,
+        "ratio_goodput_utilisation_vs_ray_serve": round(
+            p["goodput_utilisation"] / s["goodput_utilisation"], 3
+        )
+        if s["goodput_utilisation"]
         else None,
         "ratio_slo_violations_vs_reactive": round(p["slo_violations"] / r["slo_violations"], 3)
         if r["slo_violations"]
@@ -366,11 +397,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="30 s trace, 1 rep")
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_TRACE_S:g} s trace, 1 rep")
     parser.add_argument("--slo-ms", type=float, default=250.0, help="latency objective (ms)")
     global ARGS
     ARGS = parser.parse_args()
-    length, reps = (30.0, 1) if ARGS.quick else (90.0, 3)
+    length, reps = (QUICK_TRACE_S, 1) if ARGS.quick else (90.0, 3)
     started = time.monotonic()
     body = asyncio.run(run(length, reps))
     report = {

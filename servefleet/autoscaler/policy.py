@@ -226,14 +226,21 @@ class Proactive:
         cfg = self.config
         return min(cfg.history_window_s / 2, max(2 * self.lead_s(startup_s), cfg.upscale_delay_s))
 
-    def predict(self, samples: Sequence[Sample], at: Sequence[float] | np.ndarray) -> np.ndarray:
+    def trend_window_s(self, startup_s: float) -> float:
+        """Seconds of history the trend is fitted over: a line extrapolated a lead time ahead
+        needs at least twice that much behind it, or per-tick noise dominates its slope."""
         cfg = self.config
+        return max(3 * cfg.horizon_s, 4 * cfg.upscale_delay_s, 2 * self.lead_s(startup_s))
+
+    def predict(
+        self, samples: Sequence[Sample], at: Sequence[float] | np.ndarray, startup_s: float
+    ) -> np.ndarray:
         return forecast(
             [s.t for s in samples],
             [s.arrival_rate for s in samples],
             at,
-            season_s=cfg.season_s,
-            trend_window_s=max(3 * cfg.horizon_s, 4 * cfg.upscale_delay_s),
+            season_s=self.config.season_s,
+            trend_window_s=self.trend_window_s(startup_s),
         )
 
     def error(self, history: History, startup_s: float) -> float:
@@ -243,13 +250,17 @@ class Proactive:
         if history.last is None or history.span_s < lead + self.min_history_s(startup_s) / 2:
             return 0.0
         points = history.since(history.last.t - lead)[-ERROR_POINTS:]
+        # The measured rate is a Poisson count per tick: compare against its mean over a
+        # smoothing window, or counting noise reads as forecast error.
+        smooth = self.trend_window_s(startup_s) / 4
         predicted, actual = [], []
         for point in points:
             past = history.before(point.t - lead)
             if len(past) < 3:
                 continue
-            predicted.append(float(self.predict(past, [point.t])[0]))
-            actual.append(point.arrival_rate)
+            predicted.append(float(self.predict(past, [point.t], startup_s)[0]))
+            window = [s.arrival_rate for s in history.since(point.t - smooth) if s.t <= point.t]
+            actual.append(float(np.mean(window)))
         if not actual:
             return 0.0
         miss = float(np.abs(np.subtract(predicted, actual)).sum())
@@ -272,11 +283,12 @@ class Proactive:
         if not service:
             return _prefixed(reactive, "service time not measured yet")
         service_s, lead = float(np.mean(service)), self.lead_s(startup_s)
-        peak = float(self.predict(history.samples, np.linspace(last.t, last.t + lead, 8)).max())
-        recent = max(s.ongoing for s in history.since(last.t - max(cfg.upscale_delay_s, 1.0)))
-        # Up as soon as the forecast needs it; down only when the forecast and the load now both
-        # fit fewer replicas with spare (hysteresis).
-        up = max(cfg.need(peak * service_s), cfg.need(recent))
+        peak = float(self.predict(history.samples, np.linspace(last.t, last.t + lead, 8), startup_s).max())
+        recent = float(np.mean([s.ongoing for s in history.since(last.t - max(cfg.upscale_delay_s, 1.0))]))
+        # Up as soon as the forecast needs it (a rise in the load now goes up through the
+        # reactive path, with its delay: one noisy sample is no reason); down only when the
+        # forecast and the load now both fit fewer replicas with spare (hysteresis).
+        up = cfg.need(peak * service_s)
         down = max(cfg.need(peak * service_s, DOWNSCALE_TOLERANCE), cfg.need(recent, DOWNSCALE_TOLERANCE))
         desired = cfg.clamp(up if up > current else down if down < current else current)
         desired = max(desired, reactive.desired) if reactive.desired > current else desired

@@ -179,6 +179,21 @@ def test_proactive_falls_back_to_reactive_when_the_forecast_is_wrong() -> None:
     assert decision.reason.startswith(f"forecast error {error:.2f}") and "reactive" in decision.reason
 
 
+def test_proactive_trusts_a_ramp_read_as_poisson_counts() -> None:
+    """Rates measured per 0.5 s tick are Poisson counts: that counting noise is not forecast
+    error, so a smooth ramp keeps the forecast in charge (it was reactive most of the time)."""
+    cfg = config(upscale_delay_s=0.5, horizon_s=1.0, history_window_s=60.0, max_forecast_error=0.5)
+    proactive, history, rng = Proactive(cfg), History(60), np.random.default_rng(5)
+    errors = []
+    for tick in range(80):  # 40 s ramp from 5 to 30 req/s
+        t, lam = tick * 0.5, 5 + 25 * tick / 80
+        measured = rng.poisson(lam * 0.5) / 0.5
+        history.add(Sample(t, ongoing=measured * SERVICE_S, arrival_rate=measured, service_s=SERVICE_S))
+        if t >= 15:
+            errors.append(proactive.error(history, 2.0))
+    assert np.mean(np.array(errors) <= cfg.max_forecast_error) > 0.9, errors
+
+
 def test_proactive_warms_up_reactively() -> None:
     proactive = Proactive(config())
     history = History(600)
