@@ -17,6 +17,7 @@ from servefleet.cli.common import emit, one_line_errors
 from servefleet.cli.keeper_conn import KeeperConn, app_row, keeper_command, stack_address, to_dict
 from servefleet.common.appid import AppId
 from servefleet.common.channels import sync_channel
+from servefleet.common.metrics import METRICS_KIND
 from servefleet.common.tensors import DTYPES, datatype_of
 from servefleet.sdk import Client
 from servefleet.sdk.client import served_model
@@ -278,7 +279,9 @@ def watch(conn: KeeperConn, name: str, namespace: str, timeout: float) -> None:
 @click.argument("name")
 @namespace_option
 @click.option("--discovery", metavar="HOST:PORT", envvar="SERVEFLEET_DISCOVERY", help="Discovery address.")
-@click.option("--kind", default="", help="Only endpoints of this kind (proxy, direct, triton).")
+@click.option(
+    "--kind", default="", help="Only endpoints of this kind (proxy, direct, triton; metrics: /metrics pages)."
+)
 @keeper_command
 @one_line_errors
 def endpoints(conn: KeeperConn, name: str, namespace: str, discovery: str | None, kind: str) -> None:
@@ -290,9 +293,11 @@ def endpoints(conn: KeeperConn, name: str, namespace: str, discovery: str | None
         found = discovery_pb2_grpc.DiscoveryStub(channel).Resolve(
             discovery_pb2.ResolveRequest(app=ref, kind=kind), timeout=10
         )
+    # Inference endpoints by default: the parts' /metrics registrations only when asked for by kind.
     rows = [
         {"address": e.address, "kind": e.kind, "version": e.version, "labels": dict(e.labels)}
         for e in found.endpoints
+        if kind or e.kind != METRICS_KIND
     ]
     emit(rows, conn.output)
 

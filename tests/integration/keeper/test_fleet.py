@@ -69,7 +69,7 @@ class Fleet:
         """Cluster -> the app's master as that cluster's agent reports it (what the keeper has done)."""
         found = {}
         for name, address in self.agent_addresses.items():
-            with grpc.insecure_channel(address) as channel:
+            with sync_channel(address, token=self.procs.admin_token()) as channel:
                 listed = agent_pb2_grpc.ClusterAgentStub(channel).ListMasters(
                     agent_pb2.ListMastersRequest(), timeout=30
                 )
