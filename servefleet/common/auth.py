@@ -48,6 +48,7 @@ from servefleet.common.errors import (
     Unauthenticated,
     Unavailable,
 )
+from servefleet.pipeline_spec import pipeline_of
 
 ADMIN = "admin"
 TENANT = "tenant"
@@ -178,7 +179,9 @@ class Principal:
 
     def require_serves(self, namespace: str, name: str) -> None:
         """For endpoint registration: only the app's own endpoint token (or an admin) may."""
-        if self.is_admin or (self.role == ENDPOINT and self.app == app_key(namespace, name)):
+        # A pipeline's stages run as apps ``<app>--<stage>`` (``--`` is reserved in app names, so a
+        # stage app belongs to exactly one pipeline): the pipeline's endpoint token serves them too.
+        if self.is_admin or (self.role == ENDPOINT and self.app == app_key(namespace, pipeline_of(name))):
             return
         raise PermissionDenied(
             f"{self.describe()} may not register endpoints of {app_key(namespace, name)}: "

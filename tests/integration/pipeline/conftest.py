@@ -16,10 +16,11 @@ import ray
 
 from servefleet.api import agent_pb2, common_pb2
 from servefleet.common.appid import AppId
+from servefleet.common.auth import ENDPOINT
 from servefleet.common.net import async_wait_for, wait_for
 from servefleet.services.agent import masters
 from servefleet.spec import load_spec
-from servefleet.testing import DiscoveryProcess, RayCluster, RayWorkerNode, RedisProcess
+from servefleet.testing import Credentials, DiscoveryProcess, RayCluster, RayWorkerNode, RedisProcess
 
 # The data plane's fixtures (a discovery process, this process as a Ray driver), shared, not copied.
 from tests.integration.dataplane.conftest import CLUSTER, EXAMPLES, discovery_server, ray_driver
@@ -67,9 +68,13 @@ def pipeline_spec(example: str = "llm", **init_args: Any) -> common_pb2.Applicat
 
 
 async def deploy_pipeline(
-    spec: common_pb2.ApplicationSpec, discovery: str, redis: str, revision: int = 1
+    spec: common_pb2.ApplicationSpec, discovery: str, redis: str, credentials: Credentials, revision: int = 1
 ) -> None:
-    await masters.apply(spec, 1, revision, cluster=CLUSTER, discovery=discovery, redis=redis)
+    """Apply as the cluster agent does: with the pipeline's endpoint token (it serves every stage)."""
+    token = await credentials.issue(ENDPOINT, app=AppId.parse(spec).key)
+    await masters.apply(
+        spec, 1, revision, cluster=CLUSTER, discovery=discovery, redis=redis, credential=token
+    )
 
     async def settled() -> bool:
         status = await masters.status(AppId.parse(spec).ref())
@@ -87,14 +92,17 @@ async def deploy_pipeline(
 
 @pytest.fixture
 async def pipelines(
-    accelerator_node: str, discovery_server: DiscoveryProcess, cache_redis: RedisProcess
+    accelerator_node: str,
+    discovery_server: DiscoveryProcess,
+    cache_redis: RedisProcess,
+    credentials: Credentials,
 ) -> AsyncIterator[Callable[..., Any]]:
     """``await pipelines(spec)`` deploys and waits; every pipeline deployed is removed afterwards."""
     apps: list[common_pb2.AppRef] = []
 
     async def _deploy(spec: common_pb2.ApplicationSpec, revision: int = 1) -> agent_pb2.MasterStatus:
         apps.append(AppId.parse(spec).ref())
-        await deploy_pipeline(spec, discovery_server.address, cache_redis.address, revision)
+        await deploy_pipeline(spec, discovery_server.address, cache_redis.address, credentials, revision)
         status = await masters.status(AppId.parse(spec).ref())
         assert status is not None
         return status

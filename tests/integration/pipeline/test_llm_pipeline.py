@@ -33,7 +33,7 @@ from servefleet.sdk import AsyncClient
 from servefleet.sdk.broker_client import AsyncBrokerClient
 from servefleet.services.actors import RAY_NAMESPACE, replica_prefix, stage_replica_prefix
 from servefleet.services.agent import masters
-from servefleet.testing import DiscoveryProcess, RedisProcess
+from servefleet.testing import Credentials, DiscoveryProcess, RedisProcess
 from tests.integration.dataplane.test_tracing import Receiver, otlp_receiver
 
 from .conftest import pipeline_spec
@@ -70,20 +70,23 @@ async def replicas_of(prefix: str) -> dict[str, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 async def llm(
-    accelerator_node: str, discovery_server: DiscoveryProcess, cache_redis: RedisProcess
+    accelerator_node: str,
+    discovery_server: DiscoveryProcess,
+    cache_redis: RedisProcess,
+    credentials: Credentials,
 ) -> AsyncIterator[Any]:
     """One deployed pipeline for the module (deploying costs tens of seconds on this box)."""
     from .conftest import deploy_pipeline
 
     spec = pipeline_spec()
-    await deploy_pipeline(spec, discovery_server.address, cache_redis.address)
+    await deploy_pipeline(spec, discovery_server.address, cache_redis.address, credentials)
     yield spec
     await masters.remove(AppId.parse(spec).ref())
 
 
 @pytest.fixture
 async def client(discovery_server: DiscoveryProcess) -> AsyncIterator[AsyncClient]:
-    async with AsyncClient(discovery_server.address, timeout=60.0) as sdk:
+    async with AsyncClient(discovery_server.address, timeout=60.0, token=discovery_server.token) as sdk:
         yield sdk
 
 
@@ -256,16 +259,16 @@ async def test_new_model_version_misses(pipelines: Callable[..., Any], client: A
 
 @pytest.mark.slow
 async def test_async_mode_goes_through_the_broker_like_any_app(
-    pipelines: Callable[..., Any], cache_redis: RedisProcess
+    pipelines: Callable[..., Any], cache_redis: RedisProcess, credentials: Credentials
 ) -> None:
     spec = pipeline_spec()
     spec.name = "llm-async"
     spec.async_mode.enabled = True
     await pipelines(spec)
     core = BrokerCore(RedisStreamQueue(cache_redis.address))
-    server = broker_server(core, "127.0.0.1:0")
+    server = broker_server(core, "127.0.0.1:0", credentials.authenticator())
     await server.start()
-    broker = AsyncBrokerClient(server.address)
+    broker = AsyncBrokerClient(server.address, token=await credentials.admin())
     try:
 
         async def pulling() -> bool:
