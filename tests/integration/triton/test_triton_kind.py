@@ -216,7 +216,7 @@ async def test_a_killed_actor_takes_its_server_along(
     """SIGKILL the replica actor itself (no drain, no cleanup code): its tritonserver and stubs die
     with it (parent-death signal), and the master's replacement registers a new server."""
     spec = triton_spec(versioned_repository(tmp_path, 1), "1")
-    await apply(spec, discovery_server.address, 1)
+    await apply(spec, discovery_server, 1)
     try:
         before = await replicas(spec)
         name, victim = sorted(before.items())[0]
