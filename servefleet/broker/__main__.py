@@ -25,8 +25,10 @@ async def build(args: argparse.Namespace) -> Service:
         publishing.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await publishing
-        await core.close()
-        await etcd.close()
+        # A stop must end: a connection that does not close within the grace is dropped with the process.
+        for close in (core.close(), etcd.close()):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(close, settings.shutdown_grace_s)
 
     # Without Redis the broker can neither queue a request nor hand out a result.
     return Service(
