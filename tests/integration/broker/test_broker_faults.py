@@ -146,7 +146,11 @@ async def test_a_lost_ray_node_mid_run_loses_no_ticket(
                 return len(await executions(counter, app)) >= 60
 
             await async_wait_for(progressed, timeout=120, what="60 requests started")
-            os.kill(node.raylet_pid(), signal.SIGKILL)  # workers 0 and 2 die with their node
+            # A lost node takes every process on it at once: its raylet and workers 0 and 2 (a worker
+            # left alive would finish what it holds before it noticed, and nothing would be reclaimed).
+            on_node = [await actors[i].__ray_call__.remote(lambda _: os.getpid()) for i in (0, 2)]
+            for pid in [node.raylet_pid(), *on_node]:
+                os.kill(pid, signal.SIGKILL)
             first = await check_all_done(broker.client, tickets)
             stats = await broker.core.stats(AS_ADMIN, app)
             await check_exactly_once(broker.client, counter, app, first, stats.duplicate_executions)
