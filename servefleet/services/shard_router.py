@@ -37,7 +37,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2
 
 from servefleet.api import common_pb2, discovery_pb2
-from servefleet.common import telemetry
+from servefleet.common import metrics, telemetry
 from servefleet.common.appid import AppId
 from servefleet.common.config import settings
 from servefleet.common.errors import (
@@ -398,6 +398,14 @@ class ShardRouter:
         self._serving = asyncio.Event()
         self._registered: asyncio.Task[None] | None = None
         self._started = asyncio.get_running_loop().create_task(self._start())
+        # Its RPC series (requests, latency, in flight per method and code), where the others' live.
+        self._metrics = metrics.expose(
+            discovery,
+            self.app,
+            "shard-router",
+            {"cluster": cluster, "node": self.node_id},
+            credential=credential,
+        )
 
     async def _start(self) -> None:
         import ray
