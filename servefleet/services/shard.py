@@ -25,6 +25,8 @@ import grpc
 import numpy as np
 
 from servefleet.api import common_pb2
+from servefleet.common import metrics
+from servefleet.common.appid import AppId
 from servefleet.common.config import settings
 from servefleet.common.errors import InvalidArgument, ResourceExhausted
 from servefleet.common.server import GrpcServer
@@ -47,7 +49,16 @@ def _rss_bytes() -> int:
 class Shard:
     """One shard replica (a Ray actor in production; a plain object in unit tests)."""
 
-    def __init__(self, spec_bytes: bytes, name: str, shard: int, *, host: str = "") -> None:
+    def __init__(
+        self,
+        spec_bytes: bytes,
+        name: str,
+        shard: int,
+        *,
+        host: str = "",
+        discovery: str = "",
+        credential: str = "",
+    ) -> None:
         spec = common_pb2.ApplicationSpec.FromString(spec_bytes)
         if not host:
             import ray
@@ -71,6 +82,14 @@ class Shard:
         self._idle = asyncio.Event()  # set whenever no lookup is in flight (drain waits on it)
         self._server = GrpcServer("shard", f"{host}:0", [self._register], [_SERVICE])
         self._started = asyncio.get_running_loop().create_task(self._server.start())
+        # Its RPC series, served and registered (kind metrics) like every other part's.
+        self._metrics = metrics.expose(
+            discovery,
+            AppId.parse(spec).ref(),
+            "shard",
+            {"node": self.node_id, "shard": str(shard), "replica": name},
+            credential=credential,
+        )
 
     def _register(self, server: grpc.aio.Server) -> None:
         handler = grpc.unary_unary_rpc_method_handler(

@@ -142,7 +142,11 @@ class ShardedMaster(ApplicationMaster):
         """Start one replica of shard ``split_key(gen)[1]``, spread away from its siblings."""
         name = f"{replica_prefix(self.app)}{gen}:{time.time_ns():x}"
         handle = ShardActor.options(name=name, **actor_options(spec)).remote(  # SPREAD, like replicas
-            spec.SerializeToString(), name, split_key(gen)[1]
+            spec.SerializeToString(),
+            name,
+            split_key(gen)[1],
+            discovery=self.discovery,
+            credential=self.credential,
         )
         self._track_replica(ReplicaState(name, handle, gen))
 
