@@ -39,6 +39,8 @@ from importlib import resources
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -204,7 +206,16 @@ class RedisStreamQueue(RequestQueue):
         self._clock = clock
         # Callers beyond max_connections wait for a free connection rather than fail: a burst of
         # GetResult waiters holds connections only for short reads (they sleep on pub/sub).
-        pool = aioredis.BlockingConnectionPool(host=host, port=port, max_connections=max_connections)
+        # After a Redis restart, pooled connections are closed by the old server: a command that finds
+        # its socket closed is sent once more on a fresh connection (a stale socket never delivered it).
+        pool = aioredis.BlockingConnectionPool(
+            host=host,
+            port=port,
+            max_connections=max_connections,
+            health_check_interval=1,
+            retry=Retry(NoBackoff(), 1),
+            retry_on_error=[RedisConnectionError],
+        )
         self._redis = aioredis.Redis(connection_pool=pool)
         self._submit = self._redis.register_script(lua_script("submit"))
         self._take = self._redis.register_script(lua_script("take"))
