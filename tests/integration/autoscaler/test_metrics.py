@@ -17,6 +17,7 @@ from servefleet import stack
 from servefleet.common.net import async_wait_for
 from servefleet.direct import INPUT_NAME, ctr
 from servefleet.sdk.broker_client import AsyncBrokerClient
+from servefleet.spec import DEFAULT_PROXIES
 from tests.integration.autoscaler.conftest import Stack, actors, scrape, total, unique
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -24,17 +25,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 SERVICES = ("discovery", "keeper", "broker", "agent", "autoscaler")
 
 
-async def _actor_targets(local_stack: Stack, app: str, parts: set[str]) -> dict[str, list[str]]:
-    """part -> metrics addresses of the app's actors, once the file-SD targets list them all."""
+async def _actor_targets(local_stack: Stack, app: str, parts: dict[str, int]) -> dict[str, list[str]]:
+    """part -> metrics addresses of the app's actors, once the file-SD targets list as many of
+    each part as the app runs (a request sent to a proxy not yet listed would go uncounted)."""
 
     async def listed() -> dict[str, list[str]] | None:
         found: dict[str, list[str]] = {}
         for group in actors(local_stack):
             if group["labels"]["app"] == app:
                 found.setdefault(group["labels"]["part"], []).extend(group["targets"])
-        return found if parts <= set(found) else None
+        return found if all(len(found.get(part, [])) >= n for part, n in parts.items()) else None
 
-    return await async_wait_for(listed, timeout=60, interval=0.5, what=f"{sorted(parts)} of {app} in file-SD")  # type: ignore[return-value]
+    return await async_wait_for(listed, timeout=60, interval=0.5, what=f"{parts} of {app} in file-SD")  # type: ignore[return-value]
 
 
 def scrape_all(addresses: list[str]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -61,7 +63,7 @@ async def test_every_part_serves_metrics_that_parse_and_move(local_stack: Stack,
     name = unique("metered")
     await local_stack.submit({"name": name, "async_mode": {"enabled": True}})
     proxy = await local_stack.proxy(name)
-    targets = await _actor_targets(local_stack, name, {"proxy", "replica", "master"})
+    targets = await _actor_targets(local_stack, name, {"proxy": DEFAULT_PROXIES, "replica": 1, "master": 1})
     before = {part: scrape_all(addresses) for part, addresses in targets.items()}
     await _infer(proxy, name, 20)
     broker = AsyncBrokerClient(local_stack.addresses["broker"], token=local_stack.admin)
@@ -132,7 +134,7 @@ async def test_the_direct_ingress_exports_its_cpp_counters(local_stack: Stack, t
             "init_args": {"model_path": str(model)},
         }
     )
-    targets = await _actor_targets(local_stack, name, {"direct"})
+    targets = await _actor_targets(local_stack, name, {"direct": 1})
     before = scrape_all(targets["direct"])
     endpoint = (await local_stack.endpoints(name, "direct"))[0].address
     client = aioclient.InferenceServerClient(endpoint)
