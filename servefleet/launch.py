@@ -30,9 +30,18 @@ def binary(name: str) -> str:
     return path
 
 
-def etcd_argv(*, data_dir: Path, client: str, peer: str, name: str = "servefleet") -> list[str]:
-    """A single-member etcd serving ``client`` (host:port), its peer port on ``peer``."""
+def etcd_argv(
+    *,
+    data_dir: Path,
+    client: str,
+    peer: str,
+    name: str = "servefleet",
+    cluster: Mapping[str, str] | None = None,
+) -> list[str]:
+    """An etcd member ``name`` serving ``client`` (host:port), its peer port on ``peer``; alone, or
+    one of ``cluster`` (every member's name -> peer host:port, this one included)."""
     client_url, peer_url = f"http://{client}", f"http://{peer}"
+    members = cluster or {name: peer}
     return [
         binary("etcd"),
         "--name",
@@ -48,7 +57,7 @@ def etcd_argv(*, data_dir: Path, client: str, peer: str, name: str = "servefleet
         "--initial-advertise-peer-urls",
         peer_url,
         "--initial-cluster",
-        f"{name}={peer_url}",
+        ",".join(f"{member}=http://{address}" for member, address in members.items()),
     ]
 
 

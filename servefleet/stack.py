@@ -22,6 +22,7 @@ from typing import Any
 from servefleet import launch
 from servefleet.common import health
 from servefleet.common.channels import TlsFiles, use_tls
+from servefleet.common.etcd import parse_endpoints
 from servefleet.common.net import port_in_use
 
 STACK_FILE = "stack.json"
@@ -60,8 +61,13 @@ class Part:
     def external(self) -> bool:
         return not self.argv
 
+    @property
+    def kind(self) -> str:
+        """What it is: its name without an instance number (``etcd2`` is an ``etcd``)."""
+        return self.name.rstrip("0123456789")
+
     def probe(self) -> tuple[bool, str]:
-        return PROBES.get(self.name, health.grpc_health)(self.address)
+        return PROBES.get(self.kind, health.grpc_health)(self.address)
 
 
 @dataclass
@@ -72,12 +78,15 @@ class StackConfig:
     ray_num_cpus: int = 2
     #: Custom resources of the local Ray head, e.g. {"accelerator": 1} to place a pipeline's model stage.
     ray_resources: dict[str, float] = field(default_factory=dict)
-    etcd: str | None = None  # external addresses: start nothing for these
+    etcd: str | None = None  # external addresses (etcd: host:port[,host:port...]): start nothing for these
     redis: str | None = None
     ray: str | None = None
     redis_appendfsync: str = "everysec"
     cluster_name: str = "local"
     tls: bool = False  # TLS + mTLS between the services, with a CA made for this stack
+    #: Members of the stack's own etcd cluster (1, 3 or 5) and discovery instances behind one name.
+    etcd_members: int = 1
+    discovery_instances: int = 1
 
 
 # Offsets from --base-port; Ray's own helper ports follow so two stacks never collide.
@@ -102,6 +111,62 @@ PORTS = {
     "metrics_base": 20,
 }
 RAY_WORKER_PORTS = (100, 599)
+#: Further instances (``etcd2``, ``discovery2``, ...): etcd member k's client and peer ports at
+#: ``EXTRA_ETCD + 2 * (k - 2)`` (+1), discovery instance k at ``EXTRA_DISCOVERY + k - 2`` and its
+#: /metrics at ``EXTRA_DISCOVERY_METRICS + k - 2`` (offsets from --base-port, below Ray's workers).
+EXTRA_ETCD, EXTRA_DISCOVERY, EXTRA_DISCOVERY_METRICS = 40, 50, 70
+MAX_ETCD_MEMBERS, MAX_DISCOVERY_INSTANCES = 5, 20
+#: Start order: a wave starts once the one before it is healthy.
+WAVES = (
+    ("etcd", "redis", "ray"),
+    ("discovery", "broker", "keeper"),
+    ("agent", "autoscaler"),
+    ("supervisor",),
+)
+
+
+def instance_name(kind: str, k: int) -> str:
+    """``etcd``, ``etcd2``, ``etcd3``: the k-th instance of a part (1-based)."""
+    return kind if k == 1 else f"{kind}{k}"
+
+
+def joined(parts: list[Part], kind: str) -> str:
+    """Every instance's address of ``kind``, comma-separated (what a part's flag takes)."""
+    return ",".join(p.address for p in parts if p.kind == kind and p.address)
+
+
+def _etcd_parts(config: StackConfig, host: str, base: int, state: Path) -> list[Part]:
+    """The etcd members: external ones as given, or our own cluster of ``etcd_members``."""
+    if config.etcd:
+        try:
+            given = parse_endpoints(config.etcd)
+        except ValueError as exc:
+            raise StackError(f"--etcd: {exc}") from None
+        return [Part(instance_name("etcd", k), a) for k, a in enumerate(given, 1)]
+    if config.etcd_members not in range(1, MAX_ETCD_MEMBERS + 1, 2):
+        raise StackError(f"--etcd-members {config.etcd_members}: use 1, 3 or 5 (an odd quorum)")
+    ports = [
+        (base + PORTS["etcd"], base + PORTS["etcd_peer"]),
+        *((base + EXTRA_ETCD + 2 * i, base + EXTRA_ETCD + 2 * i + 1) for i in range(config.etcd_members - 1)),
+    ]
+    names = [instance_name("etcd", k) for k in range(1, config.etcd_members + 1)]
+    cluster = {name: f"{host}:{peer}" for name, (_, peer) in zip(names, ports, strict=True)}
+    return [
+        Part(
+            name,
+            f"{host}:{client}",
+            _argv(
+                "--etcd",
+                launch.etcd_argv,
+                data_dir=state / name,
+                client=f"{host}:{client}",
+                peer=f"{host}:{peer}",
+                name=name,
+                cluster=cluster if config.etcd_members > 1 else None,
+            ),
+        )
+        for name, (client, peer) in zip(names, ports, strict=True)
+    ]
 
 
 def write_secret(path: Path, text: str) -> None:
@@ -153,14 +218,7 @@ def plan(config: StackConfig) -> list[Part]:
     host, base, state = config.host, config.base_port, config.state_dir.resolve()
     ports = {name: base + offset for name, offset in PORTS.items()}
     addr = {name: f"{host}:{port}" for name, port in ports.items()}
-    parts: list[Part] = []
-    if config.etcd:
-        parts.append(Part("etcd", config.etcd))
-    else:
-        etcd_argv = _argv(
-            "--etcd", launch.etcd_argv, data_dir=state / "etcd", client=addr["etcd"], peer=addr["etcd_peer"]
-        )
-        parts.append(Part("etcd", addr["etcd"], etcd_argv))
+    parts = _etcd_parts(config, host, base, state)
     if config.redis:
         parts.append(Part("redis", config.redis))
     else:
@@ -191,16 +249,29 @@ def plan(config: StackConfig) -> list[Part]:
                 ),
             )
         )
-    etcd, redis, ray = parts[0].address, parts[1].address, parts[2].address
+    etcd, redis, ray = joined(parts, "etcd"), parts[-2].address, parts[-1].address
     if not config.ray:
-        parts[2].metrics = addr["ray_metrics"]
+        parts[-1].metrics = addr["ray_metrics"]
     token = str(state / ADMIN_TOKEN_FILE)
+    if not 1 <= config.discovery_instances <= MAX_DISCOVERY_INSTANCES:
+        raise StackError(
+            f"--discovery-instances {config.discovery_instances}: use 1 to {MAX_DISCOVERY_INSTANCES}"
+        )
+    for k in range(2, config.discovery_instances + 1):
+        addr[instance_name("discovery", k)] = f"{host}:{base + EXTRA_DISCOVERY + k - 2}"
+    discovery = ",".join(
+        addr[instance_name("discovery", k)] for k in range(1, config.discovery_instances + 1)
+    )
 
     def service(name: str, module: str, *flags: str) -> Part:
         return Part(name, addr[name], launch.service_argv(module, addr[name], *flags))
 
+    services = [
+        service(instance_name("discovery", k), "discovery", "--etcd", etcd)
+        for k in range(1, config.discovery_instances + 1)
+    ]
+    parts += services
     parts += [
-        service("discovery", "discovery", "--etcd", etcd),
         service("broker", "broker", "--redis", redis, "--etcd", etcd),
         service("keeper", "keeper", "--etcd", etcd, "--admin-token-file", token),
         service(
@@ -211,7 +282,7 @@ def plan(config: StackConfig) -> list[Part]:
             "--keeper",
             addr["keeper"],
             "--discovery",
-            addr["discovery"],
+            discovery,
             "--redis",
             redis,
             "--cluster",
@@ -229,7 +300,7 @@ def plan(config: StackConfig) -> list[Part]:
             "--keeper",
             addr["keeper"],
             "--discovery",
-            addr["discovery"],
+            discovery,
             "--broker",
             addr["broker"],
             "--token-file",
@@ -240,8 +311,12 @@ def plan(config: StackConfig) -> list[Part]:
         # Last: started once the rest is healthy, and (stopping newest first) stopped before it.
         Part("supervisor", "", [sys.executable, "-m", "servefleet.supervisor", "--state-dir", str(state)]),
     ]
-    for part in parts[3:-1]:  # every servefleet service serves /metrics on its own port
-        part.metrics = f"{host}:{ports['metrics_base'] + PORTS[part.name]}"
+    for part in parts:  # every servefleet service serves /metrics on its own port
+        if part.kind in ("etcd", "redis", "ray", "supervisor"):
+            continue
+        k = int(part.name[len(part.kind) :] or 1)
+        offset = PORTS[part.kind] + PORTS["metrics_base"] if k == 1 else EXTRA_DISCOVERY_METRICS + k - 2
+        part.metrics = f"{host}:{base + offset}"
         part.argv += ["--metrics", part.metrics]
     return parts
 
@@ -336,7 +411,10 @@ def running(state_dir: Path) -> bool:
 
 
 def save(state_dir: Path, parts: list[Part]) -> None:
+    """``stack.json``: each part's address by name, every part; ``etcd`` and ``discovery`` name every
+    instance (``host:port,host:port``), as the parts' flags and the SDK take them."""
     data: dict[str, object] = {p.name: p.address for p in parts if p.address}
+    data.update({kind: joined(parts, kind) for kind in ("etcd", "discovery") if joined(parts, kind)})
     data["parts"] = [asdict(p) for p in parts]
     tmp = stack_file(state_dir).with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2))
@@ -382,7 +460,7 @@ def up(
         **base,
         **tls.env(),
         STACK_ENV: str(state.resolve()),
-        "RAY_ADDRESS": parts[2].address,
+        "RAY_ADDRESS": joined(parts, "ray"),
         "PYTHONUNBUFFERED": "1",
         # Ray workers import applications' code (`module:Class`) relative to where `up` was run.
         "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH", "")])),
@@ -393,7 +471,8 @@ def up(
     try:
         # Dependencies first (etcd, redis, ray), then services (discovery, broker, keeper), then the
         # agent and the autoscaler, then the supervisor that keeps them all running.
-        for wave in (parts[:3], parts[3:6], parts[6:-1], parts[-1:]):
+        for kinds in WAVES:
+            wave = [p for p in parts if p.kind in kinds]
             for part in wave:
                 if part.external:
                     continue
@@ -402,9 +481,9 @@ def up(
                 progress(f"starting {part.name} on {part.address or 'this machine'}")
             save(state, parts)
             _await_healthy(wave, state, progress, deadline=time.monotonic() + timeout)
-            if wave[-1].name == "keeper":
-                issue_service_token(state, wave[-1].address, "agent", AGENT_TOKEN_FILE)
-                issue_service_token(state, wave[-1].address, "autoscaler", AUTOSCALER_TOKEN_FILE)
+            if "keeper" in kinds:
+                issue_service_token(state, joined(parts, "keeper"), "agent", AGENT_TOKEN_FILE)
+                issue_service_token(state, joined(parts, "keeper"), "autoscaler", AUTOSCALER_TOKEN_FILE)
                 progress("agent and autoscaler tokens issued")
         write_prometheus_config(state, parts)
     except BaseException:

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Self
@@ -58,7 +59,14 @@ class ManagedProcess:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
 
     def start(self) -> Self:
+        return self.spawn().wait_ready()
+
+    def spawn(self) -> Self:
+        """Start the process without waiting for it (members of a cluster start together)."""
         self.proc = launch.spawn(self.argv(), log=self.log, env=self.env(), cwd=self.data_dir)
+        return self
+
+    def wait_ready(self) -> Self:
         wait_for(
             lambda: self._check_alive() and self.healthy(),
             timeout=self.start_timeout,
@@ -110,19 +118,86 @@ class ManagedProcess:
 
 
 class EtcdProcess(ManagedProcess):
+    """One etcd member: alone, or named ``member`` in ``cluster`` (name -> peer address)."""
+
     name = "etcd"
 
-    def __init__(self, data_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path | None = None,
+        *,
+        member: str = "servefleet",
+        cluster: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(data_dir)
         self.peer_port = free_port()
+        self.member = member
+        self.cluster = cluster
+
+    @property
+    def peer_address(self) -> str:
+        return f"127.0.0.1:{self.peer_port}"
 
     def argv(self) -> list[str]:
         return launch.etcd_argv(
-            data_dir=self.data_dir / "data", client=self.address, peer=f"127.0.0.1:{self.peer_port}"
+            data_dir=self.data_dir / "data",
+            client=self.address,
+            peer=self.peer_address,
+            name=self.member,
+            cluster=self.cluster,
         )
 
     def healthy(self) -> bool:
         return health.etcd_health(self.address)[0]
+
+
+def _leads(address: str) -> bool:
+    """Whether the etcd member at ``address`` is its cluster's leader (its own metrics say)."""
+    try:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=2) as response:
+            return b"\netcd_server_is_leader 1" in response.read()
+    except OSError:
+        return False
+
+
+class EtcdCluster:
+    """A real ``size``-member etcd cluster on free loopback ports. ``address`` lists every member
+    (``host:port,...``, what ``--etcd`` takes); ``members[i].kill()`` / ``.start()`` crash and
+    restart one member on its data."""
+
+    def __init__(self, size: int = 3, data_dir: Path | None = None) -> None:
+        self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="sf-etcd-cluster-"))
+        peers: dict[str, str] = {}
+        self.members = [
+            EtcdProcess(self.data_dir / f"m{i}", member=f"m{i}", cluster=peers) for i in range(size)
+        ]
+        for member in self.members:
+            member.data_dir.mkdir(parents=True, exist_ok=True)
+            peers[member.member] = member.peer_address
+
+    @property
+    def address(self) -> str:
+        return ",".join(m.address for m in self.members)
+
+    def start(self) -> Self:
+        """Every member at once (none is healthy before a quorum runs), then wait for each."""
+        for member in self.members:
+            member.spawn()
+        for member in self.members:
+            member.wait_ready()
+        return self
+
+    def leader(self) -> EtcdProcess:
+        """The member that leads now (from each member's own status)."""
+        for member in self.members:
+            if member.proc is not None and member.proc.poll() is None and _leads(member.address):
+                return member
+        raise RuntimeError("no etcd member leads")
+
+    def cleanup(self) -> None:
+        for member in self.members:
+            member.stop()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 class RedisProcess(ManagedProcess):

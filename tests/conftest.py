@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from servefleet.testing import Credentials, EtcdProcess, RayCluster, RedisProcess
+from servefleet.testing import Credentials, EtcdCluster, EtcdProcess, RayCluster, RedisProcess
 
 
 @pytest.fixture(scope="session")
@@ -14,6 +14,14 @@ def etcd() -> Iterator[EtcdProcess]:
     proc = EtcdProcess().start()
     yield proc
     proc.cleanup()
+
+
+@pytest.fixture(scope="session")
+def etcd_cluster() -> Iterator[EtcdCluster]:
+    """A real 3-member etcd cluster; a test that kills a member starts it again before it ends."""
+    cluster = EtcdCluster(3).start()
+    yield cluster
+    cluster.cleanup()
 
 
 @pytest.fixture(scope="session")

@@ -13,15 +13,13 @@ import os
 import uuid
 from pathlib import Path
 
-import aetcd
-
 from servefleet.autoscaler.core import Autoscaler
 from servefleet.autoscaler.servicer import SERVICE, AutoscalerServicer, register
 from servefleet.autoscaler.sources import EtcdHistory, KeeperApps, MetricsLoad, write_file_sd
 from servefleet.common.config import settings
 from servefleet.common.entry import Service, run_service, service_parser
 from servefleet.common.errors import ServefleetError
-from servefleet.common.net import split_address
+from servefleet.common.etcd import add_etcd_flag, connect_etcd
 from servefleet.common.server import GrpcServer
 from servefleet.keeper.election import Election
 from servefleet.services.agent.core import read_token
@@ -30,8 +28,7 @@ log = logging.getLogger(__name__)
 
 
 async def build(args: argparse.Namespace) -> Service:
-    host, port = split_address(args.etcd)
-    client = aetcd.Client(host=host, port=port)
+    client = connect_etcd(args.etcd, timeout=None)
     history = EtcdHistory(client)
     # Its credential (role autoscaler, which `servefleet up` issues): a flag, SERVEFLEET_TOKEN, or a file.
     token = lambda: args.token or os.environ.get("SERVEFLEET_TOKEN", "") or read_token(args.token_file)  # noqa: E731
@@ -83,7 +80,7 @@ async def keep_file_sd(path: Path, apps: KeeperApps, loads: MetricsLoad) -> None
 
 def parser() -> argparse.ArgumentParser:
     p = service_parser("autoscaler", "servefleet autoscaler service")
-    p.add_argument("--etcd", required=True, help="etcd address host:port (history, leader election)")
+    add_etcd_flag(p, "history, leader election")
     p.add_argument("--keeper", required=True, help="keeper address host:port")
     p.add_argument("--discovery", required=True, help="discovery address host:port")
     p.add_argument("--broker", default="", help="broker address host:port (async apps' backlog)")

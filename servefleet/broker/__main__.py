@@ -12,7 +12,7 @@ from servefleet.broker.servicer import broker_server
 from servefleet.common.auth import Authenticator, EtcdTokens
 from servefleet.common.config import settings
 from servefleet.common.entry import Service, run_service, service_parser
-from servefleet.discovery.core import connect_etcd
+from servefleet.common.etcd import add_etcd_flag, connect_etcd
 
 
 async def build(args: argparse.Namespace) -> Service:
@@ -41,7 +41,7 @@ async def build(args: argparse.Namespace) -> Service:
 def parser() -> argparse.ArgumentParser:
     p = service_parser("broker", "servefleet broker service")
     p.add_argument("--redis", required=True, help="redis address host:port")
-    p.add_argument("--etcd", required=True, help="etcd address host:port (where the keeper keeps tokens)")
+    add_etcd_flag(p, "where the keeper keeps tokens")
     return p
 
 

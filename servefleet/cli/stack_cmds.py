@@ -50,7 +50,26 @@ def _resources(text: str) -> dict[str, float]:
     metavar="JSON",
     help="Custom resources the local Ray head offers, e.g. '{\"accelerator\": 1}' (examples/llm.yaml).",
 )
-@click.option("--etcd", "etcd_address", metavar="HOST:PORT", help="Use this etcd instead of starting one.")
+@click.option(
+    "--etcd",
+    "etcd_address",
+    metavar="HOST:PORT[,HOST:PORT...]",
+    help="Use this etcd (every member of a cluster) instead of starting one.",
+)
+@click.option(
+    "--etcd-members",
+    type=click.Choice(["1", "3", "5"]),
+    default="1",
+    show_default=True,
+    help="Members of the stack's own etcd cluster (3 survives losing one).",
+)
+@click.option(
+    "--discovery-instances",
+    type=click.IntRange(1, stack.MAX_DISCOVERY_INSTANCES),
+    default=1,
+    show_default=True,
+    help="Discovery instances behind one name (stack.json lists them; SDKs move between them).",
+)
 @click.option("--redis", "redis_address", metavar="HOST:PORT", help="Use this Redis instead of starting one.")
 @click.option(
     "--ray", "ray_address", metavar="HOST:PORT", help="Use this Ray cluster instead of starting one."
@@ -73,6 +92,8 @@ def up(
     ray_num_cpus: int,
     ray_resources: str,
     etcd_address: str | None,
+    etcd_members: str,
+    discovery_instances: int,
     redis_address: str | None,
     ray_address: str | None,
     redis_appendfsync: str,
@@ -86,6 +107,8 @@ def up(
         ray_num_cpus=ray_num_cpus,
         ray_resources=_resources(ray_resources),
         etcd=etcd_address,
+        etcd_members=int(etcd_members),
+        discovery_instances=discovery_instances,
         redis=redis_address,
         ray=ray_address,
         redis_appendfsync=redis_appendfsync,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ import grpc
 
 from servefleet.common.auth import bearer_interceptors, bearer_metadata
 from servefleet.common.config import grpc_options, settings
+from servefleet.common.errors import InvalidArgument
+from servefleet.common.net import channel_target
 
 
 @dataclass(frozen=True)
@@ -95,15 +98,35 @@ def server_credentials() -> grpc.ServerCredentials | None:
 
 
 def aio_channel(
-    address: str, *, token: str = "", options: list[tuple[str, Any]] | None = None
+    address: str | Sequence[str], *, token: str = "", options: list[tuple[str, Any]] | None = None
 ) -> grpc.aio.Channel:
-    """A grpc.aio channel to a servefleet service, sending ``token`` on every call."""
-    opts = grpc_options() if options is None else options
+    """A grpc.aio channel to a servefleet service, sending ``token`` on every call. Several
+    instances (``host:port,host:port`` or a list) share the channel: calls are balanced over the
+    live ones, and a new call after one dies goes to another."""
+    target, extra = channel_target(address)
+    opts = [*(grpc_options() if options is None else options), *extra]
     interceptors = bearer_interceptors(token) if token else None
     creds = channel_credentials()
     if creds is None:
-        return grpc.aio.insecure_channel(address, options=opts, interceptors=interceptors)
-    return grpc.aio.secure_channel(address, creds, options=opts, interceptors=interceptors)
+        return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors)
+    return grpc.aio.secure_channel(target, creds, options=opts, interceptors=interceptors)
+
+
+#: Where the SDK and ``registration()`` find discovery when not told: ``host:port[,host:port...]``.
+DISCOVERY_ENV = "SERVEFLEET_DISCOVERY"
+
+
+def discovery_addresses(discovery: str | Sequence[str] = "") -> list[str]:
+    """The discovery instances to use: ``discovery`` (one ``host:port``, several comma-separated,
+    or a list), else ``$SERVEFLEET_DISCOVERY``; InvalidArgument saying what to pass when neither is set."""
+    found = discovery or os.environ.get(DISCOVERY_ENV, "")
+    items = found.split(",") if isinstance(found, str) else list(found)
+    addresses = [a.strip() for a in items if a.strip()]
+    if not addresses:
+        raise InvalidArgument(
+            f"no discovery address: pass one (host:port[,host:port...]) or set {DISCOVERY_ENV}"
+        )
+    return addresses
 
 
 _Details = collections.namedtuple(
@@ -144,13 +167,15 @@ class _SyncBearer(
         return continuation(self._details(details), request_iterator)
 
 
-def sync_channel(address: str, *, token: str = "") -> grpc.Channel:
-    """A blocking channel to a servefleet service (CLI, probes), sending ``token`` on every call."""
+def sync_channel(address: str | Sequence[str], *, token: str = "") -> grpc.Channel:
+    """A blocking channel to a servefleet service (CLI, probes), sending ``token`` on every call;
+    one or several instances, like ``aio_channel``."""
+    target, extra = channel_target(address)
     creds = channel_credentials()
     if creds is None:
-        channel = grpc.insecure_channel(address, options=grpc_options())
+        channel = grpc.insecure_channel(target, options=[*grpc_options(), *extra])
     else:
-        channel = grpc.secure_channel(address, creds, options=grpc_options())
+        channel = grpc.secure_channel(target, creds, options=[*grpc_options(), *extra])
     return grpc.intercept_channel(channel, _SyncBearer(token)) if token else channel
 
 

@@ -29,6 +29,14 @@ class Settings:
     discovery_max_ttl_s: int = 300
     #: Seconds ``registration(...)`` keeps retrying its first Register while discovery is unreachable.
     discovery_register_timeout_s: float = 30.0
+    #: etcd members every part connects to, ``host:port[,host:port...]`` (a part's ``--etcd`` flag
+    #: overrides it); calls move to another member when one is lost.
+    etcd_endpoints: str = ""
+    #: Seconds an etcd call keeps retrying UNAVAILABLE (a lost member, a leader election).
+    etcd_retry_s: float = 15.0
+    #: Seconds one try of an etcd call may take before it is tried again on another member (a
+    #: write caught by a leader's death otherwise waits out etcd's own 7 s request timeout).
+    etcd_attempt_s: float = 3.0
     #: Root etcd key prefix for all servefleet state.
     etcd_prefix: str = "/servefleet"
     #: Broker: largest serialized ModelInferRequest Submit accepts (bytes).

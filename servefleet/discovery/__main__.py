@@ -1,4 +1,4 @@
-"""Entry point: `python -m servefleet.discovery --listen HOST:PORT --etcd HOST:PORT`."""
+"""Entry point: `python -m servefleet.discovery --listen HOST:PORT --etcd HOST:PORT[,HOST:PORT...]`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import argparse
 from servefleet.api import discovery_pb2, discovery_pb2_grpc
 from servefleet.common.auth import Authenticator, EtcdTokens
 from servefleet.common.entry import Service, run_service, service_parser
+from servefleet.common.etcd import add_etcd_flag, connect_etcd
 from servefleet.common.server import GrpcServer
-from servefleet.discovery.core import DiscoveryCore, connect_etcd
+from servefleet.discovery.core import DiscoveryCore
 from servefleet.discovery.servicer import DiscoveryServicer
 
 SERVICE = discovery_pb2.DESCRIPTOR.services_by_name["Discovery"].full_name
@@ -32,7 +33,7 @@ async def build(args: argparse.Namespace) -> Service:
 
 def parser() -> argparse.ArgumentParser:
     p = service_parser("discovery", "servefleet discovery service")
-    p.add_argument("--etcd", required=True, help="etcd address host:port")
+    add_etcd_flag(p, "where endpoints are kept")
     return p
 
 

@@ -26,7 +26,6 @@ from servefleet.api import common_pb2, discovery_pb2
 from servefleet.common.appid import AppId
 from servefleet.common.auth import Principal
 from servefleet.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unavailable
-from servefleet.common.net import split_address
 from servefleet.discovery import names
 
 log = logging.getLogger(__name__)
@@ -45,12 +44,6 @@ def _etcd_errors() -> Iterator[None]:
         if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             raise Unavailable(f"etcd unavailable: {exc.details()}") from None
         raise
-
-
-def connect_etcd(address: str) -> aetcd.Client:
-    """An aetcd client for ``host:port`` (connects lazily on first use)."""
-    host, port = split_address(address)
-    return aetcd.Client(host=host, port=port, timeout=5)
 
 
 def _decode(value: bytes) -> discovery_pb2.Endpoint | None:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
 from servefleet.api import discovery_pb2, discovery_pb2_grpc
 from servefleet.common.auth import resolve_token
-from servefleet.common.channels import aio_channel
+from servefleet.common.channels import aio_channel, discovery_addresses
 from servefleet.common.config import settings
 from servefleet.common.errors import FailedPrecondition, from_rpc_error
 from servefleet.common.retry import Backoff, RetryPolicy
@@ -44,12 +44,14 @@ class Registration:
     """A live registration. ``endpoint_id``/``lease_id`` change only when the lease was lost and the
     endpoint registered again (the id stays the same: discovery picked it, or the caller did)."""
 
-    def __init__(self, discovery: str, endpoint: discovery_pb2.Endpoint, ttl_s: int, token: str = "") -> None:
+    def __init__(
+        self, discovery: str | Sequence[str], endpoint: discovery_pb2.Endpoint, ttl_s: int, token: str = ""
+    ) -> None:
         self._endpoint = discovery_pb2.Endpoint()
         self._endpoint.CopyFrom(endpoint)
         self._ttl_s = ttl_s
         self._lease_id = 0
-        self._channel = aio_channel(discovery, token=token)
+        self._channel = aio_channel(discovery_addresses(discovery), token=token)
         self._stub = discovery_pb2_grpc.DiscoveryStub(self._channel)
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -171,9 +173,15 @@ class Registration:
 
 @contextlib.asynccontextmanager
 async def registration(
-    discovery: str, endpoint: discovery_pb2.Endpoint, *, ttl_s: int = 5, token: str | None = None
+    discovery: str | Sequence[str],
+    endpoint: discovery_pb2.Endpoint,
+    *,
+    ttl_s: int = 5,
+    token: str | None = None,
 ) -> AsyncIterator[Registration]:
-    """Keep ``endpoint`` registered at ``discovery`` (host:port) for the body of the ``async with``.
+    """Keep ``endpoint`` registered at ``discovery`` for the body of the ``async with``: one
+    instance (host:port) or several (``a:1,b:2``, a list; "" is ``$SERVEFLEET_DISCOVERY``). When
+    the instance in use dies, the next call (a renewal, a retried Register) goes to another.
 
     ``token`` (default ``$SERVEFLEET_TOKEN``) must be the application's endpoint token (or an
     admin's): anything else is refused with PERMISSION_DENIED or UNAUTHENTICATED, at once.

@@ -1,4 +1,4 @@
-"""Entry point: `python -m servefleet.keeper --listen HOST:PORT --etcd HOST:PORT`."""
+"""Entry point: `python -m servefleet.keeper --listen HOST:PORT --etcd HOST:PORT[,HOST:PORT...]`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 
 from servefleet.common import metrics
 from servefleet.common.entry import Service, run_service, service_parser
+from servefleet.common.etcd import add_etcd_flag
 from servefleet.keeper.reconciler import ReplicaCountCollector
 from servefleet.keeper.service import build_keeper
 from servefleet.keeper.store import KeeperStore
@@ -26,7 +27,7 @@ async def build(args: argparse.Namespace) -> Service:
 
 def parser() -> argparse.ArgumentParser:
     p = service_parser("keeper", "servefleet keeper service")
-    p.add_argument("--etcd", required=True, help="etcd address host:port")
+    add_etcd_flag(p, "desired state, tokens, leader election")
     p.add_argument("--admin-token-file", default="", help="where to keep the admin token")
     return p
 

@@ -29,7 +29,7 @@ from servefleet.api import common_pb2, keeper_pb2
 from servefleet.common.appid import AppId
 from servefleet.common.config import settings
 from servefleet.common.errors import AlreadyExists, Conflict, NotFound
-from servefleet.common.net import split_address
+from servefleet.common.etcd import connect_etcd
 
 AppRef = common_pb2.AppRef
 
@@ -92,9 +92,9 @@ class KeeperStore:
         self.root = f"{prefix or settings.etcd_prefix}/keeper/"
 
     @classmethod
-    def connect(cls, address: str, prefix: str | None = None) -> KeeperStore:
-        host, port = split_address(address)
-        return cls(aetcd.Client(host=host, port=port), prefix)
+    def connect(cls, endpoints: str, prefix: str | None = None) -> KeeperStore:
+        """A store over the etcd members ``endpoints`` (``host:port[,host:port...]``)."""
+        return cls(connect_etcd(endpoints, timeout=None), prefix)
 
     async def close(self) -> None:
         await self.client.close()
@@ -166,14 +166,16 @@ class KeeperStore:
         fence: QuotaFence | None = None,
     ) -> int:
         """Store a new application; AlreadyExists when the name is taken (or still being deleted);
-        QuotaRace when ``fence`` moved."""
+        QuotaRace when ``fence`` moved. Finding exactly this desired state stored is success: a
+        retried transaction whose first try committed (``servefleet.common.etcd``)."""
         ref = AppRef(namespace=desired.spec.namespace, name=desired.spec.name)
         tx = self.client.transactions
         fence_compare, fence_put, fence_get = self._fenced(fence)
+        value = desired.SerializeToString()
         ok, responses = await self.txn(
             compare=[tx.create(self._desired_key(ref)) == 0, *fence_compare],
             success=[
-                tx.put(self._desired_key(ref), desired.SerializeToString()),
+                tx.put(self._desired_key(ref), value),
                 tx.put(self._status_key(ref), status.SerializeToString()),
                 *fence_put,
             ],
@@ -181,6 +183,8 @@ class KeeperStore:
         )
         if not ok and not responses[0]:
             self._check_fence(fence, responses[1])
+        if not ok and responses[0][0][0] == value:
+            return int(responses[0][0][1].mod_revision)
         if not ok:
             current = keeper_pb2.DesiredState.FromString(responses[0][0][0])
             if current.deleting:
@@ -198,14 +202,16 @@ class KeeperStore:
         self, desired: keeper_pb2.DesiredState, expected_revision: int, fence: QuotaFence | None = None
     ) -> int:
         """Compare-and-swap the desired state; Conflict naming the current revision when it moved,
-        QuotaRace when only ``fence`` moved."""
+        QuotaRace when only ``fence`` moved. Exactly this desired state stored is success (a
+        retried transaction whose first try committed)."""
         ref = AppRef(namespace=desired.spec.namespace, name=desired.spec.name)
         key = self._desired_key(ref)
         tx = self.client.transactions
         fence_compare, fence_put, fence_get = self._fenced(fence)
+        value = desired.SerializeToString()
         ok, responses = await self.txn(
             compare=[tx.mod(key) == expected_revision, *fence_compare],
-            success=[tx.put(key, desired.SerializeToString()), *fence_put],
+            success=[tx.put(key, value), *fence_put],
             failure=[tx.get(key), *fence_get],
         )
         if ok:
@@ -213,6 +219,8 @@ class KeeperStore:
         if not responses[0]:
             raise NotFound(f"application {AppId.parse(ref).key} not found")
         current = responses[0][0][1].mod_revision
+        if responses[0][0][0] == value:
+            return int(current)
         if current == expected_revision:
             self._check_fence(fence, responses[1])
         raise Conflict(

@@ -26,7 +26,7 @@ from servefleet.api import common_pb2, discovery_pb2, discovery_pb2_grpc
 from servefleet.common import tensors
 from servefleet.common.appid import AppId
 from servefleet.common.auth import resolve_token
-from servefleet.common.channels import ChannelCache, aio_channel
+from servefleet.common.channels import ChannelCache, aio_channel, discovery_addresses
 from servefleet.common.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -57,16 +57,19 @@ NO_RETRY = RetryPolicy(Backoff(initial_s=0.0, max_s=0.0), attempts=1)
 class AsyncClient:
     """asyncio client of the serving fleet. Create it inside a running loop; ``await close()``.
 
-    ``discovery``: host:port of any discovery instance. ``zone``: prefer endpoints labelled with
-    this zone. ``retry``: False turns retries off; a RetryPolicy tunes them. ``timeout``: default
-    deadline of a request in seconds. ``broker``: host:port of the async broker, for
-    ``submit``/``result``. ``token``: the caller's token for discovery and the broker (default
-    ``$SERVEFLEET_TOKEN``); a tenant token sees its own namespaces' applications only.
+    ``discovery``: host:port of a discovery instance, or several (``a:1,b:2`` or a list; default
+    ``$SERVEFLEET_DISCOVERY``): watches and calls are balanced over the live ones, and a watch whose
+    instance dies resumes on another from the last revision it applied, missing no change.
+    ``zone``: prefer endpoints labelled with this zone. ``retry``: False turns retries off; a
+    RetryPolicy tunes them. ``timeout``: default deadline of a request in seconds. ``broker``:
+    host:port of the async broker, for ``submit``/``result``. ``token``: the caller's token for
+    discovery and the broker (default ``$SERVEFLEET_TOKEN``); a tenant token sees its own
+    namespaces' applications only.
     """
 
     def __init__(
         self,
-        discovery: str,
+        discovery: str | Sequence[str] = "",
         *,
         zone: str = "",
         retry: bool | RetryPolicy = True,
@@ -75,7 +78,7 @@ class AsyncClient:
         token: str | None = None,
     ) -> None:
         self._token = resolve_token(token)
-        self._discovery = aio_channel(discovery, token=self._token)
+        self._discovery = aio_channel(discovery_addresses(discovery), token=self._token)
         self._stub = discovery_pb2_grpc.DiscoveryStub(self._discovery)
         self._retry = retry if isinstance(retry, RetryPolicy) else (INFER_RETRY if retry else NO_RETRY)
         self._timeout = timeout
@@ -347,7 +350,7 @@ class Client:
     """Blocking twin of :class:`AsyncClient` (same arguments); runs one asyncio loop in a daemon
     thread. Safe to share between threads."""
 
-    def __init__(self, discovery: str, **options: Any) -> None:
+    def __init__(self, discovery: str | Sequence[str] = "", **options: Any) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="servefleet-client", daemon=True)
         self._thread.start()

@@ -27,6 +27,7 @@ def free_base_port() -> int:
     for base in range(31000, 60000, 700):
         offsets = [
             *stack.PORTS.values(),
+            *range(stack.EXTRA_ETCD, stack.EXTRA_DISCOVERY_METRICS + 4),
             *range(stack.RAY_WORKER_PORTS[0], stack.RAY_WORKER_PORTS[1] + 1, 50),
         ]
         if not any(port_in_use(base + off) for off in offsets):
@@ -135,6 +136,31 @@ def test_up_status_down(tmp_path: Path) -> None:
     assert down.returncode == 0, down.stderr
     assert still_alive(running) == set()
     assert not (state / "stack.json").exists()
+
+
+def test_up_with_three_etcd_members_and_two_discovery_instances(tmp_path: Path) -> None:
+    """The stack's own etcd cluster and discovery instances: stack.json lists them, and losing an
+    etcd member or a discovery instance leaves every other part healthy."""
+    state = tmp_path / "state"
+    base = free_base_port()
+    flags = ("--etcd-members", "3", "--discovery-instances", "2")
+    result = run_cli("up", "--detach", "--state-dir", str(state), "--base-port", str(base), *flags)
+    try:
+        assert result.returncode == 0, result.stderr
+        addresses = json.loads((state / "stack.json").read_text())
+        assert len(addresses["etcd"].split(",")) == 3 and len(addresses["discovery"].split(",")) == 2
+        parts = {p.name: p for p in stack.load(state)}
+        assert {"etcd", "etcd2", "etcd3", "discovery", "discovery2"} <= set(parts)
+        os.killpg(parts["etcd"].pid, signal.SIGKILL)
+        os.killpg(parts["discovery"].pid, signal.SIGKILL)
+        # The keeper and the other discovery answer through the loss (its etcd calls move on).
+        for name in ("keeper", "discovery2", "broker"):
+            assert health.grpc_health(parts[name].address, timeout=10) == (True, "SERVING"), name
+        listed = run_cli("app", "list", "--state-dir", str(state), "--output", "json")
+        assert listed.returncode == 0, listed.stderr
+    finally:
+        down = run_cli("down", "--state-dir", str(state))
+    assert down.returncode == 0, down.stderr
 
 
 def test_occupied_port_is_one_line(tmp_path: Path) -> None:

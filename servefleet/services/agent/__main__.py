@@ -10,9 +10,9 @@ import logging
 from servefleet.api import agent_pb2, agent_pb2_grpc
 from servefleet.common.auth import Authenticator, EtcdTokens, resolve_token
 from servefleet.common.entry import Service, run_service, service_parser
+from servefleet.common.etcd import add_etcd_flag, connect_etcd
 from servefleet.common.net import async_wait_for, split_address
 from servefleet.common.server import GrpcServer
-from servefleet.discovery.core import connect_etcd
 from servefleet.services.agent.core import ClusterAgent, Heartbeat, parse_labels, read_token
 from servefleet.services.agent.servicer import ClusterAgentServicer
 
@@ -93,7 +93,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--discovery", required=True, help="discovery address host:port")
     p.add_argument("--redis", default="", help="Redis address for async apps")
     p.add_argument("--cluster", default="local", help="this cluster's name")
-    p.add_argument("--etcd", required=True, help="etcd address host:port (where the keeper keeps tokens)")
+    add_etcd_flag(p, "where the keeper keeps tokens")
     p.add_argument("--token-file", default="", help="the agent's token (role agent, or admin)")
     p.add_argument(
         "--token", default=None, help="the agent's token (else SERVEFLEET_TOKEN, else --token-file)"
