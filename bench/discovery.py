@@ -24,8 +24,8 @@ from servefleet import AsyncClient
 from servefleet.api import discovery_pb2, discovery_pb2_grpc
 from servefleet.common.appid import AppId
 from servefleet.common.channels import aio_channel
+from servefleet.common.etcd import connect_etcd
 from servefleet.discovery import names
-from servefleet.discovery.core import connect_etcd
 from servefleet.testing import DiscoveryProcess, EtcdProcess
 
 
