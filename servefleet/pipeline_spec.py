@@ -18,14 +18,16 @@ mode) send requests to; every stage is reachable from it. The pipeline's own ``i
 and ``async_mode`` are the entry's.
 
 Derived at top level (recomputed on every validation; a value written there is replaced), so the
-keeper's quota and placement count what the stages ask for: the pipeline counts as one replica
-whose resources are the sum over stages of resources x initial replicas. Stages scale by their own
-``replicas`` (a spec update), not by ``app scale``.
+keeper's placement counts what the stages ask for: the pipeline counts as one replica whose
+resources are the sum over stages of resources x initial replicas. Each stage scales within its own
+``replicas`` range (``app scale NAME N --stage S``, or the autoscaler from the stage's
+``autoscaling`` block); the keeper holds the counts (``stage_replicas``) and quota counts them.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 
 from servefleet.api import common_pb2
 from servefleet.common.errors import InvalidArgument
@@ -53,12 +55,10 @@ def check_pipeline(spec: common_pb2.ApplicationSpec) -> None:
             raise InvalidArgument(
                 f"spec.{field}: set it on a stage (spec.stages[i].{field}), not the pipeline"
             )
-    # The autoscaler scales whole apps through the keeper; per-stage counts are not its yet.
-    for path, holder in [("spec", spec), *((f"spec.stages[{i}]", st) for i, st in enumerate(spec.stages))]:
-        if holder.HasField("autoscaling"):
-            raise InvalidArgument(
-                f"{path}.autoscaling: pipelines do not autoscale yet; set replicas per stage"
-            )
+    if spec.HasField("autoscaling"):  # the pipeline's own count is derived (1): stages scale
+        raise InvalidArgument(
+            "spec.autoscaling: a pipeline autoscales per stage; set spec.stages[i].autoscaling"
+        )
     seen: set[str] = set()
     for i, stage in enumerate(spec.stages):
         where = f"spec.stages[{i}]"
@@ -120,6 +120,28 @@ def stage_spec(spec: common_pb2.ApplicationSpec, stage: str) -> common_pb2.Appli
         derived.proxies = 0  # reached only by its callers, through their stage handles
     derived.edges.extend(edge for edge in spec.edges if edge.caller == stage)
     return derived
+
+
+def served_apps(spec: common_pb2.ApplicationSpec, ref: common_pb2.AppRef) -> list[common_pb2.AppRef]:
+    """The apps an application's endpoints register under: itself, and a pipeline's stage apps."""
+    entry = entry_stage(spec) if spec.kind == "pipeline" else ""
+    stages = [stage_app(ref, s.name, entry=s.name == entry) for s in spec.stages if s.name != entry]
+    return [ref, *stages]
+
+
+def autoscaled(spec: common_pb2.ApplicationSpec) -> bool:
+    """Whether the autoscaler drives the app: its own block, or (a pipeline) any stage's."""
+    return spec.HasField("autoscaling") or any(s.HasField("autoscaling") for s in spec.stages)
+
+
+def stage_counts(spec: common_pb2.ApplicationSpec, held: Mapping[str, int]) -> dict[str, int]:
+    """Replicas per cluster of every stage: the count held (scaled by a person or the
+    autoscaler) kept within the stage's current range, else the stage's initial count."""
+    counts = {}
+    for stage in spec.stages:
+        rng = stage.replicas
+        counts[stage.name] = min(max(held.get(stage.name, rng.initial), rng.min), rng.max)
+    return counts
 
 
 def pipeline_of(stage_app_name: str) -> str:

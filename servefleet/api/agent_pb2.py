@@ -25,39 +25,43 @@ _sym_db = _symbol_database.Default()
 from servefleet.api import common_pb2 as servefleet_dot_api_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aservefleet/api/agent.proto\x12\x0eservefleet.api\x1a\x1bservefleet/api/common.proto\"l\n\x17\x41pplyApplicationRequest\x12-\n\x04spec\x18\x01 \x01(\x0b\x32\x1f.servefleet.api.ApplicationSpec\x12\x10\n\x08replicas\x18\x02 \x01(\x05\x12\x10\n\x08revision\x18\x03 \x01(\x03\"\xe7\x01\n\x0cMasterStatus\x12#\n\x03\x61pp\x18\x01 \x01(\x0b\x32\x16.servefleet.api.AppRef\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08replicas\x18\x03 \x01(\x05\x12\x16\n\x0eready_replicas\x18\x04 \x01(\x05\x12\x10\n\x08updating\x18\x05 \x01(\x08\x12\x10\n\x08revision\x18\x06 \x01(\x03\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x17\n\x0fproxy_addresses\x18\x08 \x03(\t\x12+\n\x06shards\x18\t \x03(\x0b\x32\x1b.servefleet.api.ShardStatus\"?\n\x18RemoveApplicationRequest\x12#\n\x03\x61pp\x18\x01 \x01(\x0b\x32\x16.servefleet.api.AppRef\",\n\x19RemoveApplicationResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"A\n\x1aGetApplicationStateRequest\x12#\n\x03\x61pp\x18\x01 \x01(\x0b\x32\x16.servefleet.api.AppRef\"\x14\n\x12ListMastersRequest\"D\n\x13ListMastersResponse\x12-\n\x07masters\x18\x01 \x03(\x0b\x32\x1c.servefleet.api.MasterStatus\"\x11\n\x0f\x43\x61pacityRequest\"\xec\x01\n\x10\x43\x61pacityResponse\x12@\n\x08\x63\x61pacity\x18\x01 \x03(\x0b\x32..servefleet.api.CapacityResponse.CapacityEntry\x12\x38\n\x04\x66ree\x18\x02 \x03(\x0b\x32*.servefleet.api.CapacityResponse.FreeEntry\x1a/\n\rCapacityEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a+\n\tFreeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xdb\x03\n\x0c\x43lusterAgent\x12Y\n\x10\x41pplyApplication\x12\'.servefleet.api.ApplyApplicationRequest\x1a\x1c.servefleet.api.MasterStatus\x12h\n\x11RemoveApplication\x12(.servefleet.api.RemoveApplicationRequest\x1a).servefleet.api.RemoveApplicationResponse\x12_\n\x13GetApplicationState\x12*.servefleet.api.GetApplicationStateRequest\x1a\x1c.servefleet.api.MasterStatus\x12V\n\x0bListMasters\x12\".servefleet.api.ListMastersRequest\x1a#.servefleet.api.ListMastersResponse\x12M\n\x08\x43\x61pacity\x12\x1f.servefleet.api.CapacityRequest\x1a .servefleet.api.CapacityResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aservefleet/api/agent.proto\x12\x0eservefleet.api\x1a\x1bservefleet/api/common.proto\"\xf6\x01\n\x17\x41pplyApplicationRequest\x12-\n\x04spec\x18\x01 \x01(\x0b\x32\x1f.servefleet.api.ApplicationSpec\x12\x10\n\x08replicas\x18\x02 \x01(\x05\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12R\n\x0estage_replicas\x18\x04 \x03(\x0b\x32:.servefleet.api.ApplyApplicationRequest.StageReplicasEntry\x1a\x34\n\x12StageReplicasEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\xe7\x01\n\x0cMasterStatus\x12#\n\x03\x61pp\x18\x01 \x01(\x0b\x32\x16.servefleet.api.AppRef\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08replicas\x18\x03 \x01(\x05\x12\x16\n\x0eready_replicas\x18\x04 \x01(\x05\x12\x10\n\x08updating\x18\x05 \x01(\x08\x12\x10\n\x08revision\x18\x06 \x01(\x03\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x17\n\x0fproxy_addresses\x18\x08 \x03(\t\x12+\n\x06shards\x18\t \x03(\x0b\x32\x1b.servefleet.api.ShardStatus\"?\n\x18RemoveApplicationRequest\x12#\n\x03\x61pp\x18\x01 \x01(\x0b\x32\x16.servefleet.api.AppRef\",\n\x19RemoveApplicationResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"A\n\x1aGetApplicationStateRequest\x12#\n\x03\x61pp\x18\x01 \x01(\x0b\x32\x16.servefleet.api.AppRef\"\x14\n\x12ListMastersRequest\"D\n\x13ListMastersResponse\x12-\n\x07masters\x18\x01 \x03(\x0b\x32\x1c.servefleet.api.MasterStatus\"\x11\n\x0f\x43\x61pacityRequest\"\xec\x01\n\x10\x43\x61pacityResponse\x12@\n\x08\x63\x61pacity\x18\x01 \x03(\x0b\x32..servefleet.api.CapacityResponse.CapacityEntry\x12\x38\n\x04\x66ree\x18\x02 \x03(\x0b\x32*.servefleet.api.CapacityResponse.FreeEntry\x1a/\n\rCapacityEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a+\n\tFreeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xdb\x03\n\x0c\x43lusterAgent\x12Y\n\x10\x41pplyApplication\x12\'.servefleet.api.ApplyApplicationRequest\x1a\x1c.servefleet.api.MasterStatus\x12h\n\x11RemoveApplication\x12(.servefleet.api.RemoveApplicationRequest\x1a).servefleet.api.RemoveApplicationResponse\x12_\n\x13GetApplicationState\x12*.servefleet.api.GetApplicationStateRequest\x1a\x1c.servefleet.api.MasterStatus\x12V\n\x0bListMasters\x12\".servefleet.api.ListMastersRequest\x1a#.servefleet.api.ListMastersResponse\x12M\n\x08\x43\x61pacity\x12\x1f.servefleet.api.CapacityRequest\x1a .servefleet.api.CapacityResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'servefleet.api.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_APPLYAPPLICATIONREQUEST_STAGEREPLICASENTRY']._loaded_options = None
+  _globals['_APPLYAPPLICATIONREQUEST_STAGEREPLICASENTRY']._serialized_options = b'8\001'
   _globals['_CAPACITYRESPONSE_CAPACITYENTRY']._loaded_options = None
   _globals['_CAPACITYRESPONSE_CAPACITYENTRY']._serialized_options = b'8\001'
   _globals['_CAPACITYRESPONSE_FREEENTRY']._loaded_options = None
   _globals['_CAPACITYRESPONSE_FREEENTRY']._serialized_options = b'8\001'
-  _globals['_APPLYAPPLICATIONREQUEST']._serialized_start=75
-  _globals['_APPLYAPPLICATIONREQUEST']._serialized_end=183
-  _globals['_MASTERSTATUS']._serialized_start=186
-  _globals['_MASTERSTATUS']._serialized_end=417
-  _globals['_REMOVEAPPLICATIONREQUEST']._serialized_start=419
-  _globals['_REMOVEAPPLICATIONREQUEST']._serialized_end=482
-  _globals['_REMOVEAPPLICATIONRESPONSE']._serialized_start=484
-  _globals['_REMOVEAPPLICATIONRESPONSE']._serialized_end=528
-  _globals['_GETAPPLICATIONSTATEREQUEST']._serialized_start=530
-  _globals['_GETAPPLICATIONSTATEREQUEST']._serialized_end=595
-  _globals['_LISTMASTERSREQUEST']._serialized_start=597
-  _globals['_LISTMASTERSREQUEST']._serialized_end=617
-  _globals['_LISTMASTERSRESPONSE']._serialized_start=619
-  _globals['_LISTMASTERSRESPONSE']._serialized_end=687
-  _globals['_CAPACITYREQUEST']._serialized_start=689
-  _globals['_CAPACITYREQUEST']._serialized_end=706
-  _globals['_CAPACITYRESPONSE']._serialized_start=709
-  _globals['_CAPACITYRESPONSE']._serialized_end=945
-  _globals['_CAPACITYRESPONSE_CAPACITYENTRY']._serialized_start=853
-  _globals['_CAPACITYRESPONSE_CAPACITYENTRY']._serialized_end=900
-  _globals['_CAPACITYRESPONSE_FREEENTRY']._serialized_start=902
-  _globals['_CAPACITYRESPONSE_FREEENTRY']._serialized_end=945
-  _globals['_CLUSTERAGENT']._serialized_start=948
-  _globals['_CLUSTERAGENT']._serialized_end=1423
+  _globals['_APPLYAPPLICATIONREQUEST']._serialized_start=76
+  _globals['_APPLYAPPLICATIONREQUEST']._serialized_end=322
+  _globals['_APPLYAPPLICATIONREQUEST_STAGEREPLICASENTRY']._serialized_start=270
+  _globals['_APPLYAPPLICATIONREQUEST_STAGEREPLICASENTRY']._serialized_end=322
+  _globals['_MASTERSTATUS']._serialized_start=325
+  _globals['_MASTERSTATUS']._serialized_end=556
+  _globals['_REMOVEAPPLICATIONREQUEST']._serialized_start=558
+  _globals['_REMOVEAPPLICATIONREQUEST']._serialized_end=621
+  _globals['_REMOVEAPPLICATIONRESPONSE']._serialized_start=623
+  _globals['_REMOVEAPPLICATIONRESPONSE']._serialized_end=667
+  _globals['_GETAPPLICATIONSTATEREQUEST']._serialized_start=669
+  _globals['_GETAPPLICATIONSTATEREQUEST']._serialized_end=734
+  _globals['_LISTMASTERSREQUEST']._serialized_start=736
+  _globals['_LISTMASTERSREQUEST']._serialized_end=756
+  _globals['_LISTMASTERSRESPONSE']._serialized_start=758
+  _globals['_LISTMASTERSRESPONSE']._serialized_end=826
+  _globals['_CAPACITYREQUEST']._serialized_start=828
+  _globals['_CAPACITYREQUEST']._serialized_end=845
+  _globals['_CAPACITYRESPONSE']._serialized_start=848
+  _globals['_CAPACITYRESPONSE']._serialized_end=1084
+  _globals['_CAPACITYRESPONSE_CAPACITYENTRY']._serialized_start=992
+  _globals['_CAPACITYRESPONSE_CAPACITYENTRY']._serialized_end=1039
+  _globals['_CAPACITYRESPONSE_FREEENTRY']._serialized_start=1041
+  _globals['_CAPACITYRESPONSE_FREEENTRY']._serialized_end=1084
+  _globals['_CLUSTERAGENT']._serialized_start=1087
+  _globals['_CLUSTERAGENT']._serialized_end=1562
 # @@protoc_insertion_point(module_scope)

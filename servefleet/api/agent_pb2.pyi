@@ -8,14 +8,23 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ApplyApplicationRequest(_message.Message):
-    __slots__ = ("spec", "replicas", "revision")
+    __slots__ = ("spec", "replicas", "revision", "stage_replicas")
+    class StageReplicasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     SPEC_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    STAGE_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     spec: _common_pb2.ApplicationSpec
     replicas: int
     revision: int
-    def __init__(self, spec: _Optional[_Union[_common_pb2.ApplicationSpec, _Mapping]] = ..., replicas: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
+    stage_replicas: _containers.ScalarMap[str, int]
+    def __init__(self, spec: _Optional[_Union[_common_pb2.ApplicationSpec, _Mapping]] = ..., replicas: _Optional[int] = ..., revision: _Optional[int] = ..., stage_replicas: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class MasterStatus(_message.Message):
     __slots__ = ("app", "version", "replicas", "ready_replicas", "updating", "revision", "error", "proxy_addresses", "shards")

@@ -58,7 +58,14 @@ class Scaling(_message.Message):
     def __init__(self, by: _Optional[str] = ..., reason: _Optional[str] = ..., at: _Optional[float] = ..., autoscaled: _Optional[bool] = ..., paused: _Optional[bool] = ...) -> None: ...
 
 class ApplicationStatus(_message.Message):
-    __slots__ = ("app", "state", "reason", "spec", "revision", "replicas", "placements", "updated_at", "scaling")
+    __slots__ = ("app", "state", "reason", "spec", "revision", "replicas", "placements", "updated_at", "scaling", "stage_replicas")
+    class StageReplicasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     APP_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +75,7 @@ class ApplicationStatus(_message.Message):
     PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     SCALING_FIELD_NUMBER: _ClassVar[int]
+    STAGE_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     app: _common_pb2.AppRef
     state: AppState
     reason: str
@@ -77,7 +85,8 @@ class ApplicationStatus(_message.Message):
     placements: _containers.RepeatedCompositeFieldContainer[ClusterPlacement]
     updated_at: float
     scaling: Scaling
-    def __init__(self, app: _Optional[_Union[_common_pb2.AppRef, _Mapping]] = ..., state: _Optional[_Union[AppState, str]] = ..., reason: _Optional[str] = ..., spec: _Optional[_Union[_common_pb2.ApplicationSpec, _Mapping]] = ..., revision: _Optional[int] = ..., replicas: _Optional[int] = ..., placements: _Optional[_Iterable[_Union[ClusterPlacement, _Mapping]]] = ..., updated_at: _Optional[float] = ..., scaling: _Optional[_Union[Scaling, _Mapping]] = ...) -> None: ...
+    stage_replicas: _containers.ScalarMap[str, int]
+    def __init__(self, app: _Optional[_Union[_common_pb2.AppRef, _Mapping]] = ..., state: _Optional[_Union[AppState, str]] = ..., reason: _Optional[str] = ..., spec: _Optional[_Union[_common_pb2.ApplicationSpec, _Mapping]] = ..., revision: _Optional[int] = ..., replicas: _Optional[int] = ..., placements: _Optional[_Iterable[_Union[ClusterPlacement, _Mapping]]] = ..., updated_at: _Optional[float] = ..., scaling: _Optional[_Union[Scaling, _Mapping]] = ..., stage_replicas: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class StatusEvent(_message.Message):
     __slots__ = ("app", "state", "reason", "revision", "at")
@@ -143,20 +152,22 @@ class UpdateApplicationRequest(_message.Message):
     def __init__(self, spec: _Optional[_Union[_common_pb2.ApplicationSpec, _Mapping]] = ..., expected_revision: _Optional[int] = ...) -> None: ...
 
 class ScaleApplicationRequest(_message.Message):
-    __slots__ = ("app", "replicas", "expected_revision", "reason", "by_autoscaler", "resume_autoscaling")
+    __slots__ = ("app", "replicas", "expected_revision", "reason", "by_autoscaler", "resume_autoscaling", "stage")
     APP_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_REVISION_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     BY_AUTOSCALER_FIELD_NUMBER: _ClassVar[int]
     RESUME_AUTOSCALING_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
     app: _common_pb2.AppRef
     replicas: int
     expected_revision: int
     reason: str
     by_autoscaler: bool
     resume_autoscaling: bool
-    def __init__(self, app: _Optional[_Union[_common_pb2.AppRef, _Mapping]] = ..., replicas: _Optional[int] = ..., expected_revision: _Optional[int] = ..., reason: _Optional[str] = ..., by_autoscaler: _Optional[bool] = ..., resume_autoscaling: _Optional[bool] = ...) -> None: ...
+    stage: str
+    def __init__(self, app: _Optional[_Union[_common_pb2.AppRef, _Mapping]] = ..., replicas: _Optional[int] = ..., expected_revision: _Optional[int] = ..., reason: _Optional[str] = ..., by_autoscaler: _Optional[bool] = ..., resume_autoscaling: _Optional[bool] = ..., stage: _Optional[str] = ...) -> None: ...
 
 class DeleteApplicationRequest(_message.Message):
     __slots__ = ("app",)
@@ -334,20 +345,29 @@ class SetQuotaRequest(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., quota: _Optional[_Union[Quota, _Mapping]] = ...) -> None: ...
 
 class DesiredState(_message.Message):
-    __slots__ = ("spec", "replicas", "deleting", "tenant", "created_at", "scaling")
+    __slots__ = ("spec", "replicas", "deleting", "tenant", "created_at", "scaling", "stage_replicas")
+    class StageReplicasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     SPEC_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     DELETING_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     SCALING_FIELD_NUMBER: _ClassVar[int]
+    STAGE_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     spec: _common_pb2.ApplicationSpec
     replicas: int
     deleting: bool
     tenant: str
     created_at: float
     scaling: Scaling
-    def __init__(self, spec: _Optional[_Union[_common_pb2.ApplicationSpec, _Mapping]] = ..., replicas: _Optional[int] = ..., deleting: _Optional[bool] = ..., tenant: _Optional[str] = ..., created_at: _Optional[float] = ..., scaling: _Optional[_Union[Scaling, _Mapping]] = ...) -> None: ...
+    stage_replicas: _containers.ScalarMap[str, int]
+    def __init__(self, spec: _Optional[_Union[_common_pb2.ApplicationSpec, _Mapping]] = ..., replicas: _Optional[int] = ..., deleting: _Optional[bool] = ..., tenant: _Optional[str] = ..., created_at: _Optional[float] = ..., scaling: _Optional[_Union[Scaling, _Mapping]] = ..., stage_replicas: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class TokenRecord(_message.Message):
     __slots__ = ("tenant", "role", "created_at", "app", "description")

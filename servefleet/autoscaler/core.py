@@ -29,6 +29,7 @@ from servefleet.autoscaler.policy import Config, Decision, History, Proactive, R
 from servefleet.common import metrics
 from servefleet.common.appid import AppId
 from servefleet.common.errors import ServefleetError
+from servefleet.pipeline_spec import STAGE_SEPARATOR, entry_stage, stage_app, stage_spec
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class Apps(Protocol):
     async def autoscaled(self) -> list[keeper_pb2.ApplicationStatus]: ...
 
     async def scale(
-        self, app: common_pb2.AppRef, replicas: int, reason: str
+        self, app: common_pb2.AppRef, replicas: int, reason: str, stage: str = ""
     ) -> keeper_pb2.ApplicationStatus: ...
 
 
@@ -121,6 +122,41 @@ class AppState:
         self.scale_events = int(data.get("scale_events", 0))
 
 
+@dataclass(frozen=True)
+class Unit:
+    """What one policy scales: an app, or one autoscaled stage of a pipeline (which runs as its
+    own app, ``name--stage``, with its own replicas, metrics and count held by the keeper)."""
+
+    key: str  # state and history: ``ns/app``, or ``ns/app--stage``
+    status: keeper_pb2.ApplicationStatus  # as its load is read: a stage's is its stage app's
+    app: common_pb2.AppRef  # what the keeper's Scale names
+    stage: str = ""
+
+
+def units(statuses: list[keeper_pb2.ApplicationStatus]) -> list[Unit]:
+    """The autoscaled apps, a pipeline expanded into its stages that have an autoscaling block."""
+    found = []
+    for status in statuses:
+        key = AppId.parse(status.app).key
+        if status.spec.kind != "pipeline":
+            found.append(Unit(key, status, status.app))
+            continue
+        entry = entry_stage(status.spec)
+        for stage in status.spec.stages:
+            if not stage.HasField("autoscaling"):
+                continue
+            view = keeper_pb2.ApplicationStatus(
+                app=stage_app(status.app, stage.name, entry=stage.name == entry),
+                state=status.state,
+                spec=stage_spec(status.spec, stage.name),
+                replicas=status.stage_replicas.get(stage.name, stage.replicas.initial),
+                placements=status.placements,
+                scaling=status.scaling,
+            )
+            found.append(Unit(f"{key}{STAGE_SEPARATOR}{stage.name}", view, status.app, stage.name))
+    return found
+
+
 class Autoscaler:
     """Decides and scales every autoscaled app; ``run`` is what the leader runs."""
 
@@ -169,19 +205,20 @@ class Autoscaler:
     async def tick(self, fence: bytes = b"") -> None:
         """One pass over every autoscaled app (public for tests: a fake clock steps it)."""
         now = self.clock()
-        statuses = await self.apps.autoscaled()
-        samples = await asyncio.gather(*(self.loads.read(s, now) for s in statuses), return_exceptions=True)
+        found = units(await self.apps.autoscaled())
+        reads = (self.loads.read(u.status, now) for u in found)
+        samples = await asyncio.gather(*reads, return_exceptions=True)
         seen = set()
-        for status, sample in zip(statuses, samples, strict=True):
-            key = AppId.parse(status.app).key
+        for unit, sample in zip(found, samples, strict=True):
+            key = unit.key
             seen.add(key)
-            state = self._state(key, status.spec.autoscaling)
+            state = self._state(key, unit.status.spec.autoscaling)
             if isinstance(sample, BaseException):
                 log.warning("load of %s not read: %s", key, sample)
             elif sample is not None:
                 state.history.add(sample)
                 self._measure_startup(state, sample)
-            await self._act(key, status, state, now)
+            await self._act(unit, state, now)
             if now - state.saved_at >= self.persist_s:
                 await self.store.save(key, state.dump(), fence)
                 state.saved_at = now
@@ -209,7 +246,8 @@ class Autoscaler:
             return policy.decide(state.history, current, startup_s=state.startup_in_use, error=state.error)
         return Reactive(config).decide(state.history, current)
 
-    async def _act(self, key: str, status: keeper_pb2.ApplicationStatus, state: AppState, now: float) -> None:
+    async def _act(self, unit: Unit, state: AppState, now: float) -> None:
+        key, status = unit.key, unit.status
         current = status.replicas
         state.replicas = current
         if status.scaling.paused:
@@ -229,23 +267,24 @@ class Autoscaler:
         direction = "up" if desired > current else "down"
         reason = f"autoscaler ({state.last.mode}): {current} -> {desired}: {state.last.reason}"
         try:
-            after = await self.apps.scale(status.app, desired, reason)
+            after = await self.apps.scale(unit.app, desired, reason, unit.stage)
         except ServefleetError as exc:
             REFUSED.labels(AppId.parse(status.app).model_name, exc.code.name).inc()
             state.refused = (desired, now)
             log.info("scale of %s to %d refused: %s", key, desired, exc)
             return
         DECISIONS.labels(AppId.parse(status.app).model_name, state.last.mode, direction).inc()
-        if after.replicas != desired:  # capped by quota: the keeper's reason says so
+        now_at = after.stage_replicas[unit.stage] if unit.stage else after.replicas
+        if now_at != desired:  # capped by quota: the keeper's reason says so
             REFUSED.labels(AppId.parse(status.app).model_name, "RESOURCE_EXHAUSTED").inc()
             state.refused = (desired, now)
         else:
             state.refused = None
-        if after.replicas != current:
+        if now_at != current:
             state.scale_events += 1
-            state.pending_up = (now, after.replicas) if after.replicas > current else None
-        state.replicas = after.replicas
-        log.info("scaled %s from %d to %d: %s", key, current, after.replicas, reason)
+            state.pending_up = (now, now_at) if now_at > current else None
+        state.replicas = now_at
+        log.info("scaled %s from %d to %d: %s", key, current, now_at, reason)
 
     def _measure_startup(self, state: AppState, sample: Sample) -> None:
         """A scale-up is complete when as many replicas report load as were asked for."""

@@ -31,6 +31,7 @@ from servefleet.common.channels import aio_channel
 from servefleet.common.config import settings
 from servefleet.common.errors import from_rpc_error
 from servefleet.common.metrics import METRICS_KIND, PART_LABEL
+from servefleet.pipeline_spec import autoscaled, served_apps
 
 #: Seconds one scrape or RPC of a tick may take.
 TIMEOUT_S = 2.0
@@ -62,11 +63,13 @@ class KeeperApps:
 
     async def autoscaled(self) -> list[keeper_pb2.ApplicationStatus]:
         running = (keeper_pb2.AppState.DELETING, keeper_pb2.AppState.DELETED)
-        return [s for s in await self.all() if s.spec.HasField("autoscaling") and s.state not in running]
+        return [s for s in await self.all() if autoscaled(s.spec) and s.state not in running]
 
-    async def scale(self, app: common_pb2.AppRef, replicas: int, reason: str) -> keeper_pb2.ApplicationStatus:
+    async def scale(
+        self, app: common_pb2.AppRef, replicas: int, reason: str, stage: str = ""
+    ) -> keeper_pb2.ApplicationStatus:
         request = keeper_pb2.ScaleApplicationRequest(
-            app=app, replicas=replicas, reason=reason, by_autoscaler=True
+            app=app, replicas=replicas, reason=reason, by_autoscaler=True, stage=stage
         )
         try:
             return await self.stub.ScaleApplication(request, metadata=self._md(), timeout=TIMEOUT_S * 5)
@@ -246,14 +249,12 @@ async def write_file_sd(path: Path, apps: KeeperApps, loads: MetricsLoad) -> Non
     replaced atomically and only when it changed (Prometheus re-reads it on change)."""
     groups: list[dict[str, Any]] = []
     for status in await apps.all():
-        for endpoint in await loads.endpoints(status.app):
-            labels = {k: v for k, v in endpoint.labels.items() if k.isidentifier()}
-            groups.append(
-                {
-                    "targets": [endpoint.address],
-                    "labels": {**labels, "app": AppId.parse(status.app).model_name},
-                }
-            )
+        for ref in served_apps(status.spec, status.app):  # a pipeline's stages run as apps too
+            for endpoint in await loads.endpoints(ref):
+                labels = {k: v for k, v in endpoint.labels.items() if k.isidentifier()}
+                groups.append(
+                    {"targets": [endpoint.address], "labels": {**labels, "app": AppId.parse(ref).model_name}}
+                )
     await asyncio.to_thread(
         _replace_if_changed, path, json.dumps(sorted(groups, key=lambda g: g["targets"]), indent=2)
     )

@@ -196,6 +196,9 @@ def status(conn: KeeperConn, name: str, namespace: str) -> None:
         return
     _show(conn, [got])
     click.echo(f"scaling: {scaling_line(got.scaling, got.replicas)}")
+    if got.stage_replicas:  # kind pipeline: each stage scales on its own
+        click.echo("")
+        emit(stage_rows(got), "table")
     rows = [
         {"cluster": p.cluster, "replicas": p.replicas, "ready": p.ready_replicas, "version": p.version}
         for p in got.placements
@@ -207,6 +210,19 @@ def status(conn: KeeperConn, name: str, namespace: str) -> None:
     if shards:  # kind sharded: what each shard replica holds, measured in the replica
         click.echo("")
         emit(shards, "table")
+
+
+def stage_rows(got: keeper_pb2.ApplicationStatus) -> list[dict[str, object]]:
+    """A pipeline's stages: the count the keeper holds for each, its range, who drives it."""
+    return [
+        {
+            "stage": stage.name,
+            "replicas": got.stage_replicas.get(stage.name, stage.replicas.initial),
+            "range": f"[{stage.replicas.min}, {stage.replicas.max}]",
+            "autoscaled": "yes" if stage.HasField("autoscaling") else "no",
+        }
+        for stage in got.spec.stages
+    ]
 
 
 def scaling_line(scaling: keeper_pb2.Scaling, replicas: int) -> str:
@@ -231,11 +247,14 @@ def scaling_line(scaling: keeper_pb2.Scaling, replicas: int) -> str:
     "--auto", is_flag=True, help="Hand the count back to the autoscaler (after a person pinned it)."
 )
 @click.option("--reason", default="", help="Why, shown in `app status`.")
+@click.option("--stage", default="", help="A pipeline's stage to scale (pipelines scale per stage).")
 @keeper_command
 @one_line_errors
-def scale(conn: KeeperConn, name: str, replicas: int | None, namespace: str, auto: bool, reason: str) -> None:
-    """Set REPLICAS per cluster. On an autoscaled app a person wins: this pins the count and pauses
-    the autoscaler for the app until `--auto` hands it back."""
+def scale(
+    conn: KeeperConn, name: str, replicas: int | None, namespace: str, auto: bool, reason: str, stage: str
+) -> None:
+    """Set REPLICAS per cluster (of one --stage of a pipeline). On an autoscaled app a person
+    wins: this pins the count and pauses the autoscaler for the app until `--auto` hands it back."""
     if (replicas is None) == (not auto):
         raise click.UsageError("give either REPLICAS or --auto")
     request = keeper_pb2.ScaleApplicationRequest(
@@ -243,6 +262,7 @@ def scale(conn: KeeperConn, name: str, replicas: int | None, namespace: str, aut
         replicas=replicas or 0,
         reason=reason,
         resume_autoscaling=auto,
+        stage=stage,
     )
     _show(conn, [conn.stub.ScaleApplication(request, metadata=conn.md)])
 

@@ -8,12 +8,14 @@ API call returns as soon as the desired state is durable.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+from servefleet import pipeline_spec
 from servefleet import spec as specs
 from servefleet.api import common_pb2, keeper_pb2
 from servefleet.common.appid import DEFAULT_NAMESPACE, AppId, check_name
@@ -55,6 +57,13 @@ def event_of(status: keeper_pb2.ApplicationStatus, ref: common_pb2.AppRef) -> ke
     return keeper_pb2.StatusEvent(
         app=ref, state=status.state, reason=status.reason, revision=status.revision, at=status.updated_at
     )
+
+
+def _usage_at(desired: keeper_pb2.DesiredState, stage: str, count: int) -> policy.Usage:
+    """The app's usage with its count (or one stage's count) at ``count``."""
+    if stage:
+        return policy.usage_of(desired.spec, desired.replicas, {**desired.stage_replicas, stage: count})
+    return policy.usage_of(desired.spec, count, desired.stage_replicas)
 
 
 class Keeper:
@@ -141,18 +150,23 @@ class Keeper:
             )
         self._not_deleting(record)
         replicas = min(max(record.desired.replicas, spec.replicas.min), spec.replicas.max)
+        # Each stage keeps the count it runs, within its new range.
+        held = pipeline_spec.stage_counts(record.desired.spec, record.desired.stage_replicas)
+        stages = pipeline_spec.stage_counts(spec, held)
         desired = keeper_pb2.DesiredState()
         desired.CopyFrom(record.desired)
         desired.spec.CopyFrom(spec)
         desired.replicas = replicas
-        change = policy.usage_of(spec, replicas) - policy.usage_of(
-            record.desired.spec, record.desired.replicas
+        desired.ClearField("stage_replicas")
+        desired.stage_replicas.update(stages)
+        change = policy.usage_of(spec, replicas, stages) - policy.usage_of(
+            record.desired.spec, record.desired.replicas, record.desired.stage_replicas
         )
         if replicas != record.desired.replicas:
             desired.scaling.CopyFrom(
                 keeper_pb2.Scaling(by="update", reason="the new spec's replica range", at=self.clock())
             )
-        desired.scaling.paused = desired.scaling.paused and spec.HasField("autoscaling")
+        desired.scaling.paused = desired.scaling.paused and pipeline_spec.autoscaled(spec)
         while True:
             fence = await self._check_quota(self._payer(who), change)
             try:
@@ -173,49 +187,54 @@ class Keeper:
         reason: str = "",
         by_autoscaler: bool = False,
         resume_autoscaling: bool = False,
+        stage: str = "",
     ) -> keeper_pb2.ApplicationStatus:
-        """Set replicas per cluster within the spec's range; 0 as revision means unconditional.
+        """Set replicas per cluster within the spec's range (a pipeline's: one ``stage``'s, within
+        that stage's range); 0 as revision means unconditional.
 
         Who wins on an autoscaled app: a person. Their scale pins the count and pauses the
-        autoscaler for the app (``scaling.paused``, shown in its status) until they hand it back
-        with ``resume_autoscaling``; the autoscaler's calls are refused meanwhile. The autoscaler's
-        scale-ups are capped at what the app's tenant quota allows, the cap named in the reason."""
+        autoscaler for the app (``scaling.paused``, shown in its status; for a pipeline, every
+        stage) until they hand it back with ``resume_autoscaling``; the autoscaler's calls are
+        refused meanwhile. The autoscaler's scale-ups are capped at what the app's tenant quota
+        allows, the cap named in the reason."""
         if by_autoscaler and who.role not in AUTOSCALER_ROLES:
             raise PermissionDenied(f"scaling as the autoscaler needs a role in {', '.join(AUTOSCALER_ROLES)}")
         while True:
             record = await self._record(who, ref)
             self._not_deleting(record)
-            scaling = self._scaling(record, replicas, reason, by_autoscaler, resume_autoscaling)
-            target = record.desired.replicas if resume_autoscaling else replicas
-            rng = record.desired.spec.replicas
+            rng, current = self._scaled_range(record, stage, resume_autoscaling)
+            scaling = self._scaling(record, reason, by_autoscaler, resume_autoscaling, stage)
+            target = current if resume_autoscaling else replicas
             if not rng.min <= target <= rng.max:
+                what = f"stage {stage!r} of " if stage else ""
                 raise InvalidArgument(
                     f"replicas: {target} is outside the range [{rng.min}, {rng.max}] of "
-                    f"{AppId.parse(record.ref).key}; update the spec's replicas to widen it"
+                    f"{what}{AppId.parse(record.ref).key}; update the spec's replicas to widen it"
                 )
-            spec, current = record.desired.spec, record.desired.replicas
+            usage = functools.partial(_usage_at, record.desired, stage)
             # The autoscaler (flag or role) scales on the owner's behalf: the owner's quota applies.
             on_behalf = by_autoscaler or who.role == AUTOSCALER
             payer = record.desired.tenant if on_behalf else self._payer(who)
             try:
-                fence = await self._check_quota(
-                    payer, policy.usage_of(spec, target) - policy.usage_of(spec, current)
-                )
+                fence = await self._check_quota(payer, usage(target) - usage(current))
             except ResourceExhausted as exc:
                 if not by_autoscaler or target <= current:
                     raise
-                target, fence = await self._quota_cap(payer, spec, current, target)
+                target, fence = await self._quota_cap(payer, usage, current, target)
                 scaling.reason = f"{reason or 'autoscaler'}; capped at {target} by quota: {exc}"
-            held = record.desired.scaling
+            was = record.desired.scaling
             if target == current and (scaling.by, scaling.reason, scaling.paused) == (
-                held.by,
-                held.reason,
-                held.paused,
+                was.by,
+                was.reason,
+                was.paused,
             ):
                 return record.view()  # nothing new to write (the same refusal again, say)
             desired = keeper_pb2.DesiredState()
             desired.CopyFrom(record.desired)
-            desired.replicas = target
+            if stage:
+                desired.stage_replicas[stage] = target
+            else:
+                desired.replicas = target
             desired.scaling.CopyFrom(scaling)
             try:
                 record.revision = await self.store.replace_desired(
@@ -230,34 +249,55 @@ class Keeper:
             record.desired = desired
             return record.view()
 
+    @staticmethod
+    def _scaled_range(record: AppRecord, stage: str, resume: bool) -> tuple[common_pb2.ReplicaRange, int]:
+        """The range and current count a scale call moves: the app's, or one pipeline stage's."""
+        spec, name = record.desired.spec, AppId.parse(record.ref).key
+        if not stage:
+            if spec.kind == "pipeline" and not resume:
+                stages = ", ".join(s.name for s in spec.stages)
+                raise InvalidArgument(f"stage: {name} is a pipeline; scale one of its stages ({stages})")
+            return spec.replicas, record.desired.replicas
+        if spec.kind != "pipeline":
+            raise InvalidArgument(f"stage: {name} is not a pipeline; scale it without a stage")
+        found = next((s for s in spec.stages if s.name == stage), None)
+        if found is None:
+            stages = ", ".join(s.name for s in spec.stages)
+            raise InvalidArgument(f"stage: {name} has no stage {stage!r} (its stages: {stages})")
+        return found.replicas, pipeline_spec.stage_counts(spec, record.desired.stage_replicas)[stage]
+
     def _scaling(
-        self, record: AppRecord, replicas: int, reason: str, by_autoscaler: bool, resume: bool
+        self, record: AppRecord, reason: str, by_autoscaler: bool, resume: bool, stage: str
     ) -> keeper_pb2.Scaling:
         """Who scales now and why; FailedPrecondition where the precedence rule says no."""
-        name, autoscaled = AppId.parse(record.ref).key, record.desired.spec.HasField("autoscaling")
+        name, spec = AppId.parse(record.ref).key, record.desired.spec
+        autoscaled = pipeline_spec.autoscaled(spec)
         now, held = self.clock(), record.desired.scaling
         if (by_autoscaler or resume) and not autoscaled:
             raise FailedPrecondition(f"application {name} has no autoscaling block in its spec")
+        stage_block = stage and next(s for s in spec.stages if s.name == stage).HasField("autoscaling")
+        if by_autoscaler and stage and not stage_block:
+            raise FailedPrecondition(f"stage {stage!r} of {name} has no autoscaling block in its spec")
         if by_autoscaler and held.paused:
             raise FailedPrecondition(
-                f"autoscaling of {name} is paused: a person scaled it to {record.desired.replicas} "
+                f"autoscaling of {name} is paused: a person scaled it "
                 f"(`servefleet app scale {record.ref.name} --auto` hands it back)"
             )
         if by_autoscaler:
             return keeper_pb2.Scaling(by="autoscaler", reason=reason or "autoscaler", at=now)
         if resume:
             return keeper_pb2.Scaling(by="person", reason=reason or "autoscaling resumed", at=now)
-        why = reason or ("pinned by a person; autoscaling paused" if autoscaled else "scaled by a person")
-        return keeper_pb2.Scaling(by="person", reason=why, at=now, paused=autoscaled)
+        pins = bool(stage_block) if stage else autoscaled  # a fixed stage's count pauses nothing
+        why = reason or ("pinned by a person; autoscaling paused" if pins else "scaled by a person")
+        return keeper_pb2.Scaling(by="person", reason=why, at=now, paused=pins or held.paused)
 
     async def _quota_cap(
-        self, tenant: str, spec: common_pb2.ApplicationSpec, current: int, wanted: int
+        self, tenant: str, usage: Callable[[int], policy.Usage], current: int, wanted: int
     ) -> tuple[int, QuotaFence | None]:
         """The largest count in [current, wanted) the tenant's quota allows, with its fence."""
         for count in range(wanted - 1, current, -1):
             with contextlib.suppress(ResourceExhausted):
-                change = policy.usage_of(spec, count) - policy.usage_of(spec, current)
-                return count, await self._check_quota(tenant, change)
+                return count, await self._check_quota(tenant, usage(count) - usage(current))
         return current, None
 
     async def delete(self, who: Principal, ref: common_pb2.AppRef) -> keeper_pb2.ApplicationStatus:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from servefleet.api import common_pb2, keeper_pb2
 from servefleet.common.config import settings
 from servefleet.common.errors import InvalidArgument, ResourceExhausted
+from servefleet.pipeline_spec import stage_counts
 from servefleet.spec import actors_per_replica
 
 _URL_RE = re.compile(r"^[a-z][a-z0-9+.-]*://|^git\+|^file:|\s@\s*\S+://", re.IGNORECASE)
@@ -96,18 +97,31 @@ class Usage:
         )
 
 
-def usage_of(spec: common_pb2.ApplicationSpec, replicas: int) -> Usage:
+def usage_of(
+    spec: common_pb2.ApplicationSpec, replicas: int, stages: Mapping[str, int] | None = None
+) -> Usage:
     """What one application counts against its tenant: replica actors (a sharded app's: per
-    shard) on every cluster it spreads to."""
-    total = replicas * max(spec.placement.spread, 1) * actors_per_replica(spec)
-    return Usage(1, total, spec.resources.num_cpus * total, spec.resources.num_gpus * total)
+    shard; a pipeline's: every stage's, at the counts held in ``stages``) on every cluster it
+    spreads to."""
+    spread = max(spec.placement.spread, 1)
+    if spec.kind == "pipeline":
+        counts = stage_counts(spec, stages or {})
+        parts = [(stage.resources, counts[stage.name] * spread) for stage in spec.stages]
+    else:
+        parts = [(spec.resources, replicas * spread * actors_per_replica(spec))]
+    return Usage(
+        1,
+        sum(n for _, n in parts),
+        sum(r.num_cpus * n for r, n in parts),
+        sum(r.num_gpus * n for r, n in parts),
+    )
 
 
 def usage_total(desired: Iterable[keeper_pb2.DesiredState]) -> Usage:
     total = Usage()
     for d in desired:
         if not d.deleting:
-            total = total + usage_of(d.spec, d.replicas)
+            total = total + usage_of(d.spec, d.replicas, d.stage_replicas)
     return total
 
 

@@ -66,9 +66,16 @@ class Agents:
             raise
 
     async def apply(
-        self, address: str, spec: common_pb2.ApplicationSpec, replicas: int, revision: int
+        self,
+        address: str,
+        spec: common_pb2.ApplicationSpec,
+        replicas: int,
+        revision: int,
+        stages: Mapping[str, int] | None = None,
     ) -> agent_pb2.MasterStatus:
-        request = agent_pb2.ApplyApplicationRequest(spec=spec, replicas=replicas, revision=revision)
+        request = agent_pb2.ApplyApplicationRequest(
+            spec=spec, replicas=replicas, revision=revision, stage_replicas=stages or {}
+        )
         return await self.stub(address).ApplyApplication(request, timeout=self.timeout_s)
 
     async def masters(self, address: str) -> list[agent_pb2.MasterStatus]:
@@ -437,8 +444,9 @@ class Reconciler:
         try:
             seen = await self.agents.state(cluster.agent_address, record.ref)
             if seen is None or seen.revision != record.revision:
+                want = record.desired
                 seen = await self.agents.apply(
-                    cluster.agent_address, record.desired.spec, record.desired.replicas, record.revision
+                    cluster.agent_address, want.spec, want.replicas, record.revision, want.stage_replicas
                 )
             return seen
         except grpc.aio.AioRpcError as exc:

@@ -54,6 +54,7 @@ class KeeperServicer:
             reason=request.reason,
             by_autoscaler=request.by_autoscaler,
             resume_autoscaling=request.resume_autoscaling,
+            stage=request.stage,
         )
 
     async def DeleteApplication(

@@ -25,6 +25,7 @@ from typing import Any
 import aetcd
 from aetcd import rpc
 
+from servefleet import pipeline_spec
 from servefleet.api import common_pb2, keeper_pb2
 from servefleet.common.appid import AppId
 from servefleet.common.config import settings
@@ -56,7 +57,8 @@ class AppRecord:
         out.revision = self.revision
         out.replicas = self.desired.replicas
         out.scaling.CopyFrom(self.desired.scaling)
-        out.scaling.autoscaled = self.desired.spec.HasField("autoscaling")
+        out.scaling.autoscaled = pipeline_spec.autoscaled(self.desired.spec)
+        out.stage_replicas.update(pipeline_spec.stage_counts(self.desired.spec, self.desired.stage_replicas))
         served = (keeper_pb2.AppState.RUNNING, keeper_pb2.AppState.DEGRADED)
         if self.status.revision and self.status.revision != self.revision and out.state in served:
             # The change is stored but not yet acted on: say so rather than show the old RUNNING.

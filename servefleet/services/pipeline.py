@@ -18,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from ray.experimental import internal_kv
 
 from servefleet.api import agent_pb2, common_pb2
 from servefleet.common.appid import AppId
-from servefleet.pipeline_spec import entry_stage, stage_app, stage_spec
+from servefleet.pipeline_spec import entry_stage, stage_app, stage_counts, stage_spec
 from servefleet.services.actors import RAY_NAMESPACE
 from servefleet.services.master import ApplicationMaster
 from servefleet.services.routing import Routing
@@ -53,23 +54,26 @@ class PipelineMaster:
             self.spec, self.revision = request.spec, request.revision
             self._stage_masters(self.spec)  # each loads its own desired state and adopts its actors
 
-    async def apply(self, spec: bytes, replicas: int, revision: int) -> bytes:
+    async def apply(
+        self, spec: bytes, replicas: int, revision: int, stages: Mapping[str, int] | None = None
+    ) -> bytes:
         """Adopt a desired pipeline unless older than the one held. ``replicas`` is the app-level
-        count, which a pipeline does not use: each stage runs its own ``replicas``."""
+        count, which a pipeline does not use: each stage runs the count the keeper holds for it
+        in ``stages`` (its initial count until scaled)."""
         if revision >= self.revision:
             self.spec = common_pb2.ApplicationSpec.FromString(spec)
             self.revision = revision
-            request = agent_pb2.ApplyApplicationRequest(spec=self.spec, replicas=replicas, revision=revision)
+            counts = stage_counts(self.spec, stages or {})
+            request = agent_pb2.ApplyApplicationRequest(
+                spec=self.spec, replicas=replicas, revision=revision, stage_replicas=counts
+            )
             internal_kv._internal_kv_put(
                 self._kv_key, request.SerializeToString(), overwrite=True, namespace=RAY_NAMESPACE
             )
             masters = self._stage_masters(self.spec)
             for stage in reversed(self.spec.stages):  # callees first: their replicas start first
                 derived = stage_spec(self.spec, stage.name)
-                master = masters[derived.name]
-                count = master.replica_count if master.spec is not None else derived.replicas.initial
-                count = min(max(count, derived.replicas.min), derived.replicas.max)
-                await master.apply(derived.SerializeToString(), count, revision)
+                await masters[derived.name].apply(derived.SerializeToString(), counts[stage.name], revision)
         return await self.status()
 
     async def status(self) -> bytes:

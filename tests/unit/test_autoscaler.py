@@ -279,7 +279,10 @@ class FakeApps:
     async def autoscaled(self) -> list[keeper_pb2.ApplicationStatus]:
         return [self.status]
 
-    async def scale(self, app: common_pb2.AppRef, replicas: int, reason: str) -> keeper_pb2.ApplicationStatus:
+    async def scale(
+        self, app: common_pb2.AppRef, replicas: int, reason: str, stage: str = ""
+    ) -> keeper_pb2.ApplicationStatus:
+        assert not stage
         if self.status.scaling.paused:
             raise FailedPrecondition("paused")
         self.calls.append((replicas, reason))
@@ -365,3 +368,60 @@ async def test_loop_leaves_a_pinned_app_alone_and_reports_a_quota_cap() -> None:
     apps.status.scaling.reason = "pinned by a person"
     await scaler.tick()
     assert scaler.state().apps[0].mode == "paused" and len(apps.calls) == 1
+
+
+class FakePipeline:
+    """A pipeline whose model stage autoscales and whose cache stage does not."""
+
+    def __init__(self) -> None:
+        spec = load_spec(
+            {
+                "name": "llm",
+                "kind": "pipeline",
+                "inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [1]}],
+                "stages": [
+                    {"name": "cache", "import_path": "a:Cache", "replicas": 2},
+                    {"name": "model", "import_path": "a:Model", "autoscaling": _dict(block())},
+                ],
+                "edges": [{"caller": "cache", "callee": "model"}],
+            }
+        )
+        self.status = keeper_pb2.ApplicationStatus(
+            app=common_pb2.AppRef(namespace="default", name="llm"), spec=spec
+        )
+        self.status.stage_replicas.update({"cache": 2, "model": 1})
+        self.calls: list[tuple[str, int]] = []
+
+    async def autoscaled(self) -> list[keeper_pb2.ApplicationStatus]:
+        return [self.status]
+
+    async def scale(
+        self, app: common_pb2.AppRef, replicas: int, reason: str, stage: str = ""
+    ) -> keeper_pb2.ApplicationStatus:
+        assert app == self.status.app
+        self.calls.append((stage, replicas))
+        self.status.stage_replicas[stage] = replicas
+        return self.status
+
+
+class StageLoads:
+    """Every stage app is busy (20 ongoing); records which apps' load was read."""
+
+    def __init__(self) -> None:
+        self.read_apps: set[str] = set()
+
+    async def read(self, status: keeper_pb2.ApplicationStatus, now: float) -> Sample:
+        self.read_apps.add(status.app.name)
+        return Sample(now, 400.0 * SERVICE_S, 400.0, SERVICE_S, replicas=status.replicas)
+
+
+async def test_a_pipeline_scales_only_its_autoscaled_stages_each_from_its_own_load() -> None:
+    apps, loads, clock = FakePipeline(), StageLoads(), Clock()
+    scaler = Autoscaler(apps, loads, FakeStore(), clock=clock)
+    for _ in range(5):
+        await scaler.tick()
+        clock.now += 1.0
+    assert loads.read_apps == {"llm--model"}  # the model stage's own app; the cache has no block
+    assert apps.calls and {stage for stage, _ in apps.calls} == {"model"}
+    assert apps.status.stage_replicas["model"] == 5 and apps.status.stage_replicas["cache"] == 2
+    assert [a.app.name for a in scaler.state().apps] == ["llm--model"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pytest
 
 from servefleet.api import agent_pb2, common_pb2
@@ -25,6 +27,7 @@ class FakeMasters:
         discovery: str,
         redis: str = "",
         credential: str = "",
+        stages: Mapping[str, int] | None = None,
     ) -> agent_pb2.MasterStatus:
         self.applied.append(revision)
         self.credentials.append(credential)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from servefleet.common.errors import InvalidArgument
-from servefleet.pipeline_spec import entry_stage, pipeline_of, stage_spec
+from servefleet.pipeline_spec import autoscaled, entry_stage, pipeline_of, stage_counts, stage_spec
 from servefleet.spec import load_spec
 
 
@@ -98,10 +98,27 @@ def test_only_pipelines_have_stages() -> None:
         load_spec({"name": "x", "import_path": "a:B", "edges": [{"caller": "a", "callee": "b"}]})
 
 
-def test_autoscaling_is_refused_until_stages_autoscale() -> None:
+def test_stages_autoscale_each_by_its_own_block_and_the_pipeline_has_none() -> None:
     data = pipeline()
-    data["stages"][1]["autoscaling"] = {"min_replicas": 1, "max_replicas": 3}
-    with pytest.raises(
-        InvalidArgument, match=r"spec.stages\[1\].autoscaling: pipelines do not autoscale yet"
-    ):
+    data["stages"][1]["autoscaling"] = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2}
+    spec = load_spec(data)
+    model = spec.stages[1]
+    assert (model.replicas.min, model.replicas.max) == (1, 3)
+    assert model.HasField("autoscaling") and not spec.stages[0].HasField("autoscaling")
+    assert autoscaled(spec)
+    data["stages"][1]["autoscaling"] = {"min_replicas": 3, "max_replicas": 1, "target_ongoing_requests": 2}
+    with pytest.raises(InvalidArgument, match=r"spec.stages\[1\].autoscaling"):
         load_spec(data)
+    data = pipeline()
+    data["autoscaling"] = {"min_replicas": 1, "max_replicas": 3}
+    with pytest.raises(InvalidArgument, match=r"spec.autoscaling: a pipeline autoscales per stage"):
+        load_spec(data)
+
+
+def test_stage_counts_keep_what_is_held_within_each_stage_range() -> None:
+    data = pipeline()
+    data["stages"][1]["replicas"] = {"min": 1, "max": 4, "initial": 2}
+    spec = load_spec(data)
+    assert stage_counts(spec, {}) == {"cache": spec.stages[0].replicas.initial, "model": 2}
+    assert stage_counts(spec, {"model": 3, "gone": 9})["model"] == 3
+    assert stage_counts(spec, {"model": 9})["model"] == 4

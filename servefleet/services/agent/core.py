@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -38,6 +38,7 @@ class Masters(Protocol):
         discovery: str,
         redis: str = "",
         credential: str = "",
+        stages: Mapping[str, int] | None = None,
     ) -> agent_pb2.MasterStatus: ...
 
     async def remove(self, app: common_pb2.AppRef) -> bool: ...
@@ -84,10 +85,15 @@ class ClusterAgent:
         self.redis = redis
 
     async def apply(
-        self, spec: common_pb2.ApplicationSpec, replicas: int, revision: int
+        self,
+        spec: common_pb2.ApplicationSpec,
+        replicas: int,
+        revision: int,
+        stages: Mapping[str, int] | None = None,
     ) -> agent_pb2.MasterStatus:
-        """Bring the app's master to ``revision``; a revision older than the master's is ignored
-        (a slow keeper step must not roll back a newer one)."""
+        """Bring the app's master to ``revision`` (a pipeline's stages to the counts in
+        ``stages``); a revision older than the master's is ignored (a slow keeper step must not
+        roll back a newer one)."""
         if not spec.name:
             raise InvalidArgument("spec.name: required")
         if replicas < 0:
@@ -107,6 +113,7 @@ class ClusterAgent:
             discovery=self.discovery,
             redis=self.redis,
             credential=credential,
+            stages=stages,
         )
 
     async def remove(self, ref: common_pb2.AppRef) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import tempfile
+from collections.abc import Mapping
 from typing import Any
 
 import ray
@@ -51,9 +52,10 @@ async def apply(
     discovery: str,
     redis: str = "",
     credential: str = "",
+    stages: Mapping[str, int] | None = None,
 ) -> agent_pb2.MasterStatus:
     """Create the app's master if missing (``credential``: the app's endpoint token, used only
-    then), else hand it the new desired state.
+    then), else hand it the new desired state (a pipeline's: with each stage's count).
 
     Returns at once with the master's status (the rollout continues in the master; poll
     :func:`status`). A revision older than the one the master holds is ignored. A new version
@@ -82,7 +84,10 @@ async def apply(
     ).remote(
         app.SerializeToString(), cluster=cluster, discovery=discovery, redis=redis, credential=credential
     )
-    answer = await master.apply.remote(spec.SerializeToString(), replicas, revision)
+    if spec.kind == "pipeline":
+        answer = await master.apply.remote(spec.SerializeToString(), replicas, revision, dict(stages or {}))
+    else:
+        answer = await master.apply.remote(spec.SerializeToString(), replicas, revision)
     return agent_pb2.MasterStatus.FromString(answer)
 
 

@@ -15,7 +15,9 @@ class ClusterAgentServicer(agent_pb2_grpc.ClusterAgentServicer):
     async def ApplyApplication(
         self, request: agent_pb2.ApplyApplicationRequest, context: Any
     ) -> agent_pb2.MasterStatus:
-        return await self.agent.apply(request.spec, request.replicas, request.revision)
+        return await self.agent.apply(
+            request.spec, request.replicas, request.revision, dict(request.stage_replicas)
+        )
 
     async def RemoveApplication(
         self, request: agent_pb2.RemoveApplicationRequest, context: Any

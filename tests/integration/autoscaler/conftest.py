@@ -99,10 +99,12 @@ class Stack:
     async def submit(
         self, overrides: dict[str, Any], token: str | None = None
     ) -> keeper_pb2.ApplicationStatus:
-        """The autoscaled example with ``overrides``, submitted, once RUNNING."""
+        """The autoscaled example with ``overrides`` (None: drop the example's field), submitted,
+        once RUNNING."""
         import yaml
 
-        data = {**yaml.safe_load(EXAMPLE.read_text()), **overrides}
+        merged = {**yaml.safe_load(EXAMPLE.read_text()), **overrides}
+        data = {k: v for k, v in merged.items() if v is not None}
         spec = load_spec(data)
         await self.keeper().SubmitApplication(
             keeper_pb2.SubmitApplicationRequest(spec=spec), metadata=self.md(token), timeout=10

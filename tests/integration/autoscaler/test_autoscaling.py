@@ -138,3 +138,50 @@ async def _until(
         return got if check(got) else None
 
     return await async_wait_for(reached, timeout=timeout, interval=0.3, what=f"{name} status")  # type: ignore[return-value]
+
+
+async def test_a_pipeline_stage_scales_on_its_own_load_and_the_others_stay(local_stack: Stack) -> None:
+    name = unique("staged")
+    slow = {
+        "name": "slow",
+        "import_path": "examples.latency:VariableLatency",
+        "init_args": {"min_ms": 50, "max_ms": 50},
+        "max_concurrency": 4,
+        "max_queued": 16,
+        **autoscaling(downscale_delay_s=6),
+    }
+    front = {
+        "name": "front",
+        "import_path": "examples.latency:Relay",
+        "max_concurrency": 32,
+        "max_queued": 32,
+    }
+    await local_stack.submit(
+        {
+            "name": name,
+            "kind": "pipeline",
+            **dict.fromkeys(("import_path", "init_args", "autoscaling", "max_concurrency", "max_queued")),
+            "stages": [front, slow],
+            "edges": [{"caller": "front", "callee": "slow"}],
+        }
+    )
+    proxy = await local_stack.proxy(name)
+
+    async def slow_reaches(check: Callable[[int], bool], timeout: float) -> keeper_pb2.ApplicationStatus:
+        async def reached() -> keeper_pb2.ApplicationStatus | None:
+            got = await local_stack.status(name)
+            return got if check(got.stage_replicas["slow"]) else None
+
+        return await async_wait_for(reached, timeout=timeout, interval=0.25, what=f"{name}'s slow stage")  # type: ignore[return-value]
+
+    async with Load(proxy, name, concurrency=8) as load:  # 8 ongoing in the slow stage at target 2
+        scaled = await slow_reaches(lambda n: n >= 3, timeout=60)
+    assert scaled.stage_replicas["front"] == 1, "a stage without a block keeps its count"
+    assert scaled.scaling.by == "autoscaler" and load.ok > 0
+    state = await local_stack.autoscaler(f"{name}--slow")
+    assert state.scale_events >= 1 and state.desired >= 3, local_stack.scale_log()
+    assert not (await local_stack.autoscaler(f"{name}--front")).app.name  # not autoscaled
+    await slow_reaches(lambda n: n == 1, timeout=6 + 40)  # and back down once idle
+    status = local_stack.cli("app", "status", name)
+    assert "slow" in status.stdout and "front" in status.stdout, status.stdout + status.stderr
+    await local_stack.delete(name)

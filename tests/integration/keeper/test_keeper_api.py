@@ -407,3 +407,68 @@ async def test_service_tokens_are_narrow_listed_and_revocable(keeper: InProcessK
             keeper_pb2.RevokeTokenRequest(token_id=issued["autoscaler"].token_id), metadata=admin.md()
         )
     assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def pipeline(name: str, namespace: str) -> common_pb2.ApplicationSpec:
+    """Two stages of 0.25 CPU each: ``cache`` fixed at 1, ``model`` autoscaled in [1, 4]."""
+    out = common_pb2.ApplicationSpec(name=name, namespace=namespace, kind="pipeline")
+    out.inputs.add(name="x", datatype="FP32", shape=[1])
+    cache = out.stages.add(name="cache", import_path="examples.echo:Echo")
+    model = out.stages.add(name="model", import_path="examples.echo:Echo")
+    for stage in (cache, model):
+        stage.resources.num_cpus = 0.25
+    model.autoscaling.CopyFrom(
+        common_pb2.AutoscalingConfig(target_ongoing_requests=2, min_replicas=1, max_replicas=4)
+    )
+    out.edges.add(caller="cache", callee="model")
+    return out
+
+
+async def test_a_pipeline_scales_per_stage_within_each_range_and_the_quota(keeper: InProcessKeeper) -> None:
+    admin = keeper.client()
+    t = keeper.client(await _tenant(admin, "delta", keeper_pb2.Quota(max_cpus=1)))
+    app = ref("llm", "delta-ns")
+    first = await t.stub.SubmitApplication(
+        keeper_pb2.SubmitApplicationRequest(spec=pipeline("llm", "delta-ns")), metadata=t.md()
+    )
+    assert dict(first.stage_replicas) == {"cache": 1, "model": 1} and first.scaling.autoscaled
+
+    async def scale(client: KeeperClient, **fields: object) -> keeper_pb2.ApplicationStatus:
+        request = keeper_pb2.ScaleApplicationRequest(app=app, **fields)  # type: ignore[arg-type]
+        return await client.stub.ScaleApplication(request, metadata=client.md())
+
+    async def refused(client: KeeperClient, **fields: object) -> tuple[grpc.StatusCode, str]:
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await scale(client, **fields)
+        return exc.value.code(), exc.value.details() or ""
+
+    code, message = await refused(t, replicas=2)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "scale one of its stages (cache, model)" in message
+    code, message = await refused(t, replicas=2, stage="embed")
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "no stage 'embed'" in message
+    code, message = await refused(t, replicas=5, stage="model")
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "[1, 4] of stage 'model'" in message
+    # The autoscaler drives only stages with a block; its scale-up is capped by the quota (1 CPU:
+    # the cache's 0.25 + 3 model replicas), the cap named in the reason.
+    code, message = await refused(admin, replicas=1, stage="cache", by_autoscaler=True)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "stage 'cache'" in message
+    capped = await scale(admin, replicas=4, stage="model", by_autoscaler=True)
+    assert dict(capped.stage_replicas) == {"cache": 1, "model": 3} and "capped at 3" in capped.scaling.reason
+    # A person's stage scale pins the count and pauses the autoscaler until handed back.
+    pinned = await scale(t, replicas=2, stage="model")
+    assert pinned.stage_replicas["model"] == 2 and pinned.scaling.paused
+    code, _ = await refused(admin, replicas=3, stage="model", by_autoscaler=True)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    code, message = await refused(t, replicas=4, stage="model")
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "cpus" in message
+    resumed = await scale(t, stage="model", resume_autoscaling=True)
+    assert not resumed.scaling.paused and resumed.stage_replicas["model"] == 2
+    fixed = await scale(t, replicas=1, stage="cache")  # a stage without a block pauses nothing
+    assert fixed.scaling.by == "person" and not fixed.scaling.paused
+    # A new version keeps each stage's count.
+    v2 = pipeline("llm", "delta-ns")
+    v2.version = "2"
+    updated = await t.stub.UpdateApplication(
+        keeper_pb2.UpdateApplicationRequest(spec=v2, expected_revision=fixed.revision), metadata=t.md()
+    )
+    assert dict(updated.stage_replicas) == {"cache": 1, "model": 2}
