@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 #: Debian package that provides each external binary (named in the error when it is missing).
-PACKAGES = {"etcd": "etcd-server", "redis-server": "redis-server"}
+PACKAGES = {"etcd": "etcd-server", "redis-server": "redis-server", "redis-cli": "redis-tools"}
 
 
 def binary(name: str) -> str:
@@ -61,10 +61,32 @@ def etcd_argv(
     ]
 
 
-def redis_argv(*, host: str, port: int, data_dir: Path, appendfsync: str = "everysec") -> list[str]:
-    """Redis in the foreground with the AOF on (the broker's durability rests on it), no RDB."""
+def redis_argv(
+    *,
+    host: str,
+    port: int,
+    data_dir: Path,
+    appendfsync: str = "everysec",
+    config_file: Path | None = None,
+    cluster_node_timeout_ms: int = 0,
+    cluster_port: int = 0,
+) -> list[str]:
+    """Redis in the foreground with the AOF on (the broker's durability rests on it), no RDB.
+
+    ``config_file``: read first (``redis_config``: the users and their passwords, kept out of the
+    command line); ``cluster_node_timeout_ms`` > 0: a Redis Cluster node (its layout in
+    ``nodes.conf`` in ``data_dir``), which the cluster fails over after that long unreachable; its
+    cluster bus on ``cluster_port`` (0: port + 10000)."""
+    cluster = (
+        ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+        + ["--cluster-node-timeout", str(cluster_node_timeout_ms)]
+        + (["--cluster-port", str(cluster_port)] if cluster_port else [])
+        if cluster_node_timeout_ms > 0
+        else []
+    )
     return [
         binary("redis-server"),
+        *([str(config_file)] if config_file else []),
         "--bind",
         host,
         "--port",
@@ -81,6 +103,21 @@ def redis_argv(*, host: str, port: int, data_dir: Path, appendfsync: str = "ever
         "no",
         "--protected-mode",
         "no",
+        *cluster,
+    ]
+
+
+def redis_cluster_create_argv(nodes: list[str], *, replicas: int = 0) -> list[str]:
+    """``redis-cli --cluster create``: join ``nodes`` (host:port, started as cluster nodes) into one
+    Redis Cluster, slots spread over the primaries, ``replicas`` replicas per primary."""
+    return [
+        binary("redis-cli"),
+        "--cluster",
+        "create",
+        *nodes,
+        "--cluster-replicas",
+        str(replicas),
+        "--cluster-yes",
     ]
 
 

@@ -11,6 +11,7 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,9 +24,11 @@ from typing import Any, Self
 
 from servefleet import launch, stack
 from servefleet.api import common_pb2, keeper_pb2
+from servefleet.broker.acl import ADMIN_USER, redis_config
 from servefleet.common import health
 from servefleet.common.auth import ADMIN, ENDPOINT, TENANT, Authenticator, EtcdTokens, Principal
 from servefleet.common.net import free_port, wait_for
+from servefleet.common.redis_target import RedisTarget
 
 
 class ManagedProcess:
@@ -201,19 +204,103 @@ class EtcdCluster:
 
 
 class RedisProcess(ManagedProcess):
+    """One Redis; ``admin_password``: it requires auth (only the broker's admin user, as ``servefleet
+    up`` starts it); ``cluster_node_timeout_ms`` > 0: a Redis Cluster node (``LocalRedisCluster``)."""
+
     name = "redis"
 
-    def __init__(self, data_dir: Path | None = None, *, appendfsync: str = "everysec") -> None:
+    def __init__(
+        self,
+        data_dir: Path | None = None,
+        *,
+        appendfsync: str = "everysec",
+        admin_password: str = "",
+        cluster_node_timeout_ms: int = 0,
+    ) -> None:
         super().__init__(data_dir)
         self.appendfsync = appendfsync
+        self.admin_password = admin_password
+        self.cluster_node_timeout_ms = cluster_node_timeout_ms
+        self.cluster_port = free_port() if cluster_node_timeout_ms else 0
+
+    @property
+    def target(self) -> RedisTarget:
+        """How the broker reaches it (with the admin credential when it requires auth)."""
+        target = RedisTarget((self.address,), "single")
+        return target.with_credential(ADMIN_USER, self.admin_password) if self.admin_password else target
 
     def argv(self) -> list[str]:
+        config = None
+        if self.admin_password:
+            config = self.data_dir / "redis.conf"
+            stack.write_secret(config, redis_config(self.admin_password))
         return launch.redis_argv(
-            host="127.0.0.1", port=self.port, data_dir=self.data_dir, appendfsync=self.appendfsync
+            host="127.0.0.1",
+            port=self.port,
+            data_dir=self.data_dir,
+            appendfsync=self.appendfsync,
+            config_file=config,
+            cluster_node_timeout_ms=self.cluster_node_timeout_ms,
+            cluster_port=self.cluster_port,
         )
 
     def healthy(self) -> bool:
         return health.redis_health(self.address)[0]
+
+
+class LocalRedisCluster:
+    """A local Redis Cluster: ``primaries`` primaries (the slots spread over them), each with
+    ``replicas`` replicas, every node a ``RedisProcess`` with its AOF on. ``kill()``/``start()`` of
+    every node models a restart of the whole cluster from its AOFs; killing one primary (``nodes``)
+    makes its replica take over after ``node_timeout_ms``."""
+
+    def __init__(self, primaries: int = 3, replicas: int = 0, *, node_timeout_ms: int = 1000) -> None:
+        self.replicas = replicas
+        self.nodes = [
+            RedisProcess(cluster_node_timeout_ms=node_timeout_ms) for _ in range(primaries * (1 + replicas))
+        ]
+
+    @property
+    def address(self) -> str:
+        return ",".join(node.address for node in self.nodes)
+
+    @property
+    def target(self) -> RedisTarget:
+        return RedisTarget(tuple(node.address for node in self.nodes), "cluster")
+
+    def start(self) -> Self:
+        """Start every node; the first time, join them into a cluster. Returns once every slot is served."""
+        for node in self.nodes:
+            node.start()
+        if not (self.nodes[0].data_dir / "nodes.conf").exists() or not self._formed():
+            create = launch.redis_cluster_create_argv([n.address for n in self.nodes], replicas=self.replicas)
+            done = subprocess.run(create, capture_output=True, text=True, timeout=60)
+            if done.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout[-2000:]}{done.stderr}")
+        wait_for(self.ok, timeout=60, interval=0.2, what="the redis cluster to serve every slot")
+        return self
+
+    def _formed(self) -> bool:
+        found = re.search(r"cluster_known_nodes:(\d+)", self._info(self.nodes[0]))
+        return found is not None and int(found[1]) == len(self.nodes)
+
+    @staticmethod
+    def _info(node: RedisProcess) -> str:
+        argv = [launch.binary("redis-cli"), "-p", str(node.port), "cluster", "info"]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout
+
+    def ok(self) -> bool:
+        """Every live node says the cluster serves all its slots."""
+        live = [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+        return bool(live) and all("cluster_state:ok" in self._info(n) for n in live)
+
+    def kill(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+    def cleanup(self) -> None:
+        for node in self.nodes:
+            node.cleanup()
 
 
 _RAY_TOKEN: Path | None = None

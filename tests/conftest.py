@@ -6,7 +6,14 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from servefleet.testing import Credentials, EtcdCluster, EtcdProcess, RayCluster, RedisProcess
+from servefleet.testing import (
+    Credentials,
+    EtcdCluster,
+    EtcdProcess,
+    LocalRedisCluster,
+    RayCluster,
+    RedisProcess,
+)
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +36,14 @@ def redis_server() -> Iterator[RedisProcess]:
     proc = RedisProcess().start()
     yield proc
     proc.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalRedisCluster]:
+    """A 3-primary Redis Cluster (no replicas), for the tests that run on one Redis and on a cluster."""
+    cluster = LocalRedisCluster(primaries=3).start()
+    yield cluster
+    cluster.cleanup()
 
 
 @pytest.fixture(scope="session")

@@ -42,9 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import cast
 
@@ -53,6 +51,7 @@ from prometheus_client import Counter, Gauge
 from tritonclient.grpc import service_pb2
 
 from servefleet.api import broker_pb2, common_pb2
+from servefleet.broker.keys import new_ticket, ticket_app
 from servefleet.broker.queue import AppConfig, RequestQueue, State, band_of
 from servefleet.common import metrics
 from servefleet.common.appid import AppId
@@ -82,7 +81,6 @@ QUEUE = {
 }
 
 FINAL = frozenset({State.DONE, State.FAILED, State.EXPIRED, State.CANCELLED})
-_TICKET = re.compile(r"^[0-9a-f]{32}$")
 #: Waiters re-read the ticket at least this often, in case a change event was lost (Redis
 #: restarted, pub/sub reconnecting): it bounds the extra latency of a lost event.
 _REPOLL_S = 5.0
@@ -94,8 +92,8 @@ def _label(app: str) -> str:
 
 
 def check_ticket(ticket: str) -> str:
-    if not _TICKET.match(ticket):
-        raise InvalidArgument(f"ticket {ticket!r} is malformed: tickets are 32 lowercase hex digits")
+    """``ticket`` if well formed (it names its app: ``keys.new_ticket``); InvalidArgument if not."""
+    ticket_app(ticket)
     return ticket
 
 
@@ -141,7 +139,7 @@ class BrokerCore:
         ticket, duplicate = await self.queue.submit(
             app,
             band_of(request.priority),
-            uuid.uuid4().hex,
+            new_ticket(app),
             payload,
             request.ttl_s,
             request.idempotency_key,

@@ -1,28 +1,29 @@
 """The broker's request queue: a small interface, and its Redis Streams implementation.
 
-Layout in Redis (one logical database; every multi-key step is one Lua script, so each is atomic;
-the scripts are the files in ``lua/``):
+Layout in Redis (``keys.py``; every key and the channel of an app carry the hash tag
+``{namespace/name}``, so all of an app lives in one Redis Cluster slot and every multi-key step is
+one Lua script, atomic on that slot; the scripts are the files in ``lua/``). ``P`` below is
+``sf:broker:{namespace/name}:``:
 
-- ``sf:broker:app:{app}`` (hash): the app is *known* to the broker. Written by its workers when
-  they start (``PullWorker.start``) and on every heartbeat, or by the platform; holds the app's
+- ``P app`` (hash): the app is *known* to the broker. Written by its workers when they start
+  (``PullWorker.start``) and on every heartbeat, or by the platform; holds the app's
   ``max_stream_length``, ``max_deliveries`` and ``result_ttl_s``.
-- ``sf:broker:q:{app}:{band}`` (stream, consumer group ``workers``): queued work, one stream per
-  priority band (``high`` for priority > 0, ``normal`` for 0, ``low`` for < 0). Workers drain the
-  bands strictly in that order. An entry is deleted (XDEL) when it is acked, so the summed stream
-  length is exactly the unfinished work, and Submit refuses work over ``max_stream_length``
+- ``P q:<band>`` (stream, consumer group ``workers``): queued work, one stream per priority band
+  (``high`` for priority > 0, ``normal`` for 0, ``low`` for < 0). Workers drain the bands strictly
+  in that order. An entry is deleted (XDEL) when it is acked, so the summed stream length is
+  exactly the unfinished work, and Submit refuses work over ``max_stream_length``
   (RESOURCE_EXHAUSTED) instead of trimming.
-- ``sf:broker:t:{ticket}`` (hash): the ticket's state machine (QUEUED, RUNNING, DONE, FAILED,
-  CANCELLED), deliveries, last error. ``sf:broker:r:{ticket}``: the serialized response, which
-  expires after the result TTL; the hash outlives it by ``broker_tombstone_s`` so a late reader
-  hears EXPIRED rather than NOT_FOUND.
-- ``sf:broker:dlq:{app}`` (stream): dead letters (ticket, payload, reason), kept until an
-  operator removes them; QueueStats reports their count.
-- Channel ``sf:broker:events``: "ticket STATE" on every change, so waiters wake at once (they
-  also re-read the ticket every ``broker.core._REPOLL_S`` (5 s), so a lost message only costs
-  latency).
+- ``P t:<ticket>`` (hash): the ticket's state machine (QUEUED, RUNNING, DONE, FAILED, CANCELLED),
+  deliveries, last error. ``P r:<ticket>``: the serialized response, which expires after the
+  result TTL; the hash outlives it by ``broker_tombstone_s`` so a late reader hears EXPIRED
+  rather than NOT_FOUND. A ticket names its app (``keys.new_ticket``).
+- ``P dlq`` (stream): dead letters (ticket, payload, reason), kept until an operator removes them;
+  QueueStats reports their count.
+- Channel ``P events``: "ticket STATE" on every change, so waiters wake at once (the broker
+  listens to every app's with one PSUBSCRIBE; waiters also re-read the ticket every
+  ``broker.core._REPOLL_S`` (5 s), so a lost message only costs latency).
 
-Keys are not hash-tagged: this targets a single Redis (or a primary with replicas/Sentinel),
-not Redis Cluster.
+Works on one Redis, a Redis Cluster and a Sentinel-managed primary (``common.redis_target``).
 """
 
 from __future__ import annotations
@@ -38,30 +39,23 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, cast
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from servefleet.api import broker_pb2, common_pb2
+from servefleet.broker.keys import BANDS, CONFIG_PATTERN, EVENTS_PATTERN, AppKeys, ticket_app
 from servefleet.common.config import settings
 from servefleet.common.errors import NotFound, ResourceExhausted, Unavailable
-from servefleet.common.net import split_address
+from servefleet.common.redis_target import UNREACHABLE, RedisTarget
 
 log = logging.getLogger(__name__)
 
 State = broker_pb2.TicketStatus.State
-#: Priority bands, drained in this order.
-BANDS: tuple[str, ...] = ("high", "normal", "low")
 GROUP = "workers"
-EVENTS = "sf:broker:events"
 #: Counters are bucketed by this many seconds; rates average the last RATE_WINDOW_S.
 RATE_BUCKET_S = 5
 RATE_WINDOW_S = 60
 #: Errors that mean "Redis is not reachable right now": retry later, answer UNAVAILABLE.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+TRANSIENT_ERRORS = UNREACHABLE
 
 
 def band_of(priority: int) -> int:
@@ -199,24 +193,18 @@ class RedisStreamQueue(RequestQueue):
     """RequestQueue over Redis Streams and consumer groups (see the module docstring)."""
 
     def __init__(
-        self, address: str, *, max_connections: int = 64, clock: Callable[[], float] = time.time
+        self,
+        target: str | RedisTarget,
+        *,
+        max_connections: int = 64,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        host, port = split_address(address)
-        self.address = address
+        self.target = RedisTarget.parse(target)
+        self.address = self.target.text
         self._clock = clock
         # Callers beyond max_connections wait for a free connection rather than fail: a burst of
         # GetResult waiters holds connections only for short reads (they sleep on pub/sub).
-        # After a Redis restart, pooled connections are closed by the old server: a command that finds
-        # its socket closed is sent once more on a fresh connection (a stale socket never delivered it).
-        pool = aioredis.BlockingConnectionPool(
-            host=host,
-            port=port,
-            max_connections=max_connections,
-            health_check_interval=1,
-            retry=Retry(NoBackoff(), 1),
-            retry_on_error=[RedisConnectionError],
-        )
-        self._redis = aioredis.Redis(connection_pool=pool)
+        self._redis = self.target.client(max_connections=max_connections)
         self._submit = self._redis.register_script(lua_script("submit"))
         self._take = self._redis.register_script(lua_script("take"))
         self._start = self._redis.register_script(lua_script("start"))
@@ -227,38 +215,18 @@ class RedisStreamQueue(RequestQueue):
         self._subscribed = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
 
-    # --- keys ---
+    # --- keys (layout: keys.py) ---
     @staticmethod
-    def app_key(app: str) -> str:
-        return f"sf:broker:app:{app}"
+    def keys(app: str) -> AppKeys:
+        return AppKeys(app)
 
-    @staticmethod
-    def stream(app: str, band: int) -> str:
-        return f"sf:broker:q:{app}:{BANDS[band]}"
-
-    @staticmethod
-    def dead_letters(app: str) -> str:
-        return f"sf:broker:dlq:{app}"
-
-    @staticmethod
-    def ticket_key(ticket: str) -> str:
-        return f"sf:broker:t:{ticket}"
-
-    @staticmethod
-    def result_key(ticket: str) -> str:
-        return f"sf:broker:r:{ticket}"
+    @classmethod
+    def dead_letters(cls, app: str) -> str:
+        return cls.keys(app).dead_letters
 
     def _counter(self, app: str, kind: str, bucket: int | None = None) -> str:
         bucket = int(self._clock() // RATE_BUCKET_S) if bucket is None else bucket
-        return f"sf:broker:n:{app}:{kind}:{bucket}"
-
-    @staticmethod
-    def _workers_key(app: str) -> str:
-        return f"sf:broker:w:{app}"
-
-    @staticmethod
-    def _dup_key(app: str) -> str:
-        return f"sf:broker:dup:{app}"
+        return self.keys(app).counter(kind, bucket)
 
     @contextlib.asynccontextmanager
     async def _reachable(self) -> AsyncIterator[None]:
@@ -279,18 +247,19 @@ class RedisStreamQueue(RequestQueue):
         for name in ("max_stream_length", "max_deliveries", "result_ttl_s"):
             if getattr(config, name) > 0:
                 fields[name] = getattr(config, name)
-        await self._redis.hset(self.app_key(app), mapping=fields)
+        await self._redis.hset(self.keys(app).config, mapping=fields)
 
     async def submit(
         self, app: str, band: int, ticket: str, payload: bytes, ttl_s: int, idempotency_key: str
     ) -> tuple[str, bool]:
+        k = self.keys(app)
         keys = [
-            self.app_key(app),
-            self.stream(app, band),
-            self.ticket_key(ticket),
-            f"sf:broker:idem:{app}:{idempotency_key}",
+            k.config,
+            k.stream(band),
+            k.ticket(ticket),
+            k.idempotency(idempotency_key),
             self._counter(app, "submit"),
-            *(self.stream(app, b) for b in range(len(BANDS))),
+            *k.streams,
         ]
         args: list[Arg] = [
             ticket,
@@ -320,10 +289,11 @@ class RedisStreamQueue(RequestQueue):
         return reply[1], reply[0] == "dup"
 
     async def status(self, ticket: str) -> broker_pb2.TicketStatus | None:
+        k = self.keys(ticket_app(ticket))
         async with self._reachable():
             pipe = self._redis.pipeline(transaction=False)
-            pipe.hgetall(self.ticket_key(ticket))
-            pipe.get(self.result_key(ticket))
+            pipe.hgetall(k.ticket(ticket))
+            pipe.get(k.result(ticket))
             raw, response = await pipe.execute()
         if not raw:
             return None
@@ -343,45 +313,47 @@ class RedisStreamQueue(RequestQueue):
         return out
 
     async def ticket_app(self, ticket: str) -> str | None:
+        app = ticket_app(ticket)
         async with self._reachable():
-            found = await self._redis.hget(self.ticket_key(ticket), "app")
-        return None if found is None else _s(found)
+            found = await self._redis.exists(self.keys(app).ticket(ticket))
+        return app if found else None
 
     async def cancel(self, ticket: str) -> broker_pb2.TicketStatus | None:
+        k = self.keys(ticket_app(ticket))
         async with self._reachable():
-            fields = await self._redis.hmget(self.ticket_key(ticket), ["app", "band"])
-            if fields[0] is None:
+            band = await self._redis.hget(k.ticket(ticket), "band")
+            if band is None:
                 return None
-            stream = self.stream(_s(fields[0]), int(_s(fields[1])))
             await self._cancel(
-                keys=[self.ticket_key(ticket), stream], args=[settings.broker_tombstone_s, EVENTS]
+                keys=[k.ticket(ticket), k.stream(int(_s(band)))], args=[settings.broker_tombstone_s, k.events]
             )
         return await self.status(ticket)
 
     async def apps(self) -> list[str]:
-        prefix = self.app_key("")
         async with self._reachable():
-            keys = [_s(k) async for k in self._redis.scan_iter(match=f"{prefix}*", count=500)]
-        return sorted(k.removeprefix(prefix) for k in keys)
+            keys = {_s(k) async for k in self._redis.scan_iter(match=CONFIG_PATTERN, count=500)}
+        return sorted(k[k.index("{") + 1 : k.index("}")] for k in keys)
 
     async def stats(self, app: str) -> broker_pb2.QueueStatsResponse:
         now = self._clock()
         bucket = int(now // RATE_BUCKET_S)
         buckets = range(bucket - RATE_WINDOW_S // RATE_BUCKET_S, bucket)
         async with self._reachable():
-            if not await self._redis.exists(self.app_key(app)):
+            k = self.keys(app)
+            if not await self._redis.exists(k.config):
                 raise NotFound(f"app {app!r} is not enabled for async requests")
             await self.ensure_groups(app)
             pipe = self._redis.pipeline(transaction=False)
             for band in range(len(BANDS)):
-                pipe.xlen(self.stream(app, band))
-                pipe.xpending(self.stream(app, band), GROUP)
-                pipe.xinfo_groups(self.stream(app, band))
-            pipe.xlen(self.dead_letters(app))
-            pipe.get(self._dup_key(app))
-            pipe.zcount(self._workers_key(app), now - 3 * settings.broker_reclaim_idle_s, "+inf")
-            pipe.mget([self._counter(app, "submit", b) for b in buckets])
-            pipe.mget([self._counter(app, "complete", b) for b in buckets])
+                pipe.xlen(k.stream(band))
+                pipe.xpending(k.stream(band), GROUP)
+                pipe.xinfo_groups(k.stream(band))
+            pipe.xlen(k.dead_letters)
+            pipe.get(k.duplicates)
+            pipe.zcount(k.workers, now - 3 * settings.broker_reclaim_idle_s, "+inf")
+            for kind in ("submit", "complete"):  # GETs: a cluster pipeline refuses MGET
+                for b in buckets:
+                    pipe.get(self._counter(app, kind, b))
             replies = await pipe.execute()
             out = broker_pb2.QueueStatsResponse()
             oldest: list[float] = []
@@ -391,10 +363,12 @@ class RedisStreamQueue(RequestQueue):
                 out.in_flight += in_flight
                 out.depth += max(0, int(length) - in_flight)
                 last = next((_s(g["last-delivered-id"]) for g in groups if _s(g["name"]) == GROUP), "0-0")
-                first = await self._redis.xrange(self.stream(app, band), f"({last}", "+", count=1)
+                first = await self._redis.xrange(k.stream(band), f"({last}", "+", count=1)
                 if first:
                     oldest.append(int(_s(first[0][0]).split("-")[0]) / 1000)
-        dead, dups, workers, submits, completes = replies[3 * len(BANDS) :]
+        dead, dups, workers = replies[3 * len(BANDS) : 3 * len(BANDS) + 3]
+        submits = replies[3 * len(BANDS) + 3 :][: len(buckets)]
+        completes = replies[3 * len(BANDS) + 3 + len(buckets) :]
         out.oldest_age_s = max(0.0, now - min(oldest)) if oldest else 0.0
         out.dead_letters = int(dead)
         out.duplicate_executions = int(dups or 0)
@@ -426,11 +400,12 @@ class RedisStreamQueue(RequestQueue):
                 del self._waiters[ticket]
 
     async def _listen(self) -> None:
-        """Fan the events channel out to local waiters; reconnects on its own."""
+        """Fan every app's events channel out to local waiters; reconnects on its own. (On a Redis
+        Cluster a PUBLISH reaches every node, so one subscription on any node hears every app.)"""
         while True:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(EVENTS)
+                await pubsub.psubscribe(EVENTS_PATTERN)
                 self._subscribed.set()
                 for feeds in self._waiters.values():  # events may have been missed: re-read
                     for feed in feeds:
@@ -450,7 +425,7 @@ class RedisStreamQueue(RequestQueue):
     async def ensure_groups(self, app: str) -> None:
         for band in range(len(BANDS)):
             try:
-                await self._redis.xgroup_create(self.stream(app, band), GROUP, id="0", mkstream=True)
+                await self._redis.xgroup_create(self.keys(app).stream(band), GROUP, id="0", mkstream=True)
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
@@ -466,15 +441,16 @@ class RedisStreamQueue(RequestQueue):
         return out
 
     def _starter_args(self, app: str, consumer: str) -> tuple[list[str], list[Arg]]:
-        keys = [self.dead_letters(app), self.app_key(app), *(self.stream(app, b) for b in range(len(BANDS)))]
+        k = self.keys(app)
+        keys = [k.dead_letters, k.config, *k.streams]
         args: list[Arg] = [
             GROUP,
             consumer,
             settings.broker_max_deliveries,
             settings.broker_tombstone_s,
             int(self._clock()),
-            EVENTS,
-            self.ticket_key(""),
+            k.events,
+            k.ticket_prefix,
         ]
         return keys, args
 
@@ -498,7 +474,7 @@ class RedisStreamQueue(RequestQueue):
             return out
         # Nothing anywhere: one blocking read on every band. Redis 7.0 answers a blocked reader
         # with the entries of the one stream that woke it, so this returns at most `count`.
-        streams: dict[Any, Any] = {self.stream(app, band): ">" for band in range(len(BANDS))}
+        streams: dict[Any, Any] = {stream: ">" for stream in self.keys(app).streams}
         reply = await self._redis.xreadgroup(GROUP, consumer, streams, count=count, block=block_ms)
         return await self._started(app, consumer, self._entries(reply))
 
@@ -507,56 +483,54 @@ class RedisStreamQueue(RequestQueue):
         for band in range(len(BANDS)):
             if len(out) >= count:
                 break
+            stream = self.keys(app).stream(band)
             reply = await self._redis.xautoclaim(
-                self.stream(app, band), GROUP, consumer, min_idle_ms, "0-0", count=count - len(out)
+                stream, GROUP, consumer, min_idle_ms, "0-0", count=count - len(out)
             )
-            out += self._entries([(self.stream(app, band).encode(), reply[1])])
+            out += self._entries([(stream.encode(), reply[1])])
         return await self._started(app, consumer, out)
 
     async def heartbeat(self, app: str, consumer: str, entries: Sequence[Entry]) -> None:
-        await self._redis.zadd(self._workers_key(app), {consumer: self._clock()})
+        await self._redis.zadd(self.keys(app).workers, {consumer: self._clock()})
         for band in range(len(BANDS)):
             ids: list[Any] = [e.entry_id for e in entries if e.band == band]
             if ids:
-                await self._redis.xclaim(self.stream(app, band), GROUP, consumer, 0, ids, justid=True)
+                await self._redis.xclaim(self.keys(app).stream(band), GROUP, consumer, 0, ids, justid=True)
 
     async def finish(self, app: str, entry: Entry, response: bytes) -> bool:
+        k = self.keys(app)
         keys = [
-            self.ticket_key(entry.ticket),
-            self.result_key(entry.ticket),
-            self.stream(app, entry.band),
+            k.ticket(entry.ticket),
+            k.result(entry.ticket),
+            k.stream(entry.band),
             self._counter(app, "complete"),
-            self._dup_key(app),
+            k.duplicates,
         ]
         args: list[Arg] = [
             GROUP,
             entry.entry_id,
             response,
             settings.broker_tombstone_s,
-            EVENTS,
+            k.events,
             RATE_WINDOW_S + 2 * RATE_BUCKET_S,
         ]
         return bool(await self._finish(keys=keys, args=args))
 
     async def fail(self, app: str, entry: Entry, reason: str) -> str:
-        keys = [
-            self.ticket_key(entry.ticket),
-            self.stream(app, entry.band),
-            self.dead_letters(app),
-            self.app_key(app),
-        ]
+        k = self.keys(app)
+        keys = [k.ticket(entry.ticket), k.stream(entry.band), k.dead_letters, k.config]
         args: list[Arg] = [
             GROUP,
             entry.entry_id,
             reason,
             settings.broker_max_deliveries,
             settings.broker_tombstone_s,
-            EVENTS,
+            k.events,
         ]
         return _s(await self._fail(keys=keys, args=args))
 
     async def leave(self, app: str, consumer: str) -> None:
-        await self._redis.zrem(self._workers_key(app), consumer)
+        await self._redis.zrem(self.keys(app).workers, consumer)
 
     async def close(self) -> None:
         if self._listener is not None:

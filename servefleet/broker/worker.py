@@ -35,6 +35,7 @@ from servefleet.api import common_pb2
 from servefleet.broker.queue import TRANSIENT_ERRORS, AppConfig, Entry, RedisStreamQueue, RequestQueue
 from servefleet.common.appid import AppId
 from servefleet.common.config import settings
+from servefleet.common.redis_target import RedisTarget
 from servefleet.common.retry import Backoff, RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,8 @@ class PullWorker:
     """Pulls an app's queued requests when it has a free slot and runs them with ``handler``.
 
     Args:
-        redis_address: the broker's Redis, ``host:port``.
+        redis_address: the broker's Redis: ``host:port[,...]`` (``settings.redis_mode``) or a
+            ``RedisTarget`` (with the app's credential: ``broker.credentials``)
         app: the application (``AppRef`` or ``"namespace/name"``).
         consumer: this worker's name in the app's consumer group; unique per replica.
         slots: how many requests it runs at once.
@@ -65,7 +67,7 @@ class PullWorker:
 
     def __init__(
         self,
-        redis_address: str,
+        redis_address: str | RedisTarget,
         app: common_pb2.AppRef | str,
         consumer: str,
         slots: int,

@@ -39,6 +39,11 @@ class Settings:
     etcd_attempt_s: float = 3.0
     #: Root etcd key prefix for all servefleet state.
     etcd_prefix: str = "/servefleet"
+    #: The platform's Redis (broker queues, semantic cache): "single" (one Redis), "cluster" (the
+    #: ``--redis`` addresses are Redis Cluster nodes) or "sentinel" (they are Sentinels watching the
+    #: primary named ``redis_sentinel_master``).
+    redis_mode: str = "single"
+    redis_sentinel_master: str = "servefleet"
     #: Broker: largest serialized ModelInferRequest Submit accepts (bytes).
     broker_max_payload_bytes: int = 4 * 1024 * 1024
     #: Broker defaults for an app registered without its own AsyncConfig values.

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from servefleet.common.redis_target import RedisTarget
 from servefleet.semantic_cache.embedder import MiniLMEmbedder
 from servefleet.semantic_cache.guard import compatible
 from servefleet.semantic_cache.index import Partition, VectorIndex
@@ -60,7 +61,7 @@ class SemanticCacheStage:
         max_entries: int = 100_000,
         max_tokens: int = 64,
         model_version: str = "",
-        redis: str = "",
+        redis: str | RedisTarget = "",
         candidates: int = 4,
     ) -> None:
         deployment = context.deployment()

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import redis.asyncio as aioredis
 
 from servefleet.api import common_pb2
+from servefleet.common.redis_target import RedisTarget
 from servefleet.semantic_cache.index import Partition
 
 _INSERT = """
@@ -72,12 +72,12 @@ class Change:
 
 
 class CacheStore:
-    def __init__(self, address: str, app: common_pb2.AppRef, *, ttl_s: int, max_entries: int) -> None:
-        host, _, port = address.rpartition(":")
+    def __init__(
+        self, address: str | RedisTarget, app: common_pb2.AppRef, *, ttl_s: int, max_entries: int
+    ) -> None:
+        """``address``: the platform's Redis (one, a cluster or Sentinels: ``RedisTarget``)."""
         # Any: redis-py's stubs type replies as str | bytes | list | ..., these keys hold bytes.
-        self._redis: Any = aioredis.Redis(
-            host=host, port=int(port), socket_timeout=2.0, socket_connect_timeout=2.0
-        )
+        self._redis: Any = RedisTarget.parse(address).client(socket_timeout=2.0, socket_connect_timeout=2.0)
         tag = f"{{{app.namespace}/{app.name}}}"
         self._prefix = f"sfc:{tag}:e:"
         self._lru, self._log, self._seq = f"sfc:{tag}:lru", f"sfc:{tag}:log", f"sfc:{tag}:seq"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 from collections.abc import AsyncIterator, Sequence
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from servefleet.api import broker_pb2, common_pb2
 from servefleet.broker.core import BrokerCore, check_ticket
+from servefleet.broker.keys import AppKeys, app_pattern, new_ticket, ticket_app
 from servefleet.broker.queue import AppConfig, Entry, NextChange, RequestQueue, band_of
 from servefleet.common.auth import Principal
 from servefleet.common.config import settings
@@ -17,7 +19,7 @@ from servefleet.common.errors import InvalidArgument, NotFound
 from servefleet.common.tensors import encode_request
 
 State = broker_pb2.TicketStatus.State
-TICKET = "0" * 32
+TICKET = "team.llm." + "0" * 32
 ADMIN = Principal("admin", "admin")
 
 
@@ -90,11 +92,18 @@ def submit_request(**kwargs: object) -> broker_pb2.SubmitRequest:
     return broker_pb2.SubmitRequest(**fields)  # type: ignore[arg-type]
 
 
-def test_tickets() -> None:
-    assert check_ticket("ab" * 16) == "ab" * 16
-    for bad in ("", "xyz", "AB" * 16, "a" * 33):
+def test_tickets_name_their_app_and_its_keys_share_one_hash_tag() -> None:
+    ticket = new_ticket("team/llm")
+    assert check_ticket(ticket) == ticket and ticket_app(ticket) == "team/llm"
+    for bad in ("", "xyz", "ab" * 16, "team.llm." + "AB" * 16, "team/llm." + "a" * 32, "t.l." + "a" * 33):
         with pytest.raises(InvalidArgument, match="malformed"):
             check_ticket(bad)
+    keys = AppKeys("team/llm")
+    every = [keys.config, *keys.streams, keys.ticket(ticket), keys.result(ticket), keys.dead_letters]
+    every += [keys.idempotency("k"), keys.counter("submit", 1), keys.workers, keys.duplicates, keys.events]
+    assert {key.split("{")[1].split("}")[0] for key in every} == {"team/llm"}
+    assert all(fnmatch.fnmatchcase(key, app_pattern("team/llm")) for key in every)
+    assert not fnmatch.fnmatchcase(AppKeys("team/other").config, app_pattern("team/llm"))
 
 
 @pytest.mark.parametrize(
@@ -127,7 +136,7 @@ async def test_priority_maps_to_three_bands() -> None:
     core = BrokerCore(queue)
     for priority in (7, 1, 0, -1, -9):
         reply = await core.submit(ADMIN, submit_request(priority=priority, ttl_s=5))
-        assert len(reply.ticket) == 32
+        assert ticket_app(reply.ticket) == "team/llm"
     assert [band for _, band, _ in queue.submitted] == [0, 0, 1, 2, 2]
     assert [band_of(p) for p in (1, 0, -1)] == [0, 1, 2]
 

@@ -11,9 +11,10 @@ from servefleet.broker.core import BrokerCore
 from servefleet.broker.queue import RedisStreamQueue
 from servefleet.broker.servicer import broker_server
 from servefleet.common.auth import ADMIN, Principal
+from servefleet.common.redis_target import RedisTarget
 from servefleet.common.server import GrpcServer
 from servefleet.sdk.broker_client import AsyncBrokerClient
-from servefleet.testing import Credentials, RayCluster, RedisProcess
+from servefleet.testing import Credentials, LocalRedisCluster, RayCluster, RedisProcess
 
 #: The caller a test is when it calls the broker core directly.
 AS_ADMIN = Principal(ADMIN, ADMIN)
@@ -23,7 +24,7 @@ class BrokerService:
     """A started broker (core + gRPC server) over one Redis, checking tokens of ``credentials``,
     and a client of it with an admin token (``token``)."""
 
-    def __init__(self, redis_address: str, credentials: Credentials) -> None:
+    def __init__(self, redis_address: str | RedisTarget, credentials: Credentials) -> None:
         self.redis_address = redis_address
         self.credentials = credentials
         self.core = BrokerCore(RedisStreamQueue(redis_address))
@@ -44,9 +45,27 @@ class BrokerService:
         await self.core.close()
 
 
+#: The Redis deployments the broker's tests run on (each test once per kind).
+KINDS = ("single", "cluster")
+
+
+@pytest.fixture(params=KINDS)
+def redis_target(request: pytest.FixtureRequest) -> RedisTarget:
+    """The session's one Redis, or its 3-primary Redis Cluster."""
+    found: RedisProcess | LocalRedisCluster = request.getfixturevalue(
+        "redis_server" if request.param == "single" else "redis_cluster"
+    )
+    return found.target
+
+
+def fresh_redis(kind: str) -> RedisProcess | LocalRedisCluster:
+    """A Redis of ``kind`` of the test's own (to kill and restart), started."""
+    return RedisProcess().start() if kind == "single" else LocalRedisCluster(primaries=3).start()
+
+
 @pytest.fixture
-async def broker(redis_server: RedisProcess, credentials: Credentials) -> AsyncIterator[BrokerService]:
-    service = await BrokerService(redis_server.address, credentials).start()
+async def broker(redis_target: RedisTarget, credentials: Credentials) -> AsyncIterator[BrokerService]:
+    service = await BrokerService(redis_target, credentials).start()
     yield service
     await service.stop()
 

@@ -13,6 +13,7 @@ import pytest
 from tritonclient.grpc import service_pb2
 
 from servefleet.api import broker_pb2, broker_pb2_grpc, common_pb2
+from servefleet.broker.keys import new_ticket, ticket_app
 from servefleet.broker.queue import AppConfig
 from servefleet.broker.worker import PullWorker
 from servefleet.common.channels import aio_channel
@@ -102,15 +103,15 @@ async def test_bad_input_gets_precise_codes(broker: BrokerService, stub: broker_
             grpc.StatusCode.INVALID_ARGUMENT,
         ),
         "unknown ticket": (
-            stub.GetResult(broker_pb2.GetResultRequest(ticket=uuid.uuid4().hex)),
+            stub.GetResult(broker_pb2.GetResultRequest(ticket=new_ticket(new_app()))),
             grpc.StatusCode.NOT_FOUND,
         ),
         "negative wait": (
-            stub.GetResult(broker_pb2.GetResultRequest(ticket=uuid.uuid4().hex, wait_timeout_s=-1)),
+            stub.GetResult(broker_pb2.GetResultRequest(ticket=new_ticket(new_app()), wait_timeout_s=-1)),
             grpc.StatusCode.INVALID_ARGUMENT,
         ),
         "cancel unknown ticket": (
-            stub.Cancel(broker_pb2.CancelRequest(ticket=uuid.uuid4().hex)),
+            stub.Cancel(broker_pb2.CancelRequest(ticket=new_ticket(new_app()))),
             grpc.StatusCode.NOT_FOUND,
         ),
         "stats of unknown app": (
@@ -122,7 +123,7 @@ async def test_bad_input_gets_precise_codes(broker: BrokerService, stub: broker_
     assert got == {name: code for name, (_, code) in cases.items()}
     # The service is unharmed: a good request still queues.
     ok = await stub.Submit(broker_pb2.SubmitRequest(app=ref(app), infer_request=payload()))
-    assert len(ok.ticket) == 32
+    assert ticket_app(ok.ticket) == app
 
 
 async def test_full_queue_is_resource_exhausted_and_nothing_is_trimmed(

@@ -19,10 +19,11 @@ from servefleet.api import broker_pb2
 from servefleet.broker.queue import RedisStreamQueue
 from servefleet.common.errors import Unavailable
 from servefleet.common.net import async_wait_for, split_address
+from servefleet.common.redis_target import RedisTarget
 from servefleet.sdk.broker_client import AsyncBrokerClient, RequestFailed
 from servefleet.testing import Credentials, RayCluster, RedisProcess, joined_node
 from tests.integration.broker.actors import EchoActor, executions_key
-from tests.integration.broker.conftest import AS_ADMIN, BrokerService
+from tests.integration.broker.conftest import AS_ADMIN, KINDS, BrokerService, fresh_redis
 
 State = broker_pb2.TicketStatus.State
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_connected")]
@@ -50,7 +51,7 @@ async def executions(counter: aioredis.Redis, app: str) -> dict[str, int]:
 
 
 async def start_workers(
-    redis_address: str, app: str, n: int, counter_address: str, nodes: list[str] | None = None
+    redis_address: str | RedisTarget, app: str, n: int, counter_address: str, nodes: list[str] | None = None
 ) -> tuple[list, list[int]]:
     """``n`` workers (pinned to ``nodes[i % len(nodes)]`` when given, else SPREAD); their pids."""
     actors = [
@@ -97,7 +98,7 @@ async def test_sigkill_one_of_three_workers_mid_run_loses_nothing(
 ) -> None:
     assert broker.client is not None
     app = new_app()
-    actors, pids = await start_workers(redis_server.address, app, 3, redis_server.address)
+    actors, pids = await start_workers(broker.redis_address, app, 3, redis_server.address)
     try:
         tickets = {await broker.client.submit(app, request(i)): i for i in range(500)}
         assert len(tickets) == 500
@@ -125,6 +126,7 @@ async def test_sigkill_one_of_three_workers_mid_run_loses_nothing(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("redis_target", ["single"], indirect=True)  # about Ray, not Redis
 async def test_a_lost_ray_node_mid_run_loses_no_ticket(
     broker: BrokerService, redis_server: RedisProcess, counter: aioredis.Redis, ray_cluster: RayCluster
 ) -> None:
@@ -138,7 +140,7 @@ async def test_a_lost_ray_node_mid_run_loses_no_ticket(
             [second] = [n["NodeID"] for n in ray.nodes() if n["Alive"] and "broker_node" in n["Resources"]]
             app = new_app()
             actors, _ = await start_workers(
-                redis_server.address, app, 3, redis_server.address, [second, head[0]]
+                broker.redis_address, app, 3, redis_server.address, [second, head[0]]
             )
             tickets = {await broker.client.submit(app, request(i)): i for i in range(300)}
 
@@ -170,7 +172,7 @@ async def test_a_stalled_worker_runs_again_and_its_late_results_are_discarded(
     counts every later one in ``duplicate_executions``, exactly."""
     assert broker.client is not None
     app = new_app()
-    actors, pids = await start_workers(redis_server.address, app, 3, redis_server.address)
+    actors, pids = await start_workers(broker.redis_address, app, 3, redis_server.address)
     try:
         tickets = {await broker.client.submit(app, request(i, 300.0)): i for i in range(30)}
 
@@ -204,14 +206,16 @@ async def test_a_stalled_worker_runs_again_and_its_late_results_are_discarded(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
 async def test_redis_restart_mid_run_loses_no_acknowledged_request(
-    redis_server: RedisProcess, counter: aioredis.Redis, credentials: Credentials
+    redis_server: RedisProcess, counter: aioredis.Redis, credentials: Credentials, kind: str
 ) -> None:
-    redis = RedisProcess(appendfsync="everysec").start()
-    service = await BrokerService(redis.address, credentials).start()
+    """Kill Redis (every node of the cluster) mid-run and start it again from its AOF."""
+    redis = fresh_redis(kind)
+    service = await BrokerService(redis.target, credentials).start()
     assert service.client is not None
     app = new_app()
-    actors, _ = await start_workers(redis.address, app, 3, redis_server.address)
+    actors, _ = await start_workers(redis.target, app, 3, redis_server.address)
     accepted: dict[str, int] = {}
     refused = 0
 
@@ -259,7 +263,7 @@ async def test_poison_request_is_dead_lettered_after_k_tries(
 ) -> None:
     assert broker.client is not None
     app = new_app()
-    actors, _ = await start_workers(redis_server.address, app, 2, redis_server.address)
+    actors, _ = await start_workers(broker.redis_address, app, 2, redis_server.address)
     try:
         good = {await broker.client.submit(app, request(i, 5.0)): i for i in range(20)}
         poison = await broker.client.submit(app, request(-1))
@@ -267,8 +271,7 @@ async def test_poison_request_is_dead_lettered_after_k_tries(
             await broker.client.result(poison, timeout=120)
         await check_all_done(broker.client, good)
         assert (await executions(counter, app))[poison] == 3
-        host, port = split_address(redis_server.address)
-        raw = aioredis.Redis(host=host, port=port)
+        raw = RedisTarget.parse(broker.redis_address).client()
         dead = await raw.xrange(RedisStreamQueue.dead_letters(app))
         await raw.aclose()
         assert [fields[b"ticket"].decode() for _, fields in dead] == [poison]

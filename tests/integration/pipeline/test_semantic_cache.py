@@ -5,6 +5,7 @@ and a Redis outage answered from the model."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,6 +15,7 @@ import redis
 
 from servefleet.api import common_pb2
 from servefleet.common.net import async_wait_for
+from servefleet.common.redis_target import RedisTarget
 from servefleet.semantic_cache.stage import SemanticCacheStage
 from servefleet.services import context
 from servefleet.testing import RedisProcess
@@ -40,9 +42,14 @@ class Model:
             yield {"token": np.array([piece], np.object_)}
 
 
-def cache(address: str, app: str = "llm", namespace: str = "default", **options: Any) -> SemanticCacheStage:
-    context.set_deployment(context.Deployment(common_pb2.AppRef(namespace=namespace, name=app), "1", address))
-    return SemanticCacheStage(Model(), **options)
+def cache(
+    address: str | RedisTarget, app: str = "llm", namespace: str = "default", **options: Any
+) -> SemanticCacheStage:
+    target = RedisTarget.parse(address)
+    context.set_deployment(
+        context.Deployment(common_pb2.AppRef(namespace=namespace, name=app), "1", target.text)
+    )
+    return SemanticCacheStage(Model(), redis=target, **options)
 
 
 async def ask(stage: SemanticCacheStage, text: str) -> tuple[bool, str]:
@@ -57,8 +64,14 @@ def fresh_redis() -> Any:
     proc.cleanup()
 
 
-async def test_replicas_share_entries_and_a_restarted_one_rebuilds(fresh_redis: RedisProcess) -> None:
-    a, b = cache(fresh_redis.address), cache(fresh_redis.address)
+@pytest.mark.parametrize("kind", ["single", "cluster"])
+async def test_replicas_share_entries_and_a_restarted_one_rebuilds(
+    request: pytest.FixtureRequest, kind: str
+) -> None:
+    """On one Redis and on the session's 3-primary Redis Cluster (the app's keys share one slot)."""
+    found = request.getfixturevalue("fresh_redis" if kind == "single" else "redis_cluster")
+    app = f"llm-{uuid.uuid4().hex[:8]}"
+    a, b = cache(found.target, app), cache(found.target, app)
     assert await ask(a, "What is the capital of France?") == (
         False,
         "answer to What is the capital of France?",
@@ -73,7 +86,7 @@ async def test_replicas_share_entries_and_a_restarted_one_rebuilds(fresh_redis: 
         "answer to What is the capital of France?",
     )
     assert b.model.calls == 0
-    restarted = cache(fresh_redis.address)
+    restarted = cache(found.target, app)
     assert (await ask(restarted, "What is the capital of France?"))[0]
     for stage in (a, b, restarted):
         stage._sync.cancel()
