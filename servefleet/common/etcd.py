@@ -4,7 +4,8 @@ An etcd cluster is named by its client endpoints (``host:port,host:port,...``: a
 ``SERVEFLEET_ETCD_ENDPOINTS``). The client holds one gRPC channel over all of them, balanced
 round robin (reads spread over the members; a member that is gone is skipped once its connection
 fails), and retries every unary call that fails with UNAVAILABLE (a killed member, a leader
-election: ``etcdserver: leader changed``/``no leader``) under ``ETCD_RETRY`` on another member.
+election: ``etcdserver: leader changed``/``no leader``), or a write whose try outlives
+``etcd_attempt_s``, under ``ETCD_RETRY`` on another member.
 So losing one member of three costs callers a pause of about one election, never an error.
 
 A retried write may have been applied before its reply was lost (the member died mid-call). Every
@@ -62,12 +63,21 @@ def parse_endpoints(endpoints: str | Sequence[str]) -> list[str]:
     return found
 
 
+#: etcd calls that go through Raft: a member holds one it forwarded to a leader that died.
+_PROPOSALS = frozenset(
+    f"/etcdserverpb.{m}".encode()
+    for m in ("KV/Put", "KV/Txn", "KV/DeleteRange", "Lease/LeaseGrant", "Lease/LeaseRevoke")
+)
+
+
 class RetryUnary(grpc.aio.UnaryUnaryClientInterceptor):
-    """Retries a unary call under ``policy``, each attempt bounded by ``attempt_s``.
+    """Retries a unary call under ``policy``; a write's attempt is bounded by ``attempt_s``.
 
     A write that reached a follower just as the leader died waits inside etcd for its request
     timeout (about 7 s) before failing; bounding the attempt and retrying on another member moves
-    it on after ``attempt_s`` instead. An attempt that hits the caller's own timeout is final."""
+    it on after ``attempt_s`` instead. Reads are not bounded: a big range on a busy etcd is slow,
+    not stuck, and cutting it short would only repeat it. An attempt that hits the caller's own
+    timeout is final."""
 
     def __init__(self, policy: RetryPolicy, attempt_s: float) -> None:
         self.policy = policy
@@ -79,10 +89,20 @@ class RetryUnary(grpc.aio.UnaryUnaryClientInterceptor):
         loop = asyncio.get_running_loop()
         own = client_call_details.timeout
         deadline = None if own is None else loop.time() + own
+        method = client_call_details.method
+        bound = (
+            self.attempt_s
+            if (method if isinstance(method, bytes) else method.encode()) in _PROPOSALS
+            else None
+        )
 
         async def attempt() -> Any:
-            left = self.attempt_s if deadline is None else min(self.attempt_s, deadline - loop.time())
-            call = await continuation(client_call_details._replace(timeout=max(0.001, left)), request)
+            if bound is None:
+                left = None if deadline is None else deadline - loop.time()
+            else:
+                left = bound if deadline is None else min(bound, deadline - loop.time())
+            timeout = None if left is None else max(0.001, left)
+            call = await continuation(client_call_details._replace(timeout=timeout), request)
             try:
                 await call  # raises the call's AioRpcError
             except grpc.aio.AioRpcError as exc:
