@@ -10,7 +10,7 @@ multiply-adds), and the prompt is encoded once, as a batch.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,7 +56,7 @@ class TinyGPT:
         ]
         self.head = weight(d, EOS + 1)
 
-    async def generate(self, prompt: str, *, max_tokens: int, seed: int) -> AsyncIterator[str]:
+    async def generate(self, prompt: str, *, max_tokens: int, seed: int) -> AsyncGenerator[str, None]:
         loop = asyncio.get_running_loop()
         rng = np.random.default_rng(seed)
         ids = [min(max(ord(ch) - 32, 0), EOS - 1) for ch in prompt][-(self.config.context // 2) :] or [0]
