@@ -34,9 +34,6 @@ class Settings:
     etcd_endpoints: str = ""
     #: Seconds an etcd call keeps retrying UNAVAILABLE (a lost member, a leader election).
     etcd_retry_s: float = 15.0
-    #: Seconds one try of an etcd write may take before it is tried again on another member (a
-    #: write caught by a leader's death otherwise waits out etcd's own 7 s request timeout).
-    etcd_attempt_s: float = 3.0
     #: Root etcd key prefix for all servefleet state.
     etcd_prefix: str = "/servefleet"
     #: The platform's Redis (broker queues, semantic cache): "single" (one Redis), "cluster" (the

@@ -4,9 +4,9 @@ An etcd cluster is named by its client endpoints (``host:port,host:port,...``: a
 ``SERVEFLEET_ETCD_ENDPOINTS``). The client holds one gRPC channel over all of them, balanced
 round robin (reads spread over the members; a member that is gone is skipped once its connection
 fails), and retries every unary call that fails with UNAVAILABLE (a killed member, a leader
-election: ``etcdserver: leader changed``/``no leader``), or a write whose try outlives
-``etcd_attempt_s``, under ``ETCD_RETRY`` on another member.
-So losing one member of three costs callers a pause of about one election, never an error.
+election: ``etcdserver: leader changed``/``no leader``/``request timed out``) under ``ETCD_RETRY``
+on another member. So losing one member of three costs callers a pause (at worst etcd's own
+request timeout, ~7 s, for a write caught by the leader's death), never an error.
 
 A retried write may have been applied before its reply was lost (the member died mid-call). Every
 write servefleet makes is idempotent or checks afterwards: puts of the same value, lease grants
@@ -29,22 +29,19 @@ from servefleet.common.config import settings
 from servefleet.common.net import MULTI_ADDRESS, grpc_target, split_address
 from servefleet.common.retry import Backoff, RetryPolicy, on_status
 
+#: Longest one etcd call may take, retries included, unless its caller says otherwise: longer than
+#: etcd's own request timeout (5 s + 2 elections: a write that reached a member just as the leader
+#: died fails UNAVAILABLE after about 7 s, and is then retried on the new leader).
+CALL_TIMEOUT_S = 12
+
 #: How long an etcd call keeps trying while members die or elect: a 3-member cluster elects a new
 #: leader in about 1-2 s (election timeout 1 s), longer on a loaded machine.
 _UNAVAILABLE = on_status(grpc.StatusCode.UNAVAILABLE)
 
 
-class _AttemptTimedOut(Exception):
-    """One attempt ran out of its own bound (not the caller's deadline): worth another member."""
-
-    def __init__(self, error: grpc.aio.AioRpcError) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
 def _transient(exc: BaseException) -> bool:
-    """UNAVAILABLE, raw (inside the channel) or as aetcd translated it; an attempt cut short."""
-    return isinstance(exc, aetcd.exceptions.ConnectionFailedError | _AttemptTimedOut) or _UNAVAILABLE(exc)
+    """UNAVAILABLE, raw (inside the channel) or as aetcd translated it."""
+    return isinstance(exc, aetcd.exceptions.ConnectionFailedError) or _UNAVAILABLE(exc)
 
 
 ETCD_RETRY = RetryPolicy(
@@ -63,25 +60,11 @@ def parse_endpoints(endpoints: str | Sequence[str]) -> list[str]:
     return found
 
 
-#: etcd calls that go through Raft: a member holds one it forwarded to a leader that died.
-_PROPOSALS = frozenset(
-    f"/etcdserverpb.{m}".encode()
-    for m in ("KV/Put", "KV/Txn", "KV/DeleteRange", "Lease/LeaseGrant", "Lease/LeaseRevoke")
-)
-
-
 class RetryUnary(grpc.aio.UnaryUnaryClientInterceptor):
-    """Retries a unary call under ``policy``; a write's attempt is bounded by ``attempt_s``.
+    """Retries a unary call under ``policy``, within the call's own timeout."""
 
-    A write that reached a follower just as the leader died waits inside etcd for its request
-    timeout (about 7 s) before failing; bounding the attempt and retrying on another member moves
-    it on after ``attempt_s`` instead. Reads are not bounded: a big range on a busy etcd is slow,
-    not stuck, and cutting it short would only repeat it. An attempt that hits the caller's own
-    timeout is final."""
-
-    def __init__(self, policy: RetryPolicy, attempt_s: float) -> None:
+    def __init__(self, policy: RetryPolicy) -> None:
         self.policy = policy
-        self.attempt_s = attempt_s
 
     async def intercept_unary_unary(
         self, continuation: Callable[[Any, Any], Any], client_call_details: Any, request: Any
@@ -89,33 +72,14 @@ class RetryUnary(grpc.aio.UnaryUnaryClientInterceptor):
         loop = asyncio.get_running_loop()
         own = client_call_details.timeout
         deadline = None if own is None else loop.time() + own
-        method = client_call_details.method
-        bound = (
-            self.attempt_s
-            if (method if isinstance(method, bytes) else method.encode()) in _PROPOSALS
-            else None
-        )
 
         async def attempt() -> Any:
-            if bound is None:
-                left = None if deadline is None else deadline - loop.time()
-            else:
-                left = bound if deadline is None else min(bound, deadline - loop.time())
-            timeout = None if left is None else max(0.001, left)
-            call = await continuation(client_call_details._replace(timeout=timeout), request)
-            try:
-                await call  # raises the call's AioRpcError
-            except grpc.aio.AioRpcError as exc:
-                cut_short = deadline is None or loop.time() < deadline
-                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and cut_short:
-                    raise _AttemptTimedOut(exc) from exc
-                raise
+            left = None if deadline is None else max(0.001, deadline - loop.time())
+            call = await continuation(client_call_details._replace(timeout=left), request)
+            await call  # raises the call's AioRpcError
             return call
 
-        try:
-            return await self.policy.run(attempt, deadline=deadline)
-        except _AttemptTimedOut as exc:
-            raise exc.error from None
+        return await self.policy.run(attempt, deadline=deadline)
 
 
 class EtcdClient(aetcd.Client):
@@ -132,7 +96,7 @@ class EtcdClient(aetcd.Client):
         self.channel = grpc.aio.insecure_channel(
             grpc_target(self.endpoints),
             options=MULTI_ADDRESS,
-            interceptors=[RetryUnary(ETCD_RETRY, settings.etcd_attempt_s)],
+            interceptors=[RetryUnary(ETCD_RETRY)],
         )
         self.kvstub = rpc.KVStub(self.channel)
         self.clusterstub = rpc.ClusterStub(self.channel)
@@ -146,7 +110,7 @@ class EtcdClient(aetcd.Client):
         return await ETCD_RETRY.run(lambda: aetcd.Client.refresh_lease(self, lease_id))
 
 
-def connect_etcd(endpoints: str | Sequence[str] = "", *, timeout: int | None = 5) -> EtcdClient:
+def connect_etcd(endpoints: str | Sequence[str] = "", *, timeout: int | None = CALL_TIMEOUT_S) -> EtcdClient:
     """A client for ``endpoints`` (default ``Settings.etcd_endpoints``); connects on first use."""
     return EtcdClient(parse_endpoints(endpoints or settings.etcd_endpoints), timeout=timeout)
 
