@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
+
+# Tests assert on whole traces they start themselves: record every trace started here (the
+# default samples 1 % of new traces). Set before servefleet reads its settings; Ray workers of
+# the session's cluster inherit it.
+os.environ.setdefault("SERVEFLEET_TRACE_SAMPLE_RATIO", "1")
 
 import pytest
 

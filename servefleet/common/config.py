@@ -124,6 +124,10 @@ class Settings:
     shard_hedge_budget: float = 0.25
     #: Sharded apps: hedge delay (ms) while a shard's replicas have too few samples for a p95.
     shard_hedge_default_ms: float = 50.0
+    #: Tracing: share of traces started here (a request without a sampled parent) that are
+    #: recorded; a request whose caller sampled it is always recorded, one it did not never is
+    #: (parent-based). ``OTEL_TRACES_SAMPLER`` in the environment replaces this sampler.
+    trace_sample_ratio: float = 0.01
     #: Data plane: CPU share a proxy actor asks Ray for.
     proxy_num_cpus: float = 0.0
     #: Seconds between a service's probes of what it depends on (etcd, Redis, Ray) for its health.

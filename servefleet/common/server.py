@@ -7,6 +7,7 @@ SIGTERM/SIGINT."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import signal
@@ -30,18 +31,30 @@ log = logging.getLogger(__name__)
 Registrar = Callable[[grpc.aio.Server], None]
 
 
+@functools.cache
+def _series(service: str, method: str) -> tuple[Any, Any]:
+    """A method's in-flight and latency series, looked up once (not per call)."""
+    return metrics.RPC_IN_FLIGHT.labels(service, method), metrics.RPC_LATENCY.labels(service, method)
+
+
+@functools.cache
+def _requests(service: str, method: str, code: grpc.StatusCode) -> Any:
+    return metrics.RPC_REQUESTS.labels(service, method, code.name)
+
+
 class _Measured:
     """Counts one call in flight, then its status code and latency (the code it ended with)."""
 
     def __init__(self, service: str, method: str) -> None:
         self.labels = (service, method)
         self.start = time.perf_counter()
-        metrics.RPC_IN_FLIGHT.labels(*self.labels).inc()
+        self.in_flight, self.latency = _series(service, method)
+        self.in_flight.inc()
 
     def done(self, code: grpc.StatusCode | None) -> None:
-        metrics.RPC_IN_FLIGHT.labels(*self.labels).dec()
-        metrics.RPC_LATENCY.labels(*self.labels).observe(time.perf_counter() - self.start)
-        metrics.RPC_REQUESTS.labels(*self.labels, (code or grpc.StatusCode.OK).name).inc()
+        self.in_flight.dec()
+        self.latency.observe(time.perf_counter() - self.start)
+        _requests(*self.labels, code or grpc.StatusCode.OK).inc()
 
 
 _NOTHING: BaseException | None = None

@@ -4,6 +4,11 @@ interceptors that carry W3C trace context in metadata so one trace spans SDK, pr
 ``OTEL_SERVICE_NAME`` / ``OTEL_RESOURCE_ATTRIBUTES`` / ``OTEL_TRACES_SAMPLER`` are read by the SDK
 itself; ``OTEL_TRACES_EXPORTER`` picks the exporter: ``none`` (default; spans are still created and
 propagated), ``console``, or ``otlp`` (needs ``opentelemetry-exporter-otlp`` installed).
+
+Sampling is parent-based: a request follows its caller's decision (a sampled caller gets every
+span downstream, an unsampled one none), and a trace that starts here is recorded with probability
+``SERVEFLEET_TRACE_SAMPLE_RATIO`` (default 0.01) unless ``OTEL_TRACES_SAMPLER`` is set. An unsampled
+server call costs no span at all: its context is only passed on, so the decision travels.
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from servefleet.common.config import settings
 
 _configured = False
 
@@ -45,7 +53,8 @@ def setup_tracing(service: str, *, processor: SpanProcessor | None = None) -> Tr
     provider = trace.get_tracer_provider()
     if not _configured or not isinstance(provider, TracerProvider):
         os.environ.setdefault("OTEL_SERVICE_NAME", service)
-        provider = TracerProvider(resource=Resource.create())
+        sampler = None if os.environ.get("OTEL_TRACES_SAMPLER") else _default_sampler()
+        provider = TracerProvider(resource=Resource.create(), sampler=sampler)
         exporter = _exporter_from_env()
         if exporter is not None:
             provider.add_span_processor(BatchSpanProcessor(exporter))
@@ -54,6 +63,10 @@ def setup_tracing(service: str, *, processor: SpanProcessor | None = None) -> Tr
     if processor is not None:
         provider.add_span_processor(processor)
     return provider
+
+
+def _default_sampler() -> Sampler:
+    return ParentBased(TraceIdRatioBased(settings.trace_sample_ratio))
 
 
 tracer = trace.get_tracer("servefleet")

@@ -415,6 +415,7 @@ class ApplicationMaster:
             version=info["version"],
             capacity=info["capacity"],
             address=info.get("address", ""),
+            unary_streams=not info.get("streaming", True) and "infer_method" not in info,
             **_triton_routing(info),
         )
         replica.ready = True

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import math
 import os
 import resource
 import time
@@ -25,7 +27,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Protocol
 
 import grpc
-import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 from tritonclient.grpc import service_pb2
 
@@ -44,7 +45,7 @@ from servefleet.common.errors import (
 )
 from servefleet.common.server import GrpcServer
 from servefleet.common.tensors import DTYPES
-from servefleet.services.replica_wire import OK, code, error_for
+from servefleet.services.replica_wire import OK, Answer, code, error_for
 from servefleet.services.router import Router, Slot
 from servefleet.services.routing import Routing
 from servefleet.services.transports import (
@@ -88,11 +89,23 @@ REJECTED = Counter(
 )
 
 
+@functools.cache
+def _series(app: str) -> tuple[Gauge, Histogram, Counter]:
+    """An app's in-flight, latency and rejection series, looked up once (not per request)."""
+    return IN_FLIGHT.labels(app), LATENCY.labels(app), REJECTED.labels(app)
+
+
+@functools.cache
+def _requests(app: str, code: grpc.StatusCode) -> Counter:
+    return REQUESTS.labels(app, code.name)
+
+
 @contextlib.contextmanager
 def _measured(app: str) -> Iterator[None]:
     """In flight while the request runs, then its code and latency."""
     start, status = time.perf_counter(), grpc.StatusCode.OK
-    IN_FLIGHT.labels(app).inc()
+    in_flight, latency, rejected = _series(app)
+    in_flight.inc()
     try:
         yield
     except ServefleetError as exc:
@@ -105,11 +118,11 @@ def _measured(app: str) -> Iterator[None]:
         status = grpc.StatusCode.INTERNAL
         raise
     finally:
-        IN_FLIGHT.labels(app).dec()
-        LATENCY.labels(app).observe(time.perf_counter() - start)
-        REQUESTS.labels(app, status.name).inc()
+        in_flight.dec()
+        latency.observe(time.perf_counter() - start)
+        _requests(app, status).inc()
         if status == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            REJECTED.labels(app).inc()
+            rejected.inc()
 
 
 def check_served(name: str, version: str, model_name: str, serving_version: str, server: str) -> None:
@@ -155,7 +168,7 @@ def check_request(request: service_pb2.ModelInferRequest, spec: common_pb2.Appli
                 f"tensor {tensor.name!r}: shape {shape} does not match the model's {list(want.shape)}"
             )
         if raw and tensor.datatype != "BYTES":
-            size = int(np.prod(shape, dtype=np.int64)) * DTYPES[tensor.datatype].itemsize
+            size = math.prod(shape) * DTYPES[tensor.datatype].itemsize
             if len(raw[i]) != size:
                 raise InvalidArgument(
                     f"tensor {tensor.name!r}: {len(raw[i])} bytes for {tensor.datatype} {shape}, "
@@ -266,7 +279,7 @@ class ProxyCore:
             sent = False
             slot.in_flight += 1
             try:
-                async for status, payload in self.transport.stream(slot.info, raw, carrier, timeout_s):
+                async for status, payload in self._answers(slot, raw, carrier, timeout_s):
                     if status != OK and (sent or status not in _RETRY):
                         raise error_for(status, str(payload))
                     if status != OK:
@@ -284,6 +297,16 @@ class ProxyCore:
             finally:
                 slot.in_flight -= 1
         raise self._no_replica(gone, last)
+
+    async def _answers(
+        self, slot: Slot, raw: bytes, carrier: dict[str, str], timeout_s: float | None
+    ) -> AsyncIterator[Answer]:
+        """A replica's answers to one stream request (one unary call when it answers once)."""
+        if slot.info.unary_streams:
+            yield await self.transport.infer(slot.info, raw, carrier, timeout_s)
+            return
+        async for answer in self.transport.stream(slot.info, raw, carrier, timeout_s):
+            yield answer
 
     def _candidates(self) -> Iterator[Slot]:
         """Up to ``attempts`` distinct replicas, the next chosen only if the last one failed."""

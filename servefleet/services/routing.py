@@ -23,6 +23,9 @@ class ReplicaInfo:
     infer_method: str = f"/{REPLICA_SERVICE}/Infer"  # what the fast path calls there
     models: tuple[str, ...] = ()  # kind triton: the repository's model names it serves
     metadata: tuple[tuple[str, bytes], ...] = ()  # kind triton: (model, ModelMetadataResponse bytes)
+    #: A Python replica whose model answers one response per request: a stream's requests go to it
+    #: as unary calls (one answer each), which cost less than a server-streaming call apiece.
+    unary_streams: bool = False
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ and raises :class:`ReplicaGone` when the replica cannot be reached (the proxy th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 import grpc
@@ -85,7 +86,7 @@ class GrpcTransport:
     async def infer(
         self, replica: ReplicaInfo, request: bytes, carrier: dict[str, str], timeout_s: float | None
     ) -> Answer:
-        call = self._channels.channel(replica.address).unary_unary(replica.infer_method)
+        call = self._channels.stub(replica.address, _unary(replica.infer_method))
         try:
             answer: bytes = await call(request, timeout=timeout_s, metadata=tuple(carrier.items()))
             return OK, answer
@@ -95,12 +96,25 @@ class GrpcTransport:
     async def stream(
         self, replica: ReplicaInfo, request: bytes, carrier: dict[str, str], timeout_s: float | None
     ) -> AsyncIterator[Answer]:
-        call = self._channels.channel(replica.address).unary_stream(f"/{REPLICA_SERVICE}/Stream")
+        call = self._channels.stub(replica.address, _STREAM)
         try:
             async for chunk in call(request, timeout=timeout_s, metadata=tuple(carrier.items())):
                 yield OK, chunk
         except grpc.aio.AioRpcError as exc:
             yield _answer_of(exc)
+
+
+@functools.cache
+def _unary(method: str) -> Callable[[grpc.aio.Channel], grpc.aio.UnaryUnaryMultiCallable]:
+    """The (cached, hashable) factory of a method's callable: one made per channel, not per call."""
+    return lambda channel: channel.unary_unary(method)
+
+
+def _stream_call(channel: grpc.aio.Channel) -> grpc.aio.UnaryStreamMultiCallable:
+    return channel.unary_stream(f"/{REPLICA_SERVICE}/Stream")
+
+
+_STREAM = _stream_call
 
 
 def _answer_of(exc: grpc.aio.AioRpcError) -> Answer:

@@ -156,3 +156,13 @@ def test_metadata_comes_from_the_spec() -> None:
     metadata = model_metadata(SPEC)
     assert metadata.name == "m" and list(metadata.versions) == ["1"]
     assert [(t.name, list(t.shape)) for t in metadata.inputs] == [("x", [-1, 2])]
+
+
+async def test_stream_to_a_one_answer_replica_uses_one_unary_call() -> None:
+    proxy = ProxyCore("n1", FakeTransport({}), attempts=3)
+    replica = ReplicaInfo("r1", object(), "n1", "1", 1, unary_streams=True)
+    proxy.set_routing(Routing(epoch=1, spec=SPEC.SerializeToString(), replicas=(replica,)))
+    chunks = [c async for c in proxy.stream(request(), None)]
+    assert len(chunks) == 1  # the fake streams two answers; the unary call answers once
+    response = service_pb2.ModelStreamInferResponse.FromString(chunks[0])
+    assert decode_response(response.infer_response)["y"].tolist() == [2.0, 2.0]

@@ -14,7 +14,7 @@ from tritonclient.grpc import service_pb2
 
 from servefleet.common.errors import InvalidArgument
 from servefleet.common.tensors import decode_response, encode_request
-from servefleet.services.replica import Replica, import_object
+from servefleet.services.replica import ModelTime, Replica, import_object
 from servefleet.services.replica_wire import OK, code
 from servefleet.spec import load_spec
 
@@ -132,3 +132,17 @@ async def test_grpc_endpoint_carries_status_and_bytes(replica: Callable[..., Rep
     async with grpc.aio.insecure_channel(r.address) as channel:
         health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_model_time_runs_fast_models_inline_and_slow_ones_on_threads() -> None:
+    timing = ModelTime()
+    for _ in range(ModelTime.WARMUP_CALLS - 1):
+        timing.observe(0.00001)
+    assert not timing.inline  # still measuring
+    timing.observe(0.00001)
+    assert timing.inline
+    timing.observe(0.5)  # one slow call: the next ones go back to threads
+    assert not timing.inline
+    for _ in range(60):
+        timing.observe(0.00001)
+    assert timing.inline
