@@ -7,10 +7,14 @@ and one channel per concurrent caller, so the client's own overhead is small and
                    reference (``servefleet.direct.ctr:CtrScorer``, kind python) on a Ray cluster
   (c) python_grpc  a plain grpc.aio server (own process) running the numpy reference
 
-at batch 1 and batch 64, concurrency 8.
+at batch 1 and batch 64, concurrency 8, and the direct server at batch 1, concurrency 1 as well. All
+three run at once; each repetition (``--reps``, 3) measures every path in turn, the first one
+rotating, and each figure is the median over the repetitions. For the direct server the handler's
+own latency (its C++ histogram, read before and after each measurement, so every figure belongs to
+one batch size and one concurrency) is reported beside the end-to-end latency.
 
-    .venv/bin/python bench/direct_ingress.py            # full: 10 s per measurement
-    .venv/bin/python bench/direct_ingress.py --quick    # 3 s per measurement (under 2 minutes)
+    .venv/bin/python bench/direct_ingress.py            # full: 5 s per measurement and rep
+    .venv/bin/python bench/direct_ingress.py --quick    # 1 s per measurement and rep (under 2 minutes)
 
 Writes bench/results/direct_ingress.json.
 """
@@ -94,16 +98,53 @@ def request_bytes(batch: int) -> bytes:
     return encode_request(MODEL, {INPUT_NAME: ids}).SerializeToString()
 
 
-def measure(address: str, seconds: float, concurrency: int) -> dict[str, dict[str, Any]]:
-    out = {}
-    for batch in BATCHES:
-        request = request_bytes(batch)
-        run_load(address, request, concurrency, min(1.0, seconds / 3))  # warm-up: channels, caches
-        result = run_load(address, request, concurrency, seconds)
-        if result["errors"]:
-            raise RuntimeError(f"{address} batch {batch}: {result['errors']} errors: {result['first_error']}")
-        out[f"b{batch}"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
+BOUNDS_US = list(range(1, 20_001))  # the handler histogram read at 1 us resolution up to 20 ms
+
+
+def handler_histogram(server: DirectServer | None) -> np.ndarray:
+    """Cumulative count of handled RPCs under each bound (empty without a server to read)."""
+    return np.array(server.latency_buckets(BOUNDS_US)[0][:-1]) if server is not None else np.array([])
+
+
+def handler_percentiles(before: np.ndarray, after: np.ndarray) -> dict[str, float]:
+    """p50/p99 (upper bucket edge, us) of the RPCs handled between two histogram reads."""
+    cumulative = after - before
+    total = cumulative[-1] if len(cumulative) else 0
+    if not total:
+        return {}
+    return {
+        f"handler_p{q}_us": float(BOUNDS_US[int(np.searchsorted(cumulative, q / 100 * total))])
+        for q in (50, 99)
+    }
+
+
+def one_point(
+    address: str, seconds: float, concurrency: int, batch: int, server: DirectServer | None = None
+) -> dict[str, Any]:
+    request = request_bytes(batch)
+    run_load(address, request, concurrency, min(1.0, seconds / 3))  # warm-up: channels, caches
+    before = handler_histogram(server)
+    result = run_load(address, request, concurrency, seconds)
+    if result["errors"]:
+        raise RuntimeError(f"{address} batch {batch}: {result['errors']} errors: {result['first_error']}")
+    out = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items() if k != "first_error"}
+    return {**out, **handler_percentiles(before, handler_histogram(server))}
+
+
+def measure(
+    address: str, seconds: float, concurrency: int, server: DirectServer | None = None
+) -> dict[str, dict[str, Any]]:
+    out = {f"b{batch}": one_point(address, seconds, concurrency, batch, server) for batch in BATCHES}
+    if server is not None:  # one caller: the latency floor here, without 8 callers sharing the cores
+        out["b1_c1"] = one_point(address, seconds, 1, 1, server)
     return out
+
+
+def median_of(reps: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    return {
+        point: {key: float(np.median([r[point][key] for r in reps])) for key in reps[0][point]}
+        for point in reps[0]
+    }
 
 
 async def deploy_proxy_path(model_path: Path) -> str:
@@ -132,47 +173,47 @@ async def deploy_proxy_path(model_path: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="3 s per measurement instead of 10 s")
+    p.add_argument("--quick", action="store_true", help="1 s per measurement and rep instead of 5 s")
+    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (median reported)")
     args = p.parse_args()
-    seconds, concurrency = (3.0 if args.quick else 10.0), 8
+    seconds, concurrency = (1.0 if args.quick else 5.0), 8
     settings = {"seconds": seconds, "concurrency": concurrency, "batches": list(BATCHES)}
     work = Path(tempfile.mkdtemp(prefix="bench-direct-"))
     model = ctr.build_model(num_rows=1 << 20, num_fields=16, dim=16)
     model_path = ctr.export_model(model, work / "ctr.bin")
-    figures: dict[str, Any] = {}
     load_before = os.getloadavg()[0]
 
     direct = DirectServer()
     direct.load_model(str(model_path), MODEL, "1")
     direct_address = f"127.0.0.1:{direct.start('127.0.0.1:0', workers=2)}"
-    figures["direct"] = measure(direct_address, seconds, concurrency)
-    # One caller: the latency floor of the transport here, without 8 callers sharing the cores.
-    single = run_load(direct_address, request_bytes(1), 1, seconds)
-    figures["direct"]["b1_c1"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in single.items()}
-    figures["direct"]["server_side"] = direct.stats()
-    direct.stop(1.0)
-
     port = free_port()
     python_server = multiprocessing.get_context("spawn").Process(
         target=serve_python, args=(str(model_path), port)
     )
     python_server.start()
+    cluster = RayCluster(num_cpus=2).start()
+    reps: dict[str, list[dict[str, dict[str, Any]]]] = {"direct": [], "python_grpc": [], "proxy": []}
     try:
         wait_for(lambda: live(f"127.0.0.1:{port}"), timeout=60, what="python grpc.aio server")
-        figures["python_grpc"] = measure(f"127.0.0.1:{port}", seconds, concurrency)
-    finally:
-        python_server.terminate()
-        python_server.join(10)
-
-    cluster = RayCluster(num_cpus=2).start()
-    try:
         ray.init(address=cluster.address, namespace="bench-direct", log_to_driver=False)
         proxy_address = asyncio.run(deploy_proxy_path(model_path))
-        figures["proxy"] = measure(proxy_address, seconds, concurrency)
+        paths = [
+            ("direct", lambda: measure(direct_address, seconds, concurrency, direct)),
+            ("python_grpc", lambda: measure(f"127.0.0.1:{port}", seconds, concurrency)),
+            ("proxy", lambda: measure(proxy_address, seconds, concurrency)),
+        ]
+        for rep in range(args.reps):
+            for path, run in paths[rep % 3 :] + paths[: rep % 3]:
+                reps[path].append(run())
+                print(f"rep {rep} {path}: {reps[path][-1]}", flush=True)
         asyncio.run(masters.remove(APP))
     finally:
         ray.shutdown()
         cluster.cleanup()
+        python_server.terminate()
+        python_server.join(10)
+        direct.stop(1.0)
+    figures: dict[str, Any] = {path: median_of(runs) for path, runs in reps.items()}
 
     ratios = {}
     for batch in BATCHES:
@@ -187,9 +228,13 @@ def main() -> None:
             row = figures[path][f"b{batch}"]
             rps, p50, p99 = row["rps"], row["p50_ms"], row["p99_ms"]
             print(f"{path:>12} | {batch:>5} | {rps:>9.0f} | {p50:>7.3f} | {p99:>7.3f}")
-    c1 = figures["direct"]["b1_c1"]
-    rps, p50, p99 = c1["rps"], c1["p50_ms"], c1["p99_ms"]
-    print(f"direct, batch 1, concurrency 1: {rps:.0f} rps, p50 {p50:.3f} ms, p99 {p99:.3f} ms")
+    for point, c in (("b1_c1", 1), ("b1", concurrency)):
+        f = figures["direct"][point]
+        print(
+            f"direct, batch 1, concurrency {c}: {f['rps']:.0f} rps, end to end p50 {f['p50_ms']:.3f} ms "
+            f"p99 {f['p99_ms']:.3f} ms; handler p50 {f['handler_p50_us']:.0f} us "
+            f"p99 {f['handler_p99_us']:.0f} us"
+        )
     for name, value in ratios.items():
         print(f"{name}: {value}")
     report = {
@@ -199,8 +244,11 @@ def main() -> None:
             "model": "factorization machine, 1,048,576 rows x (1 + 16) floats, 16 fields",
             "load_generator": "C++ (servefleet.direct.run_load), one thread + channel per caller, same box",
             "direct_workers": 2,
+            "reps": args.reps,
+            "figure": "median over the reps, paths interleaved within each rep",
         },
         "figures": figures,
+        "reps": reps,
         **ratios,
     }
     write_report(

@@ -1,5 +1,6 @@
 #include "ctr_model.h"
 
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <fstream>
@@ -59,12 +60,12 @@ std::shared_ptr<const CtrModel> CtrModel::Load(const std::string& path) {
 }
 
 void CtrModel::Score(const int64_t* ids, size_t batch, float* out) const {
-  std::vector<float> sums(dim_);
+  std::array<float, kMaxDim> sums;  // on the stack: scoring allocates nothing
   for (size_t b = 0; b < batch; ++b) {
     const int64_t* row = ids + b * num_fields_;
     float logit = bias_;
     float squares = 0.0f;
-    std::fill(sums.begin(), sums.end(), 0.0f);
+    std::fill(sums.begin(), sums.begin() + dim_, 0.0f);
     for (uint32_t f = 0; f < num_fields_; ++f) {
       const auto id = static_cast<uint64_t>(row[f]);
       logit += linear_[id];

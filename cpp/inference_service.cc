@@ -83,12 +83,33 @@ StatsSnapshot Stats::Snapshot() const {
 }
 
 void InferenceService::SetModel(std::shared_ptr<const CtrModel> model, std::string name, std::string version) {
+  // Generations come from one process-wide counter, so a thread's cached (service, generation)
+  // can never match a later service that happens to reuse a freed one's address.
+  static std::atomic<uint64_t> generations{0};
   auto served = std::make_shared<const Served>(Served{std::move(model), std::move(name), std::move(version)});
-  std::atomic_store(&served_, std::shared_ptr<const Served>(std::move(served)));
+  std::lock_guard<std::mutex> lock(mu_);
+  served_ = std::move(served);
+  generation_.store(generations.fetch_add(1, std::memory_order_relaxed) + 1, std::memory_order_release);
+}
+
+const std::shared_ptr<const InferenceService::Served>& InferenceService::Current() const {
+  thread_local struct {
+    const InferenceService* owner = nullptr;
+    uint64_t generation = 0;
+    std::shared_ptr<const Served> served;
+  } cache;
+  const uint64_t generation = generation_.load(std::memory_order_acquire);
+  if (cache.owner != this || cache.generation != generation) {
+    std::lock_guard<std::mutex> lock(mu_);
+    cache.owner = this;
+    cache.generation = generation_.load(std::memory_order_relaxed);
+    cache.served = served_;
+  }
+  return cache.served;
 }
 
 std::string InferenceService::model_name() const {
-  const auto served = Current();
+  const auto& served = Current();
   return served ? served->name : std::string();
 }
 
@@ -117,7 +138,7 @@ Status InferenceService::ServerMetadata(grpc::ServerContext*, const inference::S
 Status InferenceService::ModelReady(grpc::ServerContext*, const inference::ModelReadyRequest* request,
                                     inference::ModelReadyResponse* response) {
   Timed timed(stats_);
-  const auto served = Current();
+  const auto& served = Current();
   response->set_ready(served && request->name() == served->name &&
                       (request->version().empty() || request->version() == served->version));
   return timed(Status::OK);
@@ -126,7 +147,7 @@ Status InferenceService::ModelReady(grpc::ServerContext*, const inference::Model
 Status InferenceService::ModelMetadata(grpc::ServerContext*, const inference::ModelMetadataRequest* request,
                                        inference::ModelMetadataResponse* response) {
   Timed timed(stats_);
-  const auto served = Current();
+  const auto& served = Current();
   if (!served || request->name() != served->name)
     return timed(Status(StatusCode::NOT_FOUND, "model '" + request->name() + "' is not served here"));
   response->set_name(served->name);
@@ -152,7 +173,7 @@ Status InferenceService::ModelInfer(grpc::ServerContext*, const inference::Model
 
 Status InferenceService::Infer(const inference::ModelInferRequest& request,
                                inference::ModelInferResponse* response) {
-  const auto served = Current();
+  const auto& served = Current();
   if (!served) return Status(StatusCode::UNAVAILABLE, "no model loaded yet");
   if (request.model_name() != served->name)
     return Status(StatusCode::NOT_FOUND,
@@ -184,7 +205,10 @@ Status InferenceService::Infer(const inference::ModelInferRequest& request,
 
   // Sizes are checked against what was actually sent before anything is allocated: the shape
   // alone is client-controlled and may claim billions of ids.
-  std::vector<int64_t> ids;
+  // Per-thread scratch, grown once: the request path allocates nothing of its own.
+  thread_local std::vector<int64_t> ids;
+  thread_local std::vector<float> scores;
+  ids.clear();
   if (request.raw_input_contents_size() > 0) {
     if (request.raw_input_contents_size() != 1)
       return Invalid("1 input but " + std::to_string(request.raw_input_contents_size()) +
@@ -218,7 +242,7 @@ Status InferenceService::Infer(const inference::ModelInferRequest& request,
   output->add_shape(batch);
   std::string* raw_out = response->add_raw_output_contents();
   raw_out->resize(static_cast<size_t>(batch) * sizeof(float));
-  std::vector<float> scores(static_cast<size_t>(batch));
+  scores.resize(static_cast<size_t>(batch));
   model.Score(ids.data(), static_cast<size_t>(batch), scores.data());
   if (batch > 0) std::memcpy(raw_out->data(), scores.data(), raw_out->size());
   stats_->AddInfer();

@@ -78,11 +78,16 @@ class InferenceService final : public inference::GRPCInferenceService::Service {
     std::string name;
     std::string version;
   };
-  std::shared_ptr<const Served> Current() const { return std::atomic_load(&served_); }
+  // The model a request runs on, without a lock or a shared reference count on the request path:
+  // each thread keeps its own reference and refreshes it (under mu_) only when SetModel has
+  // published a newer generation. An idle thread may hold a replaced model until its next call.
+  const std::shared_ptr<const Served>& Current() const;
   grpc::Status Infer(const inference::ModelInferRequest& request, inference::ModelInferResponse* response);
 
   Stats* stats_;
+  mutable std::mutex mu_;  // guards served_; taken by SetModel and by a thread's refresh only
   std::shared_ptr<const Served> served_;
+  std::atomic<uint64_t> generation_{0};  // of served_; unique across instances (see SetModel)
 };
 
 }  // namespace servefleet::direct
