@@ -8,10 +8,18 @@ The model is ``examples.echo:Echo`` (returns its FP32 [1, 4] input) on every pla
 replica and the same per-replica concurrency (servefleet ``max_concurrency`` = Serve
 ``max_ongoing_requests``). The load generator is a closed loop of C concurrent callers on one
 ``grpc.aio`` channel in this process, sending a pre-serialized ModelInferRequest (so its own cost is
-the same for all three). For each C in 1, 8, 64: requests/s, p50 and p99 latency.
+the same for all three). For each C in 1, 8, 64: requests/s, p50 and p99 latency. The streaming
+row (``ModelStreamInfer``: C bidirectional streams, each sending its next request when the last
+answer is back) runs on servefleet and the raw server (Ray Serve's gRPC proxy has no
+bidirectional streams).
 
-    .venv/bin/python bench/proxy.py            # 10 s per point
-    .venv/bin/python bench/proxy.py --quick    # 3 s per point (under 2 minutes)
+The machine is shared, so every point is measured ``--reps`` (3) times, the servers interleaved
+(whose turn is first rotates), and each figure is the median; the load average is recorded at the
+start and the end. CPU time per request (user + system, from /proc) of the servefleet proxy, its
+replica and the raw server says where the time goes.
+
+    .venv/bin/python bench/proxy.py            # 5 s per point and rep
+    .venv/bin/python bench/proxy.py --quick    # 1 s per point and rep (under 2 minutes)
     .venv/bin/python bench/proxy.py --profile  # also py-spy the servefleet proxy and replica at C=8
 
 Writes bench/results/proxy.json (with ratio_rps_vs_ray_serve / ratio_rps_vs_limit per C).
@@ -21,7 +29,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -32,6 +43,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from tritonclient.grpc import service_pb2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ for the model
 
@@ -44,6 +56,7 @@ from servefleet.common.net import free_port, tcp_open, wait_for
 from servefleet.common.tensors import decode_request, encode_request, encode_response
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
+STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 CONCURRENCY = (1, 8, 64)
 MAX_CONCURRENCY = 64  # per replica, both platforms
 MODEL = "echo"
@@ -51,6 +64,58 @@ MODEL = "echo"
 
 def payload() -> bytes:
     return encode_request(MODEL, {"x": np.arange(4, dtype=np.float32).reshape(1, 4)}).SerializeToString()
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def drive_stream(address: str, concurrency: int, seconds: float) -> dict[str, float]:
+    """Closed loop over ``concurrency`` ModelStreamInfer streams: each sends its next request
+    when the last answer is back; latencies of answers within the window."""
+    request = payload()
+    latencies: list[float] = []
+    errors = 0
+    async with grpc.aio.insecure_channel(address, options=grpc_options()) as channel:
+        open_stream = channel.stream_stream(STREAM_METHOD)
+        end = time.perf_counter() + seconds
+
+        async def caller() -> None:
+            nonlocal errors
+            call = open_stream(timeout=seconds + 30)
+            for _ in range(5):  # warm-up
+                await call.write(request)
+                await call.read()
+            while time.perf_counter() < end:
+                began = time.perf_counter()
+                await call.write(request)
+                answer = await call.read()
+                if (
+                    answer is grpc.aio.EOF
+                    or service_pb2.ModelStreamInferResponse.FromString(answer).error_message
+                ):
+                    errors += 1
+                else:
+                    latencies.append(time.perf_counter() - began)
+            await call.done_writing()
+
+        began = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - began
+    return summary(latencies, errors, elapsed)
+
+
+def summary(latencies: list[float], errors: int, elapsed: float) -> dict[str, float]:
+    ms = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
+    return {
+        "rps": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2),
+        "requests": len(latencies),
+        "errors": errors,
+    }
 
 
 async def drive(
@@ -88,14 +153,7 @@ async def drive(
         began = time.perf_counter()
         await asyncio.gather(*(caller() for _ in range(concurrency)))
         elapsed = time.perf_counter() - began
-    ms = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
-    return {
-        "rps": round(len(latencies) / elapsed, 1),
-        "p50_ms": round(float(np.percentile(ms, 50)), 2),
-        "p99_ms": round(float(np.percentile(ms, 99)), 2),
-        "requests": len(latencies),
-        "errors": errors,
-    }
+    return summary(latencies, errors, elapsed)
 
 
 # ---- (c) the limit: a raw grpc.aio server in its own process -----------------------------------
@@ -111,6 +169,11 @@ def raw_server(port: int) -> None:
         async def ModelInfer(self, request: Any, context: Any) -> Any:
             return encode_response(request.model_name, model(decode_request(request)))
 
+        async def ModelStreamInfer(self, requests: Any, context: Any) -> Any:
+            async for request in requests:
+                response = encode_response(request.model_name, model(decode_request(request)))
+                yield service_pb2.ModelStreamInferResponse(infer_response=response)
+
     async def serve() -> None:
         server = grpc.aio.server(options=grpc_options())
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(), server)
@@ -122,13 +185,13 @@ def raw_server(port: int) -> None:
 
 
 @contextmanager
-def limit_server() -> Iterator[str]:
+def limit_server() -> Iterator[tuple[str, int]]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, __file__, "--raw-server", str(port)])
     try:
         address = f"127.0.0.1:{port}"
         wait_for(lambda: tcp_open(address), timeout=30, what="raw grpc.aio server")
-        yield address
+        yield address, proc.pid
     finally:
         proc.terminate()
         proc.wait(10)
@@ -164,6 +227,21 @@ async def servefleet_app() -> tuple[str, dict[str, Any]]:
             return status.proxy_addresses[0], pids
         await asyncio.sleep(0.2)
     raise TimeoutError("servefleet app did not become ready")
+
+
+async def proxy_pid(address: str) -> int:
+    """The process of the app's proxy that serves ``address`` (an app has more than one)."""
+    import ray
+
+    import servefleet.services.actors as names
+
+    for index in range(8):
+        with contextlib.suppress(ValueError):
+            name = f"{names.PROXY_PREFIX}default/{MODEL}:{index}"
+            proxy = ray.get_actor(name, namespace=names.RAY_NAMESPACE)
+            if await proxy.address.remote() == address:
+                return int((await proxy.stats.remote())["pid"])
+    raise LookupError(f"no proxy actor serves {address}")
 
 
 # ---- (b) Ray Serve -----------------------------------------------------------------------------
@@ -255,45 +333,68 @@ def top_frames(path: Path, count: int = 14) -> list[str]:
 
 
 def table(figures: dict[str, dict[str, dict[str, float]]]) -> str:
-    lines = [f"{'server':<12}{'C':>4}{'rps':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}"]
+    lines = [f"{'server':<20}{'C':>4}{'rps':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}"]
     for server, points in figures.items():
         for c, f in points.items():
             lines.append(
-                f"{server:<12}{c:>4}{f['rps']:>10}{f['p50_ms']:>10}{f['p99_ms']:>10}{f['errors']:>8}"
+                f"{server:<20}{c:>4}{f['rps']:>10}{f['p50_ms']:>10}{f['p99_ms']:>10}{f['errors']:>8}"
             )
     return "\n".join(lines)
 
 
-def ratios(figures: dict[str, dict[str, dict[str, float]]], peer: str, key: str) -> dict[str, float]:
-    ours = figures["servefleet"]
-    return {c: round(ours[c][key] / figures[peer][c][key], 2) for c in ours if figures[peer][c][key]}
+def ratios(
+    figures: dict[str, dict[str, dict[str, float]]], peer: str, key: str, ours: str = "servefleet"
+) -> dict[str, float]:
+    mine = figures[ours]
+    return {c: round(mine[c][key] / figures[peer][c][key], 2) for c in mine if figures[peer][c][key]}
+
+
+def median_of(reps: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's median over the repetitions (a point's figures need not come from one rep)."""
+    return {key: statistics.median(r[key] for r in reps) for key in reps[0]}
 
 
 async def run(args: argparse.Namespace, measure: Callable[..., Any]) -> dict[str, Any]:
-    """All three servers up at once, then each C measured on each in turn, so that the machine's
-    other load (it is shared) falls on the three alike."""
+    """All three servers up at once, then each C measured on each in turn, ``reps`` times with the
+    first turn rotating, so that the machine's other load (it is shared) falls on all alike."""
     import ray
 
     from servefleet.testing import RayCluster
 
-    figures: dict[str, dict[str, dict[str, float]]] = {"servefleet": {}, "ray_serve": {}, "raw_grpc_aio": {}}
+    reps: dict[tuple[str, int], list[dict[str, float]]] = {}
+    cpu: dict[tuple[str, int], list[dict[str, float]]] = {}
     profiles: dict[str, list[str]] = {}
     cluster = RayCluster(num_cpus=2).start()
     try:
         ray.init(address=cluster.address, namespace="bench-proxy", log_to_driver=False)
         address, pids = await servefleet_app()
+        roles = {"proxy": await proxy_pid(address), "replica": pids["replica"][0]}
         serve_address = await asyncio.to_thread(ray_serve_app)
         serve_app = (("application", MODEL),)  # Serve's gRPC proxy routes by this metadata
-        with limit_server() as raw:
-            for c in CONCURRENCY:
-                figures["servefleet"][str(c)] = await measure(address, c)
-                figures["ray_serve"][str(c)] = await measure(serve_address, c, metadata=serve_app)
-                figures["raw_grpc_aio"][str(c)] = await measure(raw, c)
+        with limit_server() as (raw, raw_pid):
+            points: list[tuple[str, Callable[[int], Any], dict[str, int]]] = [
+                ("servefleet", lambda c: measure(address, c), roles),
+                ("ray_serve", lambda c: measure(serve_address, c, metadata=serve_app), {}),
+                ("raw_grpc_aio", lambda c: measure(raw, c), {"server": raw_pid}),
+                ("servefleet_stream", lambda c: measure(address, c, stream=True), roles),
+                ("raw_grpc_aio_stream", lambda c: measure(raw, c, stream=True), {"server": raw_pid}),
+            ]
+            for rep in range(args.reps):
+                for c in CONCURRENCY:
+                    turn = rep % len(points)
+                    for server, point, procs in points[turn:] + points[:turn]:
+                        before = {role: cpu_s(pid) for role, pid in procs.items()}
+                        figures = await point(c)
+                        reps.setdefault((server, c), []).append(figures)
+                        cpu.setdefault((server, c), []).append(
+                            {
+                                f"{role}_cpu_us_per_request": round(
+                                    (cpu_s(pid) - before[role]) * 1e6 / max(figures["requests"], 1), 1
+                                )
+                                for role, pid in procs.items()
+                            }
+                        )
         if args.profile:
-            import servefleet.services.actors as names
-
-            proxy = ray.get_actor(f"{names.PROXY_PREFIX}default/{MODEL}:0", namespace=names.RAY_NAMESPACE)
-            roles = {"proxy": (await proxy.stats.remote())["pid"], "replica": pids["replica"][0]}
             out = RESULTS_DIR / "proxy-profile"
             out.mkdir(exist_ok=True)
             load = asyncio.create_task(measure(address, 8, seconds=12))
@@ -302,7 +403,12 @@ async def run(args: argparse.Namespace, measure: Callable[..., Any]) -> dict[str
     finally:
         ray.shutdown()  # before the cluster goes: a driver that loses its GCS aborts the process
         cluster.cleanup()
-    return {"figures": figures, "profile": profiles}
+    figures: dict[str, dict[str, dict[str, float]]] = {}
+    for (server, c), runs in reps.items():
+        figures.setdefault(server, {})[str(c)] = median_of(runs)
+        if cpu[(server, c)][0]:
+            figures[server][str(c)].update(median_of(cpu[(server, c)]))
+    return {"figures": figures, "profile": profiles, "reps": {f"{s} C={c}": r for (s, c), r in reps.items()}}
 
 
 def main() -> None:
@@ -311,25 +417,36 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="3 s per point")
     parser.add_argument("--profile", action="store_true", help="py-spy the servefleet proxy and replica")
+    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions (median reported)")
     parser.add_argument("--raw-server", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.raw_server:
         raw_server(args.raw_server)
         return
-    seconds = 3.0 if args.quick else 10.0
+    seconds = 1.0 if args.quick else 5.0
 
     async def measure(
-        address: str, concurrency: int, seconds: float = seconds, metadata: tuple[tuple[str, str], ...] = ()
+        address: str,
+        concurrency: int,
+        seconds: float = seconds,
+        metadata: tuple[tuple[str, str], ...] = (),
+        stream: bool = False,
     ) -> dict[str, float]:
-        figures = await drive(address, concurrency, seconds, metadata)
-        print(f"  {address} C={concurrency}: {figures}", flush=True)
+        if stream:
+            figures = await drive_stream(address, concurrency, seconds)
+        else:
+            figures = await drive(address, concurrency, seconds, metadata)
+        print(f"  {address} C={concurrency}{' stream' if stream else ''}: {figures}", flush=True)
         return figures
 
+    load_before = round(os.getloadavg()[0], 2)
     result = asyncio.run(run(args, measure))
     figures = result["figures"]
     report = {
         "settings": {
-            "seconds_per_point": seconds,
+            "seconds_per_point_and_rep": seconds,
+            "reps": args.reps,
+            "figure": "median over the reps, servers interleaved within each rep",
             "concurrency": list(CONCURRENCY),
             "replicas": 1,
             "per_replica_concurrency": MAX_CONCURRENCY,
@@ -341,11 +458,18 @@ def main() -> None:
         "ratio_rps_vs_ray_serve": ratios(figures, "ray_serve", "rps"),
         "ratio_p99_vs_ray_serve": ratios(figures, "ray_serve", "p99_ms"),
         "ratio_rps_vs_limit": ratios(figures, "raw_grpc_aio", "rps"),
+        "ratio_stream_rps_vs_limit": ratios(figures, "raw_grpc_aio_stream", "rps", "servefleet_stream"),
         "profile": result["profile"],
+        "reps": result["reps"],
     }
-    write_report("proxy", report)
+    write_report("proxy", report, load_average_1m_at_start=load_before)
     print(table(figures))
-    for key in ("ratio_rps_vs_ray_serve", "ratio_p99_vs_ray_serve", "ratio_rps_vs_limit"):
+    for key in (
+        "ratio_rps_vs_ray_serve",
+        "ratio_p99_vs_ray_serve",
+        "ratio_rps_vs_limit",
+        "ratio_stream_rps_vs_limit",
+    ):
         print(f"{key}: {report[key]}")
     for role, frames in result["profile"].items():
         print(f"\nprofile {role} (inclusive):\n  " + "\n  ".join(frames))
