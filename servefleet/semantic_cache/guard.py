@@ -210,22 +210,35 @@ def _same_names(pa: _Prompt, pb: _Prompt) -> bool:
     return Counter(w for w in pa.words if w in names) == Counter(w for w in pb.words if w in names)
 
 
-def _members(p: _Prompt, group: tuple[frozenset[str], ...]) -> frozenset[int]:
+# word or phrase -> (group, member) of _CONTRASTS: a prompt's contrasts in one pass over its words.
+def _contrast_index() -> dict[str, list[tuple[int, int]]]:
+    index: dict[str, list[tuple[int, int]]] = {}
+    for g, group in enumerate(_CONTRASTS):
+        for m, member in enumerate(group):
+            for word in member:
+                index.setdefault(word, []).append((g, m))
+    return index
+
+
+_CONTRAST_OF = _contrast_index()
+_CONTRAST_PHRASES = tuple(w for w in _CONTRAST_OF if " " in w)
+
+
+def _contrasts(p: _Prompt) -> dict[int, set[int]]:
+    """group -> the members of it the prompt uses."""
     joined = f" {' '.join(p.words)} "
-    words = set(p.words)
-    return frozenset(
-        i
-        for i, member in enumerate(group)
-        if any((f" {m} " in joined) if " " in m else (m in words) for m in member)
-    )
+    found: dict[int, set[int]] = {}
+    for key in [*p.words, *(w for w in _CONTRAST_PHRASES if f" {w} " in joined)]:
+        for group, member in _CONTRAST_OF.get(key, ()):
+            found.setdefault(group, set()).add(member)
+    return found
 
 
 def _same_contrasts(pa: _Prompt, pb: _Prompt) -> bool:
-    for group in _CONTRASTS:
-        ma, mb = _members(pa, group), _members(pb, group)
-        if ma and mb and not (ma <= mb or mb <= ma):
-            return False
-    return True
+    """Where both prompts use a group, one's members include the other's ("slow ... faster" vs
+    "slow" is fine; "enable" vs "disable" is not)."""
+    ca, cb = _contrasts(pa), _contrasts(pb)
+    return all(ca[g] <= cb[g] or cb[g] <= ca[g] for g in ca.keys() & cb.keys())
 
 
 def _phrase_after(words: tuple[str, ...], i: int) -> list[str]:
