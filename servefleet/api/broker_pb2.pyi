@@ -1,8 +1,9 @@
 from servefleet.api import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -104,3 +105,25 @@ class QueueStatsResponse(_message.Message):
     duplicate_executions: int
     workers: int
     def __init__(self, depth: _Optional[int] = ..., in_flight: _Optional[int] = ..., oldest_age_s: _Optional[float] = ..., submit_rate: _Optional[float] = ..., complete_rate: _Optional[float] = ..., dead_letters: _Optional[int] = ..., duplicate_executions: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
+
+class WorkerCredentialRequest(_message.Message):
+    __slots__ = ("app", "rotate")
+    APP_FIELD_NUMBER: _ClassVar[int]
+    ROTATE_FIELD_NUMBER: _ClassVar[int]
+    app: _common_pb2.AppRef
+    rotate: bool
+    def __init__(self, app: _Optional[_Union[_common_pb2.AppRef, _Mapping]] = ..., rotate: _Optional[bool] = ...) -> None: ...
+
+class WorkerCredential(_message.Message):
+    __slots__ = ("redis", "mode", "sentinel_master", "username", "password")
+    REDIS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    SENTINEL_MASTER_FIELD_NUMBER: _ClassVar[int]
+    USERNAME_FIELD_NUMBER: _ClassVar[int]
+    PASSWORD_FIELD_NUMBER: _ClassVar[int]
+    redis: _containers.RepeatedScalarFieldContainer[str]
+    mode: str
+    sentinel_master: str
+    username: str
+    password: str
+    def __init__(self, redis: _Optional[_Iterable[str]] = ..., mode: _Optional[str] = ..., sentinel_master: _Optional[str] = ..., username: _Optional[str] = ..., password: _Optional[str] = ...) -> None: ...

@@ -59,6 +59,11 @@ class BrokerStub:
                 request_serializer=servefleet_dot_api_dot_broker__pb2.QueueStatsRequest.SerializeToString,
                 response_deserializer=servefleet_dot_api_dot_broker__pb2.QueueStatsResponse.FromString,
                 _registered_method=True)
+        self.GetWorkerCredential = channel.unary_unary(
+                '/servefleet.api.Broker/GetWorkerCredential',
+                request_serializer=servefleet_dot_api_dot_broker__pb2.WorkerCredentialRequest.SerializeToString,
+                response_deserializer=servefleet_dot_api_dot_broker__pb2.WorkerCredential.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -94,6 +99,13 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetWorkerCredential(self, request, context):
+        """The app's own Redis user: only its keys, channel and the commands its workers run.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +133,11 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.QueueStats,
                     request_deserializer=servefleet_dot_api_dot_broker__pb2.QueueStatsRequest.FromString,
                     response_serializer=servefleet_dot_api_dot_broker__pb2.QueueStatsResponse.SerializeToString,
+            ),
+            'GetWorkerCredential': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWorkerCredential,
+                    request_deserializer=servefleet_dot_api_dot_broker__pb2.WorkerCredentialRequest.FromString,
+                    response_serializer=servefleet_dot_api_dot_broker__pb2.WorkerCredential.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +275,33 @@ class Broker:
             '/servefleet.api.Broker/QueueStats',
             servefleet_dot_api_dot_broker__pb2.QueueStatsRequest.SerializeToString,
             servefleet_dot_api_dot_broker__pb2.QueueStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWorkerCredential(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/servefleet.api.Broker/GetWorkerCredential',
+            servefleet_dot_api_dot_broker__pb2.WorkerCredentialRequest.SerializeToString,
+            servefleet_dot_api_dot_broker__pb2.WorkerCredential.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,13 +51,14 @@ from prometheus_client import Counter, Gauge
 from tritonclient.grpc import service_pb2
 
 from servefleet.api import broker_pb2, common_pb2
+from servefleet.broker.acl import WorkerCredentials
 from servefleet.broker.keys import new_ticket, ticket_app
 from servefleet.broker.queue import AppConfig, RequestQueue, State, band_of
 from servefleet.common import metrics
 from servefleet.common.appid import AppId
 from servefleet.common.auth import Principal
 from servefleet.common.config import settings
-from servefleet.common.errors import InvalidArgument, NotFound, ServefleetError
+from servefleet.common.errors import FailedPrecondition, InvalidArgument, NotFound, ServefleetError
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,19 @@ def check_ticket(ticket: str) -> str:
 class BrokerCore:
     """Validation and waiting over a RequestQueue; no gRPC here."""
 
-    def __init__(self, queue: RequestQueue) -> None:
+    def __init__(self, queue: RequestQueue, credentials: WorkerCredentials | None = None) -> None:
         self.queue = queue
+        self.credentials = credentials
+
+    async def worker_credential(
+        self, who: Principal, app: common_pb2.AppRef | str, *, rotate: bool = False
+    ) -> broker_pb2.WorkerCredential:
+        """The Redis credential of ``app``'s pull workers: only its own endpoint token gets it."""
+        parsed = AppId.parse(app)
+        who.require_serves(parsed.namespace, parsed.name, "pull the broker work of")
+        if self.credentials is None:
+            raise FailedPrecondition("this broker hands out no worker credentials (built without them)")
+        return await self.credentials.issue(parsed.key, rotate=rotate)
 
     async def register_app(self, app: common_pb2.AppRef | str, config: AppConfig | None = None) -> None:
         """Enable an app for async requests (its workers do this on start)."""
@@ -219,3 +231,5 @@ class BrokerCore:
 
     async def close(self) -> None:
         await self.queue.close()
+        if self.credentials is not None:
+            await self.credentials.close()

@@ -47,6 +47,11 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
     ) -> broker_pb2.QueueStatsResponse:
         return await self.core.stats(caller(), request.app)
 
+    async def GetWorkerCredential(
+        self, request: broker_pb2.WorkerCredentialRequest, context: grpc.aio.ServicerContext
+    ) -> broker_pb2.WorkerCredential:
+        return await self.core.worker_credential(caller(), request.app, rotate=request.rotate)
+
 
 def broker_server(core: BrokerCore, listen: str, auth: Authenticator) -> GrpcServer:
     """A GrpcServer (health, reflection, callers checked by ``auth``) serving the broker over ``core``."""

@@ -2,7 +2,8 @@
 
 Usage inside a (Ray) deployment actor, on the actor's event loop::
 
-    worker = PullWorker("127.0.0.1:6379", spec.app, consumer=f"{replica_id}", slots=4, handler=infer)
+    source = from_broker(broker_address, endpoint_token, spec.app)  # the app's own Redis user
+    worker = PullWorker(source, spec.app, consumer=f"{replica_id}", slots=4, handler=infer)
     await worker.start()          # registers the app with the broker, starts pulling
     ...
     await worker.stop(drain=True)  # finish what is running, then leave
@@ -11,6 +12,11 @@ Usage inside a (Ray) deployment actor, on the actor's event loop::
 serves synchronously, so one app serves both. The request carries its ticket in
 ``parameters["servefleet.ticket"]``. Nothing else is needed: the broker service only talks to
 Redis, and this worker handles reclaiming, retries, dead letters and Redis restarts itself.
+
+Credential: with ``from_broker`` the worker asks the broker (``GetWorkerCredential``, presenting
+the app's endpoint token) for its app's Redis user, which may touch that app's keys only; when
+Redis refuses it (rotated, removed, or Redis restarted and forgot it) the worker asks again. A
+plain ``HOST:PORT`` or ``RedisTarget`` connects with whatever credential it carries.
 
 Guarantees: the worker holds at most ``slots`` requests (it reads COUNT = free slots); a result
 is stored and the entry acked in one atomic step; if this worker dies, its requests are taken
@@ -28,14 +34,18 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import grpc
 from redis.exceptions import ResponseError
 from tritonclient.grpc import service_pb2
 
-from servefleet.api import common_pb2
+from servefleet.api import broker_pb2, broker_pb2_grpc, common_pb2
+from servefleet.broker.acl import target_of
 from servefleet.broker.queue import TRANSIENT_ERRORS, AppConfig, Entry, RedisStreamQueue, RequestQueue
 from servefleet.common.appid import AppId
+from servefleet.common.channels import aio_channel
 from servefleet.common.config import settings
-from servefleet.common.redis_target import RedisTarget
+from servefleet.common.errors import Unavailable, from_rpc_error
+from servefleet.common.redis_target import RedisTarget, refused
 from servefleet.common.retry import Backoff, RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -43,19 +53,42 @@ log = logging.getLogger(__name__)
 Handler = Callable[[service_pb2.ModelInferRequest], Awaitable[service_pb2.ModelInferResponse]]
 TICKET_PARAMETER = "servefleet.ticket"
 T = TypeVar("T")
-#: Redis unreachable: try again after a capped, doubling, fully jittered pause (so a fleet of
-#: workers does not reconnect to a restarted Redis in step), for as long as it takes.
+#: Redis (or, for a credential, the broker) unreachable, or the credential refused: try again after
+#: a capped, doubling, fully jittered pause (so a fleet of workers does not reconnect to a restarted
+#: Redis in step), for as long as it takes.
 REDIS_RETRY = RetryPolicy(
-    Backoff(initial_s=0.1, max_s=2.0), retry_on=lambda exc: isinstance(exc, TRANSIENT_ERRORS)
+    Backoff(initial_s=0.1, max_s=2.0),
+    retry_on=lambda exc: isinstance(exc, (*TRANSIENT_ERRORS, Unavailable)) or refused(exc),
 )
+#: ``await source()``: where the app's Redis is, with the app's credential.
+TargetSource = Callable[[], Awaitable[RedisTarget]]
+
+
+def from_broker(broker: str, token: str, app: common_pb2.AppRef | str) -> TargetSource:
+    """A source of ``app``'s Redis credential: the broker at ``broker``, asked with ``token`` (the
+    app's endpoint token)."""
+    ref = AppId.parse(app).ref()
+
+    async def fetch() -> RedisTarget:
+        async with aio_channel(broker, token=token) as channel:
+            stub = broker_pb2_grpc.BrokerStub(channel)
+            try:
+                reply = await stub.GetWorkerCredential(
+                    broker_pb2.WorkerCredentialRequest(app=ref), timeout=10
+                )
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc) from None
+        return target_of(reply)
+
+    return fetch
 
 
 class PullWorker:
     """Pulls an app's queued requests when it has a free slot and runs them with ``handler``.
 
     Args:
-        redis_address: the broker's Redis: ``host:port[,...]`` (``settings.redis_mode``) or a
-            ``RedisTarget`` (with the app's credential: ``broker.credentials``)
+        redis_address: the broker's Redis: ``host:port[,...]`` (``settings.redis_mode``), a
+            ``RedisTarget``, or where to get the app's credential (``from_broker``).
         app: the application (``AppRef`` or ``"namespace/name"``).
         consumer: this worker's name in the app's consumer group; unique per replica.
         slots: how many requests it runs at once.
@@ -67,7 +100,7 @@ class PullWorker:
 
     def __init__(
         self,
-        redis_address: str | RedisTarget,
+        redis_address: str | RedisTarget | TargetSource,
         app: common_pb2.AppRef | str,
         consumer: str,
         slots: int,
@@ -89,7 +122,15 @@ class PullWorker:
         self._reclaim_idle_s = reclaim_idle_s
         self._exec_timeout_s = exec_timeout_s
         self._block_ms = block_ms
-        self._queue = queue or RedisStreamQueue(redis_address)
+        self._source: TargetSource | None = None
+        if queue is not None:
+            self._queue = queue
+        elif callable(redis_address):
+            self._source = redis_address
+        else:
+            self._queue = RedisStreamQueue(redis_address)
+        self._stale = self._source is not None  # connect (again) before the next Redis call
+        self._connecting = asyncio.Lock()
         self._running: dict[str, tuple[Entry, asyncio.Task[None]]] = {}
         #: Entries whose handler returned, being stored or re-queued in Redis (not holding a slot).
         self._settling: dict[str, tuple[Entry, asyncio.Task[None]]] = {}
@@ -101,7 +142,22 @@ class PullWorker:
         self.completed = 0
         self.duplicates = 0
 
+    async def _q(self) -> RequestQueue:
+        """The queue, first reconnected with a fresh credential when Redis refused the last one."""
+        if self._stale and self._source is not None:
+            async with self._connecting:
+                if self._stale:
+                    target = await self._source()
+                    old = getattr(self, "_queue", None)
+                    self._queue = RedisStreamQueue(target)
+                    self._stale = False
+                    if old is not None:
+                        with contextlib.suppress(Exception):
+                            await old.close()
+        return self._queue
+
     async def start(self) -> None:
+        await self._persist(lambda: self._q())
         await self._queue.register_app(self.app, self._config)
         await self._queue.ensure_groups(self.app)
         await self._queue.heartbeat(self.app, self.consumer, [])
@@ -130,9 +186,10 @@ class PullWorker:
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beat
-        with contextlib.suppress(*TRANSIENT_ERRORS):
-            await self._queue.leave(self.app, self.consumer)
-        await self._queue.close()
+        if hasattr(self, "_queue"):  # connected (a worker with a credential source connects at start)
+            with contextlib.suppress(*TRANSIENT_ERRORS):
+                await self._queue.leave(self.app, self.consumer)
+            await self._queue.close()
 
     @property
     def busy(self) -> int:
@@ -155,9 +212,9 @@ class PullWorker:
                 if time.monotonic() >= next_reclaim:
                     next_reclaim = time.monotonic() + self._reclaim_idle_s / 2
                     idle_ms = int(self._reclaim_idle_s * 1000)
-                    entries = await self._queue.reclaim(self.app, self.consumer, free, idle_ms)
+                    entries = await (await self._q()).reclaim(self.app, self.consumer, free, idle_ms)
                 if not entries:
-                    entries = await self._queue.take(self.app, self.consumer, free, self._block_ms)
+                    entries = await (await self._q()).take(self.app, self.consumer, free, self._block_ms)
                 # Only more than `free` if several bands woke one blocking read: run them next.
                 for entry in entries:
                     if len(self._running) < self.slots:
@@ -172,12 +229,14 @@ class PullWorker:
                 await self._recover(exc, REDIS_RETRY.backoff.delay(failures))
 
     async def _recover(self, exc: Exception, pause: float) -> None:
-        """Redis unreachable or restarted: wait, and recreate the consumer groups if they are gone."""
+        """Redis unreachable or restarted: wait, and recreate the consumer groups if they are gone;
+        the credential refused: ask for a fresh one."""
         log.warning("pull worker %s/%s: %s; retrying", self.app, self.consumer, exc)
+        self._stale = self._stale or refused(exc)
         await asyncio.sleep(pause)
         if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
             with contextlib.suppress(Exception):
-                await self._queue.register_app(self.app, self._config)
+                await (await self._q()).register_app(self.app, self._config)
                 await self._queue.ensure_groups(self.app)
 
     async def _heartbeat_loop(self) -> None:
@@ -185,7 +244,7 @@ class PullWorker:
         while True:
             await asyncio.sleep(self._reclaim_idle_s / 3)
             try:
-                await self._queue.register_app(self.app, self._config)
+                await (await self._q()).register_app(self.app, self._config)
                 held = [entry for entry, _ in (*self._running.values(), *self._settling.values())]
                 await self._queue.heartbeat(self.app, self.consumer, held)
             except Exception as exc:
@@ -208,8 +267,13 @@ class PullWorker:
 
         def retrying(exc: BaseException, _: float) -> None:
             log.warning("pull worker %s/%s: redis: %s; retrying", self.app, self.consumer, exc)
+            self._stale = self._stale or refused(exc)
 
-        return await REDIS_RETRY.run(call, on_retry=retrying)
+        async def attempt() -> T:
+            await self._q()
+            return await call()
+
+        return await REDIS_RETRY.run(attempt, on_retry=retrying)
 
     async def _run(self, entry: Entry) -> None:
         """Run one started entry; its slot frees when the handler returns, and the result is

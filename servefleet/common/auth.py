@@ -16,8 +16,9 @@ Roles (the narrowest that lets each part do its job):
 - ``keeper``: what a keeper uses to drive cluster agents (minted by each keeper at start).
 - ``agent``: a cluster agent: heartbeat to the keeper and obtain ``endpoint`` tokens for the apps
   it runs.
-- ``endpoint``: one application's servers (proxies, direct ingresses, Triton actors): register,
-  renew and deregister that application's endpoints in discovery, nothing else.
+- ``endpoint``: one application's servers (proxies, replicas, direct ingresses, Triton actors):
+  register, renew and deregister that application's endpoints in discovery, and obtain its Redis
+  credential from the broker (its pull workers), nothing else.
 - ``autoscaler``: read applications and scale them (within each spec's range and its owner's quota).
 
 A verified token is cached for ``settings.token_cache_s`` seconds per process: a revoked token
@@ -98,6 +99,7 @@ ALLOWED: dict[str, dict[str, frozenset[str]]] = {
         "WatchResult": _roles(TENANT),
         "Cancel": _roles(TENANT),
         "QueueStats": _roles(TENANT, AUTOSCALER),
+        "GetWorkerCredential": _roles(ENDPOINT),  # the app's own workers (checked by the broker)
     },
     "servefleet.api.ClusterAgent": {
         "ApplyApplication": _roles(KEEPER),
@@ -177,14 +179,15 @@ class Principal:
         if not self.sees(namespace):
             raise NotFound(f"{what} {app_key(namespace, name)} not found")
 
-    def require_serves(self, namespace: str, name: str) -> None:
-        """For endpoint registration: only the app's own endpoint token (or an admin) may."""
+    def require_serves(self, namespace: str, name: str, what: str = "register endpoints of") -> None:
+        """For acting as the app's servers (registering its endpoints, pulling its broker work):
+        only the app's own endpoint token (or an admin) may."""
         # A pipeline's stages run as apps ``<app>--<stage>`` (``--`` is reserved in app names, so a
         # stage app belongs to exactly one pipeline): the pipeline's endpoint token serves them too.
         if self.is_admin or (self.role == ENDPOINT and self.app == app_key(namespace, pipeline_of(name))):
             return
         raise PermissionDenied(
-            f"{self.describe()} may not register endpoints of {app_key(namespace, name)}: "
+            f"{self.describe()} may not {what} {app_key(namespace, name)}: "
             "only that application's endpoint token may (the keeper issues it to the app's cluster)"
         )
 

@@ -60,6 +60,8 @@ class Settings:
     broker_reclaim_idle_s: float = 30.0
     #: Blocking XREADGROUP timeout of a worker (ms); bounds how fast stop() returns.
     broker_block_ms: int = 1000
+    #: Broker: seconds between sweeps that remove the Redis users of deleted apps.
+    broker_acl_sweep_s: float = 10.0
     #: Broker: seconds between refreshes of the per-app queue gauges on /metrics.
     broker_stats_interval_s: float = 1.0
     #: Autoscaler: seconds of wall-clock time between load readings and decisions.

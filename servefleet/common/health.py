@@ -44,9 +44,9 @@ def redis_health(address: str, timeout: float = 1.0) -> tuple[bool, str]:
             reply = sock.recv(64)
     except OSError as exc:
         return False, str(exc)
-    return reply.startswith(b"+PONG"), "SERVING" if reply.startswith(b"+PONG") else reply.decode(
-        errors="replace"
-    )
+    # A Redis that requires auth answers an anonymous PING with NOAUTH: it is up and serving.
+    up = reply.startswith((b"+PONG", b"-NOAUTH"))
+    return up, "SERVING" if up else reply.decode(errors="replace")
 
 
 def ray_health(address: str, timeout: float = 1.0) -> tuple[bool, str]:

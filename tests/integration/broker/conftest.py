@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import ray
 
+from servefleet.broker.acl import AppUsers, WorkerCredentials
 from servefleet.broker.core import BrokerCore
 from servefleet.broker.queue import RedisStreamQueue
 from servefleet.broker.servicer import broker_server
@@ -27,7 +28,11 @@ class BrokerService:
     def __init__(self, redis_address: str | RedisTarget, credentials: Credentials) -> None:
         self.redis_address = redis_address
         self.credentials = credentials
-        self.core = BrokerCore(RedisStreamQueue(redis_address))
+        # As the entry point builds it: a Redis that requires auth gets per-app worker users.
+        target = RedisTarget.parse(redis_address)
+        users = AppUsers(target.client(max_connections=4), target.password) if target.password else None
+        public = target.with_credential("", "")
+        self.core = BrokerCore(RedisStreamQueue(target), WorkerCredentials(public, users))
         self.server: GrpcServer = broker_server(self.core, "127.0.0.1:0", credentials.authenticator())
         self.client: AsyncBrokerClient | None = None
         self.token = ""
