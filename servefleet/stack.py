@@ -28,6 +28,9 @@ from servefleet.common.net import port_in_use
 STACK_FILE = "stack.json"
 #: The stack's own secrets in the state dir, each mode 0600.
 RAY_TOKEN_FILE = "ray.token"
+#: The password of the stack's Redis admin (the broker); Redis's own config file holds it too.
+REDIS_PASSWORD_FILE = "redis.password"
+REDIS_CONFIG_FILE = "redis/redis.conf"
 ADMIN_TOKEN_FILE = "admin.token"
 AGENT_TOKEN_FILE = "agent.token"
 AUTOSCALER_TOKEN_FILE = "autoscaler.token"
@@ -185,6 +188,16 @@ def ray_token(path: Path) -> Path:
     return path
 
 
+def redis_secrets(state_dir: Path) -> None:
+    """The stack's Redis admin password (made once) and the Redis config file that requires it."""
+    from servefleet.broker.acl import redis_config
+
+    path = state_dir / REDIS_PASSWORD_FILE
+    if not path.exists() or not path.read_text().strip():
+        write_secret(path, secrets.token_hex(32))
+    write_secret(state_dir / REDIS_CONFIG_FILE, redis_config(path.read_text().strip()))
+
+
 def ray_auth_env(token_file: Path) -> dict[str, str]:
     """What makes a process (Ray head, driver, worker) use exactly this Ray token: token auth on,
     the token read from ``token_file``, so neither ``~/.ray/auth_token`` nor a ``RAY_AUTH_TOKEN``
@@ -229,8 +242,11 @@ def plan(config: StackConfig) -> list[Part]:
             port=ports["redis"],
             data_dir=state / "redis",
             appendfsync=config.redis_appendfsync,
+            config_file=state / REDIS_CONFIG_FILE,
         )
         parts.append(Part("redis", addr["redis"], redis_argv))
+    # Our own Redis requires auth: the broker is its admin and hands each app's workers their own user.
+    redis_auth = [] if config.redis else ["--redis-password-file", str(state / REDIS_PASSWORD_FILE)]
     if config.ray:
         parts.append(Part("ray", config.ray))
     else:
@@ -272,7 +288,7 @@ def plan(config: StackConfig) -> list[Part]:
     ]
     parts += services
     parts += [
-        service("broker", "broker", "--redis", redis, "--etcd", etcd),
+        service("broker", "broker", "--redis", redis, "--etcd", etcd, *redis_auth),
         service("keeper", "keeper", "--etcd", etcd, "--admin-token-file", token),
         service(
             "agent",
@@ -285,6 +301,8 @@ def plan(config: StackConfig) -> list[Part]:
             discovery,
             "--redis",
             redis,
+            "--broker",
+            addr["broker"],
             "--cluster",
             config.cluster_name,
             "--etcd",
@@ -456,6 +474,8 @@ def up(
     base = dict(os.environ)
     if not config.ray:  # our own Ray head: our own token
         base = ray_process_env(base, ray_token(state.resolve() / RAY_TOKEN_FILE))
+    if not config.redis:  # our own Redis: it requires the broker's admin password
+        redis_secrets(state.resolve())
     env = {
         **base,
         **tls.env(),

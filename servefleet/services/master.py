@@ -151,12 +151,21 @@ class ApplicationMaster:
     proxy_actor: Any = ProxyActor
 
     def __init__(
-        self, app: bytes, *, cluster: str, discovery: str, redis: str = "", credential: str = ""
+        self,
+        app: bytes,
+        *,
+        cluster: str,
+        discovery: str,
+        redis: str = "",
+        broker: str = "",
+        credential: str = "",
     ) -> None:
         self.app = common_pb2.AppRef.FromString(app)
         self.cluster = cluster
         self.discovery = discovery
         self.redis = redis
+        #: Where async replicas get their app's Redis credential ("": they use ``redis`` as is).
+        self.broker = broker
         #: The app's endpoint token (role endpoint, this app only): what its proxies and replicas
         #: register in discovery with. Ray keeps constructor arguments, so a restarted master has it.
         self.credential = credential
@@ -390,6 +399,7 @@ class ApplicationMaster:
                 spec.SerializeToString(),
                 name,
                 redis=self.redis,
+                broker=self.broker,
                 discovery=self.discovery,
                 cluster=self.cluster,
                 credential=self.credential,

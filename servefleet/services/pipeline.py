@@ -37,11 +37,24 @@ class PipelineMaster:
     """Reconciles every stage of one pipeline (runs as the app's detached master actor)."""
 
     def __init__(
-        self, app: bytes, *, cluster: str, discovery: str, redis: str = "", credential: str = ""
+        self,
+        app: bytes,
+        *,
+        cluster: str,
+        discovery: str,
+        redis: str = "",
+        broker: str = "",
+        credential: str = "",
     ) -> None:
         self.app = common_pb2.AppRef.FromString(app)
         # Every stage master registers with the pipeline's endpoint token (it serves its stages).
-        self._where = {"cluster": cluster, "discovery": discovery, "redis": redis, "credential": credential}
+        self._where = {
+            "cluster": cluster,
+            "discovery": discovery,
+            "redis": redis,
+            "broker": broker,
+            "credential": credential,
+        }
         self._kv_key = f"pipeline:{AppId.parse(self.app).key}".encode()
         self.spec: common_pb2.ApplicationSpec | None = None
         self.revision = -1

@@ -158,6 +158,7 @@ class Replica:
         name: str,
         *,
         redis: str = "",
+        broker: str = "",
         discovery: str = "",
         cluster: str = "",
         credential: str = "",
@@ -216,8 +217,13 @@ class Replica:
         self._server = GrpcServer("replica", "127.0.0.1:0", [self._register], [REPLICA_SERVICE])
         self._serving = asyncio.get_running_loop().create_task(self._server.start())
         self._worker: Any = None
-        if spec.async_mode.enabled and redis:
-            self._worker = self._pull_worker(spec, redis)
+        if spec.async_mode.enabled and (redis or broker):
+            from servefleet.broker.worker import from_broker  # async apps only
+
+            # With a broker, the worker pulls as the app's own Redis user (asked with the app's
+            # endpoint token); without, it uses ``redis`` as given (a Redis without auth).
+            source = from_broker(broker, credential, AppId.parse(spec).ref()) if broker else redis
+            self._worker = self._pull_worker(spec, source)
             self._worker_started = asyncio.get_running_loop().create_task(self._worker.start())
 
     # ---- control calls (master) -------------------------------------------------------------
@@ -427,7 +433,7 @@ class Replica:
         while (chunk := await loop.run_in_executor(self._executor, next, iterator, _DONE)) is not _DONE:
             yield _as_outputs(chunk, self.model_name)
 
-    def _pull_worker(self, spec: common_pb2.ApplicationSpec, redis: str) -> Any:
+    def _pull_worker(self, spec: common_pb2.ApplicationSpec, redis: Any) -> Any:
         """The broker's pull loop for an async app: it takes requests only when this replica has
         a free slot, and shares ``max_concurrency`` with the synchronous path."""
         from servefleet.broker.worker import PullWorker  # async apps only

@@ -49,7 +49,14 @@ class ShardedMaster(ApplicationMaster):
     proxy_actor = RouterActor
 
     def __init__(
-        self, app: bytes, *, cluster: str, discovery: str, redis: str = "", credential: str = ""
+        self,
+        app: bytes,
+        *,
+        cluster: str,
+        discovery: str,
+        redis: str = "",
+        broker: str = "",
+        credential: str = "",
     ) -> None:
         self._layouts_key = f"layouts:{AppId.parse(common_pb2.AppRef.FromString(app)).key}".encode()
         stored = internal_kv._internal_kv_get(self._layouts_key, namespace=RAY_NAMESPACE)
@@ -57,7 +64,9 @@ class ShardedMaster(ApplicationMaster):
         #: generation -> serialized spec, for every layout that may still be serving.
         self._layout_specs: dict[str, bytes] = {g: bytes.fromhex(s) for g, s in book.get("specs", {}).items()}
         self._serving: str | None = book.get("serving")
-        super().__init__(app, cluster=cluster, discovery=discovery, redis=redis, credential=credential)
+        super().__init__(
+            app, cluster=cluster, discovery=discovery, redis=redis, broker=broker, credential=credential
+        )
 
     def _save_layouts(self) -> None:
         book = {"serving": self._serving, "specs": {g: s.hex() for g, s in self._layout_specs.items()}}

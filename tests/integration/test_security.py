@@ -32,6 +32,7 @@ from servefleet.api import (
     keeper_pb2,
     keeper_pb2_grpc,
 )
+from servefleet.broker.acl import ADMIN_USER
 from servefleet.broker.queue import AppConfig, RedisStreamQueue
 from servefleet.common import tensors
 from servefleet.common.auth import ALLOWED
@@ -39,6 +40,7 @@ from servefleet.common.channels import sync_channel
 from servefleet.common.config import settings
 from servefleet.common.errors import NotFound
 from servefleet.common.net import wait_for
+from servefleet.common.redis_target import RedisTarget
 from tests.integration.test_stack import free_base_port, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -112,15 +114,17 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         assert down.returncode == 0, down.stderr
 
 
-async def _enable_async(redis: str, app: str) -> None:
-    """What an async app's workers do on start: make the app known to the broker."""
-    queue = RedisStreamQueue(redis)
+async def _enable_async(redis: str, password: str, app: str) -> None:
+    """What an async app's workers do on start: make the app known to the broker (here as the
+    stack's Redis admin: its Redis admits no client without a password)."""
+    queue = RedisStreamQueue(RedisTarget((redis,)).with_credential(ADMIN_USER, password))
     await queue.register_app(app, AppConfig())
     await queue.close()
 
 
 def _tenants_and_tokens(s: Stack) -> None:
-    asyncio.run(_enable_async(s.addresses["redis"], "alpha/web"))
+    password = (s.state / "redis.password").read_text().strip()
+    asyncio.run(_enable_async(s.addresses["redis"], password, "alpha/web"))
     keeper = s.keeper()
     for tenant in ("alpha", "beta"):
         keeper.CreateTenant(keeper_pb2.CreateTenantRequest(tenant=tenant, namespaces=[tenant]), timeout=10)
@@ -131,7 +135,7 @@ def _tenants_and_tokens(s: Stack) -> None:
 
 
 def test_the_stack_owns_its_ray_token_and_keeps_secrets_0600(secured: Stack) -> None:
-    for name in ("ray.token", "admin.token", "agent.token"):
+    for name in ("ray.token", "admin.token", "agent.token", "redis.password", "redis/redis.conf"):
         assert stat.S_IMODE((secured.state / name).stat().st_mode) == 0o600, name
     assert (secured.home / ".ray" / "auth_token").read_text() == "stray-token-from-someone-elses-ray-init"
 
@@ -227,6 +231,10 @@ WALK: dict[str, tuple[Build, str]] = {
     "GetResult": (lambda s: broker_pb2.GetResultRequest(ticket=_ticket(s)), "alpha"),
     "WatchResult": (lambda s: broker_pb2.WatchResultRequest(ticket=_ticket(s)), "alpha"),
     "QueueStats": (lambda s: broker_pb2.QueueStatsRequest(app=ref("alpha/web")), "alpha"),
+    "GetWorkerCredential": (
+        lambda s: broker_pb2.WorkerCredentialRequest(app=ref("alpha/web")),
+        "endpoint alpha/web",
+    ),
     "Cancel": (lambda s: broker_pb2.CancelRequest(ticket=_ticket(s)), "alpha"),
     # cluster agent: the keeper (its token lives in the keeper only) or an admin
     "ApplyApplication": (

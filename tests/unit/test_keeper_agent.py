@@ -26,6 +26,7 @@ class FakeMasters:
         cluster: str,
         discovery: str,
         redis: str = "",
+        broker: str = "",
         credential: str = "",
         stages: Mapping[str, int] | None = None,
     ) -> agent_pb2.MasterStatus:

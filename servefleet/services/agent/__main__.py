@@ -43,7 +43,12 @@ async def build(args: argparse.Namespace) -> Service:
     labels = parse_labels(args.labels)
     await asyncio.to_thread(ray.init, address=args.ray, logging_level=logging.WARNING, log_to_driver=False)
     agent = ClusterAgent(
-        masters, ray_resources, cluster=args.cluster, discovery=args.discovery, redis=args.redis
+        masters,
+        ray_resources,
+        cluster=args.cluster,
+        discovery=args.discovery,
+        redis=args.redis,
+        broker=args.broker,
     )
     servicer = ClusterAgentServicer(agent)
     etcd = connect_etcd(args.etcd)
@@ -92,6 +97,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--keeper", required=True, help="keeper address host:port")
     p.add_argument("--discovery", required=True, help="discovery address host:port")
     p.add_argument("--redis", default="", help="Redis address for async apps")
+    p.add_argument(
+        "--broker", default="", help="the broker: async apps' workers get their Redis credential there"
+    )
     p.add_argument("--cluster", default="local", help="this cluster's name")
     add_etcd_flag(p, "where the keeper keeps tokens")
     p.add_argument("--token-file", default="", help="the agent's token (role agent, or admin)")

@@ -37,6 +37,7 @@ class Masters(Protocol):
         cluster: str,
         discovery: str,
         redis: str = "",
+        broker: str = "",
         credential: str = "",
         stages: Mapping[str, int] | None = None,
     ) -> agent_pb2.MasterStatus: ...
@@ -75,6 +76,7 @@ class ClusterAgent:
         cluster: str,
         discovery: str,
         redis: str = "",
+        broker: str = "",
         credentials: Credentials | None = None,
     ) -> None:
         self.masters = masters
@@ -83,6 +85,7 @@ class ClusterAgent:
         self.cluster = cluster
         self.discovery = discovery
         self.redis = redis
+        self.broker = broker
 
     async def apply(
         self,
@@ -112,6 +115,7 @@ class ClusterAgent:
             cluster=self.cluster,
             discovery=self.discovery,
             redis=self.redis,
+            broker=self.broker,
             credential=credential,
             stages=stages,
         )

@@ -51,6 +51,7 @@ async def apply(
     cluster: str,
     discovery: str,
     redis: str = "",
+    broker: str = "",
     credential: str = "",
     stages: Mapping[str, int] | None = None,
 ) -> agent_pb2.MasterStatus:
@@ -82,7 +83,12 @@ async def apply(
         num_cpus=0,
         runtime_env={"env_vars": env} if env else None,
     ).remote(
-        app.SerializeToString(), cluster=cluster, discovery=discovery, redis=redis, credential=credential
+        app.SerializeToString(),
+        cluster=cluster,
+        discovery=discovery,
+        redis=redis,
+        broker=broker,
+        credential=credential,
     )
     if spec.kind == "pipeline":
         answer = await master.apply.remote(spec.SerializeToString(), replicas, revision, dict(stages or {}))

@@ -62,12 +62,20 @@ async def deploy(
     *,
     revision: int = 1,
     redis: str = "",
+    broker: str = "",
     credential: str = "",
 ) -> agent_pb2.MasterStatus:
     """Apply (as the cluster agent does, with the app's endpoint token as ``credential``) and wait
     until ``replicas`` replicas of the spec's version serve behind a proxy."""
     await masters.apply(
-        spec, replicas, revision, cluster=CLUSTER, discovery=discovery, redis=redis, credential=credential
+        spec,
+        replicas,
+        revision,
+        cluster=CLUSTER,
+        discovery=discovery,
+        redis=redis,
+        broker=broker,
+        credential=credential,
     )
 
     async def settled() -> agent_pb2.MasterStatus | None:
@@ -95,12 +103,14 @@ async def deployed(
     apps: list[common_pb2.AppRef] = []
 
     async def _deploy(
-        spec: common_pb2.ApplicationSpec, replicas: int = 1, *, redis: str = ""
+        spec: common_pb2.ApplicationSpec, replicas: int = 1, *, redis: str = "", broker: str = ""
     ) -> agent_pb2.MasterStatus:
         app = AppId.parse(spec)
         apps.append(app.ref())
         token = await credentials.issue(ENDPOINT, app=app.key)
-        return await deploy(spec, replicas, discovery_server.address, redis=redis, credential=token)
+        return await deploy(
+            spec, replicas, discovery_server.address, redis=redis, broker=broker, credential=token
+        )
 
     yield _deploy
     for app in apps:

@@ -1,37 +1,36 @@
 """An app with ``async_mode.enabled``: its deployment actors pull requests from the broker's stream
-and still answer synchronous calls through the proxy; both paths give the same answers."""
+and still answer synchronous calls through the proxy; both paths give the same answers. Redis
+requires auth, as in the stack: the replicas pull as the app's own Redis user, which they get from
+the broker with the app's endpoint token."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import tritonclient.grpc.aio as aioclient
 
-from servefleet.broker.core import BrokerCore
-from servefleet.broker.queue import RedisStreamQueue
-from servefleet.broker.servicer import broker_server
 from servefleet.common.appid import AppId
 from servefleet.common.errors import NotFound
 from servefleet.common.net import async_wait_for
-from servefleet.sdk.broker_client import AsyncBrokerClient
 from servefleet.testing import Credentials, RedisProcess
+from tests.integration.broker.conftest import BrokerService
 
 from .conftest import example_spec, iris_input
 
 
 async def test_async_app_serves_broker_and_proxy(
-    deployed: Callable[..., Any], redis_server: RedisProcess, credentials: Credentials
+    deployed: Callable[..., Any], credentials: Credentials
 ) -> None:
+    redis = RedisProcess(admin_password=secrets.token_hex(16)).start()
+    service = await BrokerService(redis.target, credentials).start()
     spec = example_spec("iris", name="iris-async")
     spec.async_mode.enabled = True
-    status = await deployed(spec, 2, redis=redis_server.address)
-
-    core = BrokerCore(RedisStreamQueue(redis_server.address))
-    server = broker_server(core, "127.0.0.1:0", credentials.authenticator())
-    await server.start()
-    client = AsyncBrokerClient(server.address, token=await credentials.admin())
+    status = await deployed(spec, 2, broker=service.server.address)
+    client = service.client
+    assert client is not None
     try:
         app = AppId.parse(spec).ref()
 
@@ -58,7 +57,7 @@ async def test_async_app_serves_broker_and_proxy(
         assert all(r["scores"].shape == (3, 3) for r in results)
         stats = await client.stats(app)
         assert stats.depth == 0 and stats.in_flight == 0
+        assert await service.core.credentials.users.apps() == [AppId.parse(spec).key]  # type: ignore[union-attr]
     finally:
-        await client.close()
-        await server.stop(0)
-        await core.close()
+        await service.stop()
+        redis.cleanup()
