@@ -45,7 +45,7 @@ from servefleet.common.appid import AppId
 from servefleet.common.channels import aio_channel
 from servefleet.common.config import settings
 from servefleet.common.errors import Unavailable, from_rpc_error
-from servefleet.common.redis_target import RedisTarget, refused
+from servefleet.common.redis_target import RedisTarget, TargetSource, refused
 from servefleet.common.retry import Backoff, RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,6 @@ REDIS_RETRY = RetryPolicy(
     Backoff(initial_s=0.1, max_s=2.0),
     retry_on=lambda exc: isinstance(exc, (*TRANSIENT_ERRORS, Unavailable)) or refused(exc),
 )
-#: ``await source()``: where the app's Redis is, with the app's credential.
-TargetSource = Callable[[], Awaitable[RedisTarget]]
 
 
 def from_broker(broker: str, token: str, app: common_pb2.AppRef | str) -> TargetSource:

@@ -11,6 +11,7 @@ failover).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -57,6 +58,9 @@ def refused(exc: BaseException) -> bool:
 
 #: What a client of any mode is (RedisCluster shares the command API).
 Client = Any
+#: ``await source()``: where the Redis is, with the credential to present (asked anew whenever Redis
+#: refuses the last one: ``broker.worker.from_broker`` asks the broker for an app's own user).
+TargetSource = Callable[[], Awaitable["RedisTarget"]]
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from servefleet.common.redis_target import RedisTarget
+from servefleet.common.redis_target import RedisTarget, TargetSource
 from servefleet.semantic_cache.embedder import MiniLMEmbedder
 from servefleet.semantic_cache.guard import compatible
 from servefleet.semantic_cache.index import Partition, VectorIndex
@@ -62,11 +62,11 @@ class SemanticCacheStage:
         max_entries: int = 100_000,
         max_tokens: int = 64,
         model_version: str = "",
-        redis: str | RedisTarget = "",
+        redis: str | RedisTarget | TargetSource = "",
         candidates: int = 4,
     ) -> None:
         deployment = context.deployment()
-        address = redis or deployment.redis
+        address = redis or deployment.redis_source or deployment.redis
         if not address:
             raise ValueError("the semantic cache needs Redis: init_args.redis, or a cluster started with one")
         if not 0 < threshold <= 1:
@@ -125,6 +125,7 @@ class SemanticCacheStage:
         try:
             entries = await self.store.get(i for i, _ in near)
         except Exception as exc:  # Redis down: answer from the model
+            self.store.forget(exc)
             self.errors += 1
             log.warning("semantic cache lookup failed: %s", exc)
             return Lookup(None, best, None)
@@ -150,6 +151,7 @@ class SemanticCacheStage:
         try:
             entry_id = await self.store.put(prompt, partition, found.embedding, text, pieces)
         except Exception as exc:
+            self.store.forget(exc)
             self.errors += 1
             log.warning("semantic cache store failed: %s", exc)
             return
@@ -172,6 +174,7 @@ class SemanticCacheStage:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                self.store.forget(exc)
                 log.warning("semantic cache sync: %s; retrying", exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from servefleet.api import common_pb2
-from servefleet.common.redis_target import RedisTarget
+from servefleet.common.redis_target import RedisTarget, TargetSource, refused
 from servefleet.semantic_cache.index import Partition
 
 _INSERT = """
@@ -73,20 +73,46 @@ class Change:
 
 class CacheStore:
     def __init__(
-        self, address: str | RedisTarget, app: common_pb2.AppRef, *, ttl_s: int, max_entries: int
+        self,
+        address: str | RedisTarget | TargetSource,
+        app: common_pb2.AppRef,
+        *,
+        ttl_s: int,
+        max_entries: int,
     ) -> None:
-        """``address``: the platform's Redis (one, a cluster or Sentinels: ``RedisTarget``)."""
+        """``address``: the platform's Redis (one, a cluster or Sentinels: ``RedisTarget``), or where
+        to get the app's own Redis user (``TargetSource``: connected at first use, and asked again
+        when Redis refuses it)."""
+        self._source = address if callable(address) else None
         # Any: redis-py's stubs type replies as str | bytes | list | ..., these keys hold bytes.
-        self._redis: Any = RedisTarget.parse(address).client(socket_timeout=2.0, socket_connect_timeout=2.0)
+        self._redis: Any = None
+        if not callable(address):
+            self._connect(RedisTarget.parse(address))
         tag = f"{{{app.namespace}/{app.name}}}"
         self._prefix = f"sfc:{tag}:e:"
         self._lru, self._log, self._seq = f"sfc:{tag}:lru", f"sfc:{tag}:log", f"sfc:{tag}:seq"
         self.ttl_s = ttl_s
         self.max_entries = max_entries
+
+    def _connect(self, target: RedisTarget) -> Any:
+        self._redis = target.client(socket_timeout=2.0, socket_connect_timeout=2.0)
         self._insert = self._redis.register_script(_INSERT)
+        return self._redis
+
+    async def _r(self) -> Any:
+        if self._redis is None:
+            assert self._source is not None
+            self._connect(await self._source())
+        return self._redis
+
+    def forget(self, exc: BaseException) -> None:
+        """After an error: when Redis refused the credential, ask for a fresh one next time."""
+        if self._source is not None and refused(exc):
+            self._redis = None
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        if self._redis is not None:
+            await self._redis.aclose()
 
     async def put(
         self, prompt: str, partition: Partition, embedding: np.ndarray, answer: str, pieces: list[str]
@@ -100,6 +126,7 @@ class CacheStore:
             json.dumps(pieces),
             4 * self.max_entries + 1000,
         ]
+        await self._r()
         return int(await self._insert(keys=[self._seq, self._lru, self._log], args=args))
 
     async def get(self, ids: Iterable[int]) -> dict[int, Entry]:
@@ -107,7 +134,7 @@ class CacheStore:
         ids = list(ids)
         if not ids:
             return {}
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with (await self._r()).pipeline(transaction=False) as pipe:
             for i in ids:
                 pipe.hmget(f"{self._prefix}{i}", _FIELDS)
             rows = await pipe.execute()
@@ -119,27 +146,28 @@ class CacheStore:
             prompt, tenant, version, answer, pieces, hits = (v.decode() for v in row)
             found[i] = Entry(i, prompt, tenant, version, answer, json.loads(pieces), int(hits))
         if gone:
-            await self._redis.zrem(self._lru, *gone)
+            await (await self._r()).zrem(self._lru, *gone)
         return found
 
     async def touch(self, entry_id: int) -> None:
         """Count a hit and move the entry to the young end of the eviction order."""
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with (await self._r()).pipeline(transaction=False) as pipe:
             pipe.hincrby(f"{self._prefix}{entry_id}", "hits", 1)
             pipe.zadd(self._lru, {str(entry_id): int(time.time() * 1000)}, xx=True)
             await pipe.execute()
 
     async def feed_position(self) -> str:
         """The change feed's last event id: tail from here after a rebuild, and nothing is missed."""
-        last = await self._redis.xinfo_stream(self._log) if await self._redis.exists(self._log) else None
+        redis = await self._r()
+        last = await redis.xinfo_stream(self._log) if await redis.exists(self._log) else None
         return last["last-generated-id"].decode() if last else "0-0"
 
     async def snapshot(self, batch: int = 500) -> AsyncIterator[Change]:
         """Every live entry as an ``add`` (what a rebuild indexes)."""
-        ids = [int(i) for i in await self._redis.zrange(self._lru, 0, -1)]
+        ids = [int(i) for i in await (await self._r()).zrange(self._lru, 0, -1)]
         for start in range(0, len(ids), batch):
             chunk = ids[start : start + batch]
-            async with self._redis.pipeline(transaction=False) as pipe:
+            async with (await self._r()).pipeline(transaction=False) as pipe:
                 for i in chunk:
                     pipe.hmget(f"{self._prefix}{i}", ("tenant", "version", "embedding"))
                 rows = await pipe.execute()
@@ -150,7 +178,7 @@ class CacheStore:
 
     async def changes(self, after: str, block_ms: int) -> tuple[str, list[Change]]:
         """Events after ``after`` (waiting up to ``block_ms``); returns the new position too."""
-        answer = await self._redis.xread({self._log: after}, count=500, block=block_ms)
+        answer = await (await self._r()).xread({self._log: after}, count=500, block=block_ms)
         out: list[Change] = []
         position = after
         for _, events in answer or ():
@@ -167,4 +195,4 @@ class CacheStore:
         return position, out
 
     async def count(self) -> int:
-        return int(await self._redis.zcard(self._lru))
+        return int(await (await self._r()).zcard(self._lru))

@@ -19,11 +19,15 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tritonclient.grpc import service_pb2
 
 from servefleet.api import common_pb2
 from servefleet.common.tensors import Parameter, decode_parameters
+
+if TYPE_CHECKING:
+    from servefleet.common.redis_target import TargetSource
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,8 @@ class Deployment:
     app: common_pb2.AppRef  # a pipeline stage's own app (the pipeline's, for the entry stage)
     version: str
     redis: str = ""  # the platform's Redis (the broker's), "" when the cluster has none
+    #: Where to get the app's own Redis user (from the broker), None: use ``redis`` as it is.
+    redis_source: TargetSource | None = None
 
 
 _DEPLOYMENT: list[Deployment] = []

@@ -169,7 +169,12 @@ class Replica:
         self.version = spec.version
         self.model_name = AppId.parse(AppId.parse(spec).ref()).model_name
         self.capacity = spec.max_concurrency + spec.max_queued
-        context.set_deployment(context.Deployment(AppId.parse(spec).ref(), spec.version, redis))
+        source = None
+        if broker:  # the app's own Redis user, asked of the broker with the app's endpoint token
+            from servefleet.broker.worker import from_broker
+
+            source = from_broker(broker, credential, AppId.parse(spec).ref())
+        context.set_deployment(context.Deployment(AppId.parse(spec).ref(), spec.version, redis, source))
         kwargs = struct_to_python(spec.init_args)
         if spec.edges:  # a pipeline stage: a handle per stage it calls, as keyword arguments
             from servefleet.services.stages import stage_handles
@@ -218,12 +223,9 @@ class Replica:
         self._serving = asyncio.get_running_loop().create_task(self._server.start())
         self._worker: Any = None
         if spec.async_mode.enabled and (redis or broker):
-            from servefleet.broker.worker import from_broker  # async apps only
-
-            # With a broker, the worker pulls as the app's own Redis user (asked with the app's
-            # endpoint token); without, it uses ``redis`` as given (a Redis without auth).
-            source = from_broker(broker, credential, AppId.parse(spec).ref()) if broker else redis
-            self._worker = self._pull_worker(spec, source)
+            # With a broker, the worker pulls as the app's own Redis user; without, it uses
+            # ``redis`` as given (a Redis without auth).
+            self._worker = self._pull_worker(spec, source or redis)
             self._worker_started = asyncio.get_running_loop().create_task(self._worker.start())
 
     # ---- control calls (master) -------------------------------------------------------------

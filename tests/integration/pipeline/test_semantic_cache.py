@@ -5,6 +5,7 @@ and a Redis outage answered from the model."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 import redis
 
 from servefleet.api import common_pb2
+from servefleet.broker.acl import AppUsers, WorkerCredentials, target_of
 from servefleet.common.net import async_wait_for
 from servefleet.common.redis_target import RedisTarget
 from servefleet.semantic_cache.stage import SemanticCacheStage
@@ -127,3 +129,32 @@ async def test_redis_down_answers_from_the_model(fresh_redis: RedisProcess) -> N
     hit, text = await ask(stage, "How tall is Mount Everest?")
     assert not hit and text == "answer to How tall is Mount Everest?" and stage.errors >= 1
     stage._sync.cancel()
+
+
+async def test_the_cache_runs_as_its_apps_own_redis_user() -> None:
+    """On a Redis that requires auth (as the stack's): the cache gets its app's Redis user (what the
+    broker hands the app's replicas) and its every command and key is within that user's rights."""
+    redis = RedisProcess(admin_password=secrets.token_hex(16)).start()
+    users = AppUsers(redis.target.client(), redis.target.password)
+    issuer = WorkerCredentials(RedisTarget((redis.address,)), users)
+    ref = common_pb2.AppRef(namespace="default", name="llm")
+
+    async def source() -> RedisTarget:
+        return target_of(await issuer.issue("default/llm"))
+
+    try:
+        context.set_deployment(context.Deployment(ref, "1", "", source))
+        a, b = SemanticCacheStage(Model()), SemanticCacheStage(Model())
+        assert not (await ask(a, "What is the capital of France?"))[0]
+
+        async def b_sees_it() -> bool:
+            return len(b.index) == 1
+
+        await async_wait_for(b_sees_it, timeout=10, what="replica b following the change feed")
+        assert (await ask(b, "Which city is the capital of France?"))[0]
+        assert a.errors == b.errors == 0
+        for stage in (a, b):
+            stage._sync.cancel()
+    finally:
+        await issuer.close()
+        redis.cleanup()
