@@ -11,7 +11,8 @@ at batch 1 and batch 64, concurrency 8, and the direct server at batch 1, concur
 three run at once; each repetition (``--reps``, 3) measures every path in turn, the first one
 rotating, and each figure is the median over the repetitions. For the direct server the handler's
 own latency (its C++ histogram, read before and after each measurement, so every figure belongs to
-one batch size and one concurrency) is reported beside the end-to-end latency.
+one batch size and one concurrency) is reported beside the end-to-end latency, with the time the
+process's threads (server and load generator) spent runnable but waiting for a CPU, per request.
 
     .venv/bin/python bench/direct_ingress.py            # full: 5 s per measurement and rep
     .venv/bin/python bench/direct_ingress.py --quick    # 1 s per measurement and rep (under 2 minutes)
@@ -118,16 +119,31 @@ def handler_percentiles(before: np.ndarray, after: np.ndarray) -> dict[str, floa
     }
 
 
+def run_queue_wait_s() -> float:
+    """Seconds this process's threads (server and load generator alike) spent runnable but waiting
+    for a CPU (Linux schedstat): the scheduling share of the end-to-end latency."""
+    total = 0
+    for stat in Path("/proc/self/task").glob("*/schedstat"):
+        try:
+            total += int(stat.read_text().split()[1])
+        except (OSError, IndexError, ValueError):  # a thread that ended meanwhile
+            continue
+    return total / 1e9
+
+
 def one_point(
     address: str, seconds: float, concurrency: int, batch: int, server: DirectServer | None = None
 ) -> dict[str, Any]:
     request = request_bytes(batch)
     run_load(address, request, concurrency, min(1.0, seconds / 3))  # warm-up: channels, caches
-    before = handler_histogram(server)
+    before, waited = handler_histogram(server), run_queue_wait_s()
     result = run_load(address, request, concurrency, seconds)
     if result["errors"]:
         raise RuntimeError(f"{address} batch {batch}: {result['errors']} errors: {result['first_error']}")
     out = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items() if k != "first_error"}
+    if server is not None:
+        wait_us = (run_queue_wait_s() - waited) * 1e6 / max(result["requests"], 1)
+        out["run_queue_wait_us_per_request"] = round(wait_us, 1)
     return {**out, **handler_percentiles(before, handler_histogram(server))}
 
 
@@ -233,7 +249,8 @@ def main() -> None:
         print(
             f"direct, batch 1, concurrency {c}: {f['rps']:.0f} rps, end to end p50 {f['p50_ms']:.3f} ms "
             f"p99 {f['p99_ms']:.3f} ms; handler p50 {f['handler_p50_us']:.0f} us "
-            f"p99 {f['handler_p99_us']:.0f} us"
+            f"p99 {f['handler_p99_us']:.0f} us; waiting for a CPU {f['run_queue_wait_us_per_request']:.0f} us"
+            " per request"
         )
     for name, value in ratios.items():
         print(f"{name}: {value}")
