@@ -1,6 +1,6 @@
 """Chaos bench: the harness of tests/chaos with longer windows around each kill; writes the table
-(part killed -> unary failed, async refused / lost / duplicated, duplicate runs discarded, recovery
-seconds) to bench/results/chaos.json.
+(part killed x kind of call -> ok, failed, cut, refused, never completed, duplicated, slowest call,
+duplicate runs discarded, recovery seconds) to bench/results/chaos.json.
 
     PYTHONPATH=. .venv/bin/python bench/chaos.py            # 10 s before and after each kill
     PYTHONPATH=. .venv/bin/python bench/chaos.py --quick    # 2 s (under 2 minutes on an idle box)
@@ -28,11 +28,16 @@ def main() -> None:
     outcomes = chaos.run(tuple(args.parts.split(",")), before_s=window, after_s=window, progress=print)
     rows = chaos.table(outcomes)
     for row in rows:
-        print(row)
+        print({k: v for k, v in row.items() if k not in ("errors", "cut_started")})
     path = write_report(
         "chaos",
         {
-            "settings": {"window_s": window, "deadline_s": 30.0, "parts": args.parts.split(",")},
+            "settings": {
+                "window_s": window,
+                "deadline_s": 30.0,
+                "parts": args.parts.split(","),
+                "callers": {**chaos.CALLERS, "async": 1},
+            },
             "results": rows,
         },
         load_average_1m_at_start=round(load_before, 2),

@@ -6,6 +6,9 @@ Takes ``features`` FP32 [batch, 4] (sepal length/width, petal length/width in cm
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+
 import numpy as np
 
 # Class centroids of the classic iris data set (cm); the classifier scores by distance to them.
@@ -30,3 +33,17 @@ class IrisClassifier:
         scores = np.exp(logits)
         scores /= scores.sum(axis=1, keepdims=True)
         return {"label": scores.argmax(axis=1).astype(np.int64), "scores": scores.astype(np.float32)}
+
+
+class StreamingIrisClassifier(IrisClassifier):
+    """The same classifier over ModelStreamInfer as well: one response per row, ``row_delay_ms``
+    apart, so a stream lasts long enough to be cut mid-way (the chaos suite's streaming load)."""
+
+    def __init__(self, temperature: float = 1.0, row_delay_ms: float = 10.0) -> None:
+        super().__init__(temperature)
+        self.row_delay_s = row_delay_ms / 1000
+
+    async def stream(self, inputs: dict[str, np.ndarray]) -> AsyncIterator[dict[str, np.ndarray]]:
+        for row in np.asarray(inputs["features"], dtype=np.float32):
+            await asyncio.sleep(self.row_delay_s)
+            yield self({"features": row[None, :]})

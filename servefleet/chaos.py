@@ -1,21 +1,37 @@
 """Chaos harness: a supervised local stack under mixed load, each part killed in turn, and what it
-cost counted. Used by ``tests/chaos`` (short windows, in CI) and ``bench/chaos.py`` (longer).
+cost counted per kind of call. Used by ``tests/chaos`` (short windows, in CI) and
+``bench/chaos.py`` (longer).
 
-The stack is ``servefleet up --detach`` on a fresh state dir with one Python app (the iris example,
-2 replicas, 2 proxies, ``async_mode`` on so its replicas also pull from the broker) deployed
-through the keeper. Load: SDK unary calls (``Client.infer``, deadline ``deadline_s``) and broker
-async requests (``Client.submit`` then ``result``). Per part: load runs ``before_s``, the part is
-SIGKILLed (stack parts, which the supervisor restarts) or ``ray.kill``ed (data-plane actors, which
-the master or Ray replaces), the harness waits until every part is healthy and the app is served
-again (recovery), then load runs ``after_s`` more. Counted per part, over its whole window:
+The stack is ``servefleet up --detach`` on a fresh state dir with two apps deployed through the
+keeper: ``chaos``, the iris classifier (2 replicas, 2 proxies, ``async_mode`` on so its replicas
+also pull from the broker, one ModelStreamInfer response per row), and ``chaos-direct``, a
+``kind: direct`` CTR model (2 C++ direct-ingress replicas, no proxy). Load, all through the SDK
+with deadline ``deadline_s``, each kind counted on its own (``KINDS``):
 
-- ``unary_failed``: unary calls that raised (any error, a deadline passed included): lost answers;
-- ``async_refused``: Submits answered with an error (the caller was told: nothing was queued);
-- ``async_lost``: tickets accepted but with no result at the end (``result`` failed or timed out);
-- ``async_duplicated``: tickets whose result, read twice, was not the same right answer both times;
-- ``duplicate_runs_discarded``: growth of the broker's ``duplicate_executions`` (a request that ran
-  again after its worker died or stalled: the later result is discarded, never delivered);
-- ``recovery_s``: from the kill until the stack is healthy and a fresh call answers.
+- ``unary``: ``Client.infer`` on ``chaos`` (SDK -> proxy -> replica);
+- ``stream``: ``Client.stream`` on ``chaos``, 6 responses a stream, 10 ms apart (ModelStreamInfer);
+- ``async``: ``Client.submit`` on ``chaos``, every ticket's ``result`` read twice at the end;
+- ``direct``: ``Client.infer`` on ``chaos-direct`` (SDK -> C++ ingress, no proxy).
+
+Per part: load runs ``before_s``, the part is SIGKILLed (stack parts, which the supervisor
+restarts) or ``ray.kill``ed (data-plane actors, which the master or Ray replaces), the harness
+waits until every part is healthy and both apps are served again (``recovery_s``), then load runs
+``after_s`` more. Counted per part and kind, over its whole window (``Count``):
+
+- ``failed``: calls that raised or answered wrong (a deadline passed included): lost answers;
+- ``cut``: of those, streams that failed after their first response (a retry would repeat what
+  the caller already has, so the SDK does not retry them; they can only be cut when something on
+  their path dies mid-stream: a proxy or a replica);
+- ``refused``: Submits answered with an error (the caller was told: nothing was queued);
+- ``never_completed``: calls still running when the load stopped (``deadline_s`` + 30 s later), and
+  tickets accepted but with no result at the end;
+- ``duplicated``: tickets whose result, read twice, was not the same right answer both times, and
+  streams with more responses than rows;
+- ``slowest_s``: the longest an answered call waited (what the death cost a caller in time).
+
+Per part also ``duplicate_runs_discarded`` (growth of the broker's ``duplicate_executions``: a
+request that ran again after its worker died or stalled; the later result is discarded, never
+delivered).
 """
 
 from __future__ import annotations
@@ -42,61 +58,149 @@ from servefleet import Client, stack
 from servefleet.api import broker_pb2, broker_pb2_grpc, common_pb2
 from servefleet.common.channels import sync_channel
 from servefleet.common.net import port_in_use
+from servefleet.direct import INPUT_NAME, OUTPUT_NAME, ctr
 
 REPO = Path(__file__).resolve().parents[1]
 APP = "chaos"
+DIRECT_APP = "chaos-direct"
 FEATURES = {"features": np.array([[5.0, 3.4, 1.5, 0.2], [6.7, 3.0, 5.6, 2.1]], dtype=np.float32)}
 EXPECTED = [0, 2]
+#: A stream: one response per row, so 6 responses.
+STREAM_FEATURES = {"features": np.tile(FEATURES["features"], (3, 1))}
+STREAM_EXPECTED = EXPECTED * 3
+KINDS = ("unary", "stream", "async", "direct")
+#: Closed-loop callers per kind (the async submitter is one, paced at ~20 Submits/s).
+CALLERS = {"unary": 2, "stream": 2, "direct": 2}
 #: Stack parts the harness SIGKILLs (the supervisor restarts them), in the order they are killed.
 STACK_PARTS = ("agent", "keeper", "discovery", "broker", "redis", "etcd")
-#: Data-plane actors it kills through a Ray driver: name prefix -> whether Ray restarts it itself.
-ACTOR_PARTS = {"replica": False, "proxy": True, "master": True}
+#: Data-plane actors it kills through a Ray driver: part -> (actor role, app, whether Ray restarts
+#: it itself; else its master replaces it). ``direct``: a C++ direct-ingress replica.
+ACTOR_PARTS = {
+    "replica": ("replica", APP, False),
+    "proxy": ("proxy", APP, True),
+    "master": ("master", APP, True),
+    "direct": ("replica", DIRECT_APP, False),
+    "direct-master": ("master", DIRECT_APP, True),
+}
 ALL_PARTS = (*ACTOR_PARTS, *STACK_PARTS)
+#: The actors a served stack runs: (role, app key) -> how many.
+ACTORS = Counter(
+    {
+        ("master", f"default/{APP}"): 1,
+        ("replica", f"default/{APP}"): 2,
+        ("proxy", f"default/{APP}"): 2,
+        ("master", f"default/{DIRECT_APP}"): 1,
+        ("replica", f"default/{DIRECT_APP}"): 2,
+    }
+)
+
+
+@dataclass
+class Count:
+    """One kind of call in one part's window (the fields are described in the module docstring)."""
+
+    ok: int = 0
+    failed: int = 0
+    cut: int = 0
+    refused: int = 0
+    never_completed: int = 0
+    duplicated: int = 0
+    slowest_s: float = 0.0
+    #: When each cut stream started, on the window's clock (``Outcome.killed_at`` is on it too).
+    cut_started: list[float] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
 class Outcome:
     part: str
-    unary_ok: int = 0
-    unary_failed: int = 0
-    async_ok: int = 0
-    async_refused: int = 0
-    async_lost: int = 0
-    async_duplicated: int = 0
-    duplicate_runs_discarded: int = 0
     recovery_s: float = 0.0
-    errors: dict[str, int] = field(default_factory=dict)
+    duplicate_runs_discarded: int = 0
+    #: Seconds from the window's start until the kill was issued and until it had returned.
+    killed_at: tuple[float, float] = (0.0, 0.0)
+    kinds: dict[str, Count] = field(default_factory=lambda: {kind: Count() for kind in KINDS})
+    started: float = field(default_factory=time.monotonic, repr=False)
+
+    def clock(self) -> float:
+        return time.monotonic() - self.started
+
+
+class StreamCut(Exception):
+    """A stream that failed after ``responses`` responses had reached the caller."""
+
+    def __init__(self, responses: int, cause: Exception) -> None:
+        super().__init__(f"cut after {responses} responses: {type(cause).__name__}: {str(cause)[:80]}")
 
 
 class Load:
-    """Closed-loop unary callers and async submitters over one SDK client, counted per window."""
+    """Closed-loop callers of every kind over one SDK client, counted into the current window."""
 
-    def __init__(
-        self, discovery: str, broker: str, *, deadline_s: float, token: str, threads: int = 3
-    ) -> None:
-        self.client = Client(discovery, timeout=deadline_s, broker=broker, token=token)
+    def __init__(self, chaos: ChaosStack, *, deadline_s: float) -> None:
+        discovery, broker = chaos.addresses["discovery"], chaos.addresses["broker"]
+        self.client = Client(discovery, timeout=deadline_s, broker=broker, token=chaos.token)
         self.deadline_s = deadline_s
+        self.direct_ids, self.direct_expected = chaos.direct_case()
         self.window = Outcome("warm-up")
         self._tickets: list[tuple[Outcome, str]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._unary, daemon=True) for _ in range(threads)]
+        calls = {"unary": self._unary, "stream": self._stream, "direct": self._direct}
+        self._running: list[tuple[Outcome, str] | None] = [None] * sum(CALLERS.values())
+        slots = iter(range(len(self._running)))
+        self._threads = [
+            threading.Thread(target=self._caller, args=(next(slots), kind, calls[kind]), daemon=True)
+            for kind, callers in CALLERS.items()
+            for _ in range(callers)
+        ]
         self._threads.append(threading.Thread(target=self._submit, daemon=True))
 
-    def _failed(self, exc: Exception) -> str:
-        return f"{type(exc).__name__}: {str(exc)[:100]}"
+    def _error(self, count: Count, exc: Exception) -> None:
+        key = f"{type(exc).__name__}: {str(exc)[:100]}"
+        with self._lock:
+            count.errors[key] = count.errors.get(key, 0) + 1
 
-    def _unary(self) -> None:
+    def _unary(self) -> bool:
+        return bool(self.client.infer(APP, FEATURES)["label"].tolist() == EXPECTED)
+
+    def _direct(self) -> bool:
+        scores = self.client.infer(DIRECT_APP, {INPUT_NAME: self.direct_ids})[OUTPUT_NAME]
+        return bool(np.allclose(scores, self.direct_expected, rtol=1e-5, atol=1e-6))
+
+    def _stream(self) -> bool:
+        labels: list[int] = []
+        try:
+            for chunk in self.client.stream(APP, STREAM_FEATURES):
+                labels.extend(chunk["label"].tolist())
+        except Exception as exc:
+            if labels:
+                raise StreamCut(len(labels), exc) from exc
+            raise
+        if len(labels) > len(STREAM_EXPECTED):
+            raise Duplicated(f"{len(labels)} responses for {len(STREAM_EXPECTED)} rows")
+        return labels == STREAM_EXPECTED
+
+    def _caller(self, slot: int, kind: str, call: Callable[[], bool]) -> None:
         while not self._stop.is_set():
             window = self.window
+            count = window.kinds[kind]
+            self._running[slot] = (window, kind)
+            started = time.monotonic()
             try:
-                ok = self.client.infer(APP, FEATURES)["label"].tolist() == EXPECTED
-                window.unary_ok += ok
-                window.unary_failed += not ok
+                right = call()
+            except Duplicated as exc:
+                count.duplicated += 1
+                self._error(count, exc)
             except Exception as exc:
-                window.unary_failed += 1
-                with self._lock:
-                    window.errors[self._failed(exc)] = window.errors.get(self._failed(exc), 0) + 1
+                count.failed += 1
+                if isinstance(exc, StreamCut):
+                    count.cut += 1
+                    count.cut_started.append(round(started - window.started, 3))
+                self._error(count, exc)
+            else:
+                count.ok += right
+                count.failed += not right
+                count.slowest_s = max(count.slowest_s, round(time.monotonic() - started, 3))
+            self._running[slot] = None
 
     def _submit(self) -> None:
         while not self._stop.is_set():
@@ -106,9 +210,8 @@ class Load:
                 with self._lock:
                     self._tickets.append((window, ticket))
             except Exception as exc:
-                window.async_refused += 1
-                with self._lock:
-                    window.errors[self._failed(exc)] = window.errors.get(self._failed(exc), 0) + 1
+                window.kinds["async"].refused += 1
+                self._error(window.kinds["async"], exc)
             self._stop.wait(0.05)
 
     def start(self) -> None:
@@ -116,30 +219,42 @@ class Load:
             thread.start()
 
     def stop(self) -> None:
-        """Stop the callers, then collect every accepted ticket's result into its window."""
+        """Stop the callers (a call still running past its deadline + 30 s never completed), then
+        collect every accepted ticket's result into its window."""
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=self.deadline_s + 30)
+        for running in self._running:
+            if running is not None:
+                window, kind = running
+                window.kinds[kind].never_completed += 1
         for window, ticket in self._tickets:
+            count = window.kinds["async"]
             try:
                 first = self.client.result(ticket, timeout=self.deadline_s * 4)["label"].tolist()
                 again = self.client.result(ticket, timeout=self.deadline_s)["label"].tolist()
-            except Exception:
-                window.async_lost += 1
+            except Exception as exc:
+                count.never_completed += 1
+                self._error(count, exc)
                 continue
             if first == again == EXPECTED:
-                window.async_ok += 1
+                count.ok += 1
             else:
-                window.async_duplicated += 1
+                count.duplicated += 1
         self.client.close()
 
 
+class Duplicated(Exception):
+    """A stream answered with more responses than it had rows."""
+
+
 class ChaosStack:
-    """A ``servefleet up --detach`` stack on a temp state dir with the chaos app deployed."""
+    """A ``servefleet up --detach`` stack on a temp state dir with the chaos apps deployed."""
 
     def __init__(self, *, base_port: int | None = None) -> None:
         self.state = Path(tempfile.mkdtemp(prefix="sf-chaos-"))
         self.base_port = base_port or _free_base_port()
+        self.model_path = self.state / "ctr.bin"
 
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         argv = [sys.executable, "-m", "servefleet.cli", *args, "--state-dir", str(self.state)]
@@ -150,12 +265,37 @@ class ChaosStack:
         if done.returncode != 0:
             raise RuntimeError(f"servefleet up failed: {done.stderr[-2000:]}")
         spec = yaml.safe_load((REPO / "examples" / "iris.yaml").read_text())
-        spec.update(name=APP, replicas=2, proxies=2, async_mode={"enabled": True})
-        path = self.state / "chaos.yaml"
-        path.write_text(yaml.safe_dump(spec))
-        deployed = self.cli("app", "deploy", str(path), "--timeout", "300")
-        if deployed.returncode != 0:
-            raise RuntimeError(f"deploy failed: {deployed.stdout[-1000:]} {deployed.stderr[-1000:]}")
+        spec.update(
+            name=APP,
+            import_path="examples.iris:StreamingIrisClassifier",
+            replicas=2,
+            proxies=2,
+            async_mode={"enabled": True},
+        )
+        ctr.export_model(ctr.build_model(num_rows=1 << 14, examples=5_000), self.model_path)
+        direct = {
+            "name": DIRECT_APP,
+            "version": "1",
+            "kind": "direct",
+            "init_args": {"model_path": str(self.model_path), "workers": 2},
+            "inputs": [{"name": INPUT_NAME, "datatype": "INT64", "shape": [-1, 16]}],
+            "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1]}],
+            "resources": {"num_cpus": 0.1},
+            "replicas": {"min": 2, "max": 2, "initial": 2},
+        }
+        for app in (spec, direct):
+            path = self.state / f"{app['name']}.yaml"
+            path.write_text(yaml.safe_dump(app))
+            deployed = self.cli("app", "deploy", str(path), "--timeout", "300")
+            if deployed.returncode != 0:
+                raise RuntimeError(f"deploy failed: {deployed.stdout[-1000:]} {deployed.stderr[-1000:]}")
+
+    def direct_case(self) -> tuple[np.ndarray, np.ndarray]:
+        """Feature ids for the direct app and the reference scores it must answer."""
+        model = ctr.load_model(self.model_path)
+        rng = np.random.default_rng(18)
+        ids = rng.integers(0, model.num_rows, size=(4, model.num_fields), dtype=np.int64)
+        return ids, model.score(ids)
 
     def down(self) -> None:
         self.cli("down")
@@ -180,11 +320,14 @@ class ChaosStack:
         return all(row["healthy"] for row in stack.status(self.state))
 
     def ray(self, code: str) -> str:
-        """Run ``code`` in a fresh Ray driver of the stack's cluster (this process may drive another)."""
+        """Run ``code`` in a fresh Ray driver of the stack's cluster (this process may drive another);
+        ``ACTORS`` there: [role, app key, rest...] of every servefleet actor."""
         prelude = (
             "import servefleet, ray, json; "
             f"ray.init(address={self.addresses['ray']!r}, logging_level='ERROR', log_to_driver=False); "
             "from servefleet.services.actors import RAY_NAMESPACE as NS; "
+            "ACTORS = sorted(a['name'].split(':') for a in ray.util.list_named_actors(all_namespaces=True) "
+            "if a['namespace'] == NS); "
         )
         done = subprocess.run(
             [sys.executable, "-c", prelude + code],
@@ -204,34 +347,30 @@ class ChaosStack:
 
     def kill(self, part: str) -> None:
         if part in ACTOR_PARTS:
-            restart = ACTOR_PARTS[part]
+            role, app, restart = ACTOR_PARTS[part]
             self.ray(
-                "names = sorted(a['name'] for a in ray.util.list_named_actors(all_namespaces=True) "
-                f"if a['namespace'] == NS and a['name'].startswith('{part}:default/{APP}')); "
-                f"ray.kill(ray.get_actor(names[0], namespace=NS), no_restart={not restart})"
+                f"[name] = [':'.join(a) for a in ACTORS if a[:2] == [{role!r}, 'default/{app}']][:1]; "
+                f"ray.kill(ray.get_actor(name, namespace=NS), no_restart={not restart})"
             )
             return
         [found] = [p for p in stack.load(self.state) if p.name == part]
         os.killpg(found.pid, signal.SIGKILL)
 
     def served(self) -> bool:
-        """Every part healthy, both replicas and both proxies back, and a fresh client gets an answer."""
+        """Every part healthy, every actor of both apps back, and a fresh client gets both answers."""
         if not self.healthy():
             return False
-        counts = json.loads(
-            self.ray(
-                "print(json.dumps([a['name'].split(':')[0] "
-                "for a in ray.util.list_named_actors(all_namespaces=True) "
-                f"if a['namespace'] == NS and ':default/{APP}' in a['name']]))"
-            )
-        )
-        if Counter(counts) != Counter({"master": 1, "replica": 2, "proxy": 2}):
+        actors = Counter(tuple(a[:2]) for a in json.loads(self.ray("print(json.dumps(ACTORS))")))
+        if {key: actors[key] for key in ACTORS} != ACTORS:
             return False
+        ids, expected = self.direct_case()
         with Client(self.addresses["discovery"], timeout=10, token=self.token) as client:
             try:
-                return bool(client.infer(APP, FEATURES)["label"].tolist() == EXPECTED)
+                scores = client.infer(DIRECT_APP, {INPUT_NAME: ids})[OUTPUT_NAME]
+                labels = client.infer(APP, FEATURES)["label"].tolist()
             except Exception:
                 return False
+            return labels == EXPECTED and bool(np.allclose(scores, expected, rtol=1e-5, atol=1e-6))
 
 
 def _free_base_port() -> int:
@@ -264,9 +403,7 @@ def run(
 ) -> list[Outcome]:
     """Kill each part in turn on one stack under load; one Outcome per part."""
     with chaos_stack() as chaos:
-        load = Load(
-            chaos.addresses["discovery"], chaos.addresses["broker"], deadline_s=deadline_s, token=chaos.token
-        )
+        load = Load(chaos, deadline_s=deadline_s)
         load.start()
         outcomes: list[Outcome] = []
         try:
@@ -276,14 +413,15 @@ def run(
                 outcomes.append(window)
                 time.sleep(before_s)
                 dups = chaos.duplicate_executions()
-                killed = time.monotonic()
+                issued = window.clock()
                 chaos.kill(part)
+                window.killed_at = (round(issued, 3), round(window.clock(), 3))
                 progress(f"killed {part}")
                 while not chaos.served():
-                    if time.monotonic() - killed > recovery_timeout_s:
+                    if window.clock() - issued > recovery_timeout_s:
                         raise TimeoutError(f"not served {recovery_timeout_s}s after killing {part}")
                     time.sleep(0.5)
-                window.recovery_s = round(time.monotonic() - killed, 1)
+                window.recovery_s = round(window.clock() - issued, 1)
                 progress(f"{part} recovered in {window.recovery_s}s")
                 time.sleep(after_s)
                 window.duplicate_runs_discarded = chaos.duplicate_executions() - dups
@@ -294,4 +432,20 @@ def run(
 
 
 def table(outcomes: list[Outcome]) -> list[dict[str, object]]:
-    return [asdict(o) for o in outcomes]
+    """One row per part and kind: the table of bench/results/chaos.json."""
+    rows: list[dict[str, object]] = []
+    for o in outcomes:
+        for kind, count in o.kinds.items():
+            counted = asdict(count)
+            rows.append(
+                {
+                    "part": o.part,
+                    "kind": kind,
+                    **{k: v for k, v in counted.items() if k != "errors"},
+                    "recovery_s": o.recovery_s,
+                    "duplicate_runs_discarded": o.duplicate_runs_discarded if kind == "async" else 0,
+                    "killed_at": list(o.killed_at),
+                    "errors": counted["errors"],
+                }
+            )
+    return rows

@@ -122,16 +122,40 @@ class AsyncClient:
         """The live endpoints of ``app`` ("namespace/name" or "name"), as this client sees them."""
         return (await self._synced(app, timeout)).endpoints
 
-    async def _pick(self, app: str, watch: AppWatch, exclude: set[str], deadline: float) -> Any:
-        """An endpoint not yet tried, waiting (within the deadline) while the set is empty."""
+    async def _next_endpoint(
+        self,
+        app: str,
+        watch: AppWatch,
+        tried: set[str],
+        *,
+        deadline: float,
+        policy: RetryPolicy,
+        failures: int = 0,
+        last: grpc.aio.AioRpcError | None = None,
+    ) -> Any:
+        """The endpoint to try next, within the deadline: one not in ``tried``; while none is live,
+        wait for one to appear; once every live endpoint has failed (``last``), pause (cut short
+        when the set changes), forget ``tried`` and try them all again. Past the deadline it
+        raises ``last`` (or UNAVAILABLE / DEADLINE_EXCEEDED when nothing was sent)."""
         loop = asyncio.get_running_loop()
         while True:
-            endpoint = self.picker.pick(watch.endpoints, exclude=exclude)
-            if endpoint is not None or exclude:
-                return endpoint
+            endpoint = self.picker.pick(watch.endpoints, exclude=tried)
             left = deadline - loop.time()
-            if left <= 0 or not await watch.wait_changed(left):
-                raise Unavailable(f"application {app!r} has no live endpoints")
+            if endpoint is None and last is None:  # none live yet: wait for one to appear
+                if left <= 0 or not await watch.wait_changed(left):
+                    raise Unavailable(f"application {app!r} has no live endpoints")
+                continue
+            if endpoint is None:
+                if left <= 0:
+                    raise from_rpc_error(last)
+                await watch.wait_changed(min(policy.backoff.delay(failures), left))
+                tried.clear()
+                continue
+            if left <= 0:
+                if last is not None:
+                    raise from_rpc_error(last)
+                raise DeadlineExceeded(f"deadline passed before trying {endpoint.address}")
+            return endpoint
 
     async def infer(
         self,
@@ -173,24 +197,10 @@ class AsyncClient:
             failures = 0
             last: grpc.aio.AioRpcError | None = None
             while True:
-                endpoint = self.picker.pick(watch.endpoints, exclude=tried)
+                endpoint = await self._next_endpoint(
+                    app, watch, tried, deadline=deadline, policy=policy, failures=failures, last=last
+                )
                 left = deadline - loop.time()
-                if endpoint is None and last is None:  # none live yet: wait for one to appear
-                    if left <= 0 or not await watch.wait_changed(left):
-                        raise Unavailable(f"application {app!r} has no live endpoints")
-                    continue
-                if endpoint is None:
-                    # Every live endpoint failed this request (or none is left): pause, cut short
-                    # when the set changes, then try them all again, within the deadline.
-                    if left <= 0:
-                        raise from_rpc_error(last)
-                    await watch.wait_changed(min(policy.backoff.delay(failures), left))
-                    tried.clear()
-                    continue
-                if left <= 0:
-                    if last is not None:
-                        raise from_rpc_error(last)
-                    raise DeadlineExceeded(f"deadline passed before trying {endpoint.address}")
                 request.model_name = model or served_model(endpoint, ref)
                 self.picker.started(endpoint.address)
                 start = loop.time()
@@ -230,9 +240,10 @@ class AsyncClient:
     ) -> AsyncGenerator[dict[str, np.ndarray], None]:
         """ModelStreamInfer: each response of a streaming model as it arrives (one for others).
 
-        An UNAVAILABLE endpoint is retried on another one (the client's policy) before the first
-        response only: once tokens came, a retry would repeat them. KServe v2 reports a failure
-        inside a stream as a message without a status code, so it raises ``Internal`` with it.
+        Retried like :meth:`infer` (the client's policy: an UNAVAILABLE endpoint on the others, then
+        all again after a pause, until the deadline) before the first response only: once tokens
+        came, a retry would repeat them, so a stream cut after that raises. KServe v2 reports a
+        failure inside a stream as a message without a status code, so it raises ``Internal``.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self._timeout if timeout is None else timeout)
@@ -243,10 +254,11 @@ class AsyncClient:
         watch = await self._synced(app, max(0.0, deadline - loop.time()))
         tried: set[str] = set()
         failures = 0
+        last: grpc.aio.AioRpcError | None = None
         while True:
-            endpoint = await self._pick(app, watch, tried, deadline)
-            if endpoint is None:  # every live endpoint failed before it answered
-                raise Unavailable(f"application {app!r}: no endpoint could take the stream")
+            endpoint = await self._next_endpoint(
+                app, watch, tried, deadline=deadline, policy=self._retry, failures=failures, last=last
+            )
             tried.add(endpoint.address)
             request.model_name = served_model(endpoint, app_id.ref())
             stub = self._pool.stub(endpoint.address, GRPCInferenceServiceStub)
@@ -260,7 +272,7 @@ class AsyncClient:
                     yield tensors.decode_response(response.infer_response)
                 return
             except grpc.aio.AioRpcError as exc:
-                failures += 1
+                failures, last = failures + 1, exc
                 retryable = self._retry.retries(exc)
                 self.picker.failed(endpoint.address, unavailable=retryable)
                 if sent or not retryable or not self._retry.allows(failures):
@@ -278,7 +290,9 @@ class AsyncClient:
     async def _address(self, app: str, timeout: float) -> str:
         loop = asyncio.get_running_loop()
         watch = await self._synced(app, timeout)
-        endpoint = await self._pick(app, watch, set(), loop.time() + timeout)
+        endpoint = await self._next_endpoint(
+            app, watch, set(), deadline=loop.time() + timeout, policy=self._retry
+        )
         return str(endpoint.address)
 
     def _broker_client(self) -> AsyncBrokerClient:

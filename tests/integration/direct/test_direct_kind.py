@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,10 +29,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 APP = "recs/ctr-direct"
 
 
-def direct_spec(model_path: Path) -> common_pb2.ApplicationSpec:
+def direct_spec(model_path: Path, name: str = "ctr-direct") -> common_pb2.ApplicationSpec:
     return load_spec(
         {
-            "name": "ctr-direct",
+            "name": name,
             "namespace": "recs",
             "version": "1",
             "kind": "direct",
@@ -70,26 +71,35 @@ async def apply_new(
 
 async def _replicas(spec: common_pb2.ApplicationSpec) -> dict[str, str]:
     """Replica actor name -> its server's address, once the master has both replicas ready."""
+    return {name: info["address"] for name, info in (await ready_replicas(spec)).items()}
+
+
+async def ready_replicas(spec: common_pb2.ApplicationSpec) -> dict[str, dict[str, Any]]:
+    """Replica actor name -> its ``ready`` answer (address, node_id, ...), once the master has both
+    replicas ready and no other replica actor lives."""
 
     async def ready() -> bool:
         status = await masters.status(AppId.parse(spec).ref())
-        return status is not None and status.ready_replicas == 2
+        return status is not None and status.ready_replicas == 2 and len(_replica_names(spec)) == 2
 
     await async_wait_for(ready, timeout=120, interval=0.1, what="2 direct replicas ready")
-    names = [
+    handles = {name: ray.get_actor(name, namespace=RAY_NAMESPACE) for name in _replica_names(spec)}
+    return {name: await handle.ready.remote() for name, handle in handles.items()}
+
+
+def _replica_names(spec: common_pb2.ApplicationSpec) -> list[str]:
+    return [
         a["name"]
         for a in ray.util.list_named_actors(all_namespaces=True)
         if a["namespace"] == RAY_NAMESPACE and a["name"].startswith(replica_prefix(AppId.parse(spec).ref()))
     ]
-    handles = {name: ray.get_actor(name, namespace=RAY_NAMESPACE) for name in names}
-    return {name: (await handle.ready.remote())["address"] for name, handle in handles.items()}
 
 
-async def _seen(client: AsyncClient, addresses: set[str]) -> list[discovery_pb2.Endpoint]:
-    """Wait until the SDK's view of the app is exactly these direct endpoints."""
+async def _seen(client: AsyncClient, addresses: set[str], app: str = APP) -> list[discovery_pb2.Endpoint]:
+    """Wait until the SDK's view of ``app`` is exactly these direct endpoints."""
 
     async def exact() -> list[discovery_pb2.Endpoint] | None:
-        endpoints = await client.endpoints(APP)
+        endpoints = await client.endpoints(app)
         same = {e.address for e in endpoints} == addresses and all(e.kind == "direct" for e in endpoints)
         return endpoints if same else None
 

@@ -110,37 +110,51 @@ async def test_an_unsharded_table_over_the_actor_memory_limit_is_refused_precise
         await masters.remove(AppId.parse(spec).ref())
 
 
-async def test_one_replica_10x_slower_is_hedged_within_2x_of_the_healthy_p99(
+async def test_one_slow_replica_is_hedged_and_its_tail_cut_against_hedging_off(
     sharded: common_pb2.ApplicationSpec, client: AsyncClient, reference: ctr.FactorizationMachine
 ) -> None:
+    # Orderings, not wall-clock bounds: on a loaded 2-core box a window's p99 is set by scheduling
+    # noise (once 208 ms against a 203 ms bound of "2x the healthy p99"). So the slow replica is made
+    # slower than the box's own tail (10x its median, and at least the healthy p99), and the same
+    # router's p99 with hedging on is compared with hedging off, in alternating windows.
     router = router_of(sharded)
     status = await masters.status(AppId.parse(sharded).ref())
     assert status is not None
     slow_name = next(s.replica for s in status.shards if s.shard == 0)
     slow = ray.get_actor(slow_name, namespace=RAY_NAMESPACE)
+    budget = (await router.stats.remote())["hedge_budget"]
+    p99s: dict[str, list[float]] = {"healthy": [], "on": [], "off": []}
     async with CheckedLoad(client, APP, reference, concurrency=4) as load:
+
+        async def window(name: str) -> None:
+            start = load.done
+            await load.wait_for_requests(150)
+            p99s[name].append(load.p99_since(start))
+
         await load.wait_for_requests(100)  # warm: every replica has latency samples
-        start = load.done
-        await load.wait_for_requests(300)
-        healthy = load.p99_since(start)
+        await window("healthy")
         p50 = (await router.stats.remote())["shards"][0]["p50_ms"][slow_name] / 1000
-        await slow.inject_delay.remote(9 * p50)  # its lookups now take ~10x as long
+        delay = max(9 * p50, p99s["healthy"][0])
+        await slow.inject_delay.remote(delay)  # its lookups now take >= 10x as long
         try:
             before = (await router.stats.remote())["shards"][0]
-            start = load.done
-            await load.wait_for_requests(300)
-            hedged = load.p99_since(start)
+            for hedging in ("on", "off", "on", "off"):
+                await router.set_hedge_budget.remote(budget if hedging == "on" else 0.0)
+                await window(hedging)
             after = (await router.stats.remote())["shards"][0]
         finally:
+            await router.set_hedge_budget.remote(budget)
             await slow.inject_delay.remote(0.0)
     assert load.failures == {} and load.wrong == 0
     hedges, lookups = after["hedges"] - before["hedges"], after["lookups"] - before["lookups"]
+    hedged, unhedged, healthy = max(p99s["on"]), min(p99s["off"]), p99s["healthy"][0]
     print(
-        f"p99 healthy {healthy * 1e3:.1f} ms, one replica 10x slower (hedged) {hedged * 1e3:.1f} ms; "
-        f"shard 0 hedges {hedges}/{lookups} lookups (the extra load)"
+        f"p99 healthy {healthy * 1e3:.1f} ms; one replica slowed by {delay * 1e3:.1f} ms: hedging on "
+        f"{[round(p * 1e3, 1) for p in p99s['on']]} ms, off {[round(p * 1e3, 1) for p in p99s['off']]} ms "
+        f"({hedged / healthy:.2f}x healthy); shard 0 hedges {hedges}/{lookups} lookups (the extra load)"
     )
-    assert 0 < hedges <= 0.25 * lookups + 10  # counted, and bounded by the budget
-    assert hedged <= 2 * healthy + 0.005  # 5 ms of slack for a loaded 2-core box
+    assert 0 < hedges <= budget * lookups + 10  # counted, and bounded by the budget
+    assert hedged < unhedged  # the worst window with hedging beats the best without it
 
 
 async def test_sigkill_of_a_shard_replica_under_load_fails_no_request(
