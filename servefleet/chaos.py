@@ -27,7 +27,8 @@ waits until every part is healthy and both apps are served again (``recovery_s``
   tickets accepted but with no result at the end;
 - ``duplicated``: tickets whose result, read twice, was not the same right answer both times, and
   streams with more responses than rows;
-- ``slowest_s``: the longest an answered call waited (what the death cost a caller in time).
+- ``slowest_s``: the longest an answered call waited (what the death cost a caller in time; not
+  measured for async requests, whose results are read at the end).
 
 Per part also ``duplicate_runs_discarded`` (growth of the broker's ``duplicate_executions``: a
 request that ran again after its worker died or stalled; the later result is discarded, never

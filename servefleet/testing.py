@@ -503,7 +503,12 @@ def joined_node(
     def listed(alive: bool) -> bool:
         return any(n["Alive"] and marker in n["Resources"] for n in ray.nodes()) == alive
 
-    node = RayWorkerNode(head, resources=resources, port_slot=port_slot).start()
+    node = RayWorkerNode(head, resources=resources, port_slot=port_slot)
+    try:
+        node.start()
+    except RuntimeError:  # `ray start` gives up when an overloaded GCS is slow to answer: once more
+        node.cleanup()
+        node = RayWorkerNode(head, resources=resources, port_slot=port_slot).start()
     try:
         wait_for(lambda: listed(True), timeout=timeout, interval=0.2, what="the worker node to join")
         yield node

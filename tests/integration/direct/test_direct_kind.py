@@ -66,7 +66,14 @@ async def apply_new(
 ) -> None:
     """Create the app's master as the agent does: with the app's own endpoint token."""
     token = await credentials.issue(ENDPOINT, app=f"{spec.namespace}/{spec.name}")
-    await masters.apply(spec, 2, 1, cluster="direct-cluster", discovery=discovery.address, credential=token)
+    await masters.apply(
+        spec,
+        spec.replicas.initial,
+        1,
+        cluster="direct-cluster",
+        discovery=discovery.address,
+        credential=token,
+    )
 
 
 async def _replicas(spec: common_pb2.ApplicationSpec) -> dict[str, str]:
@@ -74,15 +81,17 @@ async def _replicas(spec: common_pb2.ApplicationSpec) -> dict[str, str]:
     return {name: info["address"] for name, info in (await ready_replicas(spec)).items()}
 
 
-async def ready_replicas(spec: common_pb2.ApplicationSpec) -> dict[str, dict[str, Any]]:
-    """Replica actor name -> its ``ready`` answer (address, node_id, ...), once the master has both
-    replicas ready and no other replica actor lives."""
+async def ready_replicas(
+    spec: common_pb2.ApplicationSpec, count: int = 2, *, timeout: float = 120
+) -> dict[str, dict[str, Any]]:
+    """Replica actor name -> its ``ready`` answer (address, node_id, ...), once the master has
+    ``count`` replicas ready and no other replica actor lives."""
 
     async def ready() -> bool:
         status = await masters.status(AppId.parse(spec).ref())
-        return status is not None and status.ready_replicas == 2 and len(_replica_names(spec)) == 2
+        return status is not None and status.ready_replicas == count and len(_replica_names(spec)) == count
 
-    await async_wait_for(ready, timeout=120, interval=0.1, what="2 direct replicas ready")
+    await async_wait_for(ready, timeout=timeout, interval=0.1, what=f"{count} direct replicas ready")
     handles = {name: ray.get_actor(name, namespace=RAY_NAMESPACE) for name in _replica_names(spec)}
     return {name: await handle.ready.remote() for name, handle in handles.items()}
 

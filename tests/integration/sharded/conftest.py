@@ -139,6 +139,7 @@ class CheckedLoad:
     wrong: int = 0
     failures: Counter[str] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)
+    failed_at: list[float] = field(default_factory=list)  # when each failed call began (monotonic)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -180,5 +181,6 @@ class CheckedLoad:
                 self.wrong += not same
             except ServefleetError as exc:
                 self.failures[f"{type(exc).__name__}: {exc}"] += 1
+                self.failed_at.append(began)
             self.latencies.append(time.monotonic() - began)
             i += 1
