@@ -107,6 +107,11 @@ def redis_argv(
     ]
 
 
+def redis_sentinel_argv(*, host: str, port: int, config_file: Path) -> list[str]:
+    """A Redis Sentinel on ``port``; ``config_file`` (which Sentinel rewrites) names what it monitors."""
+    return [binary("redis-server"), str(config_file), "--sentinel", "--bind", host, "--port", str(port)]
+
+
 def redis_cluster_create_argv(nodes: list[str], *, replicas: int = 0) -> list[str]:
     """``redis-cli --cluster create``: join ``nodes`` (host:port, started as cluster nodes) into one
     Redis Cluster, slots spread over the primaries, ``replicas`` replicas per primary."""

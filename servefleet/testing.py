@@ -221,6 +221,7 @@ class RedisProcess(ManagedProcess):
         self.appendfsync = appendfsync
         self.admin_password = admin_password
         self.cluster_node_timeout_ms = cluster_node_timeout_ms
+        self.replica_of = ""  # "host:port": start as a replica of that primary (LocalSentinel)
         self.cluster_port = free_port() if cluster_node_timeout_ms else 0
 
     @property
@@ -234,7 +235,7 @@ class RedisProcess(ManagedProcess):
         if self.admin_password:
             config = self.data_dir / "redis.conf"
             stack.write_secret(config, redis_config(self.admin_password))
-        return launch.redis_argv(
+        argv = launch.redis_argv(
             host="127.0.0.1",
             port=self.port,
             data_dir=self.data_dir,
@@ -243,9 +244,77 @@ class RedisProcess(ManagedProcess):
             cluster_node_timeout_ms=self.cluster_node_timeout_ms,
             cluster_port=self.cluster_port,
         )
+        return argv + (["--replicaof", *self.replica_of.split(":")] if self.replica_of else [])
 
     def healthy(self) -> bool:
         return health.redis_health(self.address)[0]
+
+    def in_sync(self) -> bool:
+        """A primary, or a replica whose link to its primary is up (its first full sync done)."""
+        argv = [launch.binary("redis-cli"), "-p", str(self.port), "info", "replication"]
+        info = subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout
+        return "role:master" in info or "master_link_status:up" in info
+
+
+class SentinelProcess(ManagedProcess):
+    """One Redis Sentinel watching the primary ``master`` (host:port) under ``name``."""
+
+    name = "sentinel"
+
+    def __init__(self, master: str, service: str, *, down_after_ms: int = 1000) -> None:
+        super().__init__()
+        self.master = master
+        self.service = service
+        self.down_after_ms = down_after_ms
+
+    def argv(self) -> list[str]:
+        config = self.data_dir / "sentinel.conf"
+        if not config.exists():  # Sentinel rewrites it with what it learns: keep it across restarts
+            host, port = self.master.split(":")
+            config.write_text(
+                f"sentinel monitor {self.service} {host} {port} 1\n"
+                f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.service} 5000\n"
+            )
+        return launch.redis_sentinel_argv(host="127.0.0.1", port=self.port, config_file=config)
+
+    def healthy(self) -> bool:
+        return health.redis_health(self.address)[0]
+
+
+class LocalSentinel:
+    """A Sentinel-managed primary: one primary, ``replicas`` replicas and ``sentinels`` Sentinels
+    (quorum 1), all with their AOF on. Kill ``primary`` and a Sentinel promotes a replica."""
+
+    def __init__(self, replicas: int = 1, sentinels: int = 1, *, service: str = "servefleet") -> None:
+        self.service = service
+        self.primary = RedisProcess()
+        self.replicas = [RedisProcess() for _ in range(replicas)]
+        for replica in self.replicas:
+            replica.replica_of = self.primary.address
+        self.sentinels = [SentinelProcess(self.primary.address, service) for _ in range(sentinels)]
+
+    @property
+    def target(self) -> RedisTarget:
+        return RedisTarget(tuple(s.address for s in self.sentinels), "sentinel", self.service)
+
+    def start(self) -> Self:
+        for proc in (self.primary, *self.replicas, *self.sentinels):
+            proc.start()
+        for replica in self.replicas:  # Redis delays a first (diskless) full sync by 5 s
+            wait_for(replica.in_sync, timeout=60, interval=0.2, what=f"replica {replica.address} in sync")
+        return self
+
+    def current_primary(self) -> RedisProcess:
+        """The node the Sentinels name as primary now."""
+        argv = [launch.binary("redis-cli"), "-p", str(self.sentinels[0].port)]
+        argv += ["sentinel", "get-master-addr-by-name", self.service]
+        port = int(subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.split()[1])
+        return next(p for p in (self.primary, *self.replicas) if p.port == port)
+
+    def cleanup(self) -> None:
+        for proc in (*self.sentinels, self.primary, *self.replicas):
+            proc.cleanup()
 
 
 class LocalRedisCluster:
@@ -278,6 +347,8 @@ class LocalRedisCluster:
             if done.returncode != 0:
                 raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout[-2000:]}{done.stderr}")
         wait_for(self.ok, timeout=60, interval=0.2, what="the redis cluster to serve every slot")
+        for node in self.nodes:  # replicas: Redis delays a first (diskless) full sync by 5 s
+            wait_for(node.in_sync, timeout=60, interval=0.2, what=f"redis node {node.address} in sync")
         return self
 
     def _formed(self) -> bool:

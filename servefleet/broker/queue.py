@@ -290,11 +290,9 @@ class RedisStreamQueue(RequestQueue):
 
     async def status(self, ticket: str) -> broker_pb2.TicketStatus | None:
         k = self.keys(ticket_app(ticket))
-        async with self._reachable():
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.hgetall(k.ticket(ticket))
-            pipe.get(k.result(ticket))
-            raw, response = await pipe.execute()
+        async with self._reachable():  # two reads, not a pipeline: see redis_target._Cluster
+            raw = await self._redis.hgetall(k.ticket(ticket))
+            response = await self._redis.get(k.result(ticket))
         if not raw:
             return None
         fields = {_s(k): _s(v) for k, v in raw.items()}
@@ -315,7 +313,7 @@ class RedisStreamQueue(RequestQueue):
     async def ticket_app(self, ticket: str) -> str | None:
         app = ticket_app(ticket)
         async with self._reachable():
-            found = await self._redis.exists(self.keys(app).ticket(ticket))
+            found = await self._redis.hget(self.keys(app).ticket(ticket), "state")
         return app if found else None
 
     async def cancel(self, ticket: str) -> broker_pb2.TicketStatus | None:

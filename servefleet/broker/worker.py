@@ -127,7 +127,14 @@ class PullWorker:
             self._source = redis_address
         else:
             self._queue = RedisStreamQueue(redis_address)
-        self._stale = self._source is not None  # connect (again) before the next Redis call
+            target = self._queue.target
+
+            async def same() -> RedisTarget:
+                return target
+
+            self._source = same
+        self._stale = not hasattr(self, "_queue")  # connect (again) before the next Redis call
+        self._failures = 0  # Redis calls failed in a row
         self._connecting = asyncio.Lock()
         self._running: dict[str, tuple[Entry, asyncio.Task[None]]] = {}
         #: Entries whose handler returned, being stored or re-queued in Redis (not holding a slot).
@@ -140,8 +147,15 @@ class PullWorker:
         self.completed = 0
         self.duplicates = 0
 
+    def _failed(self, exc: BaseException) -> None:
+        """Reconnect before the next call when Redis refused the credential (ask for a fresh one), or
+        after every 5 failures in a row (a fresh client: one left on a layout from before a
+        failover can keep calling a dead node)."""
+        self._failures += 1
+        self._stale = self._stale or refused(exc) or self._failures % 5 == 0
+
     async def _q(self) -> RequestQueue:
-        """The queue, first reconnected with a fresh credential when Redis refused the last one."""
+        """The queue, first reconnected (with a fresh credential) when ``_failed`` says so."""
         if self._stale and self._source is not None:
             async with self._connecting:
                 if self._stale:
@@ -219,7 +233,7 @@ class PullWorker:
                         self._spawn(entry)
                     else:
                         self._backlog.append(entry)
-                failures = 0
+                failures = self._failures = 0
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -230,7 +244,7 @@ class PullWorker:
         """Redis unreachable or restarted: wait, and recreate the consumer groups if they are gone;
         the credential refused: ask for a fresh one."""
         log.warning("pull worker %s/%s: %s; retrying", self.app, self.consumer, exc)
-        self._stale = self._stale or refused(exc)
+        self._failed(exc)
         await asyncio.sleep(pause)
         if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
             with contextlib.suppress(Exception):
@@ -265,11 +279,13 @@ class PullWorker:
 
         def retrying(exc: BaseException, _: float) -> None:
             log.warning("pull worker %s/%s: redis: %s; retrying", self.app, self.consumer, exc)
-            self._stale = self._stale or refused(exc)
+            self._failed(exc)
 
         async def attempt() -> T:
             await self._q()
-            return await call()
+            out = await call()
+            self._failures = 0
+            return out
 
         return await REDIS_RETRY.run(attempt, on_retry=retrying)
 

@@ -11,6 +11,7 @@ failover).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import (
     AuthenticationError,
@@ -61,6 +62,26 @@ Client = Any
 #: ``await source()``: where the Redis is, with the credential to present (asked anew whenever Redis
 #: refuses the last one: ``broker.worker.from_broker`` asks the broker for an app's own user).
 TargetSource = Callable[[], Awaitable["RedisTarget"]]
+
+
+class _Cluster(RedisCluster):
+    """redis-py 8.1's asyncio cluster client can hand a command a connection that another task is
+    closing while a failover moves slots (AttributeError from the connection's missing writer, raised
+    before anything is sent). Such a command never reached Redis, so it is sent again."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        for attempt in range(3):
+            try:
+                return await super().execute_command(*args, **kwargs)
+            except AttributeError as exc:
+                if "writelines" not in str(exc) or attempt == 2:
+                    raise
+                await asyncio.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """Sentinel's pool, but callers beyond ``max_connections`` wait rather than fail (as on one Redis)."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +131,9 @@ class RedisTarget:
         over) are found by a health check and a command on a closed socket is sent once more on
         a fresh connection (a closed socket never delivered it)."""
         common: dict[str, Any] = {
+            # No call waits forever on a node that stopped answering (longer than any blocking read).
+            "socket_timeout": 10.0,
+            "socket_connect_timeout": 5.0,
             "health_check_interval": 1,
             "retry_on_error": [RedisConnectionError],
             **self._auth(),
@@ -118,7 +142,7 @@ class RedisTarget:
         if self.mode == "cluster":
             nodes = [ClusterNode(*split_address(a)) for a in self.addresses]
             # A failover moves slots: retry on the cluster's new layout for a few seconds.
-            return RedisCluster(
+            return _Cluster(
                 startup_nodes=nodes,
                 max_connections=max_connections,
                 retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 8),
@@ -129,6 +153,7 @@ class RedisTarget:
             sentinel = Sentinel([split_address(a) for a in self.addresses], socket_timeout=2.0)
             return sentinel.master_for(
                 self.sentinel_master,
+                connection_pool_class=_BlockingSentinelPool,
                 retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 8),
                 max_connections=max_connections,
                 **{**common, "retry_on_error": [RedisConnectionError, RedisTimeoutError]},

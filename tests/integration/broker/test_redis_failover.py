@@ -1,5 +1,6 @@
-"""Failover of one Redis Cluster primary under broker load (3 primaries, one replica each): SIGKILL
-the primary holding the app's slot while Submits and workers run; its replica takes over.
+"""Failover of the app's Redis primary under broker load, on a Redis Cluster (3 primaries, one
+replica each) and on a Sentinel-managed primary: SIGKILL the primary holding the app's keys while
+Submits and workers run; its replica takes over.
 
 The guarantee (README, Async broker): Redis replicates asynchronously, so a write the dead primary
 acknowledged but had not yet streamed to its replica is lost with it (its AOF does not help: the
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 import pytest
@@ -21,9 +22,10 @@ from tritonclient.grpc import service_pb2
 from servefleet.broker.keys import AppKeys
 from servefleet.broker.worker import PullWorker
 from servefleet.common.errors import NotFound, Unavailable
-from servefleet.common.net import async_wait_for
+from servefleet.common.net import async_wait_for, wait_for
+from servefleet.common.redis_target import RedisTarget
 from servefleet.common.tensors import decode_request, encode_response
-from servefleet.testing import Credentials, LocalRedisCluster
+from servefleet.testing import Credentials, LocalRedisCluster, LocalSentinel
 from tests.integration.broker.conftest import BrokerService
 
 pytestmark = pytest.mark.slow
@@ -37,33 +39,27 @@ async def slow_double(request: service_pb2.ModelInferRequest) -> service_pb2.Mod
     return encode_response(request.model_name, {"y": decode_request(request)["x"] * 2})
 
 
-@pytest.fixture
-async def replicated(credentials: Credentials) -> AsyncIterator[tuple[LocalRedisCluster, BrokerService]]:
-    cluster = LocalRedisCluster(primaries=3, replicas=1, node_timeout_ms=1000).start()
-    service = await BrokerService(cluster.target, credentials).start()
-    yield cluster, service
-    await service.stop()
-    cluster.cleanup()
-
-
-async def test_failover_of_the_apps_primary_under_load_loses_no_request_past_the_lag(
-    replicated: tuple[LocalRedisCluster, BrokerService],
+async def failover_under_load(
+    service: BrokerService,
+    target: RedisTarget,
+    kill_primary: Callable[[str], Awaitable[None]],
+    failed_over: Callable[[], bool],
 ) -> None:
-    cluster, service = replicated
+    """Submit 600 requests from 4 lanes while 2 workers run them; after 150 are accepted,
+    ``kill_primary(key)`` kills the primary holding ``key`` (the app's slot); then check every
+    accepted request completed with its answer, except ones accepted within the lag before the kill."""
     client = service.client
     assert client is not None
     app = f"test/failover-{uuid.uuid4().hex[:8]}"
     await service.core.register_app(app)
     # A result or ack lost with the primary leaves its entry pending: reclaimed after 2 s, run again.
     workers = [
-        PullWorker(cluster.target, app, f"w{i}", 4, slow_double, block_ms=200, reclaim_idle_s=2.0)
-        for i in range(2)
+        PullWorker(target, app, f"w{i}", 4, slow_double, block_ms=200, reclaim_idle_s=2.0) for i in range(2)
     ]
     for worker in workers:
         await worker.start()
     accepted: dict[str, tuple[int, float]] = {}  # ticket -> (x, when accepted)
     refused = 0
-    killed_at = 0.0
 
     async def submit_loop(lane: int, n: int) -> None:
         nonlocal refused
@@ -74,43 +70,79 @@ async def test_failover_of_the_apps_primary_under_load_loses_no_request_past_the
             except Unavailable:
                 refused += 1  # told: not queued
 
+    async def under_way() -> bool:
+        return len(accepted) >= 150
+
     try:
         load = asyncio.gather(*(submit_loop(lane, 600) for lane in range(4)))
-
-        async def under_way() -> bool:
-            return len(accepted) >= 150
-
         await async_wait_for(under_way, timeout=60, what="150 requests accepted")
-        layout = cluster.target.client()
-        await layout.initialize()
-        port = int(layout.get_node_from_key(AppKeys(app).config).port)
-        await layout.aclose()
-        primary = next(node for node in cluster.nodes if node.port == port)
-        await asyncio.to_thread(primary.kill)
+        await kill_primary(AppKeys(app).config)
         killed_at = time.monotonic()
-        await load
+        await asyncio.to_thread(wait_for, failed_over, timeout=60, interval=0.2, what="the failover")
+        await asyncio.wait_for(load, 120)
 
         async def outcome(ticket: str) -> list[int] | None:
-            try:
-                return (await client.result(ticket, timeout=120))["y"].tolist()  # type: ignore[no-any-return]
-            except NotFound:
-                return None
+            for _ in range(10):  # a read the broker could not serve mid-failover: ask again
+                try:
+                    return (await client.result(ticket, timeout=60))["y"].tolist()  # type: ignore[no-any-return]
+                except NotFound:
+                    return None
+                except Unavailable:
+                    await asyncio.sleep(1.0)
+            raise AssertionError(f"ticket {ticket} unreadable")
 
         outcomes = await asyncio.gather(*(outcome(t) for t in accepted))
         lost = [t for t, y in zip(accepted, outcomes, strict=True) if y is None]
-        wrong = [
-            t for t, y in zip(accepted, outcomes, strict=True) if y is not None and y != [2 * accepted[t][0]]
-        ]
+        done = {t: y for t, y in zip(accepted, outcomes, strict=True) if y is not None}
+        wrong = [t for t, y in done.items() if y != [2 * accepted[t][0]]]
         late = [t for t in lost if accepted[t][1] < killed_at - LAG_BOUND_S or accepted[t][1] > killed_at]
         print(
-            f"\nfailover of the app's primary under load: {len(accepted)} accepted, {refused} refused "
-            f"(UNAVAILABLE) during the failover, {len(lost)} lost (accepted within the replication lag "
-            f"before the kill), {sum(w.completed for w in workers)} results stored by the workers"
+            f"\nfailover ({target.mode}) of the app's primary under load: {len(accepted)} accepted, "
+            f"{refused} refused (UNAVAILABLE) during the failover, {len(lost)} lost (accepted within "
+            f"the replication lag before the kill), {sum(w.completed for w in workers)} results stored"
         )
         assert not wrong
         assert not late, "a Submit accepted outside the replication lag before the kill was lost"
         assert len(accepted) - len(lost) >= 450  # the load went on on the promoted replica
-        assert cluster.ok()
     finally:
         for worker in workers:
             await worker.stop()
+
+
+async def test_failover_of_the_apps_cluster_primary_under_load(credentials: Credentials) -> None:
+    """Redis Cluster, 3 primaries with one replica each: the app's primary is SIGKILLed."""
+    cluster = LocalRedisCluster(primaries=3, replicas=1, node_timeout_ms=1000).start()
+    service = await BrokerService(cluster.target, credentials).start()
+
+    async def kill_primary(key: str) -> None:
+        layout = cluster.target.client()
+        await layout.initialize()
+        port = int(layout.get_node_from_key(key).port)
+        await layout.aclose()
+        await asyncio.to_thread(next(node for node in cluster.nodes if node.port == port).kill)
+
+    try:
+        await failover_under_load(service, cluster.target, kill_primary, cluster.ok)
+    finally:
+        await service.stop()
+        cluster.cleanup()
+
+
+async def test_failover_of_the_sentinel_managed_primary_under_load(credentials: Credentials) -> None:
+    """One primary, one replica, a Sentinel: the primary is SIGKILLed and the Sentinel promotes the
+    replica; the broker and the workers follow it."""
+    sentinel = LocalSentinel(replicas=1).start()
+    service = await BrokerService(sentinel.target, credentials).start()
+
+    async def kill_primary(key: str) -> None:
+        await asyncio.to_thread(sentinel.primary.kill)
+
+    try:
+
+        def promoted() -> bool:
+            return sentinel.current_primary() is sentinel.replicas[0]
+
+        await failover_under_load(service, sentinel.target, kill_primary, promoted)
+    finally:
+        await service.stop()
+        sentinel.cleanup()
