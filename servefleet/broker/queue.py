@@ -202,18 +202,40 @@ class RedisStreamQueue(RequestQueue):
         self.target = RedisTarget.parse(target)
         self.address = self.target.text
         self._clock = clock
+        self._max_connections = max_connections
+        self._failures = 0  # calls in a row that found Redis unreachable
+        self._retired: set[asyncio.Task[None]] = set()
+        self._connect()
+        self._waiters: dict[str, set[asyncio.Queue[int | None]]] = defaultdict(set)
+        self._subscribed = asyncio.Event()
+        self._listener: asyncio.Task[None] | None = None
+
+    def _connect(self) -> None:
         # Callers beyond max_connections wait for a free connection rather than fail: a burst of
         # GetResult waiters holds connections only for short reads (they sleep on pub/sub).
-        self._redis = self.target.client(max_connections=max_connections)
+        self._redis = self.target.client(max_connections=self._max_connections)
         self._submit = self._redis.register_script(lua_script("submit"))
         self._take = self._redis.register_script(lua_script("take"))
         self._start = self._redis.register_script(lua_script("start"))
         self._finish = self._redis.register_script(lua_script("finish"))
         self._fail = self._redis.register_script(lua_script("fail"))
         self._cancel = self._redis.register_script(lua_script("cancel"))
-        self._waiters: dict[str, set[asyncio.Queue[int | None]]] = defaultdict(set)
-        self._subscribed = asyncio.Event()
-        self._listener: asyncio.Task[None] | None = None
+
+    def _reconnect(self) -> None:
+        """A fresh client: a cluster client left on the layout and sockets of a cluster that
+        restarted can keep failing on them (the worker replaces its queue the same way). The old
+        one is closed a little later, once calls still on it have ended."""
+        old = self._redis
+        self._connect()
+
+        async def close_later() -> None:
+            await asyncio.sleep(5.0)
+            with contextlib.suppress(Exception):
+                await old.aclose()
+
+        task = asyncio.get_running_loop().create_task(close_later())
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
 
     # --- keys (layout: keys.py) ---
     @staticmethod
@@ -230,11 +252,16 @@ class RedisStreamQueue(RequestQueue):
 
     @contextlib.asynccontextmanager
     async def _reachable(self) -> AsyncIterator[None]:
-        """Redis down -> UNAVAILABLE (the caller may retry), once for every client-side call."""
+        """Redis down -> UNAVAILABLE (the caller may retry), once for every client-side call; every
+        5th failure in a row reconnects."""
         try:
             yield
         except TRANSIENT_ERRORS as exc:
-            raise Unavailable(f"broker queue (redis {self.address}) unreachable: {exc}") from exc
+            self._failures += 1
+            if self._failures % 5 == 0:
+                self._reconnect()
+            raise Unavailable(f"broker queue (redis {self.address}) unreachable: {exc!r}") from exc
+        self._failures = 0
 
     async def ping(self) -> None:
         """Raise Unavailable unless Redis answers now (the broker's health follows this)."""
