@@ -144,6 +144,12 @@ def stage_counts(spec: common_pb2.ApplicationSpec, held: Mapping[str, int]) -> d
     return counts
 
 
+def replicas_wanted(spec: common_pb2.ApplicationSpec, replicas: int, held: Mapping[str, int]) -> int:
+    """Replicas per cluster the app runs: its count, or the sum of a pipeline's stage counts
+    (what its master reports as ready when every stage is)."""
+    return sum(stage_counts(spec, held).values()) if spec.kind == "pipeline" else replicas
+
+
 def pipeline_of(stage_app_name: str) -> str:
     """The pipeline's name from a stage app's name (``llm--model`` -> ``llm``; ``llm`` -> ``llm``)."""
     return stage_app_name.partition(STAGE_SEPARATOR)[0]

@@ -98,12 +98,13 @@ def to_dict(message: Message) -> dict[str, Any]:
 def app_row(status: keeper_pb2.ApplicationStatus) -> dict[str, Any]:
     """One application as a table row (JSON output gets the whole message instead)."""
     ready = sum(p.ready_replicas for p in status.placements)
+    per_cluster = sum(status.stage_replicas.values()) or status.replicas  # a pipeline: its stages'
     return {
         "namespace": status.app.namespace,
         "name": status.app.name,
         "version": status.spec.version,
         "state": keeper_pb2.AppState.Name(status.state),
-        "replicas": f"{ready}/{status.replicas * max(len(status.placements), 1)}",
+        "replicas": f"{ready}/{per_cluster * max(len(status.placements), 1)}",
         "clusters": ",".join(p.cluster for p in status.placements) or "-",
         "revision": status.revision,
         "reason": status.reason,

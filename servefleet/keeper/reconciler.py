@@ -31,6 +31,7 @@ from servefleet.common.channels import ChannelCache
 from servefleet.common.config import settings
 from servefleet.keeper import placement
 from servefleet.keeper.store import AppRecord, KeeperStore, cancel_watch
+from servefleet.pipeline_spec import replicas_wanted
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,8 @@ def summarize(
     record: AppRecord, observed: Mapping[str, agent_pb2.MasterStatus | str]
 ) -> tuple[int, str, list[keeper_pb2.ClusterPlacement]]:
     """One state and reason from what each placed cluster reports (a string: why it can't)."""
-    spec, want, revision = record.desired.spec, record.desired.replicas, record.revision
+    spec, revision = record.desired.spec, record.revision
+    want = replicas_wanted(spec, record.desired.replicas, record.desired.stage_replicas)
     placements: list[keeper_pb2.ClusterPlacement] = []
     unreachable, failed, behind = [], [], []
     for cluster, seen in sorted(observed.items()):
@@ -193,7 +195,9 @@ class ReplicaCountCollector(Collector):
             for record in list(self.reconciler._apps.values()):  # a copy: the loop thread mutates it
                 name = [AppId.parse(record.ref).model_name]
                 placed = record.status.placements
-                desired.add_metric(name, record.desired.replicas * max(1, len(placed)))
+                held = record.desired
+                want = replicas_wanted(held.spec, held.replicas, held.stage_replicas)
+                desired.add_metric(name, want * max(1, len(placed)))
                 ready.add_metric(name, sum(p.ready_replicas for p in placed))
         yield desired
         yield ready

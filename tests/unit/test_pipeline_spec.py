@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 
 from servefleet.common.errors import InvalidArgument
-from servefleet.pipeline_spec import autoscaled, entry_stage, pipeline_of, stage_counts, stage_spec
+from servefleet.pipeline_spec import (
+    autoscaled,
+    entry_stage,
+    pipeline_of,
+    replicas_wanted,
+    stage_counts,
+    stage_spec,
+)
 from servefleet.spec import load_spec
 
 
@@ -122,3 +129,5 @@ def test_stage_counts_keep_what_is_held_within_each_stage_range() -> None:
     assert stage_counts(spec, {}) == {"cache": spec.stages[0].replicas.initial, "model": 2}
     assert stage_counts(spec, {"model": 3, "gone": 9})["model"] == 3
     assert stage_counts(spec, {"model": 9})["model"] == 4
+    # What the keeper waits for before RUNNING: every stage's replicas, not the derived count 1.
+    assert replicas_wanted(spec, 1, {"model": 3}) == spec.stages[0].replicas.initial + 3
