@@ -29,7 +29,7 @@ from servefleet.autoscaler.policy import Config, Decision, History, Proactive, R
 from servefleet.common import metrics
 from servefleet.common.appid import AppId
 from servefleet.common.errors import ServefleetError
-from servefleet.pipeline_spec import STAGE_SEPARATOR, entry_stage, stage_app, stage_spec
+from servefleet.pipeline_spec import STAGE_SEPARATOR, entry_stage, stage_app, stage_counts, stage_spec
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def units(statuses: list[keeper_pb2.ApplicationStatus]) -> list[Unit]:
         if status.spec.kind != "pipeline":
             found.append(Unit(key, status, status.app))
             continue
-        entry = entry_stage(status.spec)
+        entry, counts = entry_stage(status.spec), stage_counts(status.spec, status.stage_replicas)
         for stage in status.spec.stages:
             if not stage.HasField("autoscaling"):
                 continue
@@ -149,7 +149,7 @@ def units(statuses: list[keeper_pb2.ApplicationStatus]) -> list[Unit]:
                 app=stage_app(status.app, stage.name, entry=stage.name == entry),
                 state=status.state,
                 spec=stage_spec(status.spec, stage.name),
-                replicas=status.stage_replicas.get(stage.name, stage.replicas.initial),
+                replicas=counts[stage.name],
                 placements=status.placements,
                 scaling=status.scaling,
             )

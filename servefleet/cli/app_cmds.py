@@ -19,6 +19,7 @@ from servefleet.common.appid import AppId
 from servefleet.common.channels import sync_channel
 from servefleet.common.metrics import METRICS_KIND
 from servefleet.common.tensors import DTYPES, datatype_of
+from servefleet.pipeline_spec import stage_counts
 from servefleet.sdk import Client
 from servefleet.sdk.client import served_model
 
@@ -214,10 +215,11 @@ def status(conn: KeeperConn, name: str, namespace: str) -> None:
 
 def stage_rows(got: keeper_pb2.ApplicationStatus) -> list[dict[str, object]]:
     """A pipeline's stages: the count the keeper holds for each, its range, who drives it."""
+    counts = stage_counts(got.spec, got.stage_replicas)
     return [
         {
             "stage": stage.name,
-            "replicas": got.stage_replicas.get(stage.name, stage.replicas.initial),
+            "replicas": counts[stage.name],
             "range": f"[{stage.replicas.min}, {stage.replicas.max}]",
             "autoscaled": "yes" if stage.HasField("autoscaling") else "no",
         }

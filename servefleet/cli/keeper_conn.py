@@ -17,6 +17,7 @@ from servefleet import stack
 from servefleet.api import keeper_pb2, keeper_pb2_grpc
 from servefleet.cli.common import output_option, state_dir_option
 from servefleet.common.channels import TlsFiles, sync_channel, use_tls
+from servefleet.pipeline_spec import replicas_wanted
 
 F = TypeVar("F", bound=Callable[..., Any])
 ADMIN_TOKEN_FILE = stack.ADMIN_TOKEN_FILE
@@ -98,7 +99,7 @@ def to_dict(message: Message) -> dict[str, Any]:
 def app_row(status: keeper_pb2.ApplicationStatus) -> dict[str, Any]:
     """One application as a table row (JSON output gets the whole message instead)."""
     ready = sum(p.ready_replicas for p in status.placements)
-    per_cluster = sum(status.stage_replicas.values()) or status.replicas  # a pipeline: its stages'
+    per_cluster = replicas_wanted(status.spec, status.replicas, status.stage_replicas)
     return {
         "namespace": status.app.namespace,
         "name": status.app.name,
