@@ -3,6 +3,7 @@ SCALING.md, each beside the engine it sits on, measured in the same run (median 
 
     .venv/bin/python bench/scale.py            # full: 100k endpoints / 1k watchers, 50k apps
     .venv/bin/python bench/scale.py --quick    # 5k endpoints / 50 watchers, 2k apps (< 2 min: 40 s at load 8)
+    .venv/bin/python bench/scale.py --parts reconcile   # one part; the others kept from scale.json
 
 - discovery: Register calls/s with the full endpoint set stored and every watcher attached, beside
   raw etcd puts of the same records; endpoint changes delivered per second to the watchers (10 per
@@ -14,10 +15,13 @@ SCALING.md, each beside the engine it sits on, measured in the same run (median 
 - agents: RegisterCluster heartbeats/s from 1 000+ simulated clusters (a scale model: coroutines in
   this process, each a cluster name with made-up capacity, one gRPC channel; no Ray), beside raw
   etcd puts of the same ClusterInfo;
-- reconcile passes: the leader's pass time over N applications placed on those simulated clusters
-  (a scale model: the keeper's own Reconciler, in this process, with agents faked in-process that
-  report every master at its desired revision), when every app is due for its steady check and
-  when none is;
+- reconcile passes: a fresh leader's passes over N RUNNING applications placed on simulated
+  clusters (a scale model: the keeper's own Reconciler, in this process, with agents faked
+  in-process that report every master at its desired revision; the clock simulated, one
+  ``keeper_reconcile_interval_s`` per pass) until every app was checked twice: each pass's time
+  against the interval, when every app had its first check, the longest gap between two checks of
+  one app, and whether an app changed mid-sweep was the next pass's first step; beside one
+  unbounded pass (budget N: every app due at once, as before the per-pass budget);
 - broker: Submit calls/s through the broker process (as it is) on one redis-server, beside raw
   XADDs of the same payload;
 - proxy: requests/s per core, read from bench/results/proxy.json (bench/proxy.py's measurement).
@@ -33,6 +37,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import itertools
 import json
 import os
 import statistics
@@ -63,6 +68,7 @@ from servefleet.broker.queue import AppConfig, RedisStreamQueue
 from servefleet.common.appid import AppId
 from servefleet.common.auth import AGENT
 from servefleet.common.channels import aio_channel
+from servefleet.common.config import settings
 from servefleet.common.etcd import connect_etcd
 from servefleet.discovery import names
 from servefleet.keeper import placement
@@ -93,12 +99,12 @@ QUICK = {
     "keeper_ops": 150,
     "clusters": 1_000,
     "heartbeats": 500,
-    "pass_sizes": [1_000, 2_000],
+    "pass_sizes": [1_000, 5_000],
     "broker_submits": 300,
     "keepalives": 640,
 }
 WATCHERS_PER_APP = 10
-APPS_PREFIX, CLUSTERS_PREFIX = "/scale-apps", "/scale-clusters"
+APPS_PREFIX, CLUSTERS_PREFIX, RECONCILE_PREFIX = "/scale-apps", "/scale-clusters", "/scale-reconcile"
 CONCURRENCY = 32
 TXN_OPS = 100  # etcd allows 128 operations per transaction
 ATTACH_WAVE = 50  # watchers that open (and read their snapshot) at once
@@ -556,16 +562,19 @@ async def heartbeat_figures(etcd: EtcdProcess, p: dict[str, Any], reps: int, sta
 
 class SimulatedAgents(Agents):
     """In-process stand-ins for cluster agents (the scale model): every master reports the
-    revision, version and replicas it was asked for, at once, without gRPC or Ray."""
+    revision, version and replicas it was asked for, at once, without gRPC or Ray. Records the
+    (simulated) clock of each app's check."""
 
-    def __init__(self, records: dict[str, AppRecord]) -> None:
+    def __init__(self, records: dict[str, AppRecord], clock: Callable[[], float]) -> None:
         super().__init__()
         self.records = records
-        self.calls = 0
+        self.clock = clock
+        self.checks: dict[str, list[float]] = collections.defaultdict(list)
 
     async def state(self, address: str, ref: common_pb2.AppRef) -> agent_pb2.MasterStatus | None:
-        self.calls += 1
-        record = self.records[AppId.parse(ref).key]
+        key = AppId.parse(ref).key
+        self.checks[key].append(self.clock())
+        record = self.records[key]
         return agent_pb2.MasterStatus(
             app=ref,
             revision=record.revision,
@@ -590,68 +599,128 @@ class CountedWrites:
         return True
 
 
-async def reconcile_figures(etcd: EtcdProcess, p: dict[str, Any]) -> dict[str, Any]:
-    """Pass time of the leader's reconciler over N RUNNING apps on the simulated clusters (which
-    ``heartbeat_figures`` registered): all due for their steady check, then none due."""
-    store = KeeperStore.connect(etcd.address, CLUSTERS_PREFIX)
-    clusters = [c.name for c in await store.clusters()]
+def running_records(n: int, clusters: list[str]) -> dict[str, AppRecord]:
+    """``n`` apps RUNNING at their desired revision, one replica set each on a simulated cluster."""
+    records: dict[str, AppRecord] = {}
+    for i in range(n):
+        placed = [
+            keeper_pb2.ClusterPlacement(
+                cluster=clusters[i % len(clusters)], replicas=2, ready_replicas=2, version="1"
+            )
+        ]
+        record = AppRecord(
+            keeper_pb2.DesiredState(spec=stored_spec(f"run-{i}"), replicas=2),
+            revision=10 + i,
+            status=keeper_pb2.ApplicationStatus(
+                state=AppState.RUNNING,
+                reason="2 replica(s) ready on 1 cluster(s)",
+                revision=10 + i,
+                placements=placed,
+            ),
+        )
+        records[AppId.parse(record.ref).key] = record
+    return records
+
+
+@dataclass
+class Sweep:
+    """Passes of one leader from its first (every app due) until every app was checked twice."""
+
+    pass_s: list[float]  # wall time of each pass: run_once plus the steps it started
+    first_all_checked_s: float  # simulated clock when the last app got its first check
+    worst_recheck_s: float  # longest simulated gap between two checks of one app
+    changed_first: bool  # an app updated mid-sweep was the next pass's first step
+    agent_calls: int
+    status_writes: int
+
+
+async def sweep(
+    store: KeeperStore, records: dict[str, AppRecord], start: float, budget: int, checks_each: int = 2
+) -> Sweep:
+    """A fresh leader's passes at the interval until every app was checked ``checks_each`` times
+    (the clock is simulated from ``start``: a pass follows the last at once in wall time, the
+    reconciler sees ``keeper_reconcile_interval_s`` go by)."""
+    interval = settings.keeper_reconcile_interval_s
+    now = [start]
+    agents = SimulatedAgents(records, lambda: now[0])
+    writes, counted = store.write_status, CountedWrites()
+    store.write_status = counted  # type: ignore[method-assign]
+    reconciler = Reconciler(store, agents, interval_s=interval, budget=budget, clock=lambda: now[0])
+    reconciler.load(records.values())
+    changed, changed_first, times = next(reversed(records)), False, []
+    try:
+        while min((len(agents.checks.get(k, ())) for k in records), default=checks_each) < checks_each:
+            if now[0] - start >= 30 * settings.keeper_steady_check_s:
+                raise RuntimeError("sweep did not check every app twice in 30 steady intervals")
+            if len(times) == 1:  # an update to the last app the resync would reach
+                reconciler.queue.changed(changed)
+            started = time.perf_counter()
+            await reconciler.run_once(b"fence")
+            if len(times) == 1:
+                changed_first = next(iter(reconciler._inflight), None) == changed
+            await asyncio.gather(*reconciler._inflight.values())
+            times.append(time.perf_counter() - started)
+            now[0] += interval
+            await asyncio.sleep(0)  # the steps' done callbacks
+    finally:
+        store.write_status = writes  # type: ignore[method-assign]
+        await agents.close()
+    checks = [agents.checks[k] for k in records]
+    return Sweep(
+        pass_s=times,
+        first_all_checked_s=max(c[0] for c in checks) - start,
+        worst_recheck_s=max((b - a for c in checks for a, b in itertools.pairwise(c)), default=0.0),
+        changed_first=changed_first,
+        agent_calls=sum(len(c) for c in checks),
+        status_writes=counted.calls,
+    )
+
+
+async def reconcile_figures(etcd: EtcdProcess, p: dict[str, Any], reps: int) -> dict[str, Any]:
+    """Pass times of the leader's reconciler over N RUNNING apps on ``p["clusters"]`` simulated
+    clusters (stored in etcd, read every pass as the leader does): the bounded passes
+    (``keeper_reconcile_budget``) of a fresh leader until every app was checked twice, beside
+    one unbounded pass (a budget of N: every app in one pass, as before the budget), interleaved."""
+    store = KeeperStore.connect(etcd.address, RECONCILE_PREFIX)
+    clusters = [f"sim-{c}" for c in range(p["clusters"])]
+    budget, interval = settings.keeper_reconcile_budget, settings.keeper_reconcile_interval_s
     rows = {}
-    now = time.time()
-    for name in clusters:  # every simulated cluster alive at the passes' (frozen) clock
+    start = time.time()
+    for name in clusters:  # stamped ahead of the simulated clock: alive through every sweep
         info = cluster_info(name)
-        info.heartbeat_at = now
+        info.heartbeat_at = start + 3600.0
         await store.put_cluster(info)
     try:
         for n in p["pass_sizes"]:
-            records: dict[str, AppRecord] = {}
-            for i in range(n):
-                spec = stored_spec(f"run-{i}")
-                placed = [
-                    keeper_pb2.ClusterPlacement(
-                        cluster=clusters[i % len(clusters)], replicas=2, ready_replicas=2, version="1"
-                    )
-                ]
-                record = AppRecord(
-                    keeper_pb2.DesiredState(spec=spec, replicas=2),
-                    revision=10 + i,
-                    status=keeper_pb2.ApplicationStatus(
-                        state=AppState.RUNNING,
-                        reason="2 replica(s) ready on 1 cluster(s)",
-                        revision=10 + i,
-                        placements=placed,
-                    ),
-                )
-                records[AppId.parse(record.ref).key] = record
-            agents = SimulatedAgents(records)
-            writes, counted = store.write_status, CountedWrites()
-            store.write_status = counted  # type: ignore[method-assign]
-            reconciler = Reconciler(store, agents, clock=functools.partial(float, now))
-            reconciler._apps = records
-            times = []
-            for _ in range(3):
-                reconciler._checked.clear()  # every app due for its steady check
-                started = time.perf_counter()
-                await reconciler.run_once(b"fence")
-                await asyncio.gather(*reconciler._inflight.values())
-                times.append(time.perf_counter() - started)
-            due = statistics.median(times)
-            steady = []
-            for _ in range(3):
-                started = time.perf_counter()
-                await reconciler.run_once(b"fence")
-                steady.append(time.perf_counter() - started)
+            records = running_records(n, clusters)
+            bounded: list[Sweep] = []
+            unbounded: list[float] = []
+            for _ in range(reps):
+                bounded.append(await sweep(store, records, start, budget))
+                one = await sweep(store, records, start, max(n, budget), checks_each=1)
+                unbounded.append(max(one.pass_s))
+            worst = statistics.median(max(s.pass_s) for s in bounded)
             rows[str(n)] = {
-                "pass_all_due_s": round(due, 3),
-                "pass_none_due_s": round(statistics.median(steady), 4),
-                "agent_calls_per_due_pass": agents.calls // 3,
-                "due_ms_per_1000_apps": round(1000 * due / n * 1000, 2),
+                "pass_max_s": round(worst, 4),
+                "pass_median_s": round(statistics.median(statistics.median(s.pass_s) for s in bounded), 4),
+                "passes_per_sweep": statistics.median(len(s.pass_s) for s in bounded),
+                "all_checked_after_s": round(statistics.median(s.first_all_checked_s for s in bounded), 1),
+                "worst_recheck_s": round(statistics.median(s.worst_recheck_s for s in bounded), 1),
+                "changed_app_first_in_next_pass": all(s.changed_first for s in bounded),
+                "pass_max_vs_interval": round(worst / interval, 3),
+                "unbounded_pass_s": round(statistics.median(unbounded), 3),
+                "ratio_pass_max_s_vs_unbounded": round(worst / statistics.median(unbounded), 3),
+                "status_writes": sum(s.status_writes for s in bounded),
             }
-            store.write_status = writes  # type: ignore[method-assign]
-            rows[str(n)]["status_writes"] = counted.calls
-            await agents.close()
     finally:
         await store.close()
-    return {"simulated_clusters": len(clusters), "passes": rows}
+    return {
+        "simulated_clusters": len(clusters),
+        "budget_per_pass": budget,
+        "interval_s": interval,
+        "steady_check_s": settings.keeper_steady_check_s,
+        "passes": rows,
+    }
 
 
 async def broker_figures(p: dict[str, Any], reps: int) -> dict[str, Any]:
@@ -726,33 +795,60 @@ def proxy_figures() -> dict[str, Any]:
     return out
 
 
+PARTS = ("discovery", "keeper", "heartbeats", "reconcile", "broker")
+
+
 async def run(args: argparse.Namespace, state: Path) -> dict[str, Any]:
     p = QUICK if args.quick else FULL
     loads: dict[str, list[float]] = {}
     seconds: dict[str, float] = {}
     figures: dict[str, Any] = {}
+    wanted = set(args.parts)
 
-    async def part(name: str, work: Awaitable[dict[str, Any]]) -> None:
+    async def part(name: str, work: Callable[[], Awaitable[dict[str, Any]]]) -> None:
         """One part's figures, with the 1-minute load average before and after and its wall time."""
+        if name not in wanted:
+            return
         before, started = os.getloadavg()[0], time.monotonic()
-        figures[name] = await work
+        figures[name] = await work()
         loads[name] = [round(before, 2), round(os.getloadavg()[0], 2)]
         seconds[name] = round(time.monotonic() - started, 1)
         print(f"{name}: {seconds[name]}s, load {loads[name]}", flush=True)
 
-    etcd = EtcdProcess().start()
-    try:
-        await part("discovery", discovery_figures(etcd, p, args.reps))
-        await part("keeper", keeper_figures(etcd, p, args.reps, state))
-        await part("heartbeats", heartbeat_figures(etcd, p, args.reps, state))
-        await part("reconcile", reconcile_figures(etcd, p))
-    finally:
-        etcd.cleanup()
-    await part("broker", broker_figures(p, args.reps))
+    if wanted & {"discovery", "keeper", "heartbeats", "reconcile"}:
+        etcd = EtcdProcess().start()
+        try:
+            await part("discovery", lambda: discovery_figures(etcd, p, args.reps))
+            await part("keeper", lambda: keeper_figures(etcd, p, args.reps, state))
+            await part("heartbeats", lambda: heartbeat_figures(etcd, p, args.reps, state))
+            await part("reconcile", lambda: reconcile_figures(etcd, p, args.reps))
+        finally:
+            etcd.cleanup()
+    await part("broker", lambda: broker_figures(p, args.reps))
     figures["proxy"] = proxy_figures()
     figures["failed_calls"] = dict(FAILED)
-    settings = {"quick": args.quick, "reps": args.reps, **p, "seconds_per_part": seconds}
-    return {"settings": settings, "figures": figures, "load_1m": loads}
+    used = {"quick": args.quick, "reps": args.reps, **p, "seconds_per_part": seconds}
+    return {"settings": used, "figures": figures, "load_1m": loads}
+
+
+def carry_over(result: dict[str, Any], loads: dict[str, list[float]], parts: list[str]) -> None:
+    """Figures of the parts not run this time, from the last report (each says when it ran)."""
+    path = RESULTS_DIR / "scale.json"
+    if not path.exists():
+        return
+    last = json.loads(path.read_text())
+    per_part = last["machine"].get("load_average_1m_before_after_per_part", {})
+    for name in PARTS:
+        if name in parts or name not in last["figures"]:
+            continue
+        result["figures"][name] = {
+            **last["figures"][name],
+            "measured": last["figures"][name].get("measured", last["date"]),
+        }
+        loads[name] = per_part.get(name, [])
+        result["settings"]["seconds_per_part"].setdefault(
+            name, last["settings"]["seconds_per_part"].get(name)
+        )
 
 
 def main() -> None:
@@ -761,7 +857,17 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="smaller sets, under 2 minutes")
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions per figure (median)")
+    parser.add_argument(
+        "--parts",
+        type=lambda v: [x for x in v.split(",") if x],
+        default=list(PARTS),
+        help=f"comma-separated subset of {','.join(PARTS)}; the others' figures are kept from the "
+        "last scale.json (full runs only), each with the date it was measured",
+    )
     args = parser.parse_args()
+    unknown = set(args.parts) - set(PARTS)
+    if unknown:
+        parser.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
     import tempfile
 
     state = Path(tempfile.mkdtemp(prefix="sf-scale-"))
@@ -769,6 +875,9 @@ def main() -> None:
     result = asyncio.run(run(args, state))
     result["settings"]["wall_s"] = round(time.monotonic() - started, 1)
     loads = result.pop("load_1m")
+    if not args.quick and set(args.parts) != set(PARTS):
+        carry_over(result, loads, args.parts)
+        result["settings"]["parts_run"] = args.parts
     path = write_report("scale", result, load_average_1m_before_after_per_part=loads)
     print(json.dumps(result["figures"], indent=2))
     print(f"wrote {path} in {result['settings']['wall_s']}s")

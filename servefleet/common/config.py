@@ -78,6 +78,10 @@ class Settings:
     keeper_reconcile_interval_s: float = 1.0
     #: Keeper: seconds between checks of an app that is RUNNING at its desired revision.
     keeper_steady_check_s: float = 5.0
+    #: Keeper: most apps one reconcile pass looks at (changed ones first), and the resync slice's
+    #: pace per interval: a pass stays bounded however many apps are stored (past budget x
+    #: steady_check / interval apps, ~10,000, each RUNNING app is checked less often than every 5 s).
+    keeper_reconcile_budget: int = 2000
     #: Seconds a verified token is trusted without asking etcd again, in every service: a revoked
     #: token stops working everywhere within this long.
     token_cache_s: float = 5.0

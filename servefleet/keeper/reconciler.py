@@ -1,7 +1,8 @@
 """The leader's reconcile loop: make every cluster run what etcd says, and say how it went.
 
-Each pass reads the desired state of every application and, per application, takes the next
-idempotent step: place it (sticky: the chosen clusters are stored in its status), ask each
+Each pass takes a bounded slice of the applications (``workqueue.PassQueue``: changed ones first,
+then a paced resync slice that is each RUNNING app's steady check) and, per application, takes the
+next idempotent step: place it (sticky: the chosen clusters are stored in its status), ask each
 placed cluster's agent to apply the desired revision unless the master there already reports
 it, summarise what the masters report into one state, and, for deletions, remove it everywhere
 before forgetting it. A placed cluster silent past ``keeper_cluster_failover_after_s`` is replaced
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Collection, Coroutine, Iterable, Iterator, Mapping
@@ -31,6 +33,7 @@ from servefleet.common.channels import ChannelCache
 from servefleet.common.config import settings
 from servefleet.keeper import placement
 from servefleet.keeper.store import AppRecord, KeeperStore, cancel_watch
+from servefleet.keeper.workqueue import PassQueue
 from servefleet.pipeline_spec import replicas_wanted
 
 log = logging.getLogger(__name__)
@@ -129,6 +132,11 @@ def _unchanged(
     )
 
 
+def _settled(record: AppRecord) -> bool:
+    """RUNNING at its desired revision: nothing to do for it until its next steady check."""
+    return record.status.state == AppState.RUNNING and record.status.revision == record.revision
+
+
 def summarize(
     record: AppRecord, observed: Mapping[str, agent_pb2.MasterStatus | str]
 ) -> tuple[int, str, list[keeper_pb2.ClusterPlacement]]:
@@ -212,6 +220,7 @@ class Reconciler:
         agents: Agents,
         *,
         interval_s: float | None = None,
+        budget: int | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -219,15 +228,28 @@ class Reconciler:
         self.interval_s = settings.keeper_reconcile_interval_s if interval_s is None else interval_s
         self.clock = clock
         self.steady_s = settings.keeper_steady_check_s
+        budget = settings.keeper_reconcile_budget if budget is None else budget
+        #: What each pass looks at: changed apps first, then a paced resync slice (steady checks):
+        #: at most ``budget`` apps a pass, ``budget`` per interval on average for the resync.
+        self.queue = PassQueue(budget=budget, every_s=self.steady_s, resync_per_s=budget / self.interval_s)
         self._wake = asyncio.Event()
         self._apps: dict[str, AppRecord] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
-        self._checked: dict[str, float] = {}
         #: app -> (revision, registry fingerprint) when it last fit nowhere: no retry until one moves.
         self._unplaceable: dict[str, tuple[int, int]] = {}
         self._registry = 0
-        #: Clusters alive at the last pass; one that is alive again gets swept of stale masters.
-        self._alive: set[str] = set()
+        #: Clusters alive / silent past failover at the last pass (None before the first); an app
+        #: placed on one whose state moved is taken as changed, one alive again is swept.
+        self._alive: set[str] | None = None
+        self._lost: set[str] = set()
+
+    def load(self, records: Iterable[AppRecord]) -> None:
+        """Start from a snapshot: every app due for its resync, the unsettled ones retried first."""
+        self._apps = {AppId.parse(r.ref).key: r for r in records}
+        for key, record in self._apps.items():
+            self.queue.add(key, changed=False)
+            if not _settled(record):
+                self.queue.retry(key)
 
     async def run(self, fence: bytes) -> None:
         """Reconcile until cancelled: at once on any desired-state change, else every interval.
@@ -236,7 +258,7 @@ class Reconciler:
         of them reads nothing from etcd. A broken watch ends the run (and this keeper's lead); the
         next leader starts from a fresh snapshot."""
         records, revision = await self.store.all_apps()
-        self._apps = {AppId.parse(r.ref).key: r for r in records}
+        self.load(records)
         watch = await self.store.watch_apps(revision)
         follower = asyncio.create_task(self._follow(watch))
         try:
@@ -269,13 +291,15 @@ class Reconciler:
         if kind == "desired":
             if event.kind == "DELETE":
                 self._apps.pop(key, None)
-                self._checked.pop(key, None)
+                self.queue.discard(key)
                 self._unplaceable.pop(key, None)
             elif record is None:
                 desired = keeper_pb2.DesiredState.FromString(event.kv.value)
                 self._apps[key] = AppRecord(desired, mod, keeper_pb2.ApplicationStatus())
+                self.queue.add(key)
             elif mod > record.revision:
                 record.desired, record.revision = keeper_pb2.DesiredState.FromString(event.kv.value), mod
+                self.queue.changed(key)
         elif kind == "status" and event.kind == "PUT" and record is not None and mod > record.status_revision:
             record.status, record.status_revision = (
                 keeper_pb2.ApplicationStatus.FromString(event.kv.value),
@@ -283,29 +307,36 @@ class Reconciler:
             )
 
     async def run_once(self, fence: bytes) -> None:
-        """Start one step for every application that needs one and has none in flight."""
+        """Start one step for each app this pass takes (changed ones first, at most the budget)
+        that has none in flight; its cost depends on the budget and the clusters, not on how many
+        apps are stored."""
         now = self.clock()
         clusters = {c.name: c for c in await self.store.clusters()}
         for c in clusters.values():
             c.alive = placement.alive(c, now, settings.keeper_cluster_dead_after_s)
         free: dict[str, dict[str, float]] = {}
-        self._registry = _fingerprint(clusters.values())
+        registry, self._registry = self._registry, _fingerprint(clusters.values())
+        if registry != self._registry:
+            for key in self._unplaceable:  # something placement reads moved: they may fit now
+                self.queue.retry(key)
         lost = {
             c.name
             for c in clusters.values()
             if now - c.heartbeat_at > settings.keeper_cluster_failover_after_s
         }
         alive = {c.name for c in clusters.values() if c.alive}
-        for name in alive - self._alive:  # back (or first seen by this leader): sweep it
+        for name in alive - (self._alive or set()):  # back (or first seen by this leader): sweep it
             if not self._busy(f"sweep:{name}"):
-                self._inflight[f"sweep:{name}"] = asyncio.create_task(
-                    self._logged(f"sweep:{name}", self._sweep(clusters[name]))
-                )
-        self._alive = alive
-        for key, cached in list(self._apps.items()):
-            task = self._inflight.get(key)
-            if (task is not None and not task.done()) or self._steady(key, cached, now):
-                continue
+                self._start(f"sweep:{name}", self._sweep(clusters[name]))
+        if self._alive is None:  # a new leader: apps on clusters already silent go first
+            self._clusters_moved(set(clusters) - alive)
+        else:
+            self._clusters_moved((alive ^ self._alive) | (lost - self._lost))
+        self._alive, self._lost = alive, lost
+        for key in self.queue.take(now):
+            cached = self._apps.get(key)
+            if cached is None or self._busy(key):
+                continue  # a step in flight: when it ends, _stepped takes the app again if needed
             if not cached.status.placements and self._unplaceable.get(key) == (
                 cached.revision,
                 self._registry,
@@ -315,24 +346,39 @@ class Reconciler:
             record = AppRecord(cached.desired, cached.revision, cached.status, cached.status_revision)
             step = self._next_step(record, clusters, free, fence, lost)
             if step is not None:
-                self._inflight[key] = asyncio.create_task(self._logged(key, step))
-        for key in [k for k, t in self._inflight.items() if t.done()]:
+                self._start(key, step, record.revision)
+
+    def _clusters_moved(self, names: set[str]) -> None:
+        """Apps placed on clusters that went silent, came back or were lost: changed, so they are
+        re-summarised or moved in the next pass, not at their next resync. A scan of the cache,
+        only in a pass where some cluster's state moved."""
+        if not names:
+            return
+        for key, record in self._apps.items():
+            if any(p.cluster in names for p in record.status.placements):
+                self.queue.changed(key)
+
+    def _start(self, key: str, step: Coroutine[Any, Any, object], revision: int | None = None) -> None:
+        task = asyncio.create_task(self._logged(key, step))
+        self._inflight[key] = task
+        task.add_done_callback(functools.partial(self._stepped, key, revision))
+
+    def _stepped(self, key: str, revision: int | None, task: asyncio.Task[None]) -> None:
+        """A step ended: take the app again next pass if it changed meanwhile or is not settled."""
+        if self._inflight.get(key) is task:
             del self._inflight[key]
-        self._checked = {k: v for k, v in self._checked.items() if v > now - self.steady_s}
+        cached = self._apps.get(key)
+        if revision is None or cached is None or task.cancelled():
+            return
+        if cached.revision != revision:
+            self.queue.changed(key)
+            self._wake.set()
+        elif not _settled(cached) and self._unplaceable.get(key) != (revision, self._registry):
+            self.queue.retry(key)
 
     def _busy(self, key: str) -> bool:
         task = self._inflight.get(key)
         return task is not None and not task.done()
-
-    def _steady(self, key: str, record: AppRecord, now: float) -> bool:
-        """True to skip an app RUNNING at its desired revision that was checked moments ago
-        (thousands of healthy apps must not cost an agent call each every pass)."""
-        if record.status.state != AppState.RUNNING or record.status.revision != record.revision:
-            return False
-        if now - self._checked.get(key, 0.0) < self.steady_s:
-            return True
-        self._checked[key] = now
-        return False
 
     def _next_step(
         self,
@@ -433,7 +479,10 @@ class Reconciler:
         placed: list[str],
         fence: bytes,
     ) -> None:
-        seen = await asyncio.gather(*(self._drive(record, clusters.get(c)) for c in placed))
+        if len(placed) == 1:  # the common case, without gather's task per cluster (profiled)
+            seen = [await self._drive(record, clusters.get(placed[0]))]
+        else:
+            seen = await asyncio.gather(*(self._drive(record, clusters.get(c)) for c in placed))
         state, reason, placements = summarize(record, dict(zip(placed, seen, strict=True)))
         await self._write(record, state, reason, placements, fence)
 
