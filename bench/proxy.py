@@ -1,6 +1,9 @@
 """Proxy benchmark: the same trivial KServe v2 model behind three servers, in one run.
 
 (a) servefleet: the app's proxy actor (grpc.aio) -> one replica actor (Ray actor call);
+(a') servefleet_cpp: the same app (as ``echo-cpp``) with the proxy's C++ ModelInfer forwarder on
+     (``SERVEFLEET_PROXY_CPP_FORWARD=1``: C++ forwards to the replica's gRPC endpoint, Python answers
+     what it relays: here the 1 % of requests that start a trace);
 (b) Ray Serve 2.60's gRPC proxy -> one Serve replica (the peer; the ``bench`` extra);
 (c) a raw ``grpc.aio`` server calling the model in its own process (no hop: the limit).
 
@@ -60,10 +63,11 @@ STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 CONCURRENCY = (1, 8, 64)
 MAX_CONCURRENCY = 64  # per replica, both platforms
 MODEL = "echo"
+CPP_MODEL = "echo-cpp"  # the same app with the proxy's C++ forwarder on
 
 
-def payload() -> bytes:
-    return encode_request(MODEL, {"x": np.arange(4, dtype=np.float32).reshape(1, 4)}).SerializeToString()
+def payload(model: str = MODEL) -> bytes:
+    return encode_request(model, {"x": np.arange(4, dtype=np.float32).reshape(1, 4)}).SerializeToString()
 
 
 def cpu_s(pid: int) -> float:
@@ -119,10 +123,14 @@ def summary(latencies: list[float], errors: int, elapsed: float) -> dict[str, fl
 
 
 async def drive(
-    address: str, concurrency: int, seconds: float, metadata: tuple[tuple[str, str], ...] = ()
+    address: str,
+    concurrency: int,
+    seconds: float,
+    metadata: tuple[tuple[str, str], ...] = (),
+    model: str = MODEL,
 ) -> dict[str, float]:
     """Closed-loop load; latencies of requests completed within the window."""
-    request = payload()
+    request = payload(model)
     async with grpc.aio.insecure_channel(address, options=grpc_options()) as channel:
         call = channel.unary_unary(METHOD)
         ready_by = time.monotonic() + 60
@@ -200,13 +208,13 @@ def limit_server() -> Iterator[tuple[str, int]]:
 # ---- (a) servefleet ----------------------------------------------------------------------------
 
 
-async def servefleet_app() -> tuple[str, dict[str, Any]]:
+async def servefleet_app(name: str = MODEL, cpp_forward: bool = False) -> tuple[str, dict[str, Any]]:
     from servefleet.services.agent import masters
     from servefleet.spec import load_spec
 
     spec = load_spec(
         {
-            "name": MODEL,
+            "name": name,
             "import_path": "examples.echo:Echo",
             "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
             "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}],
@@ -216,7 +224,12 @@ async def servefleet_app() -> tuple[str, dict[str, Any]]:
             "resources": {"num_cpus": 0.1},
         }
     )
-    await masters.apply(spec, 1, 1, cluster="bench", discovery="")
+    if cpp_forward:  # the app's master, proxies and replicas inherit SERVEFLEET_* at apply
+        os.environ["SERVEFLEET_PROXY_CPP_FORWARD"] = "1"
+    try:
+        await masters.apply(spec, 1, 1, cluster="bench", discovery="")
+    finally:
+        os.environ.pop("SERVEFLEET_PROXY_CPP_FORWARD", None)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         status = await masters.status(AppId.parse(spec).ref())
@@ -229,7 +242,7 @@ async def servefleet_app() -> tuple[str, dict[str, Any]]:
     raise TimeoutError("servefleet app did not become ready")
 
 
-async def proxy_pid(address: str) -> int:
+async def proxy_pid(address: str, model: str = MODEL) -> int:
     """The process of the app's proxy that serves ``address`` (an app has more than one)."""
     import ray
 
@@ -237,7 +250,7 @@ async def proxy_pid(address: str) -> int:
 
     for index in range(8):
         with contextlib.suppress(ValueError):
-            name = f"{names.PROXY_PREFIX}default/{MODEL}:{index}"
+            name = f"{names.PROXY_PREFIX}default/{model}:{index}"
             proxy = ray.get_actor(name, namespace=names.RAY_NAMESPACE)
             if await proxy.address.remote() == address:
                 return int((await proxy.stats.remote())["pid"])
@@ -369,11 +382,14 @@ async def run(args: argparse.Namespace, measure: Callable[..., Any]) -> dict[str
         ray.init(address=cluster.address, namespace="bench-proxy", log_to_driver=False)
         address, pids = await servefleet_app()
         roles = {"proxy": await proxy_pid(address), "replica": pids["replica"][0]}
+        cpp_address, cpp_pids = await servefleet_app(CPP_MODEL, cpp_forward=True)
+        cpp_roles = {"proxy": await proxy_pid(cpp_address, CPP_MODEL), "replica": cpp_pids["replica"][0]}
         serve_address = await asyncio.to_thread(ray_serve_app)
         serve_app = (("application", MODEL),)  # Serve's gRPC proxy routes by this metadata
         with limit_server() as (raw, raw_pid):
             points: list[tuple[str, Callable[[int], Any], dict[str, int]]] = [
                 ("servefleet", lambda c: measure(address, c), roles),
+                ("servefleet_cpp", lambda c: measure(cpp_address, c, model=CPP_MODEL), cpp_roles),
                 ("ray_serve", lambda c: measure(serve_address, c, metadata=serve_app), {}),
                 ("raw_grpc_aio", lambda c: measure(raw, c), {"server": raw_pid}),
                 ("servefleet_stream", lambda c: measure(address, c, stream=True), roles),
@@ -431,11 +447,12 @@ def main() -> None:
         seconds: float = seconds,
         metadata: tuple[tuple[str, str], ...] = (),
         stream: bool = False,
+        model: str = MODEL,
     ) -> dict[str, float]:
         if stream:
             figures = await drive_stream(address, concurrency, seconds)
         else:
-            figures = await drive(address, concurrency, seconds, metadata)
+            figures = await drive(address, concurrency, seconds, metadata, model)
         print(f"  {address} C={concurrency}{' stream' if stream else ''}: {figures}", flush=True)
         return figures
 
@@ -459,6 +476,13 @@ def main() -> None:
         "ratio_p99_vs_ray_serve": ratios(figures, "ray_serve", "p99_ms"),
         "ratio_rps_vs_limit": ratios(figures, "raw_grpc_aio", "rps"),
         "ratio_stream_rps_vs_limit": ratios(figures, "raw_grpc_aio_stream", "rps", "servefleet_stream"),
+        "ratio_cpp_rps_vs_python_proxy": ratios(figures, "servefleet", "rps", "servefleet_cpp"),
+        "ratio_cpp_cpu_vs_python_proxy": ratios(
+            figures, "servefleet", "proxy_cpu_us_per_request", "servefleet_cpp"
+        ),
+        "ratio_cpp_rps_vs_ray_serve": ratios(figures, "ray_serve", "rps", "servefleet_cpp"),
+        "ratio_cpp_p99_vs_ray_serve": ratios(figures, "ray_serve", "p99_ms", "servefleet_cpp"),
+        "ratio_cpp_rps_vs_limit": ratios(figures, "raw_grpc_aio", "rps", "servefleet_cpp"),
         "profile": result["profile"],
         "reps": result["reps"],
     }
@@ -469,6 +493,11 @@ def main() -> None:
         "ratio_p99_vs_ray_serve",
         "ratio_rps_vs_limit",
         "ratio_stream_rps_vs_limit",
+        "ratio_cpp_rps_vs_python_proxy",
+        "ratio_cpp_cpu_vs_python_proxy",
+        "ratio_cpp_rps_vs_ray_serve",
+        "ratio_cpp_p99_vs_ray_serve",
+        "ratio_cpp_rps_vs_limit",
     ):
         print(f"{key}: {report[key]}")
     for role, frames in result["profile"].items():

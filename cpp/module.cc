@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "ctr_model.h"
+#include "forwarder.h"
 #include "inference_service.h"
 
 namespace py = pybind11;
@@ -162,6 +163,22 @@ py::dict ToDict(const StatsSnapshot& s) {
   return d;
 }
 
+py::dict ForwardStatsDict(const ForwardStats& s) {
+  py::dict d;
+  py::dict codes;
+  for (size_t c = 0; c < s.codes.size(); ++c)
+    if (const auto n = s.codes[c].load(std::memory_order_relaxed)) codes[py::int_(c)] = n;
+  std::vector<uint64_t> buckets(s.bounds_ns.size() + 1);
+  for (size_t i = 0; i < buckets.size(); ++i) buckets[i] = s.buckets[i].load(std::memory_order_relaxed);
+  d["codes"] = codes;
+  d["buckets"] = buckets;
+  d["latency_s"] = static_cast<double>(s.latency_ns.load(std::memory_order_relaxed)) / 1e9;
+  d["in_flight"] = s.in_flight.load(std::memory_order_relaxed);
+  d["relayed"] = s.relayed.load(std::memory_order_relaxed);
+  d["retried"] = s.retried.load(std::memory_order_relaxed);
+  return d;
+}
+
 }  // namespace
 }  // namespace servefleet::direct
 
@@ -200,6 +217,16 @@ PYBIND11_MODULE(_direct, m) {
       .def_property_readonly("running", &DirectServer::running)
       .def_property_readonly("port", &DirectServer::port)
       .def_property_readonly("model_name", &DirectServer::model_name);
+  using servefleet::direct::Forwarder;
+  py::class_<Forwarder>(m, "Forwarder")
+      .def(py::init<const std::vector<double>&, int>(), py::arg("latency_bounds_s"), py::arg("attempts") = 3)
+      .def("start", &Forwarder::Start, py::arg("address"), py::arg("fallback"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("stop", &Forwarder::Stop, py::arg("grace_s") = 5.0, py::call_guard<py::gil_scoped_release>())
+      .def("set_table", &Forwarder::SetTable, py::arg("model"), py::arg("version"), py::arg("replicas"),
+           py::arg("inputs"), py::arg("sample_ratio"), py::call_guard<py::gil_scoped_release>())
+      .def("in_flight_on", &Forwarder::in_flight_on, py::arg("name"))
+      .def("stats", [](const Forwarder& f) { return servefleet::direct::ForwardStatsDict(f.stats); });
   m.def(
       "run_load",
       [](const std::string& address, const py::bytes& request, int concurrency, double duration_s) {

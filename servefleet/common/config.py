@@ -134,6 +134,9 @@ class Settings:
     #: recorded; a request whose caller sampled it is always recorded, one it did not never is
     #: (parent-based). ``OTEL_TRACES_SAMPLER`` in the environment replaces this sampler.
     trace_sample_ratio: float = 0.01
+    #: Data plane: 1 puts the C++ ModelInfer forwarder (servefleet/services/forwarder.py) on each
+    #: proxy's port, in front of the Python server; 0 (default) serves with Python only.
+    proxy_cpp_forward: int = 0
     #: Data plane: CPU share a proxy actor asks Ray for.
     proxy_num_cpus: float = 0.0
     #: Seconds between a service's probes of what it depends on (etcd, Redis, Ray) for its health.

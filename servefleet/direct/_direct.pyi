@@ -53,3 +53,32 @@ class DirectServer:
 
 def run_load(address: str, request: bytes, concurrency: int, duration_s: float) -> LoadResult:
     """C++ load generator: `concurrency` threads send one serialized ModelInferRequest back to back."""
+
+class ForwardStats(TypedDict):
+    codes: dict[int, int]  # status code -> requests C++ answered with it
+    buckets: list[int]  # non-cumulative, one past the last bound
+    latency_s: float
+    in_flight: int
+    relayed: int  # calls handed to the Python server
+    retried: int  # extra attempts on another replica
+
+class Forwarder:
+    """The proxy's ModelInfer forwarder (cpp/forwarder.h): forwards on gRPC's C++ threads,
+    relays everything else to the Python server at `fallback`. Blocking methods release the GIL."""
+
+    def __init__(self, latency_bounds_s: list[float], attempts: int = 3) -> None: ...
+    def start(self, address: str, fallback: str) -> int:
+        """Listens on host:port (port 0: any free port); returns the bound port."""
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Stops listening, lets in-flight calls finish for up to grace_s. Idempotent."""
+    def set_table(
+        self,
+        model: str,
+        version: str,
+        replicas: list[tuple[str, str, str, int]],
+        inputs: list[tuple[str, str, list[int], int]],
+        sample_ratio: float,
+    ) -> None:
+        """replicas: (name, address, infer method, capacity); inputs: (name, datatype, shape, itemsize)."""
+    def in_flight_on(self, name: str) -> int: ...
+    def stats(self) -> ForwardStats: ...

@@ -45,6 +45,7 @@ from servefleet.common.errors import (
 )
 from servefleet.common.server import GrpcServer
 from servefleet.common.tensors import DTYPES
+from servefleet.services.forwarder import CppForwarder
 from servefleet.services.replica_wire import OK, Answer, code, error_for
 from servefleet.services.router import Router, Slot
 from servefleet.services.routing import Routing
@@ -486,7 +487,14 @@ class Proxy:
         self._cluster = cluster
         self._discovery = discovery
         self._credential = credential  # the app's endpoint token: registers it in discovery
-        self._server = GrpcServer("proxy", f"{host}:0", [registrar(InferenceServicer(self.core))], [SERVICE])
+        # With the C++ forwarder, it owns the public port and the Python server sits behind it.
+        self._host = host
+        self._forwarder = (
+            CppForwarder(self.node_id, REQUESTS, LATENCY, IN_FLIGHT) if settings.proxy_cpp_forward else None
+        )
+        listen = "127.0.0.1:0" if self._forwarder else f"{host}:0"
+        self._server = GrpcServer("proxy", listen, [registrar(InferenceServicer(self.core))], [SERVICE])
+        self._address = ""
         self._registered: asyncio.Task[None] | None = None
         self._serving = asyncio.Event()  # set once the proxy has a replica to send to
         self._started = asyncio.get_running_loop().create_task(self._start())
@@ -500,6 +508,9 @@ class Proxy:
         from servefleet.services.actors import RAY_NAMESPACE
 
         await self._server.start()
+        self._address = self._server.address
+        if self._forwarder is not None:
+            self._address = self._forwarder.start(f"{self._host}:0", self._server.address)
         with contextlib.suppress(ValueError):  # master gone: it pushes a table when it is back
             master = ray.get_actor(self._master, namespace=RAY_NAMESPACE)
             routing = await master.routing.remote()
@@ -517,7 +528,7 @@ class Proxy:
         endpoint = discovery_pb2.Endpoint(
             app=self.app,
             kind="proxy",
-            address=self._server.address,
+            address=self._address,
             labels={"cluster": self._cluster, "node": self.node_id},
         )
         async with registration(
@@ -527,7 +538,7 @@ class Proxy:
 
     async def address(self) -> str:
         await self._started
-        return self._server.address
+        return self._address
 
     async def update(self, routing: Routing) -> bool:
         await self._started
@@ -537,6 +548,8 @@ class Proxy:
         adopted = self.core.set_routing(routing)
         if adopted:
             self._local.forget({r.address for r in routing.replicas})
+            if self._forwarder is not None:
+                self._forwarder.set_table(routing, self.core.spec)
             if self.core.ready:
                 self._serving.set()
         return adopted
@@ -545,7 +558,8 @@ class Proxy:
         """Requests this proxy has in flight on replicas, its peak memory (bounded by design), and
         where it runs."""
         return {
-            "in_flight": sum(slot.in_flight for slot in self.core.router.slots),
+            "in_flight": sum(slot.in_flight for slot in self.core.router.slots)
+            + (self._forwarder.in_flight if self._forwarder else 0),
             "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
             "pid": os.getpid(),
             "node_id": self.node_id,
@@ -558,4 +572,6 @@ class Proxy:
             self._registered.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._registered
+        if self._forwarder is not None:  # first: what it relays needs the Python server
+            await self._forwarder.stop(settings.shutdown_grace_s)
         await self._server.stop()
