@@ -228,10 +228,8 @@ class Reconciler:
         self.interval_s = settings.keeper_reconcile_interval_s if interval_s is None else interval_s
         self.clock = clock
         self.steady_s = settings.keeper_steady_check_s
-        budget = settings.keeper_reconcile_budget if budget is None else budget
-        #: What each pass looks at: changed apps first, then a paced resync slice (steady checks):
-        #: at most ``budget`` apps a pass, ``budget`` per interval on average for the resync.
-        self.queue = PassQueue(budget=budget, every_s=self.steady_s, resync_per_s=budget / self.interval_s)
+        self.budget = settings.keeper_reconcile_budget if budget is None else budget
+        self.queue = self._new_queue()
         self._wake = asyncio.Event()
         self._apps: dict[str, AppRecord] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
@@ -243,9 +241,19 @@ class Reconciler:
         self._alive: set[str] | None = None
         self._lost: set[str] = set()
 
+    def _new_queue(self) -> PassQueue:
+        """What each pass looks at: changed apps first, then a paced resync slice (steady checks):
+        at most ``budget`` apps a pass, ``budget`` per interval on average for the resync."""
+        return PassQueue(
+            budget=self.budget, every_s=self.steady_s, resync_per_s=self.budget / self.interval_s
+        )
+
     def load(self, records: Iterable[AppRecord]) -> None:
-        """Start from a snapshot: every app due for its resync, the unsettled ones retried first."""
+        """Start a lead from a snapshot: every app due for its resync, the unsettled ones retried
+        first, every cluster seen anew (nothing kept from an earlier lead of this keeper)."""
         self._apps = {AppId.parse(r.ref).key: r for r in records}
+        self.queue = self._new_queue()
+        self._alive, self._lost = None, set()
         for key, record in self._apps.items():
             self.queue.add(key, changed=False)
             if not _settled(record):

@@ -152,3 +152,17 @@ async def test_reconciler_checks_at_most_the_budget_per_pass_and_a_changed_app_f
         assert agents.calls == 1200
     finally:
         await agents.close()
+
+
+@pytest.mark.asyncio
+async def test_a_new_lead_starts_from_its_own_snapshot() -> None:
+    agents = ReportingAgents({})
+    reconciler = Reconciler(FakeStore([]), agents, interval_s=INTERVAL, budget=10)  # type: ignore[arg-type]
+    try:
+        reconciler.load([running(0), running(1)])
+        reconciler._alive = {"c0"}
+        reconciler.load([running(1)])  # a0 deleted while this keeper followed
+        assert "ns/a0" not in reconciler.queue and "ns/a1" in reconciler.queue
+        assert reconciler._alive is None  # every cluster is swept again by the new lead
+    finally:
+        await agents.close()
