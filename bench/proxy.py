@@ -3,7 +3,7 @@
 (a) servefleet: the app's proxy actor (grpc.aio) -> one replica actor (Ray actor call);
 (a') servefleet_cpp: the same app (as ``echo-cpp``) with the proxy's C++ ModelInfer forwarder on
      (``SERVEFLEET_PROXY_CPP_FORWARD=1``: C++ forwards to the replica's gRPC endpoint, Python answers
-     what it relays: here the 1 % of requests that start a trace);
+     what it relays: here the 1 % of requests that start a trace, and every stream);
 (b) Ray Serve 2.60's gRPC proxy -> one Serve replica (the peer; the ``bench`` extra);
 (c) a raw ``grpc.aio`` server calling the model in its own process (no hop: the limit).
 
@@ -76,10 +76,12 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def drive_stream(address: str, concurrency: int, seconds: float) -> dict[str, float]:
+async def drive_stream(
+    address: str, concurrency: int, seconds: float, model: str = MODEL
+) -> dict[str, float]:
     """Closed loop over ``concurrency`` ModelStreamInfer streams: each sends its next request
     when the last answer is back; latencies of answers within the window."""
-    request = payload()
+    request = payload(model)
     latencies: list[float] = []
     errors = 0
     async with grpc.aio.insecure_channel(address, options=grpc_options()) as channel:
@@ -393,6 +395,11 @@ async def run(args: argparse.Namespace, measure: Callable[..., Any]) -> dict[str
                 ("ray_serve", lambda c: measure(serve_address, c, metadata=serve_app), {}),
                 ("raw_grpc_aio", lambda c: measure(raw, c), {"server": raw_pid}),
                 ("servefleet_stream", lambda c: measure(address, c, stream=True), roles),
+                (
+                    "servefleet_cpp_stream",
+                    lambda c: measure(cpp_address, c, stream=True, model=CPP_MODEL),
+                    cpp_roles,
+                ),
                 ("raw_grpc_aio_stream", lambda c: measure(raw, c, stream=True), {"server": raw_pid}),
             ]
             for rep in range(args.reps):
@@ -450,7 +457,7 @@ def main() -> None:
         model: str = MODEL,
     ) -> dict[str, float]:
         if stream:
-            figures = await drive_stream(address, concurrency, seconds)
+            figures = await drive_stream(address, concurrency, seconds, model)
         else:
             figures = await drive(address, concurrency, seconds, metadata, model)
         print(f"  {address} C={concurrency}{' stream' if stream else ''}: {figures}", flush=True)
@@ -483,6 +490,9 @@ def main() -> None:
         "ratio_cpp_rps_vs_ray_serve": ratios(figures, "ray_serve", "rps", "servefleet_cpp"),
         "ratio_cpp_p99_vs_ray_serve": ratios(figures, "ray_serve", "p99_ms", "servefleet_cpp"),
         "ratio_cpp_rps_vs_limit": ratios(figures, "raw_grpc_aio", "rps", "servefleet_cpp"),
+        "ratio_cpp_stream_rps_vs_python_proxy": ratios(
+            figures, "servefleet_stream", "rps", "servefleet_cpp_stream"
+        ),
         "profile": result["profile"],
         "reps": result["reps"],
     }
@@ -498,6 +508,7 @@ def main() -> None:
         "ratio_cpp_rps_vs_ray_serve",
         "ratio_cpp_p99_vs_ray_serve",
         "ratio_cpp_rps_vs_limit",
+        "ratio_cpp_stream_rps_vs_python_proxy",
     ):
         print(f"{key}: {report[key]}")
     for role, frames in result["profile"].items():

@@ -108,6 +108,8 @@ class Call final : public grpc::ServerGenericBidiReactor {
       }
       return;
     }
+    std::lock_guard<std::recursive_mutex> lock(mu_);
+    if (upstream_closing_) return;  // Python's side has ended: the call finishes with its status
     if (ok) {
       upstream_.StartWrite(&in_);
     } else {
@@ -116,23 +118,24 @@ class Call final : public grpc::ServerGenericBidiReactor {
   }
 
   void OnWriteDone(bool ok) override {
-    std::unique_lock<std::mutex> lock(mu_);
+    std::unique_lock<std::recursive_mutex> lock(mu_);
     writing_ = false;
     if (upstream_done_) {
       lock.unlock();
       Finish(status_);
       return;
     }
-    lock.unlock();
+    if (upstream_closing_) return;
     if (ok) {
       upstream_.StartRead(&out_);
-    } else {
+    } else {  // the client is gone: no more reads from Python's side
       client_.back()->TryCancel();
+      CloseUpstream();
     }
   }
 
   void OnCancel() override {
-    std::lock_guard<std::mutex> lock(mu_);
+    std::lock_guard<std::recursive_mutex> lock(mu_);
     if (relaying_ && !upstream_done_) client_.back()->TryCancel();
   }
 
@@ -148,11 +151,12 @@ class Call final : public grpc::ServerGenericBidiReactor {
     }
     void OnWritesDoneDone(bool) override {}
     void OnReadDone(bool ok) override {
-      if (!ok) return;
-      {
-        std::lock_guard<std::mutex> lock(call_->mu_);
-        call_->writing_ = true;
+      std::lock_guard<std::recursive_mutex> lock(call_->mu_);
+      if (!ok) {
+        call_->CloseUpstream();
+        return;
       }
+      call_->writing_ = true;
       call_->StartWrite(&call_->out_);
     }
     void OnDone(const grpc::Status& status) override { call_->UpstreamDone(status); }
@@ -206,17 +210,25 @@ class Call final : public grpc::ServerGenericBidiReactor {
     }
   }
 
+  // Python's side may not finish (OnDone) while this side can still start an operation on it: a
+  // hold from the start until Python's side has nothing more to send (or the client is gone);
+  // from then on, nothing here touches it. Called under mu_.
+  void CloseUpstream() {
+    if (upstream_closing_) return;
+    upstream_closing_ = true;
+    upstream_.RemoveHold();
+  }
+
   // Hands the call to Python: `seeded` when the request message has been read already.
   void Relay(bool seeded) {
     decided_ = true;
     fwd_->stats.relayed.fetch_add(1, std::memory_order_relaxed);
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      relaying_ = true;
-      client_.push_back(NextHop(*ctx_));
-    }
+    std::lock_guard<std::recursive_mutex> lock(mu_);
+    relaying_ = true;
+    client_.push_back(NextHop(*ctx_));
     fwd_->fallback()->PrepareBidiStreamingCall(client_.back().get(), Str(ctx_->method()), grpc::StubOptions(),
                                                &upstream_);
+    upstream_.AddHold();
     upstream_.StartRead(&out_);
     if (seeded) {
       upstream_.StartWrite(&in_);  // its completion reads the client's next message
@@ -229,7 +241,7 @@ class Call final : public grpc::ServerGenericBidiReactor {
   void UpstreamDone(const grpc::Status& status) {
     for (const auto& [key, value] : client_.back()->GetServerTrailingMetadata())
       if (!Reserved(key)) ctx_->AddTrailingMetadata(Str(key), Str(value));
-    std::unique_lock<std::mutex> lock(mu_);
+    std::unique_lock<std::recursive_mutex> lock(mu_);
     upstream_done_ = true;
     status_ = status;
     if (writing_) return;  // the write's completion finishes
@@ -247,8 +259,10 @@ class Call final : public grpc::ServerGenericBidiReactor {
   std::vector<const ForwardReplica*> tried_;
   std::vector<std::unique_ptr<grpc::ClientContext>> client_;
   Upstream upstream_{this};
-  std::mutex mu_;  // writing_, upstream_done_, status_, relaying_
-  bool writing_ = false, upstream_done_ = false, relaying_ = false;
+  // writing_, upstream_*, status_, relaying_, operations on upstream_ (recursive: a reaction may
+  // run inline in the call that starts an operation)
+  std::recursive_mutex mu_;
+  bool writing_ = false, upstream_done_ = false, upstream_closing_ = false, relaying_ = false;
   grpc::Status status_;
 };
 

@@ -13,6 +13,7 @@ proxy's Prometheus series (``servefleet_proxy_*`` and ``servefleet_rpc_*``) ever
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import grpc
@@ -59,13 +60,14 @@ class CppForwarder:
 
     def set_table(self, routing: Routing, spec: Any) -> None:
         """Same-node Python replicas with a gRPC endpoint (the ones the router prefers); Triton
-        apps and replicas reached by Ray stay on the Python path."""
+        apps and replicas reached by Ray stay on the Python path, and so does every request when
+        ``OTEL_TRACES_SAMPLER`` replaces the sampler (C++ decides by the default one's rules)."""
         self._app = routing.model_name
-        triton = any(r.models for r in routing.replicas)
+        python_only = any(r.models for r in routing.replicas) or "OTEL_TRACES_SAMPLER" in os.environ
         rows = [
             (r.name, r.address, r.infer_method, r.capacity)
             for r in routing.replicas
-            if r.address and r.node_id == self.node_id and not triton
+            if r.address and r.node_id == self.node_id and not python_only
         ]
         inputs = [
             (t.name, t.datatype, list(t.shape), 0 if t.datatype == "BYTES" else DTYPES[t.datatype].itemsize)

@@ -94,8 +94,9 @@ class FakeReplica:
 
 
 class Stack:
-    def __init__(self, replicas: list[FakeReplica], dead: int = 0) -> None:
+    def __init__(self, replicas: list[FakeReplica], dead: int = 0, capacity: int = 8) -> None:
         self.replicas = replicas
+        self.capacity = capacity
         self.addresses = [f"127.0.0.1:{free_port()}" for _ in range(dead)] + [r.address for r in replicas]
         self.core = ProxyCore("node", GrpcTransport())
         self.server = GrpcServer("proxy", "127.0.0.1:0", [registrar(InferenceServicer(self.core))], [SERVICE])
@@ -106,7 +107,8 @@ class Stack:
             await r.server.start()
         await self.server.start()
         infos = tuple(
-            ReplicaInfo(f"r{i}", None, "node", "1", 8, address=a) for i, a in enumerate(self.addresses)
+            ReplicaInfo(f"r{i}", None, "node", "1", self.capacity, address=a)
+            for i, a in enumerate(self.addresses)
         )
         routing = Routing(1, SPEC.SerializeToString(), infos)
         self.core.set_routing(routing)
@@ -199,3 +201,42 @@ async def test_what_cpp_cannot_answer_gets_pythons_answer() -> None:
             service_pb2.ModelStreamInferResponse.FromString(a) async for a in stream(two(), timeout=10)
         ]
         assert [a.error_message for a in answers] == ["", ""] and len(replica.calls) == 4
+
+
+async def test_a_replaced_sampler_keeps_every_request_on_the_python_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_on")  # C++ cannot tell what it would record
+    replica = FakeReplica()
+    async with Stack([replica]) as stack:
+        await stack.infer(request(), timeout=5, metadata=(("traceparent", UNSAMPLED),))
+        assert stack.relayed() == 1 and len(replica.calls) == 1
+
+
+async def test_relayed_streams_beside_forwarded_calls_under_load() -> None:
+    """64 relayed streams and 8 forwarded callers for 3 s. A relay that could start an operation on
+    Python's side of a call after it had finished aborted a stress run like this one once (pure
+    virtual call); the hold on that side (forwarder.cc CloseUpstream) rules it out."""
+    replica = FakeReplica()
+    async with Stack([replica], capacity=256) as stack:
+        stream = stack.channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+        end = asyncio.get_running_loop().time() + 3
+
+        async def streaming() -> int:
+            call, n = stream(timeout=60), 0
+            while asyncio.get_running_loop().time() < end:
+                await call.write(request())
+                assert not service_pb2.ModelStreamInferResponse.FromString(await call.read()).error_message
+                n += 1
+            await call.done_writing()
+            return n
+
+        async def forwarded() -> int:
+            n = 0
+            while asyncio.get_running_loop().time() < end:
+                await stack.infer(request(), timeout=30, metadata=(("traceparent", UNSAMPLED),))
+                n += 1
+            return n
+
+        done = await asyncio.gather(*(streaming() for _ in range(64)), *(forwarded() for _ in range(8)))
+        assert all(done) and stack.relayed() == 64
