@@ -11,6 +11,7 @@ Nothing here downloads anything; a missing env is a FailedPrecondition saying ho
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -57,16 +58,23 @@ class TritonInstall:
 
     def backends(self) -> Path:
         """A backend directory whose ``python/`` holds the backend and the stub built for this env's
-        Python (the wheel keeps stubs per version elsewhere). Made once, atomically, as symlinks."""
+        Python (the wheel keeps stubs per version elsewhere). Made once, atomically, as symlinks;
+        made again when its links lead nowhere (an env once reached through a path since removed)."""
         target = self.env / "servefleet-backends"
-        if (target / "python" / "triton_python_backend_stub").exists():
+        stub_link = Path("python") / "triton_python_backend_stub"
+        if (target / stub_link).exists():  # follows the links
             return target
         scratch = Path(tempfile.mkdtemp(prefix=".backends-", dir=self.env))
         (scratch / "python").mkdir()
         for name in _BACKEND_FILES:
             (scratch / "python" / name).symlink_to(self.root / "backends" / "python" / name)
         stub = self.root / "python_backend_stubs" / self.python_version / "triton_python_backend_stub"
-        (scratch / "python" / stub.name).symlink_to(stub)
+        (scratch / stub_link).symlink_to(stub)
+        if target.is_dir() and not (target / stub_link).exists():  # stale: set it aside first
+            stale = Path(tempfile.mkdtemp(prefix=".stale-backends-", dir=self.env))
+            with contextlib.suppress(OSError):  # another actor set it aside first
+                target.rename(stale / target.name)
+            shutil.rmtree(stale, ignore_errors=True)
         try:
             scratch.rename(target)
         except OSError:  # another actor made it first
@@ -87,7 +95,9 @@ class TritonInstall:
 def find(env: str = "") -> TritonInstall:
     """The install in ``env`` (default ``settings.triton_env``, else ``.venv-triton`` beside the
     package); FailedPrecondition naming what is missing and how to make it."""
-    path = Path(env or settings.triton_env or default_env())
+    # Resolved: the links ``backends`` makes must not depend on the path (a worktree's symlink,
+    # say) this env was reached through.
+    path = Path(env or settings.triton_env or default_env()).resolve()
     python = path / "bin" / "python"
     binaries = sorted(path.glob("lib/python3*/site-packages/pytriton/tritonserver/bin/tritonserver"))
     if not python.exists() or not binaries:
