@@ -20,7 +20,7 @@ import tempfile
 import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 from servefleet import launch, stack
 from servefleet.api import common_pb2, keeper_pb2
@@ -62,7 +62,12 @@ class ManagedProcess:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
 
     def start(self) -> Self:
-        return self.spawn().wait_ready()
+        self.spawn()
+        try:
+            return self.wait_ready()
+        except BaseException:
+            self.stop()  # not left running behind a start that failed
+            raise
 
     def spawn(self) -> Self:
         """Start the process without waiting for it (members of a cluster start together)."""
@@ -399,7 +404,8 @@ class RayCluster(ManagedProcess):
     auth on (the session's token, ``ray_token_file``)."""
 
     name = "ray"
-    start_timeout = 60.0
+    #: `ray start` takes 60 s and more on a 2-core box beside two CPU hogs and other tests.
+    start_timeout = 150.0
 
     def __init__(
         self, num_cpus: int = 2, resources: dict[str, float] | None = None, data_dir: Path | None = None
@@ -443,17 +449,30 @@ _JOIN = (
 )
 
 
+class RayHead(Protocol):
+    """What a worker node needs of the head it joins: a ``RayCluster``, or a stack's Ray
+    (``servefleet.chaos``)."""
+
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+    def env(self) -> dict[str, str]: ...
+
+
 class RayWorkerNode(ManagedProcess):
     """A second Ray node on this machine joined to ``head`` (``ray start --address --block``), with
     ports of its own and custom ``resources`` (e.g. ``{"accelerator": 1}`` for a GPU node's stand-in).
     """
 
     name = "ray-worker"
-    start_timeout = 60.0
+    start_timeout = 150.0
 
     def __init__(
         self,
-        head: RayCluster,
+        head: RayHead,
         *,
         num_cpus: int = 2,
         resources: Mapping[str, float] | None = None,
