@@ -33,10 +33,22 @@ waits until every part is healthy and both apps are served again (``recovery_s``
 Per part also ``duplicate_runs_discarded`` (growth of the broker's ``duplicate_executions``: a
 request that ran again after its worker died or stalled; the later result is discarded, never
 delivered).
+
+``EXTRA_PARTS`` need more than the stack and only ``bench/chaos.py`` kills them (the CI suite runs
+``CI_PARTS``): ``worker``, a standalone PullWorker process of ``chaos`` (not a replica: nothing
+restarts it), SIGKILLed once it holds a ticket in each of its slots (``Outcome.held``), which the
+app's replicas must take over; ``node``, a Ray worker node joined to the stack's Ray before the apps
+are deployed (so a replica, a proxy and a direct replica run on it), its raylet SIGKILLed;
+``cluster``, the whole serving cluster (the stack's Ray head and agent SIGKILLed, its supervisor
+paused so neither comes back within the keeper's failover grace), once a second cluster (Ray head +
+agent) has joined the keeper: both apps must run and answer on it. ``cluster`` goes last (the apps
+are elsewhere after it); the supervisor resumes once it has recovered, so its after-window also sees
+the dead cluster's Ray and agent restarted. These parts run with shorter timers (``EXTRA_SETTINGS``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -53,13 +65,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import redis
 import yaml
+from tritonclient.grpc import service_pb2
 
-from servefleet import Client, stack
-from servefleet.api import broker_pb2, broker_pb2_grpc, common_pb2
+from servefleet import Client, launch, stack
+from servefleet.api import broker_pb2, broker_pb2_grpc, common_pb2, keeper_pb2, keeper_pb2_grpc
+from servefleet.broker.acl import ADMIN_USER
+from servefleet.broker.keys import AppKeys
+from servefleet.broker.queue import GROUP
 from servefleet.common.channels import sync_channel
-from servefleet.common.net import port_in_use
+from servefleet.common.net import port_in_use, split_address, wait_for
+from servefleet.common.tensors import decode_request, encode_response
 from servefleet.direct import INPUT_NAME, OUTPUT_NAME, ctr
+from servefleet.testing import RayCluster, RayHead, RayWorkerNode, ServiceProcess
 
 REPO = Path(__file__).resolve().parents[1]
 APP = "chaos"
@@ -83,7 +102,20 @@ ACTOR_PARTS = {
     "direct": ("replica", DIRECT_APP, False),
     "direct-master": ("master", DIRECT_APP, True),
 }
-ALL_PARTS = (*ACTOR_PARTS, *STACK_PARTS)
+#: What the CI suite kills; the bench adds ``EXTRA_PARTS`` (see the module docstring).
+CI_PARTS = (*ACTOR_PARTS, *STACK_PARTS)
+EXTRA_PARTS = ("worker", "node", "cluster")
+ALL_PARTS = (*CI_PARTS, *EXTRA_PARTS)
+#: Timers the stack (and the second cluster) run with when an extra part is killed: the dead
+#: worker's tickets are reclaimed after 5 s idle (default 30 s), a silent cluster's apps move after
+#: 10 s (default 30 s). The recovery times of those rows follow from them.
+EXTRA_SETTINGS = {"SERVEFLEET_BROKER_RECLAIM_IDLE_S": "5", "SERVEFLEET_KEEPER_CLUSTER_FAILOVER_AFTER_S": "10"}
+#: The standalone worker: its consumer name, slots, and how long it holds each request (so that it
+#: is killed with every slot taken).
+WORKER, WORKER_SLOTS, WORKER_HOLD_S = "chaos-standalone", 4, 2.0
+#: The Ray worker node's custom resource (names it in ``ray.nodes()``) and the second cluster.
+NODE_RESOURCE, OTHER_CLUSTER = "chaos_node", "chaos-west"
+_NODE_ALIVE = f"any(n['Alive'] and {NODE_RESOURCE!r} in n['Resources'] for n in ray.nodes())"
 #: The actors a served stack runs: (role, app key) -> how many.
 ACTORS = Counter(
     {
@@ -117,6 +149,10 @@ class Outcome:
     part: str
     recovery_s: float = 0.0
     duplicate_runs_discarded: int = 0
+    #: ``worker``: tickets it had taken and not finished when it was killed (taken over by others).
+    held: int = 0
+    #: ``node``: the apps' actors that ran on the node when it was killed ("role app" -> how many).
+    on_node: dict[str, int] = field(default_factory=dict)
     #: Seconds from the window's start until the kill was issued and until it had returned.
     killed_at: tuple[float, float] = (0.0, 0.0)
     kinds: dict[str, Count] = field(default_factory=lambda: {kind: Count() for kind in KINDS})
@@ -249,13 +285,36 @@ class Duplicated(Exception):
     """A stream answered with more responses than it had rows."""
 
 
-class ChaosStack:
-    """A ``servefleet up --detach`` stack on a temp state dir with the chaos apps deployed."""
+@dataclass(frozen=True)
+class _StackRay:
+    """The stack's Ray head as a driver or a joining node sees it (with the stack's own Ray token)."""
 
-    def __init__(self, *, base_port: int | None = None) -> None:
+    address: str
+    token_file: Path
+
+    @property
+    def port(self) -> int:
+        return split_address(self.address)[1]
+
+    def env(self) -> dict[str, str]:
+        return stack.ray_process_env({**os.environ, "PYTHONPATH": str(REPO)}, self.token_file)
+
+
+class ChaosStack:
+    """A ``servefleet up --detach`` stack on a temp state dir with the chaos apps deployed, and what
+    the extra ``parts`` need beside it (a worker node, a standalone worker, a second cluster)."""
+
+    def __init__(self, *, base_port: int | None = None, parts: tuple[str, ...] = CI_PARTS) -> None:
         self.state = Path(tempfile.mkdtemp(prefix="sf-chaos-"))
         self.base_port = base_port or _free_base_port()
         self.model_path = self.state / "ctr.bin"
+        self.parts = parts
+        self.node: RayWorkerNode | None = None
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.other: tuple[RayCluster, ServiceProcess] | None = None
+        self.paused = 0  # the supervisor's pid while it is stopped (``cluster``)
+        #: Extra parts killed so far: they do not come back, and ``served`` expects them gone.
+        self.lost: set[str] = set()
 
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         argv = [sys.executable, "-m", "servefleet.cli", *args, "--state-dir", str(self.state)]
@@ -265,6 +324,10 @@ class ChaosStack:
         done = self.cli("up", "--detach", "--base-port", str(self.base_port))
         if done.returncode != 0:
             raise RuntimeError(f"servefleet up failed: {done.stderr[-2000:]}")
+        if "node" in self.parts:  # joined before the apps are deployed, so they spread onto it
+            self.node = RayWorkerNode(self.stack_ray, resources={NODE_RESOURCE: 1000}, port_slot=15)
+            self.node.start()
+            wait_for(lambda: self.node_alive(), timeout=120, interval=1, what="the worker node to join")
         spec = yaml.safe_load((REPO / "examples" / "iris.yaml").read_text())
         spec.update(
             name=APP,
@@ -299,6 +362,16 @@ class ChaosStack:
         return ids, model.score(ids)
 
     def down(self) -> None:
+        """Stop the stack and everything started beside it."""
+        self.resume()
+        if self.worker is not None and self.worker.poll() is None:
+            os.killpg(self.worker.pid, signal.SIGKILL)
+            self.worker.wait()
+        if self.other is not None:
+            self.other[1].stop()
+            self.other[0].cleanup()
+        if self.node is not None:
+            self.node.cleanup()
         self.cli("down")
 
     @property
@@ -310,6 +383,10 @@ class ChaosStack:
         """The stack's admin token: discovery and the broker answer only callers with a token."""
         return (self.state / stack.ADMIN_TOKEN_FILE).read_text().strip()
 
+    @property
+    def stack_ray(self) -> _StackRay:
+        return _StackRay(self.addresses["ray"], self.state / stack.RAY_TOKEN_FILE)
+
     def duplicate_executions(self) -> int:
         with sync_channel(self.addresses["broker"], token=self.token) as channel:
             stats = broker_pb2_grpc.BrokerStub(channel).QueueStats(
@@ -318,14 +395,17 @@ class ChaosStack:
         return int(stats.duplicate_executions)
 
     def healthy(self) -> bool:
-        return all(row["healthy"] for row in stack.status(self.state))
+        """Every stack part answers (but the dead cluster's Ray and agent once ``cluster`` was killed)."""
+        down = {"ray", "agent"} if "cluster" in self.lost else set()
+        return all(row["healthy"] for row in stack.status(self.state) if row["name"] not in down)
 
-    def ray(self, code: str) -> str:
-        """Run ``code`` in a fresh Ray driver of the stack's cluster (this process may drive another);
-        ``ACTORS`` there: [role, app key, rest...] of every servefleet actor."""
+    def ray(self, code: str, head: RayHead | None = None) -> str:
+        """Run ``code`` in a fresh Ray driver of ``head`` (default: the stack's Ray; this process may
+        drive another); ``ACTORS`` there: [role, app key, rest...] of every servefleet actor."""
+        head = head or self.stack_ray
         prelude = (
             "import servefleet, ray, json; "
-            f"ray.init(address={self.addresses['ray']!r}, logging_level='ERROR', log_to_driver=False); "
+            f"ray.init(address={head.address!r}, logging_level='ERROR', log_to_driver=False); "
             "from servefleet.services.actors import RAY_NAMESPACE as NS; "
             "ACTORS = sorted(a['name'].split(':') for a in ray.util.list_named_actors(all_namespaces=True) "
             "if a['namespace'] == NS); "
@@ -336,33 +416,144 @@ class ChaosStack:
             text=True,
             timeout=120,
             cwd=REPO,
-            # The stack's own Ray token: its Ray refuses drivers without it.
-            env=stack.ray_process_env(
-                {**os.environ, "PYTHONPATH": str(REPO)}, self.state / stack.RAY_TOKEN_FILE
-            ),
+            env=head.env(),  # with that Ray's token: it refuses drivers without it
             check=False,
         )
         if done.returncode != 0:
             raise RuntimeError(done.stderr[-1500:])
         return done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
 
+    def node_alive(self) -> bool:
+        return self.ray(f"print({_NODE_ALIVE})") == "True"
+
+    def on_node(self) -> dict[str, int]:
+        """The apps' live actors on the worker node, by role and app (from Ray's actor table)."""
+        code = (
+            "from ray._private.state import state; "
+            "[node] = [n['NodeID'] for n in ray.nodes() "
+            f"if n['Alive'] and {NODE_RESOURCE!r} in n['Resources']]; "
+            "print(json.dumps([a['Name'].split(':')[:2] for a in state.actor_table(None).values() "
+            "if a['State'] == 'ALIVE' and a['Address']['NodeID'] == node and a['Name']]))"
+        )
+        found = Counter(" ".join(name) for name in json.loads(self.ray(code)) if tuple(name) in ACTORS)
+        return dict(sorted(found.items()))
+
+    def held_by(self, consumer: str) -> int:
+        """Requests of ``APP`` delivered to ``consumer`` and not yet finished (the broker's pending
+        entries, read from Redis as its admin)."""
+        host, port = split_address(self.addresses["redis"])
+        password = (self.state / stack.REDIS_PASSWORD_FILE).read_text().strip()
+        client = redis.Redis(host=host, port=port, username=ADMIN_USER, password=password, socket_timeout=10)
+        try:
+            return sum(
+                len(client.xpending_range(key, GROUP, min="-", max="+", count=10_000, consumername=consumer))
+                for key in AppKeys(f"default/{APP}").streams
+                if client.exists(key)
+            )
+        finally:
+            client.close()
+
+    def placed_on(self, cluster: str) -> bool:
+        """Both apps RUNNING on ``cluster`` alone, as the keeper says."""
+        with sync_channel(self.addresses["keeper"], token=self.token) as channel:
+            stub = keeper_pb2_grpc.KeeperStub(channel)
+            for app in (APP, DIRECT_APP):
+                ref = keeper_pb2.GetApplicationRequest(app={"namespace": "default", "name": app})
+                status = stub.GetApplication(ref, timeout=10)
+                if status.state != keeper_pb2.AppState.RUNNING or [p.cluster for p in status.placements] != [
+                    cluster
+                ]:
+                    return False
+        return True
+
+    def cluster_alive(self, cluster: str) -> bool:
+        with sync_channel(self.addresses["keeper"], token=self.token) as channel:
+            found = keeper_pb2_grpc.KeeperStub(channel).ListClusters(
+                keeper_pb2.ListClustersRequest(), timeout=10
+            )
+        return any(c.name == cluster and c.alive for c in found.clusters)
+
+    def prepare(self, part: str) -> None:
+        """What killing ``part`` needs first: ``worker`` started and holding a request per slot; for
+        ``cluster``, a second serving cluster the keeper counts alive."""
+        if part == "worker":
+            code = f"from servefleet.chaos import serve_worker; serve_worker({self.addresses['broker']!r})"
+            env = {**os.environ, "PYTHONPATH": str(REPO), "SERVEFLEET_CHAOS_TOKEN": self.token}
+            self.worker = launch.spawn(
+                [sys.executable, "-c", code], log=self.state / "worker.log", env=env, cwd=REPO
+            )
+            wait_for(
+                lambda: self.held_by(WORKER) > 0,
+                timeout=120,
+                interval=0.1,
+                what="the worker to hold requests",
+            )
+        elif part == "cluster":
+            self.add_cluster()
+
+    def add_cluster(self) -> None:
+        """A second serving cluster on the stack's keeper: a Ray head of its own and an agent run as
+        the stack's agent is (same flags and tokens) but for that Ray, under ``OTHER_CLUSTER``."""
+        ray = RayCluster(num_cpus=2)
+        [agent] = [p for p in stack.load(self.state) if p.name == "agent"]
+        flags = agent.argv[agent.argv.index("--listen") + 2 : agent.argv.index("--metrics")]
+        flags[flags.index("--ray") + 1] = ray.address
+        flags[flags.index("--cluster") + 1] = OTHER_CLUSTER
+        proc = ServiceProcess(
+            "services.agent", *flags, data_dir=self.state, name="agent-west", start_timeout=120
+        )
+        self.other = (ray, proc)
+        ray.start()
+        proc.start()
+        wait_for(
+            lambda: self.cluster_alive(OTHER_CLUSTER), timeout=120, interval=0.5, what="the second cluster"
+        )
+
     def kill(self, part: str) -> None:
+        parts = {p.name: p for p in stack.load(self.state)}
         if part in ACTOR_PARTS:
             role, app, restart = ACTOR_PARTS[part]
             self.ray(
                 f"[name] = [':'.join(a) for a in ACTORS if a[:2] == [{role!r}, 'default/{app}']][:1]; "
                 f"ray.kill(ray.get_actor(name, namespace=NS), no_restart={not restart})"
             )
-            return
-        [found] = [p for p in stack.load(self.state) if p.name == part]
-        os.killpg(found.pid, signal.SIGKILL)
+        elif part == "worker":
+            assert self.worker is not None
+            os.killpg(self.worker.pid, signal.SIGKILL)
+            self.worker.wait()
+        elif part == "node":
+            assert self.node is not None
+            os.kill(self.node.raylet_pid(), signal.SIGKILL)
+        elif part == "cluster":  # lost for good: nothing may bring it back within the grace period
+            self.paused = parts["supervisor"].pid
+            os.kill(self.paused, signal.SIGSTOP)
+            for name in ("ray", "agent"):
+                os.killpg(parts[name].pid, signal.SIGKILL)
+        else:
+            os.killpg(parts[part].pid, signal.SIGKILL)
+        if part in EXTRA_PARTS:
+            self.lost.add(part)
+
+    def resume(self) -> None:
+        """Let the supervisor go on (it brings the dead cluster's Ray and agent back)."""
+        if self.paused:
+            os.kill(self.paused, signal.SIGCONT)
+            self.paused = 0
 
     def served(self) -> bool:
-        """Every part healthy, every actor of both apps back, and a fresh client gets both answers."""
+        """Every part healthy, every actor of both apps back (on the other cluster once ``cluster``
+        was killed), what was lost for good gone (the worker's requests taken over, the node marked
+        dead), and a fresh client gets both answers."""
         if not self.healthy():
             return False
-        actors = Counter(tuple(a[:2]) for a in json.loads(self.ray("print(json.dumps(ACTORS))")))
-        if {key: actors[key] for key in ACTORS} != ACTORS:
+        if "worker" in self.lost and self.held_by(WORKER):
+            return False
+        if "cluster" in self.lost and not self.placed_on(OTHER_CLUSTER):
+            return False
+        head = self.other[0] if self.other is not None and "cluster" in self.lost else None
+        listed, node_alive = json.loads(self.ray(f"print(json.dumps([ACTORS, {_NODE_ALIVE}]))", head))
+        actors = Counter(tuple(a[:2]) for a in listed)
+        if {key: actors[key] for key in ACTORS} != ACTORS or ("node" in self.lost and node_alive):
             return False
         ids, expected = self.direct_case()
         with Client(self.addresses["discovery"], timeout=10, token=self.token) as client:
@@ -374,6 +565,31 @@ class ChaosStack:
             return labels == EXPECTED and bool(np.allclose(scores, expected, rtol=1e-5, atol=1e-6))
 
 
+def serve_worker(broker: str) -> None:
+    """The standalone PullWorker of ``APP`` (``ChaosStack.prepare("worker")`` runs it in a process of
+    its own, the stack's admin token in ``SERVEFLEET_CHAOS_TOKEN``): the iris classifier, holding
+    each request ``WORKER_HOLD_S``, until it is killed."""
+    from examples.iris import IrisClassifier
+    from servefleet.broker.worker import PullWorker, from_broker
+
+    model = IrisClassifier()
+
+    async def handle(request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
+        await asyncio.sleep(WORKER_HOLD_S)
+        return encode_response(request.model_name, model(decode_request(request)), request_id=request.id)
+
+    async def serve() -> None:
+        app = f"default/{APP}"
+        source = from_broker(broker, os.environ["SERVEFLEET_CHAOS_TOKEN"], app)
+        worker = PullWorker(
+            source, app, WORKER, WORKER_SLOTS, handle, config=common_pb2.AsyncConfig(enabled=True)
+        )
+        await worker.start()
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
+
 def _free_base_port() -> int:
     offsets = [*stack.PORTS.values(), *range(stack.RAY_WORKER_PORTS[0], stack.RAY_WORKER_PORTS[1] + 1, 50)]
     for base in range(31000 + (os.getpid() % 20) * 700, 60000, 700):
@@ -383,18 +599,28 @@ def _free_base_port() -> int:
 
 
 @contextmanager
-def chaos_stack() -> Iterator[ChaosStack]:
-    running = ChaosStack()
+def chaos_stack(parts: tuple[str, ...] = CI_PARTS) -> Iterator[ChaosStack]:
+    """The stack, with ``EXTRA_SETTINGS`` in the environment of everything it starts when ``parts``
+    has an extra part."""
+    settings = EXTRA_SETTINGS if set(parts) & set(EXTRA_PARTS) else {}
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    running = ChaosStack(parts=parts)
     try:
         running.up()
         yield running
     finally:
         running.down()
         shutil.rmtree(running.state, ignore_errors=True)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def run(
-    parts: tuple[str, ...] = ALL_PARTS,
+    parts: tuple[str, ...] = CI_PARTS,
     *,
     before_s: float = 3.0,
     after_s: float = 3.0,
@@ -403,7 +629,10 @@ def run(
     progress: Callable[[str], None] = lambda _: None,
 ) -> list[Outcome]:
     """Kill each part in turn on one stack under load; one Outcome per part."""
-    with chaos_stack() as chaos:
+    unknown = set(parts) - set(ALL_PARTS)
+    if unknown or "cluster" in parts[:-1]:
+        raise ValueError(f"parts: any of {ALL_PARTS}, 'cluster' last; got {parts}")
+    with chaos_stack(parts) as chaos:
         load = Load(chaos, deadline_s=deadline_s)
         load.start()
         outcomes: list[Outcome] = []
@@ -414,9 +643,14 @@ def run(
                 outcomes.append(window)
                 time.sleep(before_s)
                 dups = chaos.duplicate_executions()
+                if part == "node":
+                    window.on_node = chaos.on_node()
+                chaos.prepare(part)  # the last step before the kill: the worker is full now
                 issued = window.clock()
                 chaos.kill(part)
                 window.killed_at = (round(issued, 3), round(window.clock(), 3))
+                if part == "worker":
+                    window.held = chaos.held_by(WORKER)
                 progress(f"killed {part}")
                 while not chaos.served():
                     if window.clock() - issued > recovery_timeout_s:
@@ -424,6 +658,7 @@ def run(
                     time.sleep(0.5)
                 window.recovery_s = round(window.clock() - issued, 1)
                 progress(f"{part} recovered in {window.recovery_s}s")
+                chaos.resume()
                 time.sleep(after_s)
                 window.duplicate_runs_discarded = chaos.duplicate_executions() - dups
             load.window = Outcome("cool-down")
@@ -445,6 +680,8 @@ def table(outcomes: list[Outcome]) -> list[dict[str, object]]:
                     **{k: v for k, v in counted.items() if k != "errors"},
                     "recovery_s": o.recovery_s,
                     "duplicate_runs_discarded": o.duplicate_runs_discarded if kind == "async" else 0,
+                    "held_by_killed_worker": o.held if kind == "async" else 0,
+                    "actors_on_killed_node": o.on_node,
                     "killed_at": list(o.killed_at),
                     "errors": counted["errors"],
                 }
