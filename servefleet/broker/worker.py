@@ -142,6 +142,7 @@ class PullWorker:
         self._backlog: list[Entry] = []
         self._slot_free = asyncio.Event()
         self._stopping = False
+        self._stopped = asyncio.Event()  # set with _stopping: wakes the heartbeat loop's wait
         self._tasks: list[asyncio.Task[None]] = []
         #: Requests this worker ran to a stored result / whose result was a duplicate.
         self.completed = 0
@@ -181,6 +182,7 @@ class PullWorker:
         (the pull loop ends after its current blocking read, at most ``block_ms``); otherwise
         cancel them, leaving them pending for other workers to reclaim."""
         self._stopping = True
+        self._stopped.set()
         self._slot_free.set()
         pull, beat = self._tasks or (None, None)
         if pull is not None:
@@ -252,9 +254,14 @@ class PullWorker:
                 await self._queue.ensure_groups(self.app)
 
     async def _heartbeat_loop(self) -> None:
-        """Keep running entries fresh (no one reclaims them) and the app registered."""
-        while True:
-            await asyncio.sleep(self._reclaim_idle_s / 3)
+        """Keep running entries fresh (no one reclaims them) and the app registered. Ends on
+        ``_stopping`` rather than relying on cancellation alone: a cancel that lands as a Redis call
+        returns can be swallowed (CPython 3.11's ``wait_for`` race), and ``stop`` would wait forever."""
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), self._reclaim_idle_s / 3)
+            if self._stopping:
+                return
             try:
                 await (await self._q()).register_app(self.app, self._config)
                 held = [entry for entry, _ in (*self._running.values(), *self._settling.values())]

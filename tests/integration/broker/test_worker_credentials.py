@@ -137,11 +137,15 @@ async def test_rotation_restart_and_deletion(
         assert (await service.client.result(ticket, timeout=60))["y"].tolist() == [2]
 
         # A Redis restart forgets every user made at run time: the worker is refused, asks the
-        # broker again (which makes the user anew) and serves what was queued before the crash.
+        # broker again (which makes the user anew) and serves what was queued before the crash
+        # (or had served it just before: its result is kept, Redis has an AOF). A request submitted
+        # after the restart can only be served once the worker has its user again.
         queued = await service.client.submit(app, {"x": np.array([5])})
         await asyncio.to_thread(redis.kill)
         await asyncio.to_thread(redis.start)
         assert (await service.client.result(queued, timeout=60))["y"].tolist() == [10]
+        after = await service.client.submit(app, {"x": np.array([7])})
+        assert (await service.client.result(after, timeout=60))["y"].tolist() == [14]
 
     finally:
         await worker.stop()

@@ -191,21 +191,22 @@ async def test_two_instances_share_state_through_etcd(
     discovery: DiscoveryProcess, etcd: EtcdProcess, admin_token: str
 ) -> None:
     other = DiscoveryProcess(etcd.address).start()
-    try:
+    try:  # Each read is bounded: a missed event fails in 30 s, naming the read, not at the suite's timeout.
         async with aio_channel(other.address, token=admin_token) as channel:
             watch = discovery_pb2_grpc.DiscoveryStub(channel).Watch(
                 discovery_pb2.WatchRequest(app=common_pb2.AppRef(namespace="t6", name="m"))
             )
-            assert (await watch.read()).type == Event.SNAPSHOT
+            assert (await asyncio.wait_for(watch.read(), 30)).type == Event.SNAPSHOT
             async with registration(
                 discovery.address, endpoint("t6/m", 6001), ttl_s=2, token=admin_token
             ) as reg:
-                added = await watch.read()
+                added = await asyncio.wait_for(watch.read(), 30)
                 assert added.type == Event.ADDED and added.endpoints[0].id == reg.endpoint_id
                 await reg.update(load_hint=2.0, labels={"zone": "z"})
-                updated = await watch.read()
+                updated = await asyncio.wait_for(watch.read(), 30)
                 assert updated.type == Event.UPDATED and updated.endpoints[0].labels["zone"] == "z"
-            removed = await watch.read()  # leaving the block deregisters at once, not after the TTL
+            # Leaving the block deregisters at once, not after the TTL.
+            removed = await asyncio.wait_for(watch.read(), 30)
             assert removed.type == Event.REMOVED and removed.endpoints[0].id == reg.endpoint_id
             watch.cancel()
     finally:
