@@ -81,6 +81,8 @@ class FakeReplica:
         self.arrived.set()
         if self.behaviour == "unavailable":
             await context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
+        if self.behaviour == "full":
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "replica full")
         if self.behaviour == "hang":
             try:
                 await asyncio.sleep(60)
@@ -159,6 +161,25 @@ async def test_unavailable_replicas_cost_a_retry_on_another() -> None:
             await stack.infer(request(), timeout=5, metadata=(("traceparent", UNSAMPLED),))
         assert len(live.calls) == 10 and stack.relayed() == 0
         assert stack.forwarder._forwarder.stats()["retried"] > 0
+
+
+async def test_full_replicas_leave_the_answer_to_pythons_admission() -> None:
+    full, live = FakeReplica("full"), FakeReplica()
+    async with Stack([full, live]) as stack:
+        for _ in range(6):  # a full replica costs a retry on the other
+            await stack.infer(request(), timeout=5, metadata=(("traceparent", UNSAMPLED),))
+        assert len(live.calls) == 6 and stack.relayed() == 0
+    full = FakeReplica("full")
+    async with Stack([full]) as stack:
+        rejected = metrics.REGISTRY.get_sample_value("servefleet_proxy_rejected_total", {"app": "fwd"}) or 0
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await stack.infer(request(), timeout=5, metadata=(("traceparent", UNSAMPLED),))
+        assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "every replica is full" in (exc.value.details() or "") and stack.relayed() == 1
+        assert (
+            metrics.REGISTRY.get_sample_value("servefleet_proxy_rejected_total", {"app": "fwd"})
+            == rejected + 1
+        )
 
 
 async def test_client_cancellation_reaches_the_replica() -> None:
