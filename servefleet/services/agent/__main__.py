@@ -12,9 +12,18 @@ from servefleet.common.auth import Authenticator, EtcdTokens, resolve_token
 from servefleet.common.entry import Service, run_service, service_parser
 from servefleet.common.etcd import add_etcd_flag, connect_etcd
 from servefleet.common.net import async_wait_for, split_address
+from servefleet.common.retry import Backoff, RetryPolicy
 from servefleet.common.server import GrpcServer
 from servefleet.services.agent.core import ClusterAgent, Heartbeat, parse_labels, read_token
 from servefleet.services.agent.servicer import ClusterAgentServicer
+
+log = logging.getLogger(__name__)
+
+#: A Ray head that `up` just saw healthy can still refuse ray.init's GCS handshake for a while on a
+#: loaded machine ("Failed to connect to Ray cluster"): keep trying rather than exit during start-up.
+RAY_CONNECT = RetryPolicy(
+    Backoff(initial_s=1.0, max_s=5.0), deadline_s=120.0, retry_on=lambda exc: isinstance(exc, ConnectionError)
+)
 
 
 async def ray_resources() -> tuple[dict[str, float], dict[str, float]]:
@@ -41,7 +50,16 @@ async def build(args: argparse.Namespace) -> Service:
     from servefleet.services.agent import masters
 
     labels = parse_labels(args.labels)
-    await asyncio.to_thread(ray.init, address=args.ray, logging_level=logging.WARNING, log_to_driver=False)
+
+    async def connect() -> None:
+        await asyncio.to_thread(
+            ray.init, address=args.ray, logging_level=logging.WARNING, log_to_driver=False
+        )
+
+    def retrying(exc: BaseException, pause: float) -> None:
+        log.warning("ray at %s not reachable yet (%s); again in %.1f s", args.ray, exc, pause)
+
+    await RAY_CONNECT.run(connect, on_retry=retrying)
     agent = ClusterAgent(
         masters,
         ray_resources,
