@@ -30,7 +30,13 @@ def main() -> None:
     parts = tuple(args.parts.split(",")) if args.parts else chaos.CI_PARTS if args.quick else chaos.ALL_PARTS
     load_before = os.getloadavg()[0]
     started = time.monotonic()
-    outcomes = chaos.run(parts, before_s=window, after_s=window, progress=print)
+    outcomes: list[chaos.Outcome] = []
+    error = ""
+    try:
+        chaos.run(parts, before_s=window, after_s=window, progress=print, outcomes=outcomes)
+    except Exception as exc:  # the parts done so far are still written, with what stopped the run
+        error = f"{type(exc).__name__}: {str(exc)[-1500:]}"
+        print(f"run stopped: {error}")
     rows = chaos.table(outcomes)
     for row in rows:
         print({k: v for k, v in row.items() if k not in ("errors", "cut_started")})
@@ -45,11 +51,14 @@ def main() -> None:
                 "extra_settings": chaos.EXTRA_SETTINGS if set(parts) & set(chaos.EXTRA_PARTS) else {},
             },
             "wall_s": round(time.monotonic() - started, 1),
+            "error": error,
             "results": rows,
         },
         load_average_1m_at_start=round(load_before, 2),
     )
     print(f"wrote {path}")
+    if error:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ from servefleet.common.channels import sync_channel
 from servefleet.common.net import port_in_use, split_address, wait_for
 from servefleet.common.tensors import decode_request, encode_response
 from servefleet.direct import INPUT_NAME, OUTPUT_NAME, ctr
-from servefleet.testing import RayCluster, RayHead, RayWorkerNode, ServiceProcess
+from servefleet.testing import RayCluster, RayHead, RayWorkerNode, ServiceProcess, started_ray
 
 REPO = Path(__file__).resolve().parents[1]
 APP = "chaos"
@@ -325,8 +325,9 @@ class ChaosStack:
         if done.returncode != 0:
             raise RuntimeError(f"servefleet up failed: {done.stderr[-2000:]}")
         if "node" in self.parts:  # joined before the apps are deployed, so they spread onto it
-            self.node = RayWorkerNode(self.stack_ray, resources={NODE_RESOURCE: 1000}, port_slot=15)
-            self.node.start()
+            self.node = started_ray(
+                lambda: RayWorkerNode(self.stack_ray, resources={NODE_RESOURCE: 1000}, port_slot=15)
+            )
             wait_for(lambda: self.node_alive(), timeout=120, interval=1, what="the worker node to join")
         spec = yaml.safe_load((REPO / "examples" / "iris.yaml").read_text())
         spec.update(
@@ -494,16 +495,15 @@ class ChaosStack:
     def add_cluster(self) -> None:
         """A second serving cluster on the stack's keeper: a Ray head of its own and an agent run as
         the stack's agent is (same flags and tokens) but for that Ray, under ``OTHER_CLUSTER``."""
-        ray = RayCluster(num_cpus=2)
         [agent] = [p for p in stack.load(self.state) if p.name == "agent"]
         flags = agent.argv[agent.argv.index("--listen") + 2 : agent.argv.index("--metrics")]
+        ray = started_ray(lambda: RayCluster(num_cpus=2))
         flags[flags.index("--ray") + 1] = ray.address
         flags[flags.index("--cluster") + 1] = OTHER_CLUSTER
         proc = ServiceProcess(
             "services.agent", *flags, data_dir=self.state, name="agent-west", start_timeout=120
         )
         self.other = (ray, proc)
-        ray.start()
         proc.start()
         wait_for(
             lambda: self.cluster_alive(OTHER_CLUSTER), timeout=120, interval=0.5, what="the second cluster"
@@ -627,15 +627,17 @@ def run(
     deadline_s: float = 30.0,
     recovery_timeout_s: float = 240.0,
     progress: Callable[[str], None] = lambda _: None,
+    outcomes: list[Outcome] | None = None,
 ) -> list[Outcome]:
-    """Kill each part in turn on one stack under load; one Outcome per part."""
+    """Kill each part in turn on one stack under load; one Outcome per part (``outcomes``, when
+    given, gets each as it starts, so a caller still has them when a later part raises)."""
     unknown = set(parts) - set(ALL_PARTS)
     if unknown or "cluster" in parts[:-1]:
         raise ValueError(f"parts: any of {ALL_PARTS}, 'cluster' last; got {parts}")
     with chaos_stack(parts) as chaos:
         load = Load(chaos, deadline_s=deadline_s)
         load.start()
-        outcomes: list[Outcome] = []
+        outcomes = [] if outcomes is None else outcomes
         try:
             time.sleep(before_s)
             for part in parts:

@@ -18,9 +18,9 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol, Self
+from typing import Any, Protocol, Self, TypeVar
 
 from servefleet import launch, stack
 from servefleet.api import common_pb2, keeper_pb2
@@ -579,6 +579,22 @@ class DiscoveryProcess(ServiceProcess):
         return admin_token(self.etcd)
 
 
+_Ray = TypeVar("_Ray", RayCluster, RayWorkerNode)
+
+
+def started_ray(make: Callable[[], _Ray], tries: int = 3) -> _Ray:
+    """``make()`` started; made and started again (``tries`` in all) while ``ray start`` gives up
+    (it does when an overloaded GCS is slow to answer: "The current node timed out during startup",
+    after Ray's fixed 30 s; seen at load average 30+ on 2 cores)."""
+    for _ in range(tries - 1):
+        made = make()
+        try:
+            return made.start()
+        except RuntimeError:
+            made.cleanup()
+    return make().start()
+
+
 @contextlib.contextmanager
 def joined_node(
     head: RayCluster, *, resources: Mapping[str, float], port_slot: int, timeout: float = 120.0
@@ -593,12 +609,7 @@ def joined_node(
     def listed(alive: bool) -> bool:
         return any(n["Alive"] and marker in n["Resources"] for n in ray.nodes()) == alive
 
-    node = RayWorkerNode(head, resources=resources, port_slot=port_slot)
-    try:
-        node.start()
-    except RuntimeError:  # `ray start` gives up when an overloaded GCS is slow to answer: once more
-        node.cleanup()
-        node = RayWorkerNode(head, resources=resources, port_slot=port_slot).start()
+    node = started_ray(lambda: RayWorkerNode(head, resources=resources, port_slot=port_slot))
     try:
         wait_for(lambda: listed(True), timeout=timeout, interval=0.2, what="the worker node to join")
         yield node
