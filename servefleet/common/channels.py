@@ -184,14 +184,16 @@ S = TypeVar("S")
 
 class ChannelCache:
     """Channels (and stubs over them) by address. ``discard``/``retain`` close channels in the
-    background after ``close_grace_s``, so calls already on them finish (closing a channel
-    cancels its calls)."""
+    background once their calls are done, waiting up to ``close_grace_s`` (closing a channel
+    cancels the calls still on it). An endpoint can leave discovery while its server still runs
+    (its lease lapsed while discovery was down): a stream under way on it must not be cut, so the
+    grace is longer than a call's usual deadline."""
 
     def __init__(
         self,
         *,
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
-        close_grace_s: float = 5.0,
+        close_grace_s: float = 60.0,
         token: str = "",
         tls: bool = False,
     ) -> None:

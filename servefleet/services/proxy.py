@@ -43,6 +43,7 @@ from servefleet.common.errors import (
     ServefleetError,
     Unavailable,
 )
+from servefleet.common.retry import Backoff
 from servefleet.common.server import GrpcServer
 from servefleet.common.tensors import DTYPES
 from servefleet.services.forwarder import CppForwarder
@@ -62,6 +63,10 @@ log = logging.getLogger(__name__)
 SERVICE = "inference.GRPCInferenceService"
 _RETRY = {code(grpc.StatusCode.RESOURCE_EXHAUSTED), code(grpc.StatusCode.UNAVAILABLE)}
 _FULL = code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+#: How long a stream's request waits for a replica to place it on (the SDK's unary retries wait up
+#: to the caller's deadline; a stream without one waits this long), and how often it looks again.
+STREAM_PLACE_WAIT_S = 30.0
+STREAM_PLACE_BACKOFF = Backoff(initial_s=0.05, max_s=1.0, jitter=0.5)
 
 REQUESTS = Counter(
     "servefleet_proxy_requests_total",
@@ -268,10 +273,34 @@ class ProxyCore:
         try:
             with _measured(self.model_name):
                 self.parse(raw)
-                async for payload in self._stream(raw, timeout_s):
+                async for payload in self._stream_once_placed(raw, timeout_s):
                     yield _stream_response(payload)
         except ServefleetError as exc:
             yield service_pb2.ModelStreamInferResponse(error_message=str(exc)).SerializeToString()
+
+    async def _stream_once_placed(self, raw: bytes, timeout_s: float | None) -> AsyncIterator[bytes]:
+        """``_stream``, but a request no replica could start (none ready yet, or every one gone:
+        a new cluster's proxies are listed before their replicas are ready) waits for one within the
+        stream's deadline (at most ``STREAM_PLACE_WAIT_S``). A unary caller gets UNAVAILABLE and its
+        SDK retries; a stream carries errors in-band, with no status to retry on, so the proxy does."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        deadline = start + min(STREAM_PLACE_WAIT_S, timeout_s if timeout_s is not None else math.inf)
+        failures = 0
+        while True:
+            sent = False
+            left = None if timeout_s is None else max(0.001, timeout_s - (loop.time() - start))
+            try:
+                async for payload in self._stream(raw, left):
+                    sent = True
+                    yield payload
+                return
+            except Unavailable:
+                failures += 1
+                pause = STREAM_PLACE_BACKOFF.delay(failures)
+                if sent or loop.time() + pause > deadline:
+                    raise
+            await asyncio.sleep(pause)
 
     async def _stream(self, raw: bytes, timeout_s: float | None) -> AsyncIterator[bytes]:
         carrier = _carrier()

@@ -3,6 +3,7 @@ with a typed fake transport standing in for Ray actor calls."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -166,3 +167,22 @@ async def test_stream_to_a_one_answer_replica_uses_one_unary_call() -> None:
     assert len(chunks) == 1  # the fake streams two answers; the unary call answers once
     response = service_pb2.ModelStreamInferResponse.FromString(chunks[0])
     assert decode_response(response.infer_response)["y"].tolist() == [2.0, 2.0]
+
+
+async def test_a_stream_request_waits_for_a_replica_within_its_deadline() -> None:
+    """No replica ready yet (a new cluster's proxy is listed before its replicas): the request is
+    started once one is, not answered with an error the caller cannot retry on; past the stream's
+    deadline it is answered in-band."""
+    proxy = core({}, names=())
+
+    async def ready_soon() -> None:
+        await asyncio.sleep(0.3)
+        replicas = (ReplicaInfo("r1", object(), "n1", "1", 1),)
+        proxy.set_routing(Routing(epoch=2, spec=SPEC.SerializeToString(), replicas=replicas))
+
+    arriving = asyncio.create_task(ready_soon())
+    chunks = [service_pb2.ModelStreamInferResponse.FromString(c) async for c in proxy.stream(request(), 10.0)]
+    await arriving
+    assert [c.error_message for c in chunks] == ["", ""]
+    [late] = [c async for c in core({}, names=()).stream(request(), 0.2)]
+    assert "no replica is ready" in service_pb2.ModelStreamInferResponse.FromString(late).error_message
