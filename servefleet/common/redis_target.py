@@ -65,18 +65,28 @@ TargetSource = Callable[[], Awaitable["RedisTarget"]]
 
 
 class _Cluster(RedisCluster):
-    """redis-py 8.1's asyncio cluster client can hand a command a connection that another task is
-    closing while a failover moves slots (AttributeError from the connection's missing writer, raised
-    before anything is sent). Such a command never reached Redis, so it is sent again."""
+    """Two fixes over redis-py 8.1's asyncio cluster client:
+
+    - Its per-node pool raises MaxConnectionsError past ``max_connections`` (the broker answered
+      500 concurrent GetResults UNAVAILABLE): commands beyond that many in flight wait for a turn,
+      as they do on one Redis's blocking pool.
+    - It can hand a command a connection that another task is closing while a failover moves slots
+      (AttributeError from the connection's missing writer, raised before anything is sent). Such a
+      command never reached Redis, so it is sent again."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._turns = asyncio.Semaphore(kwargs["max_connections"])
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        for attempt in range(3):
-            try:
-                return await super().execute_command(*args, **kwargs)
-            except AttributeError as exc:
-                if "writelines" not in str(exc) or attempt == 2:
-                    raise
-                await asyncio.sleep(0.05 * (attempt + 1))
+        async with self._turns:
+            for attempt in range(3):
+                try:
+                    return await super().execute_command(*args, **kwargs)
+                except AttributeError as exc:
+                    if "writelines" not in str(exc) or attempt == 2:
+                        raise
+                    await asyncio.sleep(0.05 * (attempt + 1))
         raise AssertionError("unreachable")
 
 

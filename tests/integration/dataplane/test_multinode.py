@@ -99,8 +99,8 @@ async def test_sigkill_of_the_worker_nodes_raylet_under_load_loses_no_request(
 
             async def replaced_elsewhere() -> bool:
                 now = await replica_nodes(app)
-                status = await masters.status(app)
                 try:  # the lost node's proxy too: replaced on a node still alive
+                    status = await masters.status(app)  # a master being restarted: a timeout
                     proxies = await proxy_nodes(app, spec.proxies)
                 except Exception:
                     return False
