@@ -184,10 +184,12 @@ S = TypeVar("S")
 
 class ChannelCache:
     """Channels (and stubs over them) by address. ``discard``/``retain`` close channels in the
-    background once their calls are done, waiting up to ``close_grace_s`` (closing a channel
-    cancels the calls still on it). An endpoint can leave discovery while its server still runs
-    (its lease lapsed while discovery was down): a stream under way on it must not be cut, so the
-    grace is longer than a call's usual deadline."""
+    background ``close_grace_s`` later (closing a channel cancels the calls still on it). An
+    endpoint can leave discovery while its server still runs (its lease lapsed while discovery was
+    down): a stream under way on it must not be cut, so the grace is longer than a call's usual
+    deadline, and a plain delay: gRPC's own ``close(grace)`` waits only for calls it finds in a
+    task's innermost frame, and cancelled an SDK stream read between two responses at once (the
+    chaos suite's discovery kill cut one)."""
 
     def __init__(
         self,
@@ -204,7 +206,7 @@ class ChannelCache:
         self._close_grace_s = close_grace_s
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[tuple[str, Any], Any] = {}
-        self._closing: set[asyncio.Task[None]] = set()
+        self._closing: dict[asyncio.Task[None], grpc.aio.Channel] = {}
 
     def channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
@@ -238,16 +240,24 @@ class ChannelCache:
             for key in [k for k in self._stubs if k[0] == address]:
                 del self._stubs[key]
             if channel is not None:
-                task = asyncio.get_running_loop().create_task(channel.close(self._close_grace_s))
-                self._closing.add(task)
-                task.add_done_callback(self._closing.discard)
+                task = asyncio.get_running_loop().create_task(self._close_later(channel))
+                self._closing[task] = channel
+                task.add_done_callback(lambda done: self._closing.pop(done, None))
+
+    async def _close_later(self, channel: grpc.aio.Channel) -> None:
+        await asyncio.sleep(self._close_grace_s)
+        await channel.close()
 
     def retain(self, live: Collection[str]) -> None:
         """Discard every address not in ``live``."""
         self.discard(set(self._channels) - set(live))
 
     async def close(self) -> None:
-        channels = list(self._channels.values())
+        """Close every channel now, the discarded ones still in their grace included."""
+        channels = [*self._channels.values(), *self._closing.values()]
+        for task in list(self._closing):
+            task.cancel()
+        self._closing.clear()
         self._channels.clear()
         self._stubs.clear()
         await asyncio.gather(*(c.close() for c in channels))
