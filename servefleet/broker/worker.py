@@ -141,8 +141,7 @@ class PullWorker:
         self._settling: dict[str, tuple[Entry, asyncio.Task[None]]] = {}
         self._backlog: list[Entry] = []
         self._slot_free = asyncio.Event()
-        self._stopping = False
-        self._stopped = asyncio.Event()  # set with _stopping: wakes the heartbeat loop's wait
+        self._stopped = asyncio.Event()  # set by stop(): ends the loops, wakes the heartbeat's wait
         self._tasks: list[asyncio.Task[None]] = []
         #: Requests this worker ran to a stored result / whose result was a duplicate.
         self.completed = 0
@@ -181,7 +180,6 @@ class PullWorker:
         """Stop pulling. ``drain``: let running requests finish and store their results first
         (the pull loop ends after its current blocking read, at most ``block_ms``); otherwise
         cancel them, leaving them pending for other workers to reclaim."""
-        self._stopping = True
         self._stopped.set()
         self._slot_free.set()
         pull, beat = self._tasks or (None, None)
@@ -212,14 +210,14 @@ class PullWorker:
     async def _pull_loop(self) -> None:
         next_reclaim = 0.0
         failures = 0
-        while not self._stopping:
+        while not self._stopped.is_set():
             try:
                 await self._slot_free.wait()
                 free = self.slots - len(self._running)
                 while self._backlog and free > 0:
                     self._spawn(self._backlog.pop(0))
                     free -= 1
-                if free <= 0 or self._stopping:
+                if free <= 0 or self._stopped.is_set():
                     self._slot_free.clear()
                     continue
                 entries: list[Entry] = []
@@ -255,12 +253,12 @@ class PullWorker:
 
     async def _heartbeat_loop(self) -> None:
         """Keep running entries fresh (no one reclaims them) and the app registered. Ends on
-        ``_stopping`` rather than relying on cancellation alone: a cancel that lands as a Redis call
+        ``_stopped`` rather than relying on cancellation alone: a cancel that lands as a Redis call
         returns can be swallowed (CPython 3.11's ``wait_for`` race), and ``stop`` would wait forever."""
-        while not self._stopping:
+        while not self._stopped.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopped.wait(), self._reclaim_idle_s / 3)
-            if self._stopping:
+            if self._stopped.is_set():
                 return
             try:
                 await (await self._q()).register_app(self.app, self._config)
