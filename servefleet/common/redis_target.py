@@ -14,10 +14,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -68,18 +68,23 @@ class _Cluster(RedisCluster):
     """Two fixes over redis-py 8.1's asyncio cluster client:
 
     - Its per-node pool raises MaxConnectionsError past ``max_connections`` (the broker answered
-      500 concurrent GetResults UNAVAILABLE): commands beyond that many in flight wait for a turn,
-      as they do on one Redis's blocking pool.
+      500 concurrent GetResults UNAVAILABLE): commands and pipelines beyond ``max_connections`` in
+      flight wait for a turn, as they do on one Redis's blocking pool. A turn uses at most one
+      connection per node; each node's pool holds ``SUBSCRIPTION_RESERVE`` more for pub/sub, which
+      keeps its connection for as long as it listens (without them, a subscription on the node
+      that holds a busy app's slot made every command past the 63rd in flight fail).
     - It can hand a command a connection that another task is closing while a failover moves slots
       (AttributeError from the connection's missing writer, raised before anything is sent). Such a
       command never reached Redis, so it is sent again."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._turns = asyncio.Semaphore(kwargs["max_connections"])
+    SUBSCRIPTION_RESERVE = 4
+
+    def __init__(self, *, max_connections: int, **kwargs: Any) -> None:
+        super().__init__(max_connections=max_connections + self.SUBSCRIPTION_RESERVE, **kwargs)
+        self.turns = asyncio.Semaphore(max_connections)
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        async with self._turns:
+        async with self.turns:
             for attempt in range(3):
                 try:
                     return await super().execute_command(*args, **kwargs)
@@ -88,6 +93,21 @@ class _Cluster(RedisCluster):
                         raise
                     await asyncio.sleep(0.05 * (attempt + 1))
         raise AssertionError("unreachable")
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
+        if shard_hint:
+            raise RedisClusterException("shard_hint is deprecated in cluster mode")
+        # redis-py's stubs declare an attribute its own ClusterPipeline sets in __init__ abstract.
+        return _TurnTakingPipeline(self, transaction)  # type: ignore[abstract]
+
+
+class _TurnTakingPipeline(ClusterPipeline):
+    """A cluster pipeline that takes one of its client's turns while it runs (see ``_Cluster``)."""
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        client = cast(_Cluster, self.cluster_client)
+        async with client.turns:
+            return await super().execute(raise_on_error, allow_redirections)
 
 
 class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
