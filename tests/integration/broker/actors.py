@@ -58,6 +58,10 @@ class EchoActor:
         await self.worker.start()
         return os.getpid()
 
+    async def busy(self) -> int:
+        """Requests this worker is running now (each holds its stream entry pending)."""
+        return self.worker.busy
+
     async def handle(self, request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
         inputs = decode_request(request)
         ticket = request.parameters[TICKET_PARAMETER].string_param

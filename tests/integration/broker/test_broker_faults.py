@@ -100,13 +100,15 @@ async def test_sigkill_one_of_three_workers_mid_run_loses_nothing(
     app = new_app()
     actors, pids = await start_workers(broker.redis_address, app, 3, redis_server.address)
     try:
-        tickets = {await broker.client.submit(app, request(i)): i for i in range(500)}
+        tickets = {await broker.client.submit(app, request(i, sleep_ms=50)): i for i in range(500)}
         assert len(tickets) == 500
 
-        async def progressed() -> bool:
-            return len(await executions(counter, app)) >= 100
+        # Killed while observed running requests (its entries pending), not merely after others'
+        # progress: on a starved box the queue once drained before the kill and nothing was reclaimed.
+        async def victim_mid_run() -> bool:
+            return len(await executions(counter, app)) >= 100 and await actors[0].busy.remote() > 0
 
-        await async_wait_for(progressed, timeout=120, what="100 requests started")
+        await async_wait_for(victim_mid_run, timeout=120, what="the victim running requests")
         os.kill(pids[0], signal.SIGKILL)
         first = await check_all_done(broker.client, tickets)
 
