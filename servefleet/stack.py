@@ -84,7 +84,7 @@ class StackConfig:
     etcd: str | None = None  # external addresses (etcd: host:port[,host:port...]): start nothing for these
     redis: str | None = None
     ray: str | None = None
-    redis_appendfsync: str = "everysec"
+    redis_appendfsync: str = launch.REDIS_APPENDFSYNC
     cluster_name: str = "local"
     tls: bool = False  # TLS + mTLS between the services, with a CA made for this stack
     #: Members of the stack's own etcd cluster (1, 3 or 5) and discovery instances behind one name.

@@ -218,7 +218,7 @@ class RedisProcess(ManagedProcess):
         self,
         data_dir: Path | None = None,
         *,
-        appendfsync: str = "everysec",
+        appendfsync: str = launch.REDIS_APPENDFSYNC,
         admin_password: str = "",
         cluster_node_timeout_ms: int = 0,
     ) -> None:

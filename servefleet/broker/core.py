@@ -19,15 +19,13 @@ Contract (what a client may rely on):
 - Results live ``ttl_s`` (default: the app's ``result_ttl_s``); then the ticket reads EXPIRED
   for ``broker_tombstone_s`` more, then NOT_FOUND.
 
-Durability across a Redis restart (Redis runs with ``appendonly yes``): Redis appends each
-write to its AOF with write(2) before it answers, so
-
-- if the Redis *process* dies (crash, SIGKILL, OOM kill) and restarts from its AOF, every
-  acknowledged Submit, result and ack survives: nothing is lost;
-- if the *machine* dies (power, kernel), with ``appendfsync everysec`` (default) the writes of
-  the last second before the crash may be lost (Redis documents up to 2 s when the disk
-  stalls): every Submit acknowledged before the last completed fsync survives and completes;
-  with ``appendfsync always`` every acknowledged Submit survives.
+Durability across a Redis restart (Redis runs with ``appendonly yes`` and, by default,
+``appendfsync always``: ``launch.REDIS_APPENDFSYNC``): Redis writes and fsyncs each write to its
+AOF before it answers, so whether the Redis process dies (crash, SIGKILL, OOM kill) or the
+machine does, every acknowledged Submit, result and ack survives its restart from the AOF. With
+``everysec`` (a person's choice, for Redis throughput) Redis postpones its AOF write up to 2 s
+while the last second's fsync is still running and answers meanwhile, so even a SIGKILL of the
+process can lose those writes.
 
 While Redis is down, Submit/GetResult answer UNAVAILABLE and workers keep their finished
 results in memory, storing them when Redis is back.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from servefleet import stack
+from servefleet import launch, stack
 from servefleet.cli.common import emit, one_line_errors, output_option, state_dir_option
 
 
@@ -77,7 +77,7 @@ def _resources(text: str) -> dict[str, float]:
 @click.option(
     "--redis-appendfsync",
     type=click.Choice(["always", "everysec", "no"]),
-    default="everysec",
+    default=launch.REDIS_APPENDFSYNC,
     show_default=True,
     help="Redis AOF fsync policy (the broker's durability window).",
 )
