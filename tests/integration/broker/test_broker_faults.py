@@ -144,15 +144,18 @@ async def test_a_lost_ray_node_mid_run_loses_no_ticket(
             actors, _ = await start_workers(
                 broker.redis_address, app, 3, redis_server.address, [second, head[0]]
             )
-            tickets = {await broker.client.submit(app, request(i)): i for i in range(300)}
+            on_node = [await actors[i].__ray_call__.remote(lambda _: os.getpid()) for i in (0, 2)]
+            tickets = {await broker.client.submit(app, request(i, sleep_ms=50)): i for i in range(300)}
 
-            async def progressed() -> bool:
-                return len(await executions(counter, app)) >= 60
+            # Lost while its workers are observed running requests (see the SIGKILL test above).
+            async def node_mid_run() -> bool:
+                if len(await executions(counter, app)) < 60:
+                    return False
+                return sum(await asyncio.gather(*(actors[i].busy.remote() for i in (0, 2)))) > 0
 
-            await async_wait_for(progressed, timeout=120, what="60 requests started")
+            await async_wait_for(node_mid_run, timeout=120, what="the node's workers running requests")
             # A lost node takes every process on it at once: its raylet and workers 0 and 2 (a worker
             # left alive would finish what it holds before it noticed, and nothing would be reclaimed).
-            on_node = [await actors[i].__ray_call__.remote(lambda _: os.getpid()) for i in (0, 2)]
             for pid in [node.raylet_pid(), *on_node]:
                 os.kill(pid, signal.SIGKILL)
             first = await check_all_done(broker.client, tickets)
@@ -178,10 +181,10 @@ async def test_a_stalled_worker_runs_again_and_its_late_results_are_discarded(
     try:
         tickets = {await broker.client.submit(app, request(i, 300.0)): i for i in range(30)}
 
-        async def held_by_all() -> bool:
-            return len(await executions(counter, app)) >= 6  # 3 workers x 2 slots busy
+        async def victim_running() -> bool:
+            return await actors[0].busy.remote() > 0  # stalled holding requests, observed
 
-        await async_wait_for(held_by_all, timeout=120, what="every worker running requests")
+        await async_wait_for(victim_running, timeout=120, what="the victim running requests")
         os.kill(pids[0], signal.SIGSTOP)
         try:
             first = await check_all_done(broker.client, tickets)  # the stalled worker's included
