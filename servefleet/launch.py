@@ -66,9 +66,10 @@ def etcd_argv(
 #: acknowledged Submit, result or ack survives the death of the Redis process and of the machine.
 #: With ``everysec`` Redis postpones the AOF write (up to 2 s) while its background fsync of the
 #: last second is still running, and replies meanwhile: a SIGKILL then loses acknowledged writes
-#: (one accepted Submit lost in a chaos run beside two CPU hogs). ``always`` cost 28% of Redis's
-#: own SET/LPUSH throughput on this machine (48.6k vs 67.7k/s, redis-benchmark, 50 clients), far
-#: above what the broker asks of it.
+#: (one accepted Submit lost in a chaos run beside two CPU hogs). The price of ``always`` on the
+#: dev box: a lone client's Submit-like Lua write 1.80 ms vs 0.15 ms (median of 3 interleaved
+#: runs of 400, load 7), and 28% of Redis's SET/LPUSH throughput at 50 clients (48.6k vs 67.7k/s,
+#: redis-benchmark), which groups the fsync of concurrent writers.
 REDIS_APPENDFSYNC = "always"
 
 

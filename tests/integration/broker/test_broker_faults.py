@@ -227,7 +227,9 @@ async def test_redis_restart_mid_run_loses_no_acknowledged_request(
     async def submit(i: int) -> None:
         nonlocal refused
         try:
-            accepted[await service.client.submit(app, request(i, 40.0))] = i  # type: ignore[union-attr]
+            # 200 ms each on 6 slots: the first 200 take ~7 s to start, so Redis dies mid-run even
+            # when Submits are slow (each waits for Redis's fsync; at 40 ms all 200 had started).
+            accepted[await service.client.submit(app, request(i, 200.0))] = i  # type: ignore[union-attr]
         except Unavailable:
             refused += 1  # the client was told: not queued
 
@@ -241,8 +243,8 @@ async def test_redis_restart_mid_run_loses_no_acknowledged_request(
         for i in range(200):
             await submit(i)
         await async_wait_for(lambda: started_at_least(30), timeout=120, what="30 requests started")
-        # A crash of the Redis process: everything it acknowledged was already written to the
-        # AOF (write(2) before the reply), so all of it comes back when it restarts.
+        # A crash of the Redis process: everything it acknowledged was already in the AOF (written
+        # and fsynced before the reply: appendfsync always), so all of it comes back when it restarts.
         await asyncio.to_thread(redis.kill)
         in_progress = await started()
         restart = asyncio.create_task(asyncio.to_thread(redis.start))
