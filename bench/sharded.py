@@ -5,14 +5,19 @@ and channel per caller), served
   (a) unsharded   the whole table in one actor: kind python (``servefleet.direct.ctr:CtrScorer``,
                   the numpy reference) behind the platform's proxy, its usual ingress
   (b) sharded     kind sharded, range over 4 shards x 2 replicas, through the shard-aware router
-                  (split by owner, parallel lookups, pooling + scoring on the router)
+                  (split by owner, parallel lookups, pooling + scoring on the router), two ways
+                  through the same router actor and shards: its Python path (the Python server
+                  behind the C++ port) and its C++ fast path (``SERVEFLEET_SHARD_ROUTER_CPP=1``,
+                  cpp/shard_router.cc, on the router's public port)
   (c) slow        the same app with one replica of shard 0 made 10x slower (its lookups wait
-                  9x its own p50 first), with hedging (budget 0.25) and without (budget 0)
+                  9x their p50 through the Python router first), with hedging (budget 0.25) and
+                  without (budget 0), through each router
 
-Reps are interleaved ((a), (b), (a), (b), ... and hedged, unhedged, ...) and the median of 3 (5
-for the slow replica) is reported. Also: ``shard_gather_us`` (one numpy gather of 1024 keys on a
-shard's mmap'd part: why the shard has no C++ fast path) and each shard actor's table memory as
-``app status`` shows it.
+Reps are interleaved ((a), (b) Python, (b) C++, (a), ... and hedged, unhedged, ...) and the
+median of 3 (5 for the slow replica) is reported. Also: ``shard_gather_us`` (one numpy gather of
+1024 keys on a shard's mmap'd part: why the shard has no C++ fast path), each shard actor's table
+memory as ``app status`` shows it, and the share of the C++ router's calls it relayed to Python
+(new traces it leaves to Python to start: ``trace_sample_ratio``).
 
     .venv/bin/python bench/sharded.py            # full: batches 1, 64, 512; 8 s per measurement
     .venv/bin/python bench/sharded.py --quick    # batch 64; 3 s per measurement (under 2 minutes)
@@ -57,6 +62,8 @@ REPS = 3
 #: The slow-replica comparison is the noisiest figure (a tail, on a shared box): more reps.
 SLOW_REPS = 5
 HEDGE_BUDGET = 0.25
+#: The two paths of one router: its Python server, and C++ in front of it.
+ROUTERS = ("python", "cpp")
 
 
 def specs(table: Path) -> tuple[common_pb2.ApplicationSpec, common_pb2.ApplicationSpec]:
@@ -147,16 +154,31 @@ def main() -> None:
         ray.init(address=cluster.address, namespace="bench-sharded", log_to_driver=False)
         whole_spec, sharded_spec = specs(table)
         whole = asyncio.run(deploy(whole_spec, 1))
-        sharded = asyncio.run(deploy(sharded_spec, 2))
+        os.environ["SERVEFLEET_SHARD_ROUTER_CPP"] = "1"  # the app's router inherits it at apply
+        try:
+            cpp = asyncio.run(deploy(sharded_spec, 2))
+        finally:
+            os.environ.pop("SERVEFLEET_SHARD_ROUTER_CPP", None)
         router = ray.get_actor(f"{proxy_prefix(SHARDED)}0", namespace=RAY_NAMESPACE)
+        python = ray.get(router.python_address.remote())
+        routers = {"python": python, "cpp": cpp}
+        modes = {
+            "unsharded": (whole, UNSHARDED),
+            "sharded": (python, SHARDED),
+            "sharded_cpp_router": (cpp, SHARDED),
+        }
         for batch in batches:
-            reps: dict[str, list[dict[str, Any]]] = {"unsharded": [], "sharded": []}
-            for address, app in ((whole, UNSHARDED), (sharded, SHARDED)):
+            reps: dict[str, list[dict[str, Any]]] = {name: [] for name in modes}
+            for address, app in modes.values():
                 run(address, request_bytes(app, batch), 1.0)  # warm-up: channels, latency windows
             for _ in range(REPS):
-                reps["unsharded"].append(run(whole, request_bytes(UNSHARDED, batch), seconds))
-                reps["sharded"].append(run(sharded, request_bytes(SHARDED, batch), seconds))
+                for name, (address, app) in modes.items():
+                    reps[name].append(run(address, request_bytes(app, batch), seconds))
             figures[f"b{batch}"] = {name: median_of(r) for name, r in reps.items()}
+        cpp_counts = ray.get(router.stats.remote())["cpp"]
+        figures["cpp_router_relayed_fraction"] = round(
+            cpp_counts["relayed"] / max(1, cpp_counts["relayed"] + sum(cpp_counts["codes"].values())), 4
+        )
 
         status = asyncio.run(masters.status(SHARDED))
         assert status is not None
@@ -172,22 +194,27 @@ def main() -> None:
         p50_ms = ray.get(router.stats.remote())["shards"][0]["p50_ms"][slow_name]
         ray.get(ray.get_actor(slow_name, namespace=RAY_NAMESPACE).inject_delay.remote(9 * p50_ms / 1000))
         request = request_bytes(SHARDED, 64)
-        slow: dict[str, list[dict[str, Any]]] = {"hedged": [], "unhedged": []}
-        extra = []
+        slow = {path: {"hedged": [], "unhedged": []} for path in ROUTERS}
+        extra: dict[str, list[float]] = {path: [] for path in ROUTERS}
         for _ in range(SLOW_REPS):
-            for mode, budget in (("hedged", HEDGE_BUDGET), ("unhedged", 0.0)):
-                ray.get(router.set_hedge_budget.remote(budget))
-                before = ray.get(router.stats.remote())["shards"][0]
-                slow[mode].append(run(sharded, request, seconds))
-                after = ray.get(router.stats.remote())["shards"][0]
-                if budget:
-                    extra.append(
-                        (after["hedges"] - before["hedges"]) / max(1, after["lookups"] - before["lookups"])
-                    )
+            for path in ROUTERS:
+                for mode, budget in (("hedged", HEDGE_BUDGET), ("unhedged", 0.0)):
+                    ray.get(router.set_hedge_budget.remote(budget))
+                    before = ray.get(router.stats.remote())["shards"][0]
+                    slow[path][mode].append(run(routers[path], request, seconds))
+                    after = ray.get(router.stats.remote())["shards"][0]
+                    if budget:
+                        added = after["hedges"] - before["hedges"]
+                        extra[path].append(added / max(1, after["lookups"] - before["lookups"]))
+        ray.get(router.set_hedge_budget.remote(HEDGE_BUDGET))
         figures["slow_replica_b64"] = {
             "delay_ms": round(9 * p50_ms, 3),
-            **{mode: median_of(r) for mode, r in slow.items()},
-            "hedged_extra_lookups_fraction_shard0": round(statistics.median(extra), 4),
+            **{mode: median_of(r) for mode, r in slow["python"].items()},
+            "hedged_extra_lookups_fraction_shard0": round(statistics.median(extra["python"]), 4),
+            "cpp_router": {
+                **{mode: median_of(r) for mode, r in slow["cpp"].items()},
+                "hedged_extra_lookups_fraction_shard0": round(statistics.median(extra["cpp"]), 4),
+            },
         }
         asyncio.run(masters.remove(SHARDED))
         asyncio.run(masters.remove(UNSHARDED))
@@ -195,25 +222,34 @@ def main() -> None:
         ray.shutdown()
         cluster.cleanup()
 
-    b64 = figures["b64"]
+    b64, slow_b64 = figures["b64"], figures["slow_replica_b64"]
     ratios = {
         "ratio_p99_vs_unsharded": round(b64["sharded"]["p99_ms"] / b64["unsharded"]["p99_ms"], 3),
         "ratio_rps_vs_unsharded": round(b64["sharded"]["rps"] / b64["unsharded"]["rps"], 3),
+        "ratio_p99_vs_unsharded_cpp_router": round(
+            b64["sharded_cpp_router"]["p99_ms"] / b64["unsharded"]["p99_ms"], 3
+        ),
+        "ratio_rps_vs_unsharded_cpp_router": round(
+            b64["sharded_cpp_router"]["rps"] / b64["unsharded"]["rps"], 3
+        ),
         "ratio_p99_hedged_vs_unhedged": round(
-            figures["slow_replica_b64"]["hedged"]["p99_ms"]
-            / figures["slow_replica_b64"]["unhedged"]["p99_ms"],
-            3,
+            slow_b64["hedged"]["p99_ms"] / slow_b64["unhedged"]["p99_ms"], 3
+        ),
+        "ratio_p99_hedged_vs_unhedged_cpp_router": round(
+            slow_b64["cpp_router"]["hedged"]["p99_ms"] / slow_b64["cpp_router"]["unhedged"]["p99_ms"], 3
         ),
         # The "hedging keeps the p99 within 2x of the healthy p99": (c) hedged vs (b).
-        "ratio_p99_hedged_vs_healthy": round(
-            figures["slow_replica_b64"]["hedged"]["p99_ms"] / b64["sharded"]["p99_ms"], 3
+        "ratio_p99_hedged_vs_healthy": round(slow_b64["hedged"]["p99_ms"] / b64["sharded"]["p99_ms"], 3),
+        "ratio_p99_hedged_vs_healthy_cpp_router": round(
+            slow_b64["cpp_router"]["hedged"]["p99_ms"] / b64["sharded_cpp_router"]["p99_ms"], 3
         ),
     }
-    print(f"{'config':>22} | {'rps':>8} | {'p50 ms':>8} | {'p99 ms':>8}")
-    rows = [(f"b{b} {n}", figures[f"b{b}"][n]) for b in batches for n in ("unsharded", "sharded")]
-    rows += [(f"slow b64 {m}", figures["slow_replica_b64"][m]) for m in ("hedged", "unhedged")]
+    print(f"{'config':>30} | {'rps':>8} | {'p50 ms':>8} | {'p99 ms':>8}")
+    rows = [(f"b{b} {n}", figures[f"b{b}"][n]) for b in batches for n in modes]
+    rows += [(f"slow b64 {m}", slow_b64[m]) for m in ("hedged", "unhedged")]
+    rows += [(f"slow b64 {m} cpp_router", slow_b64["cpp_router"][m]) for m in ("hedged", "unhedged")]
     for name, row in rows:
-        print(f"{name:>22} | {row['rps']:>8.0f} | {row['p50_ms']:>8.3f} | {row['p99_ms']:>8.3f}")
+        print(f"{name:>30} | {row['rps']:>8.0f} | {row['p50_ms']:>8.3f} | {row['p99_ms']:>8.3f}")
     print(f"shard gather of 1024 keys: {figures['shard_gather_us_1024_keys']} us")
     for name, value in ratios.items():
         print(f"{name}: {value}")
@@ -226,6 +262,7 @@ def main() -> None:
             "reps": f"median of {REPS} ({SLOW_REPS} for the slow replica), interleaved",
             "table": f"factorization machine, {ROWS:,} rows x (1 + {DIM}) floats, {FIELDS} fields",
             "sharded": "range, 4 shards x 2 replicas, one router; one Ray node of 2 CPUs",
+            "routers": "sharded: the router's Python path; sharded_cpp_router: its C++ fast path",
             "hedge_budget": HEDGE_BUDGET,
             "load_generator": "C++ (servefleet.direct.run_load), one thread + channel per caller, same box",
         },

@@ -7,6 +7,8 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <atomic>
 #include <chrono>
 #include <memory>
@@ -19,13 +21,12 @@
 #include "ctr_model.h"
 #include "forwarder.h"
 #include "inference_service.h"
+#include "shard_router.h"
 
 namespace py = pybind11;
 
 namespace servefleet::direct {
 namespace {
-
-constexpr int kMaxMessageBytes = 64 * 1024 * 1024;
 
 class DirectServer {
  public:
@@ -163,7 +164,7 @@ py::dict ToDict(const StatsSnapshot& s) {
   return d;
 }
 
-py::dict ForwardStatsDict(const ForwardStats& s) {
+py::dict CallStatsDict(const CallStats& s) {
   py::dict d;
   py::dict codes;
   for (size_t c = 0; c < s.codes.size(); ++c)
@@ -177,6 +178,31 @@ py::dict ForwardStatsDict(const ForwardStats& s) {
   d["relayed"] = s.relayed.load(std::memory_order_relaxed);
   d["retried"] = s.retried.load(std::memory_order_relaxed);
   return d;
+}
+
+// Per shard of the current table: what shard_router.py's ShardPool.stats() reports.
+py::list ShardStatsList(const ShardRouter& router) {
+  py::list out;
+  const auto table = router.table();
+  if (!table) return out;
+  for (const auto& pool : table->pools) {
+    py::dict d, p50;
+    std::lock_guard<std::mutex> lock(pool->mu);
+    d["lookups"] = pool->lookups;
+    d["hedges"] = pool->hedges;
+    d["hedge_wins"] = pool->hedge_wins;
+    d["retries"] = pool->retries;
+    d["hedge_delay_ms"] = std::round(pool->HedgeDelay(router.hedge_default_s) * 1e6) / 1e3;
+    for (const auto& [name, window] : pool->latencies) {
+      if (window.empty()) continue;
+      std::vector<double> ordered(window.begin(), window.end());
+      std::sort(ordered.begin(), ordered.end());
+      p50[py::str(name)] = std::round(ordered[ordered.size() / 2] * 1e6) / 1e3;
+    }
+    d["p50_ms"] = p50;
+    out.append(d);
+  }
+  return out;
 }
 
 }  // namespace
@@ -226,7 +252,45 @@ PYBIND11_MODULE(_direct, m) {
       .def("set_table", &Forwarder::SetTable, py::arg("model"), py::arg("version"), py::arg("replicas"),
            py::arg("inputs"), py::arg("sample_ratio"), py::call_guard<py::gil_scoped_release>())
       .def("in_flight_on", &Forwarder::in_flight_on, py::arg("name"))
-      .def("stats", [](const Forwarder& f) { return servefleet::direct::ForwardStatsDict(f.stats); });
+      .def("stats", [](const Forwarder& f) { return servefleet::direct::CallStatsDict(f.stats); });
+  using servefleet::direct::ShardRouter;
+  py::class_<ShardRouter>(m, "ShardRouter")
+      .def(py::init<const std::vector<double>&, int, double, double>(), py::arg("latency_bounds_s"),
+           py::arg("attempts"), py::arg("hedge_default_s"), py::arg("hedge_budget"))
+      .def("start", &ShardRouter::Start, py::arg("address"), py::arg("fallback"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("stop", &ShardRouter::Stop, py::arg("grace_s") = 5.0, py::call_guard<py::gil_scoped_release>())
+      .def("set_table", &ShardRouter::SetTable, py::arg("model"), py::arg("version"), py::arg("inputs"),
+           py::arg("key_input"), py::arg("output"), py::arg("partitioning"), py::arg("bounds"), py::arg("num_rows"),
+           py::arg("fields"), py::arg("dim"), py::arg("bias"), py::arg("shards"), py::arg("method"),
+           py::arg("sample_ratio"), py::arg("enabled"), py::call_guard<py::gil_scoped_release>())
+      .def("set_hedge_budget", &ShardRouter::SetHedgeBudget, py::arg("budget"))
+      .def_property_readonly("hedge_budget", &ShardRouter::hedge_budget)
+      .def("owners", &ShardRouter::Owners, py::arg("keys"))
+      .def("stats", [](const ShardRouter& r) { return servefleet::direct::CallStatsDict(r.stats); })
+      .def("shard_stats", &servefleet::direct::ShardStatsList);
+  m.def(
+      "fm_scores",
+      [](float bias, uint32_t fields, uint32_t dim, const py::bytes& rows) {
+        // rows: float32 [batch * fields, 1 + dim], each id's row (linear weight, then factors).
+        const std::string data = rows;
+        const size_t width = (1 + size_t{dim}) * sizeof(float);
+        if (fields == 0 || dim == 0 || data.size() % (width * fields))
+          throw std::invalid_argument("rows must be float32 [batch * fields, 1 + dim]");
+        const size_t batch = data.size() / (width * fields);
+        std::vector<float> table(data.size() / sizeof(float)), out(batch);
+        std::memcpy(table.data(), data.data(), data.size());
+        servefleet::direct::FmScores(
+            bias, batch, fields, dim,
+            [&](size_t b, uint32_t f) {
+              const float* row = table.data() + (b * fields + f) * (1 + size_t{dim});
+              return std::pair<float, const float*>(row[0], row + 1);
+            },
+            out.data());
+        return py::bytes(reinterpret_cast<const char*>(out.data()), out.size() * sizeof(float));
+      },
+      py::arg("bias"), py::arg("fields"), py::arg("dim"), py::arg("rows"),
+      "Factorization-machine scores of gathered rows, in numpy's float32 order (the router's merge).");
   m.def(
       "run_load",
       [](const std::string& address, const py::bytes& request, int concurrency, double duration_s) {

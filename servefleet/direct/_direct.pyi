@@ -54,7 +54,7 @@ class DirectServer:
 def run_load(address: str, request: bytes, concurrency: int, duration_s: float) -> LoadResult:
     """C++ load generator: `concurrency` threads send one serialized ModelInferRequest back to back."""
 
-class ForwardStats(TypedDict):
+class CallStats(TypedDict):
     codes: dict[int, int]  # status code -> requests C++ answered with it
     buckets: list[int]  # non-cumulative, one past the last bound
     latency_s: float
@@ -81,4 +81,53 @@ class Forwarder:
     ) -> None:
         """replicas: (name, address, infer method, capacity); inputs: (name, datatype, shape, itemsize)."""
     def in_flight_on(self, name: str) -> int: ...
-    def stats(self) -> ForwardStats: ...
+    def stats(self) -> CallStats: ...
+
+class ShardStats(TypedDict):
+    lookups: int
+    hedges: int  # the extra load
+    hedge_wins: int
+    retries: int
+    hedge_delay_ms: float  # p95 of the shard's fastest replica
+    p50_ms: dict[str, float]  # by replica
+
+class ShardRouter:
+    """The sharded router's C++ fast path (cpp/shard_router.h): splits a batch by owner, looks the
+    keys up on the shards (P2C, retries, hedges), merges, answers; relays everything else to the
+    Python server at `fallback`. Blocking methods release the GIL."""
+
+    def __init__(
+        self, latency_bounds_s: list[float], attempts: int, hedge_default_s: float, hedge_budget: float
+    ) -> None: ...
+    def start(self, address: str, fallback: str) -> int:
+        """Listens on host:port (port 0: any free port); returns the bound port."""
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Stops listening, lets in-flight calls finish for up to grace_s. Idempotent."""
+    def set_table(
+        self,
+        model: str,
+        version: str,
+        inputs: list[tuple[str, str, list[int], int]],
+        key_input: str,
+        output: str,
+        partitioning: str,
+        bounds: list[int],
+        num_rows: int,
+        fields: int,
+        dim: int,
+        bias: float,
+        shards: list[list[tuple[str, str, int]]],
+        method: str,
+        sample_ratio: float,
+        enabled: bool,
+    ) -> None:
+        """shards[i]: (name, address, capacity) of shard i's replicas; enabled=False: relay all."""
+    def set_hedge_budget(self, budget: float) -> None: ...
+    @property
+    def hedge_budget(self) -> float: ...
+    def owners(self, keys: list[int]) -> list[int]: ...
+    def stats(self) -> CallStats: ...
+    def shard_stats(self) -> list[ShardStats]: ...
+
+def fm_scores(bias: float, fields: int, dim: int, rows: bytes) -> bytes:
+    """Scores of float32 rows [batch * fields, 1 + dim] (each id's row), in numpy's float32 order."""

@@ -7,13 +7,16 @@ the spec's checks and needs no span goes from C++ straight to a same-node replic
 so Python still answers every error, stream, other method and traced request. The table is
 pushed on every routing change; the C++ counts of the requests it answered are added to the
 proxy's Prometheus series (``servefleet_proxy_*`` and ``servefleet_rpc_*``) every
-``SYNC_S`` seconds and before each stats call.
+``SYNC_S`` seconds and before each stats call (:class:`CppCounts`, which the sharded router's C++
+fast path uses too).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -25,8 +28,11 @@ from servefleet.common.tensors import DTYPES
 from servefleet.services.routing import Routing
 
 SYNC_S = 0.5
-_INFER = "/inference.GRPCInferenceService/ModelInfer"
+INFER = "/inference.GRPCInferenceService/ModelInfer"
 _CODES = {s.value[0]: s for s in grpc.StatusCode}
+
+#: Where C++ counts go: (requests counter by code name, latency histogram, in-flight gauge).
+Series = tuple[Callable[[str], Counter], Histogram, Gauge]
 
 
 def _add_to_histogram(series: Histogram, buckets: list[int], seconds: float) -> None:
@@ -38,6 +44,73 @@ def _add_to_histogram(series: Histogram, buckets: list[int], seconds: float) -> 
     series._sum.inc(seconds)
 
 
+def custom_sampler() -> bool:
+    """``OTEL_TRACES_SAMPLER`` replaces the sampler: C++ decides by the default one's rules only,
+    so with another sampler every request stays on the Python path."""
+    return "OTEL_TRACES_SAMPLER" in os.environ
+
+
+def input_rows(spec: Any) -> list[tuple[str, str, list[int], int]]:
+    """The spec's inputs as the C++ checks take them: (name, datatype, shape, itemsize; 0: BYTES)."""
+    return [
+        (t.name, t.datatype, list(t.shape), 0 if t.datatype == "BYTES" else DTYPES[t.datatype].itemsize)
+        for t in spec.inputs
+    ]
+
+
+def rpc_series(service: str) -> Series:
+    """A service's own ``servefleet_rpc_*`` series of ModelInfer (what its Python server counts)."""
+    return (
+        lambda code: metrics.RPC_REQUESTS.labels(service, INFER, code),
+        metrics.RPC_LATENCY.labels(service, INFER),
+        metrics.RPC_IN_FLIGHT.labels(service, INFER),
+    )
+
+
+class CppCounts:
+    """A C++ server's counts of the calls it answered (``stats()``: codes, latency buckets, in
+    flight) added to Prometheus series as they grow: every ``SYNC_S`` seconds once started, and on
+    each ``sync()``."""
+
+    def __init__(self, read: Callable[[], Mapping[str, Any]], series: Callable[[], Sequence[Series]]) -> None:
+        """``series``: where the counts go now (empty: nowhere yet, they wait)."""
+        self._read, self._series = read, series
+        self._seen = read()  # what the series have been given so far
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._forever())
+
+    def sync(self) -> None:
+        targets = self._series()
+        if not targets:
+            return
+        now, seen = self._read(), self._seen
+        buckets = [n - s for n, s in zip(now["buckets"], seen["buckets"], strict=True)]
+        seconds = now["latency_s"] - seen["latency_s"]
+        for requests, latency, in_flight in targets:
+            in_flight.inc(now["in_flight"] - seen["in_flight"])
+            for value, count in now["codes"].items():
+                delta = count - seen["codes"].get(value, 0)
+                if delta:
+                    requests(_CODES.get(value, grpc.StatusCode.UNKNOWN).name).inc(delta)
+            if any(buckets):
+                _add_to_histogram(latency, buckets, seconds)
+        self._seen = now
+
+    async def _forever(self) -> None:
+        while True:
+            await asyncio.sleep(SYNC_S)
+            self.sync()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.sync()
+
+
 class CppForwarder:
     """The C++ forwarder of one proxy: its table from the proxy's routing, its counts in metrics."""
 
@@ -46,34 +119,42 @@ class CppForwarder:
         from servefleet.direct._direct import Forwarder
 
         self.node_id = node_id
-        self._series = requests, latency, in_flight
         self._forwarder = Forwarder(list(metrics.LATENCY_BUCKETS), settings.proxy_attempts)
-        self._seen = self._forwarder.stats()  # what the series have been given so far
         self._app = ""
-        self._sync: asyncio.Task[None] | None = None
+
+        def series() -> list[Series]:
+            if not self._app:
+                return []
+            app = self._app
+            mine: Series = (
+                lambda code: requests.labels(app, code),
+                latency.labels(app),
+                in_flight.labels(app),
+            )
+            return [mine, rpc_series("proxy")]
+
+        self._counts = CppCounts(self._forwarder.stats, series)
 
     def start(self, listen: str, fallback: str) -> str:
         """Listens on ``listen`` (port 0: any) in front of the Python server at ``fallback``."""
         port = self._forwarder.start(listen, fallback)
-        self._sync = asyncio.get_running_loop().create_task(self._sync_forever())
+        self._counts.start()
         return f"{listen.rsplit(':', 1)[0]}:{port}"
 
     def set_table(self, routing: Routing, spec: Any) -> None:
         """Same-node Python replicas with a gRPC endpoint (the ones the router prefers); Triton
-        apps and replicas reached by Ray stay on the Python path, and so does every request when
-        ``OTEL_TRACES_SAMPLER`` replaces the sampler (C++ decides by the default one's rules)."""
+        apps and replicas reached by Ray stay on the Python path, and so does every request under
+        a custom sampler."""
         self._app = routing.model_name
-        python_only = any(r.models for r in routing.replicas) or "OTEL_TRACES_SAMPLER" in os.environ
+        python_only = any(r.models for r in routing.replicas) or custom_sampler()
         rows = [
             (r.name, r.address, r.infer_method, r.capacity)
             for r in routing.replicas
             if r.address and r.node_id == self.node_id and not python_only
         ]
-        inputs = [
-            (t.name, t.datatype, list(t.shape), 0 if t.datatype == "BYTES" else DTYPES[t.datatype].itemsize)
-            for t in spec.inputs
-        ]
-        self._forwarder.set_table(routing.model_name, spec.version, rows, inputs, settings.trace_sample_ratio)
+        self._forwarder.set_table(
+            routing.model_name, spec.version, rows, input_rows(spec), settings.trace_sample_ratio
+        )
 
     @property
     def in_flight(self) -> int:
@@ -81,33 +162,9 @@ class CppForwarder:
 
     def sync_metrics(self) -> None:
         """Adds what C++ answered since the last sync to the proxy's series."""
-        if not self._app:
-            return
-        now, seen = self._forwarder.stats(), self._seen
-        requests, latency, in_flight = self._series
-        for gauge in (in_flight.labels(self._app), metrics.RPC_IN_FLIGHT.labels("proxy", _INFER)):
-            gauge.inc(now["in_flight"] - seen["in_flight"])
-        for value, count in now["codes"].items():
-            delta = count - seen["codes"].get(value, 0)
-            if delta:
-                name = _CODES.get(value, grpc.StatusCode.UNKNOWN).name
-                requests.labels(self._app, name).inc(delta)
-                metrics.RPC_REQUESTS.labels("proxy", _INFER, name).inc(delta)
-        buckets = [n - s for n, s in zip(now["buckets"], seen["buckets"], strict=True)]
-        if any(buckets):
-            seconds = now["latency_s"] - seen["latency_s"]
-            _add_to_histogram(latency.labels(self._app), buckets, seconds)
-            _add_to_histogram(metrics.RPC_LATENCY.labels("proxy", _INFER), buckets, seconds)
-        self._seen = now
-
-    async def _sync_forever(self) -> None:
-        while True:
-            await asyncio.sleep(SYNC_S)
-            self.sync_metrics()
+        self._counts.sync()
 
     async def stop(self, grace_s: float) -> None:
         """Stops taking calls and lets those in flight (relayed ones included) finish."""
-        if self._sync is not None:
-            self._sync.cancel()
         await asyncio.to_thread(self._forwarder.stop, grace_s)
-        self.sync_metrics()
+        await self._counts.stop()

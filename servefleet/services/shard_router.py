@@ -20,12 +20,20 @@ away from it.
 A replica that is gone (UNAVAILABLE) or full costs a retry on another replica of its shard; a
 routing table from the master is swapped atomically, so requests that started on the old layout
 finish on it while new ones use the new one (resharding without failures).
+
+With ``SERVEFLEET_SHARD_ROUTER_CPP=1`` the same request path runs in C++ (:class:`CppShardRouter`,
+``cpp/shard_router.cc``) on the router's public port, without the GIL or an event loop per
+request, in front of this Python server on a loopback port: C++ serves the well-formed ModelInfer
+requests it can and relays everything else to Python unchanged (invalid requests, other methods,
+traced requests, a fan-out it cannot complete), so Python still words every error. It gets each
+table this router adopts; its counts appear in ``stats()`` and the router's metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Iterable
@@ -50,6 +58,7 @@ from servefleet.common.errors import (
 from servefleet.common.server import GrpcServer
 from servefleet.common.tensors import decode_request, encode_response
 from servefleet.direct import OUTPUT_NAME, ctr
+from servefleet.services.forwarder import CppCounts, custom_sampler, input_rows, rpc_series
 from servefleet.services.proxy import (
     SERVICE,
     InferenceServicer,
@@ -64,6 +73,8 @@ from servefleet.services.router import Router, Slot
 from servefleet.services.routing import ReplicaInfo
 from servefleet.services.sharding import Layout, merge_ctr
 from servefleet.services.transports import GrpcTransport, ReplicaGone, _answer_of
+
+log = logging.getLogger(__name__)
 
 #: Latency samples kept per shard replica (its recent p95 comes from these).
 WINDOW = 128
@@ -374,6 +385,130 @@ async def _all(calls: Iterable[Awaitable[np.ndarray]]) -> list[np.ndarray]:
         raise
 
 
+#: Counts of a shard that add up across the two paths (Python's pools and C++'s).
+_SUMMED = ("lookups", "hedges", "hedge_wins", "retries")
+
+
+def merge_matches(header: ctr.TableHeader) -> bool:
+    """Whether the C++ merge scores bit for bit like :func:`merge_ctr` on this machine, for a
+    table of this shape (the C++ copies numpy's float32 summation order and its exp kernel; a
+    numpy that dispatches another exp would differ, and then Python keeps every request)."""
+    from servefleet.direct._direct import fm_scores
+
+    rng = np.random.default_rng(0)
+    batch, keys, width = 64, 257, 1 + header.dim
+    # Rows at several scales, so the logits cover sigmoid's whole range (both ends saturate).
+    scales = np.repeat(np.array([0.01, 0.3, 1.0, 4.0], np.float32), [65, 64, 64, 64])[:, None]
+    rows = (rng.standard_normal((keys, width), dtype=np.float32) * scales).astype(np.float32)
+    shape = (batch, header.num_fields)
+    for inverse in (
+        rng.integers(0, keys, size=batch * header.num_fields),
+        np.arange(batch * header.num_fields) % 65,
+    ):
+        with np.errstate(over="ignore"):  # exp overflows to inf at the saturated end, as it may
+            expected = merge_ctr(header, shape, inverse, rows)
+        got = np.frombuffer(
+            fm_scores(header.bias, header.num_fields, header.dim, rows[inverse].tobytes()), "<f4"
+        )
+        if expected.tobytes() != got.tobytes():
+            return False
+    return True
+
+
+class CppShardRouter:
+    """The C++ fast path of one router (``servefleet.direct._direct.ShardRouter``): it owns the
+    router's public port in front of the Python server, takes every table the core adopts, and
+    its counts go to the router's ``stats()`` and ``servefleet_rpc_*`` series."""
+
+    def __init__(self, hedge_budget: float) -> None:
+        from servefleet.direct._direct import ShardRouter as Native
+
+        self._native = Native(
+            list(metrics.LATENCY_BUCKETS),
+            settings.proxy_attempts,
+            settings.shard_hedge_default_ms / 1000.0,
+            hedge_budget,
+        )
+        self._counts = CppCounts(self._native.stats, lambda: [rpc_series("shard-router")])
+        self._matches: dict[tuple[int, int, float], bool] = {}
+
+    def start(self, listen: str, fallback: str) -> str:
+        """Listens on ``listen`` (port 0: any) in front of the Python server at ``fallback``."""
+        port = self._native.start(listen, fallback)
+        self._counts.start()
+        return f"{listen.rsplit(':', 1)[0]}:{port}"
+
+    def set_table(self, core: ShardRouterCore) -> None:
+        """The table the core has just adopted: layout, header, each shard's replicas."""
+        routing, spec, header = core.routing, core.spec, core.header
+        assert routing is not None and header is not None
+        shape = (header.num_fields, header.dim, header.bias)
+        if shape not in self._matches:
+            self._matches[shape] = merge_matches(header)
+            if not self._matches[shape]:
+                log.warning(
+                    "the C++ merge does not score like numpy here: the router serves with Python only",
+                    extra={"fields": header.num_fields, "dim": header.dim},
+                )
+        layout = routing.layout
+        self._native.set_table(
+            model=core.model_name,
+            version=spec.version,
+            inputs=input_rows(spec),
+            key_input=spec.sharding.key_input,
+            output=spec.outputs[0].name if spec.outputs else OUTPUT_NAME,
+            partitioning=layout.partitioning,
+            bounds=[layout.key_range(i)[1] for i in range(layout.shards)],
+            num_rows=header.num_rows,
+            fields=header.num_fields,
+            dim=header.dim,
+            bias=header.bias,
+            shards=[
+                [(r.name, r.address, r.capacity) for r in replicas if r.address]
+                for replicas in routing.shards
+            ],
+            method=SHARD_LOOKUP,
+            sample_ratio=settings.trace_sample_ratio,
+            enabled=self._matches[shape] and not custom_sampler(),
+        )
+
+    def set_hedge_budget(self, budget: float) -> None:
+        self._native.set_hedge_budget(budget)
+
+    def owners(self, keys: list[int]) -> list[int]:
+        """Each key's shard by the C++ layout (for checks against :meth:`Layout.owners`)."""
+        return list(self._native.owners(keys))
+
+    def stats(self) -> dict[str, Any]:
+        """What C++ answered (by code) and relayed, and per shard what ``ShardPool.stats`` says."""
+        return {**self._native.stats(), "shards": list(self._native.shard_stats())}
+
+    def add_to(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """The core's ``stats()`` with C++'s counts added: requests, failures, and per shard the
+        lookups, hedges, wins and retries; latencies (p50s, hedge delay) are Python's where it has
+        measured them, else C++'s. ``cpp``: C++'s own counts, its shards' included."""
+        cpp = self.stats()
+        answered = sum(cpp["codes"].values())
+        stats["requests"] += answered
+        stats["failures"] += answered - cpp["codes"].get(0, 0)
+        for mine, theirs in zip(stats["shards"], cpp["shards"], strict=False):
+            python_lookups = mine["lookups"]
+            for name in _SUMMED:
+                mine[name] += theirs[name]
+            if not python_lookups:
+                mine["hedge_delay_ms"] = theirs["hedge_delay_ms"]
+            mine["p50_ms"] = {**theirs["p50_ms"], **mine["p50_ms"]}
+        stats["hedges"] = sum(s["hedges"] for s in stats["shards"])
+        stats["lookups"] = sum(s["lookups"] for s in stats["shards"])
+        stats["cpp"] = cpp
+        return stats
+
+    async def stop(self, grace_s: float) -> None:
+        """Stops taking calls and lets those in flight (relayed ones included) finish."""
+        await asyncio.to_thread(self._native.stop, grace_s)
+        await self._counts.stop()
+
+
 class ShardRouter:
     """The router actor: serves KServe v2 on a free port, takes routing tables from the master
     (pushed on change, pulled at start) and stays registered in discovery as kind ``proxy`` while
@@ -389,10 +524,14 @@ class ShardRouter:
         self.node_id = ray.get_runtime_context().get_node_id()
         self.transport = GrpcShardTransport()
         self.core = ShardRouterCore(self.transport)
-        host = host or ray.util.get_node_ip_address()
+        self._host = host or ray.util.get_node_ip_address()
+        # With the C++ fast path, it owns the public port and the Python server sits behind it.
+        self._cpp = CppShardRouter(self.core.hedge_budget) if settings.shard_router_cpp else None
+        listen = "127.0.0.1:0" if self._cpp else f"{self._host}:0"
         self._server = GrpcServer(
-            "shard-router", f"{host}:0", [registrar(InferenceServicer(self.core))], [SERVICE]
+            "shard-router", listen, [registrar(InferenceServicer(self.core))], [SERVICE]
         )
+        self._address = ""
         self._master, self._cluster, self._discovery = master, cluster, discovery
         self._credential = credential  # the app's endpoint token: registers it in discovery
         self._serving = asyncio.Event()
@@ -413,6 +552,9 @@ class ShardRouter:
         from servefleet.services.actors import RAY_NAMESPACE
 
         await self._server.start()
+        self._address = self._server.address
+        if self._cpp is not None:
+            self._address = self._cpp.start(f"{self._host}:0", self._server.address)
         with contextlib.suppress(ValueError):  # master gone: it pushes a table when it is back
             routing = await ray.get_actor(self._master, namespace=RAY_NAMESPACE).routing.remote()
             if routing is not None:
@@ -427,7 +569,7 @@ class ShardRouter:
         endpoint = discovery_pb2.Endpoint(
             app=self.app,
             kind="proxy",
-            address=self._server.address,
+            address=self._address,
             labels={"cluster": self._cluster, "node": self.node_id, "router": "sharded"},
         )
         async with registration(
@@ -440,11 +582,19 @@ class ShardRouter:
         if adopted:
             # Channels of replicas gone from every table close once their calls are done.
             self.transport.forget({r.address for r in routing.replicas})
+            if self._cpp is not None:
+                self._cpp.set_table(self.core)
             if self.core.ready:
                 self._serving.set()
         return adopted
 
     async def address(self) -> str:
+        await self._started
+        return self._address
+
+    async def python_address(self) -> str:
+        """The Python server's own address (behind C++ when the fast path is on): the benchmark
+        measures both paths of one router against the same shards."""
         await self._started
         return self._server.address
 
@@ -453,12 +603,16 @@ class ShardRouter:
         return self._adopt(routing)
 
     async def stats(self) -> dict[str, Any]:
-        """Requests, failures, and per shard: lookups, hedges (the extra load), wins, retries."""
-        return self.core.stats()
+        """Requests, failures, and per shard: lookups, hedges (the extra load), wins, retries
+        (both paths' counts, with C++'s own under ``cpp`` when it is on)."""
+        stats = self.core.stats()
+        return self._cpp.add_to(stats) if self._cpp is not None else stats
 
     async def set_hedge_budget(self, budget: float) -> None:
         """Operator knob (and the benchmark's switch): 0 turns hedging off."""
         self.core.hedge_budget = max(0.0, budget)
+        if self._cpp is not None:
+            self._cpp.set_hedge_budget(self.core.hedge_budget)
 
     async def stop(self) -> None:
         """Deregister first (clients move away), then let in-flight calls finish."""
@@ -466,4 +620,6 @@ class ShardRouter:
             self._registered.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._registered
+        if self._cpp is not None:  # first: what it relays needs the Python server
+            await self._cpp.stop(settings.shutdown_grace_s)
         await self._server.stop()

@@ -237,7 +237,7 @@ async def test_a_replaced_sampler_keeps_every_request_on_the_python_path(
 async def test_relayed_streams_beside_forwarded_calls_under_load() -> None:
     """64 relayed streams and 8 forwarded callers for 3 s. A relay that could start an operation on
     Python's side of a call after it had finished aborted a stress run like this one once (pure
-    virtual call); the hold on that side (forwarder.cc CloseUpstream) rules it out."""
+    virtual call); the hold on that side (relay.cc CloseUpstream) rules it out."""
     replica = FakeReplica()
     async with Stack([replica], capacity=256) as stack:
         stream = stack.channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -96,10 +97,9 @@ class PartTransport:
         return self.parts[replica.name].lookup(keys)
 
 
-def _routing(
-    table: Path, partitioning: str, shards: int, replicas: int
-) -> tuple[ShardRouting, dict[str, ShardPart]]:
-    spec = load_spec(
+def sharded_spec(table: Path, partitioning: str, shards: int, replicas: int, **more: object) -> Any:
+    """The spec of app recs/ctr sharded over ``table`` (``more``: other spec fields)."""
+    return load_spec(
         {
             "name": "ctr",
             "namespace": "recs",
@@ -108,8 +108,15 @@ def _routing(
             "replicas": replicas,
             "inputs": [{"name": INPUT_NAME, "datatype": "INT64", "shape": [-1, FIELDS]}],
             "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1]}],
+            **more,
         }
     )
+
+
+def _routing(
+    table: Path, partitioning: str, shards: int, replicas: int
+) -> tuple[ShardRouting, dict[str, ShardPart]]:
+    spec = sharded_spec(table, partitioning, shards, replicas)
     layout = Layout(partitioning, shards, ROWS)
     parts: dict[str, ShardPart] = {}
     infos = []

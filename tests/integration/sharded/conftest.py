@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 import ray
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from servefleet.api import agent_pb2, common_pb2
 from servefleet.common.appid import AppId
@@ -111,9 +113,33 @@ async def settled(spec: common_pb2.ApplicationSpec, *, timeout: float = 240) -> 
     return status
 
 
+#: An unsampled caller trace (W3C flags 00).
+_UNSAMPLED = trace.set_span_in_context(
+    trace.NonRecordingSpan(
+        trace.SpanContext(0xAB << 64 | 0xCD, 0xEF, is_remote=True, trace_flags=trace.TraceFlags(0))
+    )
+)
+
+
+class UnsampledClient(AsyncClient):
+    """The SDK, each call under an unsampled caller trace. A request its caller samples needs a
+    span, which only the router's Python path records, so (this session samples every new trace)
+    without it the C++ fast path (SERVEFLEET_SHARD_ROUTER_CPP=1) would relay every request; the
+    Python path serves these as any other."""
+
+    async def infer(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
+        token = otel_context.attach(_UNSAMPLED)
+        try:
+            return await super().infer(*args, **kwargs)
+        finally:
+            otel_context.detach(token)
+
+
 @pytest.fixture
 async def client(discovery_server: Any) -> AsyncIterator[AsyncClient]:
-    async with AsyncClient(discovery_server.address, timeout=30.0, token=discovery_server.token) as client:
+    async with UnsampledClient(
+        discovery_server.address, timeout=30.0, token=discovery_server.token
+    ) as client:
         yield client
 
 

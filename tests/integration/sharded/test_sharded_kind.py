@@ -61,6 +61,8 @@ async def test_scores_equal_the_unsharded_reference_for_batches_of_1_to_1000(
         assert np.array_equal(out[OUTPUT_NAME], reference.score(ids)), f"batch {batch}"
     stats = await router_of(sharded).stats.remote()
     assert all(s["lookups"] > 0 for s in stats["shards"])  # the batches reached every shard
+    if os.environ.get("SERVEFLEET_SHARD_ROUTER_CPP") == "1":  # and C++ answered them
+        assert stats["cpp"]["codes"].get(0, 0) >= 11, stats["cpp"]
     endpoints = await client.endpoints(APP)
     assert [e.kind for e in endpoints] == ["proxy"] and endpoints[0].labels["router"] == "sharded"
 
