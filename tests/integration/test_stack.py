@@ -131,11 +131,14 @@ def test_up_status_down(tmp_path: Path) -> None:
 
         # The CLI's own view, read until it too says healthy: a service's etcd health may still
         # flap once right after etcd came back (keeper NOT_SERVING between two reads, hog run).
+        shown = run_cli("status", "--state-dir", str(state), "--output", "json")
+
         def shown_healthy() -> bool:
-            return run_cli("status", "--state-dir", str(state), "--output", "json").returncode == 0
+            nonlocal shown
+            shown = run_cli("status", "--state-dir", str(state), "--output", "json")
+            return shown.returncode == 0
 
         wait_for(shown_healthy, timeout=60, interval=0.5, what="`status` exit 0 after etcd's restart")
-        shown = run_cli("status", "--state-dir", str(state), "--output", "json")
         etcd = {row["name"]: row for row in json.loads(shown.stdout)}["etcd"]
         assert etcd["restarts"] == 1 and "last exit: " in etcd["detail"]
     finally:
