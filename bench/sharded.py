@@ -6,16 +6,17 @@ and channel per caller), served
                   the numpy reference) behind the platform's proxy, its usual ingress
   (b) sharded     kind sharded, range over 4 shards x 2 replicas, through the shard-aware router
                   (split by owner, parallel lookups, pooling + scoring on the router), two ways
-                  through the same router actor and shards: its Python path (the Python server
-                  behind the C++ port) and its C++ fast path (``SERVEFLEET_SHARD_ROUTER_CPP=1``,
-                  cpp/shard_router.cc, on the router's public port)
+                  through the same router actor and shards: its C++ fast path (the default,
+                  cpp/shard_router.cc, on the router's public port) and its Python path (the
+                  Python server behind the C++ port); the shards answer on their C++ fast path
+                  (the default, cpp/shard_server.cc) either way
   (c) slow        the same app with one replica of shard 0 made 10x slower (its lookups wait
                   9x their p50 through the Python router first), with hedging (budget 0.25) and
                   without (budget 0), through each router
 
-Reps are interleaved ((a), (b) Python, (b) C++, (a), ... and hedged, unhedged, ...) and the
+Reps are interleaved ((a), (b) C++, (b) Python, (a), ... and hedged, unhedged, ...) and the
 median of 3 (5 for the slow replica) is reported. Also: ``shard_gather_us`` (one numpy gather of
-1024 keys on a shard's mmap'd part: why the shard has no C++ fast path), each shard actor's table
+1024 keys on a shard's mmap'd part: the lookup's own work, small beside a gRPC hop), each shard actor's table
 memory as ``app status`` shows it, and the share of the C++ router's calls it relayed to Python
 (new traces it leaves to Python to start: ``trace_sample_ratio``).
 
@@ -63,7 +64,7 @@ REPS = 3
 SLOW_REPS = 5
 HEDGE_BUDGET = 0.25
 #: The two paths of one router: its Python server, and C++ in front of it.
-ROUTERS = ("python", "cpp")
+ROUTERS = ("cpp", "python")
 
 
 def specs(table: Path) -> tuple[common_pb2.ApplicationSpec, common_pb2.ApplicationSpec]:
@@ -154,18 +155,14 @@ def main() -> None:
         ray.init(address=cluster.address, namespace="bench-sharded", log_to_driver=False)
         whole_spec, sharded_spec = specs(table)
         whole = asyncio.run(deploy(whole_spec, 1))
-        os.environ["SERVEFLEET_SHARD_ROUTER_CPP"] = "1"  # the app's router inherits it at apply
-        try:
-            cpp = asyncio.run(deploy(sharded_spec, 2))
-        finally:
-            os.environ.pop("SERVEFLEET_SHARD_ROUTER_CPP", None)
+        cpp = asyncio.run(deploy(sharded_spec, 2))
         router = ray.get_actor(f"{proxy_prefix(SHARDED)}0", namespace=RAY_NAMESPACE)
         python = ray.get(router.python_address.remote())
         routers = {"python": python, "cpp": cpp}
         modes = {
             "unsharded": (whole, UNSHARDED),
-            "sharded": (python, SHARDED),
-            "sharded_cpp_router": (cpp, SHARDED),
+            "sharded": (cpp, SHARDED),
+            "sharded_python_router": (python, SHARDED),
         }
         for batch in batches:
             reps: dict[str, list[dict[str, Any]]] = {name: [] for name in modes}
@@ -190,6 +187,14 @@ def main() -> None:
             }
             for s in status.shards
         ]
+        shard_cpp = [
+            ray.get(ray.get_actor(s.replica, namespace=RAY_NAMESPACE).stats.remote())["cpp"]
+            for s in status.shards
+        ]
+        relayed = sum(c["relayed"] for c in shard_cpp)
+        figures["shard_cpp_relayed_fraction"] = round(
+            relayed / max(1, relayed + sum(sum(c["codes"].values()) for c in shard_cpp)), 4
+        )
         slow_name = next(s.replica for s in status.shards if s.shard == 0)
         p50_ms = ray.get(router.stats.remote())["shards"][0]["p50_ms"][slow_name]
         ray.get(ray.get_actor(slow_name, namespace=RAY_NAMESPACE).inject_delay.remote(9 * p50_ms / 1000))
@@ -206,16 +211,16 @@ def main() -> None:
                     if budget:
                         added = after["hedges"] - before["hedges"]
                         extra[path].append(added / max(1, after["lookups"] - before["lookups"]))
-        ray.get(router.set_hedge_budget.remote(HEDGE_BUDGET))
         figures["slow_replica_b64"] = {
             "delay_ms": round(9 * p50_ms, 3),
-            **{mode: median_of(r) for mode, r in slow["python"].items()},
-            "hedged_extra_lookups_fraction_shard0": round(statistics.median(extra["python"]), 4),
-            "cpp_router": {
-                **{mode: median_of(r) for mode, r in slow["cpp"].items()},
-                "hedged_extra_lookups_fraction_shard0": round(statistics.median(extra["cpp"]), 4),
+            **{mode: median_of(r) for mode, r in slow["cpp"].items()},
+            "hedged_extra_lookups_fraction_shard0": round(statistics.median(extra["cpp"]), 4),
+            "python_router": {
+                **{mode: median_of(r) for mode, r in slow["python"].items()},
+                "hedged_extra_lookups_fraction_shard0": round(statistics.median(extra["python"]), 4),
             },
         }
+        ray.get(router.set_hedge_budget.remote(HEDGE_BUDGET))
         asyncio.run(masters.remove(SHARDED))
         asyncio.run(masters.remove(UNSHARDED))
     finally:
@@ -223,31 +228,32 @@ def main() -> None:
         cluster.cleanup()
 
     b64, slow_b64 = figures["b64"], figures["slow_replica_b64"]
+    python_slow = slow_b64["python_router"]
     ratios = {
         "ratio_p99_vs_unsharded": round(b64["sharded"]["p99_ms"] / b64["unsharded"]["p99_ms"], 3),
         "ratio_rps_vs_unsharded": round(b64["sharded"]["rps"] / b64["unsharded"]["rps"], 3),
-        "ratio_p99_vs_unsharded_cpp_router": round(
-            b64["sharded_cpp_router"]["p99_ms"] / b64["unsharded"]["p99_ms"], 3
+        "ratio_p99_vs_unsharded_python_router": round(
+            b64["sharded_python_router"]["p99_ms"] / b64["unsharded"]["p99_ms"], 3
         ),
-        "ratio_rps_vs_unsharded_cpp_router": round(
-            b64["sharded_cpp_router"]["rps"] / b64["unsharded"]["rps"], 3
+        "ratio_rps_vs_unsharded_python_router": round(
+            b64["sharded_python_router"]["rps"] / b64["unsharded"]["rps"], 3
         ),
         "ratio_p99_hedged_vs_unhedged": round(
             slow_b64["hedged"]["p99_ms"] / slow_b64["unhedged"]["p99_ms"], 3
         ),
-        "ratio_p99_hedged_vs_unhedged_cpp_router": round(
-            slow_b64["cpp_router"]["hedged"]["p99_ms"] / slow_b64["cpp_router"]["unhedged"]["p99_ms"], 3
+        "ratio_p99_hedged_vs_unhedged_python_router": round(
+            python_slow["hedged"]["p99_ms"] / python_slow["unhedged"]["p99_ms"], 3
         ),
         # The "hedging keeps the p99 within 2x of the healthy p99": (c) hedged vs (b).
         "ratio_p99_hedged_vs_healthy": round(slow_b64["hedged"]["p99_ms"] / b64["sharded"]["p99_ms"], 3),
-        "ratio_p99_hedged_vs_healthy_cpp_router": round(
-            slow_b64["cpp_router"]["hedged"]["p99_ms"] / b64["sharded_cpp_router"]["p99_ms"], 3
+        "ratio_p99_hedged_vs_healthy_python_router": round(
+            python_slow["hedged"]["p99_ms"] / b64["sharded_python_router"]["p99_ms"], 3
         ),
     }
     print(f"{'config':>30} | {'rps':>8} | {'p50 ms':>8} | {'p99 ms':>8}")
     rows = [(f"b{b} {n}", figures[f"b{b}"][n]) for b in batches for n in modes]
     rows += [(f"slow b64 {m}", slow_b64[m]) for m in ("hedged", "unhedged")]
-    rows += [(f"slow b64 {m} cpp_router", slow_b64["cpp_router"][m]) for m in ("hedged", "unhedged")]
+    rows += [(f"slow b64 {m} python_router", python_slow[m]) for m in ("hedged", "unhedged")]
     for name, row in rows:
         print(f"{name:>30} | {row['rps']:>8.0f} | {row['p50_ms']:>8.3f} | {row['p99_ms']:>8.3f}")
     print(f"shard gather of 1024 keys: {figures['shard_gather_us_1024_keys']} us")
@@ -262,7 +268,8 @@ def main() -> None:
             "reps": f"median of {REPS} ({SLOW_REPS} for the slow replica), interleaved",
             "table": f"factorization machine, {ROWS:,} rows x (1 + {DIM}) floats, {FIELDS} fields",
             "sharded": "range, 4 shards x 2 replicas, one router; one Ray node of 2 CPUs",
-            "routers": "sharded: the router's Python path; sharded_cpp_router: its C++ fast path",
+            "routers": "sharded: the router's C++ fast path (default); sharded_python_router: Python's",
+            "shards": "C++ lookup fast path (default)",
             "hedge_budget": HEDGE_BUDGET,
             "load_generator": "C++ (servefleet.direct.run_load), one thread + channel per caller, same box",
         },

@@ -3,6 +3,7 @@
 #include <grpcpp/grpcpp.h>
 #include <google/protobuf/stubs/logging.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -22,6 +23,7 @@
 #include "forwarder.h"
 #include "inference_service.h"
 #include "shard_router.h"
+#include "shard_server.h"
 
 namespace py = pybind11;
 
@@ -244,22 +246,21 @@ PYBIND11_MODULE(_direct, m) {
       .def_property_readonly("port", &DirectServer::port)
       .def_property_readonly("model_name", &DirectServer::model_name);
   using servefleet::direct::Forwarder;
-  py::class_<Forwarder>(m, "Forwarder")
-      .def(py::init<const std::vector<double>&, int>(), py::arg("latency_bounds_s"), py::arg("attempts") = 3)
-      .def("start", &Forwarder::Start, py::arg("address"), py::arg("fallback"),
+  using servefleet::direct::RelayServer;
+  py::class_<RelayServer>(m, "RelayServer")
+      .def("start", &RelayServer::Start, py::arg("address"), py::arg("fallback"),
            py::call_guard<py::gil_scoped_release>())
-      .def("stop", &Forwarder::Stop, py::arg("grace_s") = 5.0, py::call_guard<py::gil_scoped_release>())
+      .def("stop", &RelayServer::Stop, py::arg("grace_s") = 5.0, py::call_guard<py::gil_scoped_release>())
+      .def("stats", [](const RelayServer& s) { return servefleet::direct::CallStatsDict(s.stats); });
+  py::class_<Forwarder, RelayServer>(m, "Forwarder")
+      .def(py::init<const std::vector<double>&, int>(), py::arg("latency_bounds_s"), py::arg("attempts") = 3)
       .def("set_table", &Forwarder::SetTable, py::arg("model"), py::arg("version"), py::arg("replicas"),
            py::arg("inputs"), py::arg("sample_ratio"), py::call_guard<py::gil_scoped_release>())
-      .def("in_flight_on", &Forwarder::in_flight_on, py::arg("name"))
-      .def("stats", [](const Forwarder& f) { return servefleet::direct::CallStatsDict(f.stats); });
+      .def("in_flight_on", &Forwarder::in_flight_on, py::arg("name"));
   using servefleet::direct::ShardRouter;
-  py::class_<ShardRouter>(m, "ShardRouter")
+  py::class_<ShardRouter, RelayServer>(m, "ShardRouter")
       .def(py::init<const std::vector<double>&, int, double, double>(), py::arg("latency_bounds_s"),
            py::arg("attempts"), py::arg("hedge_default_s"), py::arg("hedge_budget"))
-      .def("start", &ShardRouter::Start, py::arg("address"), py::arg("fallback"),
-           py::call_guard<py::gil_scoped_release>())
-      .def("stop", &ShardRouter::Stop, py::arg("grace_s") = 5.0, py::call_guard<py::gil_scoped_release>())
       .def("set_table", &ShardRouter::SetTable, py::arg("model"), py::arg("version"), py::arg("inputs"),
            py::arg("key_input"), py::arg("output"), py::arg("partitioning"), py::arg("bounds"), py::arg("num_rows"),
            py::arg("fields"), py::arg("dim"), py::arg("bias"), py::arg("shards"), py::arg("method"),
@@ -267,8 +268,24 @@ PYBIND11_MODULE(_direct, m) {
       .def("set_hedge_budget", &ShardRouter::SetHedgeBudget, py::arg("budget"))
       .def_property_readonly("hedge_budget", &ShardRouter::hedge_budget)
       .def("owners", &ShardRouter::Owners, py::arg("keys"))
-      .def("stats", [](const ShardRouter& r) { return servefleet::direct::CallStatsDict(r.stats); })
       .def("shard_stats", &servefleet::direct::ShardStatsList);
+  using servefleet::direct::ShardServer;
+  using Floats = py::array_t<float, py::array::c_style>;
+  py::class_<ShardServer, RelayServer>(m, "ShardServer")
+      .def(py::init([](const std::vector<double>& latency_bounds_s, const std::string& method, const std::string& name,
+                       int capacity, const Floats& linear, const Floats& factors,
+                       const py::array_t<int64_t, py::array::c_style>& keys, int64_t lo, double sample_ratio) {
+             if (linear.ndim() != 1 || factors.ndim() != 2 || factors.shape(0) != linear.shape(0) ||
+                 (keys.size() && (keys.ndim() != 1 || keys.shape(0) != linear.shape(0))))
+               throw std::invalid_argument("a part is linear [rows], factors [rows, dim] and (hash) keys [rows]");
+             const servefleet::direct::PartView part{linear.data(), factors.data(), keys.size() ? keys.data() : nullptr,
+                                                     lo, linear.shape(0), static_cast<uint32_t>(factors.shape(1))};
+             return std::make_unique<ShardServer>(latency_bounds_s, method, name, capacity, part, sample_ratio);
+           }),
+           py::arg("latency_bounds_s"), py::arg("method"), py::arg("name"), py::arg("capacity"),
+           py::arg("linear").noconvert(), py::arg("factors").noconvert(), py::arg("keys").noconvert(), py::arg("lo"),
+           py::arg("sample_ratio"), py::keep_alive<1, 6>(), py::keep_alive<1, 7>(), py::keep_alive<1, 8>())
+      .def("set_enabled", &ShardServer::SetEnabled, py::arg("on"));
   m.def(
       "fm_scores",
       [](float bias, uint32_t fields, uint32_t dim, const py::bytes& rows) {

@@ -1,5 +1,6 @@
 #include "relay.h"
 
+#include <cstdio>
 #include <random>
 #include <stdexcept>
 
@@ -46,6 +47,16 @@ bool NeedsSpan(const grpc::GenericCallbackServerContext& ctx, uint64_t sample_be
   const char c = v.data()[v.size() - 1];
   const int low = c >= '0' && c <= '9' ? c - '0' : (c | 0x20) - 'a' + 10;
   return (low & 1) != 0;
+}
+
+std::string UnsampledParent(const grpc::GenericCallbackServerContext& ctx) {
+  const auto& md = ctx.client_metadata();
+  const auto it = md.find("traceparent");
+  if (it != md.end()) return Str(it->second);
+  char parent[56];
+  std::snprintf(parent, sizeof parent, "00-%016llx%016llx-%016llx-00", static_cast<unsigned long long>(Draw()),
+                static_cast<unsigned long long>(Draw()), static_cast<unsigned long long>(Draw()));
+  return parent;
 }
 
 bool Valid(const inference::ModelInferRequest& r, const std::string& model, const std::string& version,
@@ -108,7 +119,8 @@ void CallStats::Answered(grpc::StatusCode code, std::chrono::steady_clock::time_
   in_flight.fetch_sub(1, std::memory_order_relaxed);
 }
 
-RelayServer::RelayServer(const std::vector<double>& latency_bounds_s) : stats(latency_bounds_s) {}
+RelayServer::RelayServer(const std::vector<double>& latency_bounds_s, std::string fast_method_)
+    : stats(latency_bounds_s), fast_method(std::move(fast_method_)) {}
 
 RelayServer::~RelayServer() { Stop(0.0); }
 
@@ -140,7 +152,7 @@ void RelayServer::Stop(double grace_s) {
 }
 
 void RelayCall::Begin() {
-  if (ctx_->method() == kInfer) {
+  if (ctx_->method() == server_->fast_method) {
     StartRead(&in_);
   } else {
     Relay(false);

@@ -1,9 +1,10 @@
 // What the C++ servers in front of a Python gRPC server share (the proxy's forwarder, the sharded
-// app's router): a generic (raw bytes) server that owns the public port, answers the ModelInfer
-// calls it can on a fast path and relays everything else byte for byte to the Python server behind
-// it, which answers as it always has (every precise error message, streams, other methods, traced
-// requests). Also: the checks both fast paths apply before answering, counts of the calls answered
-// here, and power of two choices over replicas.
+// app's router, a shard replica's lookups): a generic (raw bytes) server that owns the public port,
+// answers the calls of its one fast method (ModelInfer, or a shard's lookup) it can on a fast path
+// and relays everything else byte for byte to the Python server behind it, which answers as it
+// always has (every precise error message, streams, other methods, traced requests). Also: the
+// checks the fast paths apply before answering, counts of the calls answered here, and power of
+// two choices over replicas.
 #pragma once
 
 #include <grpcpp/generic/async_generic_service.h>
@@ -44,6 +45,9 @@ uint64_t SampleBelow(double ratio);
 // True when Python must answer because the request needs a span: a sampled caller, or (no caller
 // trace) the sampler's ratio for traces started here.
 bool NeedsSpan(const grpc::GenericCallbackServerContext& ctx, uint64_t sample_below);
+// The traceparent the next hops of a call served here (so: not sampled) carry: the caller's, or a
+// new unsampled one, so that they do not start traces of their own (parent-based, as Python's).
+std::string UnsampledParent(const grpc::GenericCallbackServerContext& ctx);
 
 struct InputSpec {
   std::string name;
@@ -75,7 +79,8 @@ struct CallStats {
 // The server both fast paths run in: listens, relays to `fallback`, keeps the counts.
 class RelayServer : public grpc::CallbackGenericService {
  public:
-  explicit RelayServer(const std::vector<double>& latency_bounds_s);
+  // `fast_method`: the method whose calls the fast path reads and decides on (others are relayed).
+  explicit RelayServer(const std::vector<double>& latency_bounds_s, std::string fast_method = kInfer);
   ~RelayServer() override;
 
   // Listens on `address` (port 0: a free one); the Python server to relay to is `fallback`.
@@ -84,6 +89,7 @@ class RelayServer : public grpc::CallbackGenericService {
   grpc::GenericStub* fallback() { return fallback_.get(); }
 
   CallStats stats;
+  const std::string fast_method;
 
  private:
   std::mutex server_mu_;
@@ -91,9 +97,9 @@ class RelayServer : public grpc::CallbackGenericService {
   std::unique_ptr<grpc::Server> server_;
 };
 
-// One call from a client. ModelInfer: its message is read, then the subclass either answers it
-// (OnRequest, then Reply/Finish) or hands it to Python (Relay(true)); any other method is relayed
-// from the start. The relay is a bidi pass-through to Python.
+// One call from a client. The server's fast method: its message is read, then the subclass either
+// answers it (OnRequest, then Reply/Finish) or hands it to Python (Relay(true)); any other method is
+// relayed from the start. The relay is a bidi pass-through to Python.
 class RelayCall : public grpc::ServerGenericBidiReactor {
  public:
   RelayCall(RelayServer* server, grpc::GenericCallbackServerContext* ctx) : server_(server), ctx_(ctx) {}

@@ -53,7 +53,8 @@ struct Part {
 class Fanout : public std::enable_shared_from_this<Fanout> {
  public:
   Fanout(RouterCall* call, std::shared_ptr<const RouterTable> table, ShardRouter& router,
-         std::vector<int64_t> ids, size_t batch, std::string id, std::chrono::system_clock::time_point deadline)
+         std::vector<int64_t> ids, size_t batch, std::string id, std::chrono::system_clock::time_point deadline,
+         std::string traceparent)
       : call_(call),
         table_(std::move(table)),
         attempts_(router.attempts),
@@ -63,7 +64,8 @@ class Fanout : public std::enable_shared_from_this<Fanout> {
         ids_(std::move(ids)),
         batch_(batch),
         id_(std::move(id)),
-        deadline_(deadline) {}
+        deadline_(deadline),
+        traceparent_(std::move(traceparent)) {}
 
   void Start();
   void Cancel();
@@ -93,6 +95,7 @@ class Fanout : public std::enable_shared_from_this<Fanout> {
   const size_t batch_;
   const std::string id_;
   const std::chrono::system_clock::time_point deadline_;
+  const std::string traceparent_;  // every lookup's: unsampled, so shards answer it on their fast path
 
   std::mutex mu_;
   std::vector<int64_t> keys_;
@@ -144,7 +147,7 @@ class RouterCall final : public RelayCall {
     if (deadline > longest) deadline = longest;  // no deadline (or a far one): as Python bounds it
     const size_t batch = ids.size() / table->fields;
     auto fanout = std::make_shared<Fanout>(this, std::move(table), *router_, std::move(ids), batch, request.id(),
-                                           deadline);
+                                           deadline, UnsampledParent(*ctx_));
     {
       std::lock_guard<std::mutex> lock(fanout_mu_);
       fanout_ = fanout;
@@ -262,6 +265,7 @@ Fanout::Attempt* Fanout::Prepare(size_t p, bool hedge) {
   attempt->request = part.request;
   attempt->hedge = hedge;
   attempt->context.set_deadline(deadline_);
+  attempt->context.AddMetadata("traceparent", traceparent_);
   attempt->replica->in_flight.fetch_add(1, std::memory_order_relaxed);
   ++part.outstanding;
   part.attempts.push_back(std::move(attempt));

@@ -137,10 +137,14 @@ class Settings:
     #: Data plane: 1 puts the C++ ModelInfer forwarder (servefleet/services/forwarder.py) on each
     #: proxy's port, in front of the Python server; 0 (default) serves with Python only.
     proxy_cpp_forward: int = 0
-    #: Data plane: 1 puts the C++ fast path of a sharded app's router (servefleet/services/
-    #: shard_router.py, cpp/shard_router.cc) on the router's port, in front of its Python server;
-    #: 0 (default) routes with Python only.
-    shard_router_cpp: int = 0
+    #: Data plane: 1 (default) puts the C++ fast path of a sharded app's router (servefleet/
+    #: services/shard_router.py, cpp/shard_router.cc) on the router's port, in front of its Python
+    #: server; 0 routes with Python only.
+    shard_router_cpp: int = 1
+    #: Data plane: 1 (default) puts the C++ lookup fast path (servefleet/services/shard.py,
+    #: cpp/shard_server.cc) on each shard replica's port, in front of its Python server; 0 answers
+    #: with Python only.
+    shard_lookup_cpp: int = 1
     #: Data plane: CPU share a proxy actor asks Ray for.
     proxy_num_cpus: float = 0.0
     #: Seconds between a service's probes of what it depends on (etcd, Redis, Ray) for its health.

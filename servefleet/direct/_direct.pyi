@@ -2,6 +2,8 @@
 
 from typing import TypedDict
 
+import numpy as np
+
 INPUT_NAME: str
 OUTPUT_NAME: str
 
@@ -62,15 +64,22 @@ class CallStats(TypedDict):
     relayed: int  # calls handed to the Python server
     retried: int  # extra attempts on another replica
 
-class Forwarder:
-    """The proxy's ModelInfer forwarder (cpp/forwarder.h): forwards on gRPC's C++ threads,
-    relays everything else to the Python server at `fallback`. Blocking methods release the GIL."""
+class RelayServer:
+    """What the C++ fast paths share (cpp/relay.h): a server on the public port that answers one
+    method's calls it can and relays everything else to the Python server at `fallback`."""
 
-    def __init__(self, latency_bounds_s: list[float], attempts: int = 3) -> None: ...
     def start(self, address: str, fallback: str) -> int:
         """Listens on host:port (port 0: any free port); returns the bound port."""
     def stop(self, grace_s: float = 5.0) -> None:
         """Stops listening, lets in-flight calls finish for up to grace_s. Idempotent."""
+    def stats(self) -> CallStats:
+        """Counts of the calls answered here (relayed ones are Python's to count)."""
+
+class Forwarder(RelayServer):
+    """The proxy's ModelInfer forwarder (cpp/forwarder.h): forwards on gRPC's C++ threads,
+    relays everything else to the Python server at `fallback`. Blocking methods release the GIL."""
+
+    def __init__(self, latency_bounds_s: list[float], attempts: int = 3) -> None: ...
     def set_table(
         self,
         model: str,
@@ -81,7 +90,6 @@ class Forwarder:
     ) -> None:
         """replicas: (name, address, infer method, capacity); inputs: (name, datatype, shape, itemsize)."""
     def in_flight_on(self, name: str) -> int: ...
-    def stats(self) -> CallStats: ...
 
 class ShardStats(TypedDict):
     lookups: int
@@ -91,7 +99,7 @@ class ShardStats(TypedDict):
     hedge_delay_ms: float  # p95 of the shard's fastest replica
     p50_ms: dict[str, float]  # by replica
 
-class ShardRouter:
+class ShardRouter(RelayServer):
     """The sharded router's C++ fast path (cpp/shard_router.h): splits a batch by owner, looks the
     keys up on the shards (P2C, retries, hedges), merges, answers; relays everything else to the
     Python server at `fallback`. Blocking methods release the GIL."""
@@ -99,10 +107,6 @@ class ShardRouter:
     def __init__(
         self, latency_bounds_s: list[float], attempts: int, hedge_default_s: float, hedge_budget: float
     ) -> None: ...
-    def start(self, address: str, fallback: str) -> int:
-        """Listens on host:port (port 0: any free port); returns the bound port."""
-    def stop(self, grace_s: float = 5.0) -> None:
-        """Stops listening, lets in-flight calls finish for up to grace_s. Idempotent."""
     def set_table(
         self,
         model: str,
@@ -126,8 +130,28 @@ class ShardRouter:
     @property
     def hedge_budget(self) -> float: ...
     def owners(self, keys: list[int]) -> list[int]: ...
-    def stats(self) -> CallStats: ...
     def shard_stats(self) -> list[ShardStats]: ...
+
+class ShardServer(RelayServer):
+    """A shard replica's lookup fast path (cpp/shard_server.h): gathers the rows of the keys it
+    holds from the part's arrays (kept alive by the server), relays the rest to Python."""
+
+    def __init__(
+        self,
+        latency_bounds_s: list[float],
+        method: str,
+        name: str,
+        capacity: int,
+        linear: np.ndarray,
+        factors: np.ndarray,
+        keys: np.ndarray,
+        lo: int,
+        sample_ratio: float,
+    ) -> None:
+        """linear float32 [rows], factors float32 [rows, dim], keys int64 [rows] (hash) or empty
+        (range: global key lo is row 0); C-contiguous, not converted."""
+    def set_enabled(self, on: bool) -> None:
+        """Off: every lookup goes to Python."""
 
 def fm_scores(bias: float, fields: int, dim: int, rows: bytes) -> bytes:
     """Scores of float32 rows [batch * fields, 1 + dim] (each id's row), in numpy's float32 order."""

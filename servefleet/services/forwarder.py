@@ -58,12 +58,12 @@ def input_rows(spec: Any) -> list[tuple[str, str, list[int], int]]:
     ]
 
 
-def rpc_series(service: str) -> Series:
-    """A service's own ``servefleet_rpc_*`` series of ModelInfer (what its Python server counts)."""
+def rpc_series(service: str, method: str = INFER) -> Series:
+    """A service's own ``servefleet_rpc_*`` series of one method (what its Python server counts)."""
     return (
-        lambda code: metrics.RPC_REQUESTS.labels(service, INFER, code),
-        metrics.RPC_LATENCY.labels(service, INFER),
-        metrics.RPC_IN_FLIGHT.labels(service, INFER),
+        lambda code: metrics.RPC_REQUESTS.labels(service, method, code),
+        metrics.RPC_LATENCY.labels(service, method),
+        metrics.RPC_IN_FLIGHT.labels(service, method),
     )
 
 

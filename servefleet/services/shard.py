@@ -7,11 +7,11 @@ So the router reaches it in one hop of gRPC with the caller's deadline, with no 
 or parse on either side. The application master starts, health-checks (``stats``), drains and
 replaces it like any replica.
 
-Why numpy and not the C++ of ``cpp/``: a lookup is one fancy-indexing gather on the mmap (measured
-by ``bench/sharded.py`` as ``shard_gather_us``: a few microseconds per key batch), against a
-gRPC hop that costs far more on either side; the C++ server scores whole examples from a table
-it owns in full, so reusing it would need a second C++ service for row lookups and would not move
-the figure that dominates (the router's fan-out in Python).
+With ``shard_lookup_cpp`` a C++ server (``cpp/shard_server.cc``) owns that port in front of the
+Python one: the gather itself is a few microseconds (``bench/sharded.py``'s ``shard_gather_us``),
+but Python's gRPC server spent about a millisecond of CPU per lookup around it, the largest
+share of a sharded request's CPU. C++ reads the same mapped arrays and relays to Python whatever
+it does not answer (bad input, traced lookups, every lookup while a fault delay is injected).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from servefleet.common.config import settings
 from servefleet.common.errors import InvalidArgument, ResourceExhausted
 from servefleet.common.server import GrpcServer
 from servefleet.direct import ctr
+from servefleet.services.forwarder import CppCounts, custom_sampler, rpc_series
 from servefleet.services.replica_wire import SHARD_LOOKUP
 from servefleet.services.sharding import Layout, ShardPart
 
@@ -80,8 +81,12 @@ class Shard:
         self.delay_s = 0.0
         self.draining = False
         self._idle = asyncio.Event()  # set whenever no lookup is in flight (drain waits on it)
-        self._server = GrpcServer("shard", f"{host}:0", [self._register], [_SERVICE])
-        self._started = asyncio.get_running_loop().create_task(self._server.start())
+        # With the C++ fast path, it owns the public port and the Python server sits behind it.
+        self._cpp = CppShard(name, self.capacity, self.part) if settings.shard_lookup_cpp else None
+        listen = "127.0.0.1:0" if self._cpp else f"{host}:0"
+        self._server = GrpcServer("shard", listen, [self._register], [_SERVICE])
+        self._address = ""
+        self._started = asyncio.get_running_loop().create_task(self._start(host))
         # Its RPC series, served and registered (kind metrics) like every other part's.
         self._metrics = metrics.expose(
             discovery,
@@ -90,6 +95,12 @@ class Shard:
             {"node": self.node_id, "shard": str(shard), "replica": name},
             credential=credential,
         )
+
+    async def _start(self, host: str) -> None:
+        await self._server.start()
+        self._address = self._server.address
+        if self._cpp is not None:
+            self._address = self._cpp.start(f"{host}:0", self._server.address)
 
     def _register(self, server: grpc.aio.Server) -> None:
         handler = grpc.unary_unary_rpc_method_handler(
@@ -131,19 +142,21 @@ class Shard:
             "version": self.version,
             "node_id": self.node_id,
             "capacity": self.capacity,
-            "address": self._server.address,
+            "address": self._address,
             "shard": self.shard,
             "layout": self.part.layout.name,
         }
 
     async def stats(self) -> dict[str, Any]:
-        """Load and memory: the master's health check, and what ``app status`` reports per shard."""
+        """Load and memory: the master's health check, and what ``app status`` reports per shard
+        (both paths' counts when the C++ one is on)."""
+        cpp: dict[str, Any] = self._cpp.stats() if self._cpp is not None else {"in_flight": 0, "codes": {}}
         return {
-            "in_flight": self.in_flight,
+            "in_flight": self.in_flight + cpp["in_flight"],
             "capacity": self.capacity,
-            "served": self.served,
+            "served": self.served + cpp["codes"].get(grpc.StatusCode.OK.value[0], 0),
             "failed": self.failed,
-            "rejected": self.rejected,
+            "rejected": self.rejected + cpp["codes"].get(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], 0),
             "draining": self.draining,
             "version": self.version,
             "shard": self.shard,
@@ -154,17 +167,23 @@ class Shard:
             "rss_bytes": _rss_bytes(),
             "node_id": self.node_id,
             "pid": os.getpid(),
+            **({"cpp": cpp} if self._cpp is not None else {}),
         }
 
     async def inject_delay(self, seconds: float) -> None:
         """Fault injection for tests and benchmarks: every lookup waits ``seconds`` first."""
         self.delay_s = max(0.0, seconds)
+        if self._cpp is not None:
+            self._cpp.set_delayed(bool(self.delay_s))
 
     async def drain(self, timeout_s: float) -> int:
         """Let lookups in flight finish (routers already moved away), then stop listening;
         returns the lookups in flight when the drain began."""
         self.draining = True
         left = self.in_flight
+        if self._cpp is not None:  # first: what it relays needs the Python server
+            left += self._cpp.stats()["in_flight"]
+            await self._cpp.stop(timeout_s)
         if left:
             self._idle.clear()
             with contextlib.suppress(TimeoutError):
@@ -178,3 +197,48 @@ _SERVICE, _, _METHOD = SHARD_LOOKUP.strip("/").partition("/")
 
 def _identity(data: bytes) -> bytes:
     return data
+
+
+class CppShard:
+    """The C++ fast path of one shard replica (``servefleet.direct._direct.ShardServer``): it owns
+    the replica's public port in front of the Python server, reads the part's mapped arrays, and
+    its counts go to the replica's ``stats()`` and ``servefleet_rpc_*`` series."""
+
+    def __init__(self, name: str, capacity: int, part: ShardPart) -> None:
+        from servefleet.direct._direct import ShardServer as Native
+
+        keys = part.keys if part.keys is not None else np.empty(0, dtype=np.int64)
+        self.native = Native(
+            list(metrics.LATENCY_BUCKETS),
+            SHARD_LOOKUP,
+            name,
+            capacity,
+            part.linear,
+            part.factors,
+            keys,
+            part.lo,
+            0.0 if custom_sampler() else settings.trace_sample_ratio,
+        )
+        # C++ decides by the default sampler's rules only: with another, Python answers every lookup.
+        self._usable = not custom_sampler()
+        self.native.set_enabled(self._usable)
+        self._counts = CppCounts(self.native.stats, lambda: [rpc_series("shard", SHARD_LOOKUP)])
+
+    def start(self, listen: str, fallback: str) -> str:
+        """Listens on ``listen`` (port 0: any) in front of the Python server at ``fallback``."""
+        port = self.native.start(listen, fallback)
+        self._counts.start()
+        return f"{listen.rsplit(':', 1)[0]}:{port}"
+
+    def set_delayed(self, delayed: bool) -> None:
+        """A fault delay is injected: Python answers (and waits) while it is."""
+        self.native.set_enabled(self._usable and not delayed)
+
+    def stats(self) -> dict[str, Any]:
+        """What C++ answered (by code) and relayed, and its lookups in flight."""
+        return dict(self.native.stats())
+
+    async def stop(self, grace_s: float) -> None:
+        """Stops taking lookups and lets those in flight (relayed ones included) finish."""
+        await asyncio.to_thread(self.native.stop, grace_s)
+        await self._counts.stop()

@@ -21,7 +21,8 @@ A replica that is gone (UNAVAILABLE) or full costs a retry on another replica of
 routing table from the master is swapped atomically, so requests that started on the old layout
 finish on it while new ones use the new one (resharding without failures).
 
-With ``SERVEFLEET_SHARD_ROUTER_CPP=1`` the same request path runs in C++ (:class:`CppShardRouter`,
+With ``shard_router_cpp`` (the default; ``SERVEFLEET_SHARD_ROUTER_CPP=0`` turns it off) the same
+request path runs in C++ (:class:`CppShardRouter`,
 ``cpp/shard_router.cc``) on the router's public port, without the GIL or an event loop per
 request, in front of this Python server on a loopback port: C++ serves the well-formed ModelInfer
 requests it can and relays everything else to Python unchanged (invalid requests, other methods,

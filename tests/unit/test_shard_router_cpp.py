@@ -101,7 +101,7 @@ class Stack:
         await self.server.stop(0)
         for group in self.shards:
             for shard in group:
-                await shard._server.stop(0)
+                await shard.drain(1.0)
 
     def stats(self) -> dict[str, Any]:
         return self.cpp.stats()
@@ -207,7 +207,7 @@ async def test_a_gone_replica_costs_a_retry_on_its_sibling(
 
 async def test_a_shard_with_no_replica_left_is_pythons_to_answer(table: Path) -> None:
     async with Stack(table, shards=2, replicas=1, dead=2) as stack:
-        await stack.shards[0][0]._server.stop(0)  # every replica of shard 0 is gone now
+        await stack.shards[0][0].drain(0)  # every replica of shard 0 is gone now
         ids = np.arange(2 * FIELDS, dtype=np.int64).reshape(2, FIELDS)  # keys of shard 0
         error = await failure(stack.infer(ids))
         assert error.code() == grpc.StatusCode.UNAVAILABLE
@@ -256,6 +256,10 @@ async def test_counts_reach_stats_and_metrics(table: Path) -> None:
         merged = stack.cpp.add_to(stack.core.stats())
         assert merged["requests"] == 3 and merged["failures"] == 0 and merged["cpp"]["relayed"] == 0
         assert merged["lookups"] == sum(s["lookups"] for s in merged["shards"]) >= 3
+        # The lookups carry the caller's unsampled trace: the shards' C++ answered every one.
+        shard_stats = [await shard.stats() for group in stack.shards for shard in group]
+        assert sum(s["cpp"]["codes"].get(0, 0) for s in shard_stats) == merged["lookups"]
+        assert all(s["cpp"]["relayed"] == 0 for s in shard_stats)
 
 
 async def test_a_new_layout_serves_new_calls_exactly(

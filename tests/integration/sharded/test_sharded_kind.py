@@ -18,6 +18,7 @@ import ray
 
 from servefleet.api import common_pb2
 from servefleet.common.appid import AppId
+from servefleet.common.config import settings
 from servefleet.common.errors import InvalidArgument
 from servefleet.common.net import async_wait_for
 from servefleet.direct import INPUT_NAME, OUTPUT_NAME, ctr
@@ -61,8 +62,14 @@ async def test_scores_equal_the_unsharded_reference_for_batches_of_1_to_1000(
         assert np.array_equal(out[OUTPUT_NAME], reference.score(ids)), f"batch {batch}"
     stats = await router_of(sharded).stats.remote()
     assert all(s["lookups"] > 0 for s in stats["shards"])  # the batches reached every shard
-    if os.environ.get("SERVEFLEET_SHARD_ROUTER_CPP") == "1":  # and C++ answered them
+    if settings.shard_router_cpp:  # and C++ answered them
         assert stats["cpp"]["codes"].get(0, 0) >= 11, stats["cpp"]
+    if settings.shard_lookup_cpp:  # and the shards' C++ answered their lookups
+        status = await masters.status(AppId.parse(sharded).ref())
+        assert status is not None
+        actors = [ray.get_actor(s.replica, namespace=RAY_NAMESPACE) for s in status.shards]
+        shard_stats = [await a.stats.remote() for a in actors]
+        assert sum(s["cpp"]["codes"].get(0, 0) for s in shard_stats) >= stats["lookups"] // 2, shard_stats
     endpoints = await client.endpoints(APP)
     assert [e.kind for e in endpoints] == ["proxy"] and endpoints[0].labels["router"] == "sharded"
 
