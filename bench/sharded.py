@@ -11,14 +11,15 @@ and channel per caller), served
                   Python server behind the C++ port); the shards answer on their C++ fast path
                   (the default, cpp/shard_server.cc) either way
   (c) slow        the same app with one replica of shard 0 made 10x slower (its lookups wait
-                  9x their p50 through the Python router first), with hedging (budget 0.25) and
+                  9x their p50 through the C++ router first), with hedging (budget 0.25) and
                   without (budget 0), through each router
 
 Reps are interleaved ((a), (b) C++, (b) Python, (a), ... and hedged, unhedged, ...) and the
-median of 3 (5 for the slow replica) is reported. Also: ``shard_gather_us`` (one numpy gather of
-1024 keys on a shard's mmap'd part: the lookup's own work, small beside a gRPC hop), each shard actor's table
-memory as ``app status`` shows it, and the share of the C++ router's calls it relayed to Python
-(new traces it leaves to Python to start: ``trace_sample_ratio``).
+median of 3 (5 for the slow replica, in the full run) is reported. Also: ``shard_gather_us`` (one
+numpy gather of 1024 keys on a shard's mmap'd part: the lookup's own work, small beside a gRPC
+hop), each shard actor's table memory as ``app status`` shows it, and the share of the C++
+router's calls, and of the shards' lookups, relayed to Python (new traces left to Python to start:
+``trace_sample_ratio``).
 
     .venv/bin/python bench/sharded.py            # full: batches 1, 64, 512; 8 s per measurement
     .venv/bin/python bench/sharded.py --quick    # batch 64; 3 s per measurement (under 2 minutes)
@@ -60,7 +61,8 @@ UNSHARDED = common_pb2.AppRef(namespace="recs", name="ctr-whole")
 SHARDED = common_pb2.AppRef(namespace="recs", name="ctr-sharded")
 CONCURRENCY = 4
 REPS = 3
-#: The slow-replica comparison is the noisiest figure (a tail, on a shared box): more reps.
+#: The slow-replica comparison is the noisiest figure (a tail, on a shared box): more reps
+#: (--quick: REPS, to stay under two minutes).
 SLOW_REPS = 5
 HEDGE_BUDGET = 0.25
 #: The two paths of one router: its Python server, and C++ in front of it.
@@ -143,6 +145,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="batch 64 only, 3 s per measurement")
     args = p.parse_args()
     seconds = 3.0 if args.quick else 8.0
+    slow_reps = REPS if args.quick else SLOW_REPS
     batches = (64,) if args.quick else (1, 64, 512)
     work = Path(tempfile.mkdtemp(prefix="bench-sharded-"))
     table = ctr.export_model(
@@ -196,12 +199,13 @@ def main() -> None:
             relayed / max(1, relayed + sum(sum(c["codes"].values()) for c in shard_cpp)), 4
         )
         slow_name = next(s.replica for s in status.shards if s.shard == 0)
-        p50_ms = ray.get(router.stats.remote())["shards"][0]["p50_ms"][slow_name]
+        # 10x slower as the default (C++) router measures the replica: its p50 there, then 9x that.
+        p50_ms = ray.get(router.stats.remote())["cpp"]["shards"][0]["p50_ms"][slow_name]
         ray.get(ray.get_actor(slow_name, namespace=RAY_NAMESPACE).inject_delay.remote(9 * p50_ms / 1000))
         request = request_bytes(SHARDED, 64)
         slow = {path: {"hedged": [], "unhedged": []} for path in ROUTERS}
         extra: dict[str, list[float]] = {path: [] for path in ROUTERS}
-        for _ in range(SLOW_REPS):
+        for _ in range(slow_reps):
             for path in ROUTERS:
                 for mode, budget in (("hedged", HEDGE_BUDGET), ("unhedged", 0.0)):
                     ray.get(router.set_hedge_budget.remote(budget))
@@ -265,7 +269,7 @@ def main() -> None:
             "seconds": seconds,
             "concurrency": CONCURRENCY,
             "batches": list(batches),
-            "reps": f"median of {REPS} ({SLOW_REPS} for the slow replica), interleaved",
+            "reps": f"median of {REPS} ({slow_reps} for the slow replica), interleaved",
             "table": f"factorization machine, {ROWS:,} rows x (1 + {DIM}) floats, {FIELDS} fields",
             "sharded": "range, 4 shards x 2 replicas, one router; one Ray node of 2 CPUs",
             "routers": "sharded: the router's C++ fast path (default); sharded_python_router: Python's",
