@@ -111,7 +111,27 @@ class CppCounts:
         self.sync()
 
 
-class CppForwarder:
+class CppFront:
+    """A C++ fast path (a ``_direct.RelayServer``) in front of a Python server: it listens on the
+    public port, and its counts go to Prometheus series as they grow (``CppCounts``)."""
+
+    def __init__(self, native: Any, series: Callable[[], Sequence[Series]]) -> None:
+        self.native = native
+        self._counts = CppCounts(native.stats, series)
+
+    def start(self, listen: str, fallback: str) -> str:
+        """Listens on ``listen`` (port 0: any) in front of the Python server at ``fallback``."""
+        port = self.native.start(listen, fallback)
+        self._counts.start()
+        return f"{listen.rsplit(':', 1)[0]}:{port}"
+
+    async def stop(self, grace_s: float) -> None:
+        """Stops taking calls and lets those in flight (relayed ones included) finish."""
+        await asyncio.to_thread(self.native.stop, grace_s)
+        await self._counts.stop()
+
+
+class CppForwarder(CppFront):
     """The C++ forwarder of one proxy: its table from the proxy's routing, its counts in metrics."""
 
     def __init__(self, node_id: str, requests: Counter, latency: Histogram, in_flight: Gauge) -> None:
@@ -119,7 +139,6 @@ class CppForwarder:
         from servefleet.direct._direct import Forwarder
 
         self.node_id = node_id
-        self._forwarder = Forwarder(list(metrics.LATENCY_BUCKETS), settings.proxy_attempts)
         self._app = ""
 
         def series() -> list[Series]:
@@ -133,13 +152,7 @@ class CppForwarder:
             )
             return [mine, rpc_series("proxy")]
 
-        self._counts = CppCounts(self._forwarder.stats, series)
-
-    def start(self, listen: str, fallback: str) -> str:
-        """Listens on ``listen`` (port 0: any) in front of the Python server at ``fallback``."""
-        port = self._forwarder.start(listen, fallback)
-        self._counts.start()
-        return f"{listen.rsplit(':', 1)[0]}:{port}"
+        super().__init__(Forwarder(list(metrics.LATENCY_BUCKETS), settings.proxy_attempts), series)
 
     def set_table(self, routing: Routing, spec: Any) -> None:
         """Same-node Python replicas with a gRPC endpoint (the ones the router prefers); Triton
@@ -152,19 +165,14 @@ class CppForwarder:
             for r in routing.replicas
             if r.address and r.node_id == self.node_id and not python_only
         ]
-        self._forwarder.set_table(
+        self.native.set_table(
             routing.model_name, spec.version, rows, input_rows(spec), settings.trace_sample_ratio
         )
 
     @property
     def in_flight(self) -> int:
-        return int(self._forwarder.stats()["in_flight"])
+        return int(self.native.stats()["in_flight"])
 
     def sync_metrics(self) -> None:
         """Adds what C++ answered since the last sync to the proxy's series."""
         self._counts.sync()
-
-    async def stop(self, grace_s: float) -> None:
-        """Stops taking calls and lets those in flight (relayed ones included) finish."""
-        await asyncio.to_thread(self._forwarder.stop, grace_s)
-        await self._counts.stop()

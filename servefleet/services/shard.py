@@ -31,7 +31,7 @@ from servefleet.common.config import settings
 from servefleet.common.errors import InvalidArgument, ResourceExhausted
 from servefleet.common.server import GrpcServer
 from servefleet.direct import ctr
-from servefleet.services.forwarder import CppCounts, custom_sampler, rpc_series
+from servefleet.services.forwarder import CppFront, custom_sampler, rpc_series
 from servefleet.services.replica_wire import SHARD_LOOKUP
 from servefleet.services.sharding import Layout, ShardPart
 
@@ -199,7 +199,7 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
-class CppShard:
+class CppShard(CppFront):
     """The C++ fast path of one shard replica (``servefleet.direct._direct.ShardServer``): it owns
     the replica's public port in front of the Python server, reads the part's mapped arrays, and
     its counts go to the replica's ``stats()`` and ``servefleet_rpc_*`` series."""
@@ -208,7 +208,7 @@ class CppShard:
         from servefleet.direct._direct import ShardServer as Native
 
         keys = part.keys if part.keys is not None else np.empty(0, dtype=np.int64)
-        self.native = Native(
+        native = Native(
             list(metrics.LATENCY_BUCKETS),
             SHARD_LOOKUP,
             name,
@@ -217,18 +217,12 @@ class CppShard:
             part.factors,
             keys,
             part.lo,
-            0.0 if custom_sampler() else settings.trace_sample_ratio,
+            settings.trace_sample_ratio,
         )
         # C++ decides by the default sampler's rules only: with another, Python answers every lookup.
         self._usable = not custom_sampler()
-        self.native.set_enabled(self._usable)
-        self._counts = CppCounts(self.native.stats, lambda: [rpc_series("shard", SHARD_LOOKUP)])
-
-    def start(self, listen: str, fallback: str) -> str:
-        """Listens on ``listen`` (port 0: any) in front of the Python server at ``fallback``."""
-        port = self.native.start(listen, fallback)
-        self._counts.start()
-        return f"{listen.rsplit(':', 1)[0]}:{port}"
+        native.set_enabled(self._usable)
+        super().__init__(native, lambda: [rpc_series("shard", SHARD_LOOKUP)])
 
     def set_delayed(self, delayed: bool) -> None:
         """A fault delay is injected: Python answers (and waits) while it is."""
@@ -237,8 +231,3 @@ class CppShard:
     def stats(self) -> dict[str, Any]:
         """What C++ answered (by code) and relayed, and its lookups in flight."""
         return dict(self.native.stats())
-
-    async def stop(self, grace_s: float) -> None:
-        """Stops taking lookups and lets those in flight (relayed ones included) finish."""
-        await asyncio.to_thread(self.native.stop, grace_s)
-        await self._counts.stop()

@@ -59,7 +59,7 @@ from servefleet.common.errors import (
 from servefleet.common.server import GrpcServer
 from servefleet.common.tensors import decode_request, encode_response
 from servefleet.direct import OUTPUT_NAME, ctr
-from servefleet.services.forwarder import CppCounts, custom_sampler, input_rows, rpc_series
+from servefleet.services.forwarder import CppFront, custom_sampler, input_rows, rpc_series
 from servefleet.services.proxy import (
     SERVICE,
     InferenceServicer,
@@ -416,7 +416,7 @@ def merge_matches(header: ctr.TableHeader) -> bool:
     return True
 
 
-class CppShardRouter:
+class CppShardRouter(CppFront):
     """The C++ fast path of one router (``servefleet.direct._direct.ShardRouter``): it owns the
     router's public port in front of the Python server, takes every table the core adopts, and
     its counts go to the router's ``stats()`` and ``servefleet_rpc_*`` series."""
@@ -424,20 +424,14 @@ class CppShardRouter:
     def __init__(self, hedge_budget: float) -> None:
         from servefleet.direct._direct import ShardRouter as Native
 
-        self._native = Native(
+        native = Native(
             list(metrics.LATENCY_BUCKETS),
             settings.proxy_attempts,
             settings.shard_hedge_default_ms / 1000.0,
             hedge_budget,
         )
-        self._counts = CppCounts(self._native.stats, lambda: [rpc_series("shard-router")])
+        super().__init__(native, lambda: [rpc_series("shard-router")])
         self._matches: dict[tuple[int, int, float], bool] = {}
-
-    def start(self, listen: str, fallback: str) -> str:
-        """Listens on ``listen`` (port 0: any) in front of the Python server at ``fallback``."""
-        port = self._native.start(listen, fallback)
-        self._counts.start()
-        return f"{listen.rsplit(':', 1)[0]}:{port}"
 
     def set_table(self, core: ShardRouterCore) -> None:
         """The table the core has just adopted: layout, header, each shard's replicas."""
@@ -452,7 +446,7 @@ class CppShardRouter:
                     extra={"fields": header.num_fields, "dim": header.dim},
                 )
         layout = routing.layout
-        self._native.set_table(
+        self.native.set_table(
             model=core.model_name,
             version=spec.version,
             inputs=input_rows(spec),
@@ -474,15 +468,15 @@ class CppShardRouter:
         )
 
     def set_hedge_budget(self, budget: float) -> None:
-        self._native.set_hedge_budget(budget)
+        self.native.set_hedge_budget(budget)
 
     def owners(self, keys: list[int]) -> list[int]:
         """Each key's shard by the C++ layout (for checks against :meth:`Layout.owners`)."""
-        return list(self._native.owners(keys))
+        return list(self.native.owners(keys))
 
     def stats(self) -> dict[str, Any]:
         """What C++ answered (by code) and relayed, and per shard what ``ShardPool.stats`` says."""
-        return {**self._native.stats(), "shards": list(self._native.shard_stats())}
+        return {**self.native.stats(), "shards": list(self.native.shard_stats())}
 
     def add_to(self, stats: dict[str, Any]) -> dict[str, Any]:
         """The core's ``stats()`` with C++'s counts added: requests, failures, and per shard the
@@ -503,11 +497,6 @@ class CppShardRouter:
         stats["lookups"] = sum(s["lookups"] for s in stats["shards"])
         stats["cpp"] = cpp
         return stats
-
-    async def stop(self, grace_s: float) -> None:
-        """Stops taking calls and lets those in flight (relayed ones included) finish."""
-        await asyncio.to_thread(self._native.stop, grace_s)
-        await self._counts.stop()
 
 
 class ShardRouter:

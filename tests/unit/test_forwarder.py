@@ -127,7 +127,7 @@ class Stack:
             await r.server.stop(0)
 
     def relayed(self) -> int:
-        return int(self.forwarder._forwarder.stats()["relayed"])
+        return int(self.forwarder.native.stats()["relayed"])
 
     async def infer(self, raw: bytes, **kwargs: Any) -> service_pb2.ModelInferResponse:
         answer = await self.channel.unary_unary(INFER)(raw, **kwargs)
@@ -160,7 +160,7 @@ async def test_unavailable_replicas_cost_a_retry_on_another() -> None:
         for _ in range(10):
             await stack.infer(request(), timeout=5, metadata=(("traceparent", UNSAMPLED),))
         assert len(live.calls) == 10 and stack.relayed() == 0
-        assert stack.forwarder._forwarder.stats()["retried"] > 0
+        assert stack.forwarder.native.stats()["retried"] > 0
 
 
 async def test_full_replicas_leave_the_answer_to_pythons_admission() -> None:
